@@ -1,0 +1,2 @@
+class RMM:  # placeholder, replaced by the model module
+    pass

@@ -1,0 +1,55 @@
+"""Bottom-up matching, switch and max-over-translation pooling (reference)."""
+
+import numpy as np
+
+
+def pad(x, padding):
+    ph, pw = padding
+    if ph == 0 and pw == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
+def correlate(x, templates, padding):
+    """z[n,k,i,j] = sum_{c,u,v} W[k,c,u,v] xpad[n,c,i+u,j+v], one matmul per tap."""
+    xpad = pad(x, padding)
+    n = x.shape[0]
+    k, _, kh, kw = templates.shape
+    ho, wo = xpad.shape[2] - kh + 1, xpad.shape[3] - kw + 1
+    z = np.zeros((n, k, ho, wo), dtype=x.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            z += np.einsum("nchw,kc->nkhw", xpad[:, :, u:u + ho, v:v + wo], templates[:, :, u, v])
+    return z
+
+
+def switch(z, leak):
+    # z > 0 is False for NaN, and leak * NaN is NaN: NaN propagates.
+    return np.where(z > 0, z, z * z.dtype.type(leak))
+
+
+def pool_argmax(y, pool, stride):
+    """Window max and first row-major argmax (flat into y's plane); the first NaN wins."""
+    ho, wo = y.shape[2:]
+    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+    rows = np.arange(hp)[:, None] * stride[0]
+    cols = np.arange(wp)[None, :] * stride[1]
+    best = None
+    for a in range(pool[0]):
+        for b in range(pool[1]):
+            cand = y[:, :, a:a + stride[0] * (hp - 1) + 1:stride[0],
+                     b:b + stride[1] * (wp - 1) + 1:stride[1]]
+            flat = ((rows + a) * wo + cols + b).astype(np.int32)
+            if best is None:
+                best = cand.copy()
+                idx = np.broadcast_to(flat, cand.shape).copy()
+                continue
+            take = ~np.isnan(best) & ((cand > best) | np.isnan(cand))
+            best = np.where(take, cand, best)
+            idx = np.where(take, flat, idx)
+    return best, idx.astype(np.int32)
+
+
+def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
+    z = correlate(x, templates, padding) + bias[None, :, None, None]
+    return pool_argmax(switch(z, leak), pool, stride)

@@ -1,0 +1,47 @@
+"""M-step statistics of the templates (reference)."""
+
+import numpy as np
+
+from .matching import pad
+from .rendering import unpool
+
+
+def shifted_planes(u, kernel_size, input_shape, padding):
+    """S[(k,a,b), n, y, x] = U[n, k, y+ph-a, x+pw-b] on the cropped (H, W) image.
+
+    Row (k, a, b) of S is the image that template tap W[k, :, a, b] paints, so the rendering
+    is ``r[:, c] = sum_rows W[k, c, a, b] * S[row]`` and G = S S^T.
+    """
+    n, k, ho, wo = u.shape
+    kh, kw = kernel_size
+    ph, pw = padding
+    h, w = input_shape
+    out = np.zeros((k, kh, kw, n, h, w), dtype=u.dtype)
+    full = np.zeros((n, k, ho + kh - 1, wo + kw - 1), dtype=u.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            full[...] = 0
+            full[:, :, a:a + ho, b:b + wo] = u
+            out[:, a, b] = full[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3)
+    return out.reshape(k * kh * kw, -1)
+
+
+def template_stats(x, code, idx, kernel_size, padding, switches, gram):
+    n, c, h, w = x.shape
+    kh, kw = kernel_size
+    plane = (h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
+    u = unpool(code, idx, plane, switches)
+    xpad = pad(x, padding)
+    k = u.shape[1]
+    big_b = np.empty((k, c, kh, kw), dtype=x.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            big_b[:, :, a, b] = np.einsum(
+                "nkhw,nchw->kc", u, xpad[:, :, a:a + plane[0], b:b + plane[1]]
+            )
+    s = u.sum(axis=(0, 2, 3))
+    big_g = None
+    if gram:
+        planes = shifted_planes(u, kernel_size, (h, w), padding)
+        big_g = planes @ planes.T
+    return big_b, s, big_g

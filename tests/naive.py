@@ -1,0 +1,124 @@
+"""Explicit-loop oracles for the four ops, written straight from DESIGN.md section 2.
+
+Deliberately naive (scalar Python loops in float64, tiny sizes only) so that they share no
+code and no vectorisation trick with any backend they judge.
+"""
+
+import math
+
+import numpy as np
+
+
+def _pair(p):
+    return (p, p) if np.isscalar(p) else tuple(p)
+
+
+def match_switch_pool(x, templates, bias, padding=0, pool=2, stride=None, leak=0.0):
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(templates, dtype=np.float64)
+    ph, pw = _pair(padding)
+    pool = _pair(pool)
+    stride = pool if stride is None else _pair(stride)
+    n_, c_, h_, w_ = x.shape
+    k_, _, kh, kw = w.shape
+    ho, wo = h_ + 2 * ph - kh + 1, w_ + 2 * pw - kw + 1
+    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+
+    def y_at(n, k, i, j):
+        z = float(bias[k])
+        for c in range(c_):
+            for u in range(kh):
+                for v in range(kw):
+                    r, s = i + u - ph, j + v - pw
+                    if 0 <= r < h_ and 0 <= s < w_:
+                        z += w[k, c, u, v] * x[n, c, r, s]
+        return z if z > 0 else leak * z
+
+    h = np.empty((n_, k_, hp, wp))
+    idx = np.empty((n_, k_, hp, wp), dtype=np.int64)
+    for n in range(n_):
+        for k in range(k_):
+            for p in range(hp):
+                for q in range(wp):
+                    best, where = None, None
+                    for a in range(pool[0]):
+                        for b in range(pool[1]):
+                            i, j = p * stride[0] + a, q * stride[1] + b
+                            val = y_at(n, k, i, j)
+                            if best is None or (not math.isnan(best) and (val > best or math.isnan(val))):
+                                best, where = val, i * wo + j
+                    h[n, k, p, q], idx[n, k, p, q] = best, where
+    return h, idx
+
+
+def unpool(code, idx, plane_shape, switches=None):
+    code = np.asarray(code, dtype=np.float64)
+    n_, k_, hp, wp = code.shape
+    ho, wo = plane_shape
+    u = np.zeros((n_, k_, ho, wo))
+    for n in range(n_):
+        for k in range(k_):
+            for p in range(hp):
+                for q in range(wp):
+                    val = code[n, k, p, q]
+                    if switches is not None:
+                        val *= float(switches[n, k, p, q])
+                    f = int(idx[n, k, p, q])
+                    u[n, k, f // wo, f % wo] += val
+    return u
+
+
+def render(code, idx, templates, input_shape, padding=0, switches=None):
+    w = np.asarray(templates, dtype=np.float64)
+    k_, c_, kh, kw = w.shape
+    ph, pw = _pair(padding)
+    h_, w_ = input_shape
+    ho, wo = h_ + 2 * ph - kh + 1, w_ + 2 * pw - kw + 1
+    u = unpool(code, idx, (ho, wo), switches)
+    r = np.zeros((u.shape[0], c_, h_, w_))
+    for n in range(u.shape[0]):
+        for k in range(k_):
+            for i in range(ho):
+                for j in range(wo):
+                    if u[n, k, i, j] == 0:
+                        continue
+                    for c in range(c_):
+                        for a in range(kh):
+                            for b in range(kw):
+                                y, xx = i + a - ph, j + b - pw
+                                if 0 <= y < h_ and 0 <= xx < w_:
+                                    r[n, c, y, xx] += u[n, k, i, j] * w[k, c, a, b]
+    return r
+
+
+def template_stats(x, code, idx, kernel_size, padding=0, switches=None):
+    """B, s and G, with G built column by column as D^T D of the explicit render map."""
+    x = np.asarray(x, dtype=np.float64)
+    n_, c_, h_, w_ = x.shape
+    kh, kw = _pair(kernel_size)
+    ph, pw = _pair(padding)
+    k_ = code.shape[1]
+    ho, wo = h_ + 2 * ph - kh + 1, w_ + 2 * pw - kw + 1
+    u = unpool(code, idx, (ho, wo), switches)
+    big_b = np.zeros((k_, c_, kh, kw))
+    for n in range(n_):
+        for k in range(k_):
+            for i in range(ho):
+                for j in range(wo):
+                    for c in range(c_):
+                        for a in range(kh):
+                            for b in range(kw):
+                                y, xx = i + a - ph, j + b - pw
+                                if 0 <= y < h_ and 0 <= xx < w_:
+                                    big_b[k, c, a, b] += u[n, k, i, j] * x[n, c, y, xx]
+    s = u.sum(axis=(0, 2, 3))
+    # D: one column per tap (k, a, b): the single-channel image that a unit template paints.
+    cols = []
+    for k in range(k_):
+        for a in range(kh):
+            for b in range(kw):
+                unit = np.zeros((k_, 1, kh, kw))
+                unit[k, 0, a, b] = 1.0
+                cols.append(render(code, idx, unit, (h_, w_), (ph, pw), switches).reshape(-1))
+    d = np.stack(cols, axis=1)
+    return big_b, s, d.T @ d
