@@ -3,7 +3,8 @@
 Semantics (DESIGN.md section 2), for x (N,C,H,W), templates W (K,C,kh,kw), bias b (K,):
 
 * ``match_switch_pool`` -- the bottom-up E-step. ``z = correlate(xpad, W) + b`` on the
-  (Ho, Wo) plane with Ho = H + 2*padding - kh + 1; ``y = z if z > 0 else leak*z``; over each
+  (Ho, Wo) plane with Ho = H + 2*padding - kh + 1; ``y = z if z > 0 else leak*z`` (NaN stays
+  NaN; with ``leak == 0``, the plain ReLU, every z <= 0 including -inf gives 0); over each
   pooling window the max of y and the flat index ``i*Wo + j`` of its first row-major position
   (a NaN wins over every number, the first NaN over later ones).
 * ``unpool`` -- scatter ``code * switches`` to ``idx`` in a zero (Ho, Wo) plane; collisions add.

@@ -32,7 +32,9 @@ def match_switch_pool(x, templates, bias, padding=0, pool=2, stride=None, leak=0
                     r, s = i + u - ph, j + v - pw
                     if 0 <= r < h_ and 0 <= s < w_:
                         z += w[k, c, u, v] * x[n, c, r, s]
-        return z if z > 0 else leak * z
+        if z > 0 or math.isnan(z):
+            return z
+        return 0.0 if leak == 0 else leak * z
 
     h = np.empty((n_, k_, hp, wp))
     idx = np.empty((n_, k_, hp, wp), dtype=np.int64)

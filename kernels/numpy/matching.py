@@ -24,8 +24,12 @@ def correlate(x, templates, padding):
 
 
 def switch(z, leak):
-    # z > 0 is False for NaN, and leak * NaN is NaN: NaN propagates.
-    return np.where(z > 0, z, z * z.dtype.type(leak))
+    """y = z for z > 0 (and NaN), else leak*z; the plain ReLU (leak 0) maps every z <= 0,
+    -inf included, to 0 rather than to 0*(-inf) = NaN."""
+    keep = (z > 0) | np.isnan(z)
+    if leak == 0:
+        return np.where(keep, z, z.dtype.type(0))
+    return np.where(keep, z, z * z.dtype.type(leak))
 
 
 def pool_argmax(y, pool, stride):

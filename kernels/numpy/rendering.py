@@ -7,6 +7,8 @@ def unpool(code, idx, plane_shape, switches):
     n, k = code.shape[:2]
     values = code if switches is None else code * switches
     u = np.zeros((n, k, plane_shape[0] * plane_shape[1]), dtype=code.dtype)
+    if u.size == 0:
+        return u.reshape(n, k, *plane_shape)
     rows = np.arange(n * k).repeat(idx.shape[2] * idx.shape[3])
     np.add.at(u.reshape(n * k, -1), (rows, idx.reshape(-1)), values.reshape(-1))
     return u.reshape(n, k, *plane_shape)

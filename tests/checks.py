@@ -1,0 +1,79 @@
+"""Comparison helpers shared by the op tests: float64 oracles and tie-aware pooling checks."""
+
+import numpy as np
+
+from fastdrmm.kernels.numpy import matching as ref
+
+HOST_BACKENDS = ["numpy", "cpu"]
+DTYPES = [np.float32, np.float64]
+
+
+def tol(dtype):
+    """(rtol, atol) for a result of this dtype against the float64 oracle."""
+    return (2e-4, 2e-4) if np.dtype(dtype) == np.float32 else (1e-10, 1e-10)
+
+
+def switched_plane(x, templates, bias, padding, leak):
+    """y on the whole (Ho, Wo) plane, in float64."""
+    x = np.asarray(x, np.float64)
+    z = ref.correlate(x, np.asarray(templates, np.float64), padding)
+    z += np.asarray(bias, np.float64)[None, :, None, None]
+    return ref.switch(z, leak)
+
+
+def window_candidates(y, pool, stride):
+    """(P, N, K, Hp, Wp) values and flat positions of every window, in row-major order."""
+    ho, wo = y.shape[2:]
+    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+    vals, flats = [], []
+    for a in range(pool[0]):
+        for b in range(pool[1]):
+            rows = np.arange(hp)[:, None] * stride[0] + a
+            cols = np.arange(wp)[None, :] * stride[1] + b
+            vals.append(y[:, :, rows, cols])
+            flats.append(np.broadcast_to(rows * wo + cols, vals[-1].shape))
+    return np.stack(vals), np.stack(flats)
+
+
+def assert_pooling_matches(h, idx, x, templates, bias, *, padding=(0, 0), pool=(2, 2),
+                           stride=None, leak=0.0, dtype=np.float64):
+    """Check h/idx of match_switch_pool against the float64 oracle, tolerant only at near-ties.
+
+    Exact where the answer is exact: NaN placement, the position of the first NaN, the
+    first-position rule on exact ties. Where two candidates of a window are closer than the
+    dtype's rounding, either may win, but h must still be the value at idx.
+    """
+    pool = tuple(pool)
+    stride = pool if stride is None else tuple(stride)
+    y = switched_plane(x, templates, bias, padding, leak)
+    vals, flats = window_candidates(y, pool, stride)
+    want_h, want_idx = ref.pool_argmax(y, pool, stride)
+    assert h.shape == want_h.shape and idx.shape == want_h.shape
+    assert h.dtype == np.dtype(dtype) and idx.dtype == np.int32
+    rtol, atol = tol(dtype)
+    nan_want = np.isnan(want_h)
+    np.testing.assert_array_equal(np.isnan(h), nan_want, err_msg="NaN placement differs")
+    np.testing.assert_array_equal(idx[nan_want], want_idx[nan_want], err_msg="first NaN differs")
+    inf_want = np.isinf(want_h)
+    np.testing.assert_array_equal(h[inf_want], want_h[inf_want])
+    fin = ~nan_want & ~inf_want
+    np.testing.assert_allclose(h[fin], want_h[fin], rtol=rtol, atol=atol)
+    # idx must name a position of its own window...
+    in_window = (flats == idx[None]).any(axis=0)
+    assert in_window.all(), "idx points outside its pooling window"
+    # ...whose value is the window max (to rounding) ...
+    y_at = np.take_along_axis(y.reshape(y.shape[0], y.shape[1], -1),
+                              idx.reshape(idx.shape[0], idx.shape[1], -1).astype(np.int64),
+                              axis=2).reshape(idx.shape)
+    np.testing.assert_allclose(y_at[fin], want_h[fin], rtol=rtol, atol=atol)
+    # ... and exactly the oracle's where no other candidate comes within rounding of the max.
+    finite_vals = np.where(np.isfinite(vals), vals, -np.inf)
+    with np.errstate(invalid="ignore"):
+        close = np.abs(finite_vals - want_h[None]) <= atol + rtol * np.abs(want_h[None])
+    clear = fin & (close.sum(axis=0) == 1)
+    exact_tie = fin & (vals == want_h[None]).sum(axis=0).astype(bool)
+    np.testing.assert_array_equal(idx[clear], want_idx[clear], err_msg="argmax differs")
+    # exact ties in float64 (e.g. all-zero windows) must take the first position.
+    if np.dtype(dtype) == np.float64:
+        exact = exact_tie & ((vals == want_h[None]).sum(axis=0) > 1)
+        np.testing.assert_array_equal(idx[exact], want_idx[exact], err_msg="tie not first")

@@ -1,0 +1,128 @@
+"""The backend dispatch: explicit choice, set_backend, the environment, 'auto', missing extras."""
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastdrmm
+from fastdrmm import _backends, ops
+
+X = np.random.default_rng(0).standard_normal((1, 1, 6, 6))
+W = np.ones((2, 1, 3, 3))
+B = np.zeros(2)
+
+
+def chosen(backend="auto", arrays=(X,)):
+    return _backends.resolve(backend, arrays)[0]
+
+
+def test_auto_picks_cpu_for_host_arrays(monkeypatch):
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    assert chosen() == "cpu"
+    assert fastdrmm.get_backend() == "auto"
+
+
+def test_explicit_argument_wins(monkeypatch):
+    monkeypatch.setenv(_backends.ENV_VAR, "cpu")
+    with fastdrmm.set_backend("cpu"):
+        assert chosen("numpy") == "numpy"
+
+
+def test_set_backend_as_context_manager_restores(monkeypatch):
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    with fastdrmm.set_backend("numpy"):
+        assert chosen() == "numpy"
+        with fastdrmm.set_backend("cpu"):
+            assert chosen() == "cpu"
+        assert chosen() == "numpy"
+    assert chosen() == "cpu"
+
+
+def test_set_backend_as_a_call_persists(monkeypatch):
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    token = fastdrmm.set_backend("numpy")
+    try:
+        assert chosen() == "numpy"
+    finally:
+        token.__exit__(None, None, None)
+    assert chosen() == "cpu"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(_backends.ENV_VAR, "numpy")
+    assert chosen() == "numpy"
+    with fastdrmm.set_backend("cpu"):
+        assert chosen() == "cpu"
+    monkeypatch.setenv(_backends.ENV_VAR, "fortran")
+    with pytest.raises(ValueError, match="FASTDRMM_BACKEND"):
+        chosen()
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown backend 'torch'"):
+        ops.match_switch_pool(X, W, B, backend="torch")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastdrmm.set_backend("gpu")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        ops.match_switch_pool(X, W, B, backend=None)
+
+
+@pytest.mark.parametrize("name,extra,package", [("cupy", "cupy", "cupy"),
+                                                ("numba-cuda", "cuda", "numba_cuda")])
+def test_missing_gpu_package_names_the_extra(name, extra, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(ImportError, match=rf"fastdrmm\[{extra}\]"):
+        ops.match_switch_pool(X, W, B, backend=name)
+
+
+class FakeDeviceArray:
+    """Anything with __cuda_array_interface__ counts as living on a GPU."""
+
+    shape, dtype, ndim = (1, 1, 6, 6), np.dtype(np.float32), 4
+    __cuda_array_interface__ = {"shape": (1, 1, 6, 6), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+
+
+def test_auto_sends_device_arrays_to_a_gpu_backend(monkeypatch):
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    assert _backends.array_location(FakeDeviceArray()) == "device"
+    assert _backends.array_location(X) == "host"
+    if importlib.util.find_spec("cupy") is None and importlib.util.find_spec("numba_cuda") is None:
+        with pytest.raises(ImportError, match="fastdrmm\\["):
+            _backends.resolve("auto", (FakeDeviceArray(), FakeDeviceArray()))
+
+
+def test_mixed_locations_are_refused(monkeypatch):
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match="different devices"):
+        ops.match_switch_pool(FakeDeviceArray(), W, B)
+
+
+def test_device_array_on_a_host_backend_is_not_moved_silently():
+    with pytest.raises(TypeError, match="lives on a GPU"):
+        ops.match_switch_pool(FakeDeviceArray(), W, B, backend="numpy")
+
+
+def test_host_dlpack_arrays_come_in_without_a_copy():
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(X.copy())
+    h_torch = ops.match_switch_pool(t, torch.from_numpy(W), torch.from_numpy(B), backend="cpu")
+    h_numpy = ops.match_switch_pool(X, W, B, backend="cpu")
+    np.testing.assert_array_equal(h_torch[0], h_numpy[0])
+    from fastdrmm._validation import as_array
+    assert np.shares_memory(as_array(t, "x"), t.numpy())
+
+
+def test_import_is_light():
+    """Importing fastdrmm loads no kernel backend and compiles nothing."""
+    code = ("import sys, fastdrmm; "
+            "assert 'fastdrmm.kernels.cpu' not in sys.modules; "
+            "assert 'fastdrmm.kernels.numpy' not in sys.modules; "
+            "assert 'cupy' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,174 @@
+"""match_switch_pool: every host backend x dtype against the oracles."""
+
+import numpy as np
+import pytest
+
+import naive
+from checks import DTYPES, HOST_BACKENDS, assert_pooling_matches
+from fastdrmm import ops
+
+# (N, C, H, W, K, kh, kw, padding, pool, stride, leak)
+GEOMETRIES = [
+    (2, 3, 9, 8, 4, 3, 2, 1, 2, None, 0.0),          # odd sizes, padding, non-square kernel
+    (1, 1, 7, 7, 3, 3, 3, 0, 3, 1, 0.0),             # stride < pool: overlapping windows
+    (2, 2, 11, 10, 2, 2, 3, 2, 2, 3, 0.1),           # stride > pool: gaps, leaky
+    (3, 2, 6, 9, 5, 1, 1, 0, (2, 3), (1, 2), -0.5),  # 1x1 templates, pairs, negative leak
+    (1, 4, 5, 5, 2, 5, 5, 0, 1, None, 1.0),          # kernel = whole input, identity switch
+    (2, 1, 8, 8, 1, 5, 5, 4, 2, None, 0.0),          # conv-small layer 1 in miniature
+    (1, 3, 10, 7, 6, 3, 3, (2, 0), (3, 2), None, 0.0),
+]
+
+
+def _case(rng, dtype, n, c, h, w, k, kh, kw):
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    templates = rng.standard_normal((k, c, kh, kw)).astype(dtype)
+    bias = (0.5 * rng.standard_normal(k)).astype(dtype)
+    return x, templates, bias
+
+
+def _pairs(padding, pool, stride):
+    p = (padding, padding) if np.isscalar(padding) else padding
+    q = (pool, pool) if np.isscalar(pool) else pool
+    s = q if stride is None else ((stride, stride) if np.isscalar(stride) else stride)
+    return p, q, s
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_matches_naive_oracle(backend, dtype, geom, rng):
+    n, c, h, w, k, kh, kw, padding, pool, stride, leak = geom
+    x, templates, bias = _case(rng, dtype, n, c, h, w, k, kh, kw)
+    got_h, got_idx = ops.match_switch_pool(x, templates, bias, padding=padding, pool=pool,
+                                           stride=stride, leak=leak, backend=backend)
+    p, q, s = _pairs(padding, pool, stride)
+    assert_pooling_matches(got_h, got_idx, x, templates, bias, padding=p, pool=q, stride=s,
+                           leak=leak, dtype=dtype)
+    if dtype == np.float64:
+        want_h, want_idx = naive.match_switch_pool(x, templates, bias, padding, pool, stride, leak)
+        np.testing.assert_allclose(got_h, want_h, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(got_idx, want_idx)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_larger_random_layer(backend, dtype, rng):
+    """A layer large enough to cross any tiling/blocking boundary of the fast kernels."""
+    x, templates, bias = _case(rng, dtype, 5, 7, 23, 19, 13, 3, 3)
+    got = ops.match_switch_pool(x, templates, bias, padding=2, pool=2, backend=backend)
+    assert_pooling_matches(*got, x, templates, bias, padding=(2, 2), pool=(2, 2), dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_take_the_first_position(backend, dtype, rng):
+    x = rng.standard_normal((2, 2, 7, 6)).astype(dtype)
+    # all-equal windows: zero templates make z = bias everywhere
+    templates = np.zeros((3, 2, 2, 2), dtype)
+    bias = np.array([0.7, -0.3, 0.0], dtype)
+    h, idx = ops.match_switch_pool(x, templates, bias, pool=2, stride=1, leak=0.0, backend=backend)
+    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 0, 2, 1, 0.0)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(h, want_h.astype(dtype))
+    # all-negative windows with the plain ReLU: every y is 0, the first position wins
+    neg = -np.abs(rng.standard_normal((3, 2, 2, 2))).astype(dtype)
+    h, idx = ops.match_switch_pool(np.abs(x), neg, np.full(3, -1.0, dtype), pool=2,
+                                   backend=backend)
+    assert (h == 0).all()
+    want = naive.match_switch_pool(np.abs(x), neg, np.full(3, -1.0), 0, 2, None, 0.0)[1]
+    np.testing.assert_array_equal(idx, want)
+    # ... and with a leak the largest negative value wins instead
+    h, idx = ops.match_switch_pool(np.abs(x), neg, np.full(3, -1.0, dtype), pool=2, leak=0.2,
+                                   backend=backend)
+    assert (h < 0).all()
+    assert_pooling_matches(h, idx, np.abs(x), neg, np.full(3, -1.0), pool=(2, 2), leak=0.2,
+                           dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("leak", [0.0, 0.25])
+def test_nan_and_inf_propagate(backend, dtype, leak, rng):
+    x = rng.standard_normal((2, 2, 9, 9)).astype(dtype)
+    x[0, 1, 4, 4] = np.nan
+    x[1, 0, 0, 7] = np.inf
+    x[1, 1, 8, 0] = -np.inf
+    templates = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+    bias = rng.standard_normal(3).astype(dtype)
+    h, idx = ops.match_switch_pool(x, templates, bias, padding=1, pool=2, stride=1, leak=leak,
+                                   backend=backend)
+    assert np.isnan(h).any() and np.isinf(h).any()
+    assert_pooling_matches(h, idx, x, templates, bias, padding=(1, 1), pool=(2, 2),
+                           stride=(1, 1), leak=leak, dtype=dtype)
+    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 1, 2, 1, leak)
+    special = ~np.isfinite(want_h)
+    np.testing.assert_array_equal(idx[special], want_idx[special])
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_nan_in_a_template_poisons_its_channel_only(backend, rng):
+    x = rng.standard_normal((1, 1, 6, 6))
+    templates = rng.standard_normal((2, 1, 3, 3))
+    templates[1, 0, 1, 1] = np.nan
+    h, idx = ops.match_switch_pool(x, templates, np.zeros(2), pool=2, backend=backend)
+    assert np.isfinite(h[:, 0]).all() and np.isnan(h[:, 1]).all()
+    assert (idx[:, 1] == naive.match_switch_pool(x, templates, np.zeros(2))[1][:, 1]).all()
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(backend, dtype, rng):
+    big = rng.standard_normal((3, 8, 20, 22)).astype(dtype)
+    x = big[::2, 1::3, ::2, 1::2]                      # strided view
+    t_big = rng.standard_normal((3, 5, 3, 4)).astype(dtype)
+    templates = np.moveaxis(t_big, 0, 1)[:, :3]        # (5, 3, 3, 4)... transposed view
+    templates = templates.transpose(0, 1, 2, 3)[:, :, :, :3]
+    bias = rng.standard_normal(10).astype(dtype)[::2]
+    assert not x.flags.c_contiguous and not templates.flags.c_contiguous
+    got = ops.match_switch_pool(x, templates, bias, padding=1, pool=2, backend=backend)
+    want = ops.match_switch_pool(np.ascontiguousarray(x), np.ascontiguousarray(templates),
+                                 np.ascontiguousarray(bias), padding=1, pool=2, backend=backend)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(backend, dtype):
+    x = np.zeros((0, 2, 6, 6), dtype)
+    h, idx = ops.match_switch_pool(x, np.ones((3, 2, 3, 3), dtype), np.zeros(3, dtype),
+                                   backend=backend)
+    assert h.shape == (0, 3, 2, 2) and idx.shape == (0, 3, 2, 2)
+    assert h.dtype == dtype and idx.dtype == np.int32
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_templates_and_bias_take_the_dtype_of_x(backend, rng):
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    h, _ = ops.match_switch_pool(x, rng.standard_normal((3, 2, 3, 3)), np.zeros(3),
+                                 backend=backend)
+    assert h.dtype == np.float32
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_deterministic(backend, rng):
+    x, templates, bias = _case(rng, np.float32, 4, 5, 17, 15, 9, 3, 3)
+    a = ops.match_switch_pool(x, templates, bias, padding=1, backend=backend)
+    b = ops.match_switch_pool(x, templates, bias, padding=1, backend=backend)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_agrees_with_pytorch(rng):
+    """conv2d -> leaky_relu -> max_pool2d(return_indices=True) is the same computation."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, templates, bias = _case(rng, np.float64, 3, 4, 13, 12, 6, 3, 3)
+    for backend in HOST_BACKENDS:
+        h, idx = ops.match_switch_pool(x, templates, bias, padding=1, pool=2, leak=0.1,
+                                       backend=backend)
+        z = F.conv2d(torch.from_numpy(x), torch.from_numpy(templates), torch.from_numpy(bias),
+                     padding=1)
+        th, tidx = F.max_pool2d(F.leaky_relu(z, 0.1), 2, return_indices=True)
+        np.testing.assert_allclose(h, th.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(idx, tidx.numpy())

@@ -1,0 +1,126 @@
+"""template_stats: B, s and G against the oracles, and the least-squares properties."""
+
+import numpy as np
+import pytest
+
+import naive
+from checks import DTYPES, HOST_BACKENDS, tol
+from fastdrmm import ops
+from test_ops_render import GEOMETRIES, latents
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("use_switches", [False, True])
+def test_stats_match_naive(backend, dtype, geom, use_switches, rng):
+    x, templates, code, idx, switches = latents(rng, dtype, geom)
+    switches = switches if use_switches else None
+    k, kh, kw, padding = geom[4], geom[5], geom[6], geom[7]
+    big_b, s, big_g = ops.template_stats(x, code, idx, (kh, kw), padding=padding,
+                                         switches=switches, backend=backend)
+    want_b, want_s, want_g = naive.template_stats(x, code, idx, (kh, kw), padding, switches)
+    assert big_b.shape == (k, x.shape[1], kh, kw) and big_b.dtype == dtype
+    assert s.shape == (k,) and s.dtype == dtype
+    assert big_g.shape == (k * kh * kw,) * 2 and big_g.dtype == dtype
+    rtol, atol = tol(dtype)
+    np.testing.assert_allclose(big_b, want_b, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(s, want_s, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(big_g, want_g, rtol=rtol, atol=atol * 10)
+    np.testing.assert_array_equal(big_g, big_g.T)
+    no_g = ops.template_stats(x, code, idx, (kh, kw), padding=padding, switches=switches,
+                              gram=False, backend=backend)
+    assert no_g[2] is None
+    np.testing.assert_array_equal(no_g[0], big_b)
+    np.testing.assert_array_equal(no_g[1], s)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_b_is_the_template_gradient(backend, geom, rng):
+    """<U, correlate(x, W)> is linear in W with gradient B: check value and a finite difference."""
+    x, templates, code, idx, switches = latents(rng, np.float64, geom)
+    padding = geom[7]
+    big_b, _, _ = ops.template_stats(x, code, idx, templates.shape[2:], padding=padding,
+                                     switches=switches, gram=False, backend=backend)
+
+    def objective(w):
+        z, _ = ops.match_switch_pool(x, w, np.zeros(len(w)), padding=padding, pool=1, leak=1.0,
+                                     backend=backend)
+        u = ops.unpool(code, idx, z.shape[2:], switches=switches, backend=backend)
+        return np.sum(u * z)
+
+    w = rng.standard_normal(templates.shape)
+    assert objective(w) == pytest.approx(np.sum(big_b * w), rel=1e-10, abs=1e-10)
+    step = np.zeros_like(w)
+    step[-1, 0, -1, 0] = 1e-3
+    fd = (objective(w + step) - objective(w - step)) / 2e-3
+    assert fd == pytest.approx(big_b[-1, 0, -1, 0], rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding,pool,stride", [(0, 2, None), (2, 2, None), (1, 3, 2)])
+def test_least_squares_recovers_planted_templates(backend, dtype, padding, pool, stride, rng):
+    """Render images from known templates; solve(G + ridge*I, B) gives the templates back."""
+    k, c, kh, kw, h, w = 3, 2, 3, 3, 10, 9
+    planted = rng.standard_normal((k, c, kh, kw))
+    probe = rng.standard_normal((40, c, h, w))
+    code, idx = ops.match_switch_pool(probe, rng.standard_normal((k, c, kh, kw)), np.zeros(k),
+                                      padding=padding, pool=pool, stride=stride, backend="numpy")
+    code = rng.random(code.shape) + 0.5
+    images = ops.render(code, idx, planted, (h, w), padding=padding, backend="numpy")
+    big_b, _, big_g = ops.template_stats(images.astype(dtype), code.astype(dtype), idx, (kh, kw),
+                                         padding=padding, backend=backend)
+    rhs = big_b.astype(np.float64).transpose(0, 2, 3, 1).reshape(k * kh * kw, c)
+    fit = np.linalg.solve(big_g.astype(np.float64) + 1e-10 * np.eye(k * kh * kw), rhs)
+    fit = fit.reshape(k, kh, kw, c).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(fit, planted, rtol=1e-3 if dtype == np.float32 else 1e-7,
+                               atol=1e-3 if dtype == np.float32 else 1e-7)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_code_dtype_follows_x_and_views_work(backend, rng):
+    x, templates, code, idx, switches = latents(rng, np.float64, GEOMETRIES[0])
+    x32 = x.astype(np.float32)
+    got = ops.template_stats(np.asfortranarray(x32), code[:, ::-1][:, ::-1], idx, (3, 2),
+                             padding=1, switches=switches, backend=backend)
+    assert got[0].dtype == np.float32 and got[2].dtype == np.float32
+    want = ops.template_stats(x32, code.astype(np.float32), idx, (3, 2), padding=1,
+                              switches=switches, backend=backend)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(backend, dtype):
+    x = np.zeros((0, 2, 6, 6), dtype)
+    code = np.zeros((0, 3, 2, 2), dtype)
+    big_b, s, big_g = ops.template_stats(x, code, np.zeros(code.shape, np.int32), (3, 3),
+                                         backend=backend)
+    assert not big_b.any() and not s.any() and not big_g.any()
+    assert big_b.shape == (3, 2, 3, 3) and big_g.shape == (27, 27)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_deterministic(backend, rng):
+    x, _, code, idx, switches = latents(rng, np.float32, (6, 4, 15, 13, 5, 3, 3, 1, 2, None))
+    a = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, backend=backend)
+    b = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, backend=backend)
+    for p, q in zip(a, b):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_b_agrees_with_pytorch_weight_gradient(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((3, 2, 11, 9))
+    code, idx = ops.match_switch_pool(x, rng.standard_normal((4, 2, 3, 3)), np.zeros(4),
+                                      padding=1, pool=2, backend="numpy")
+    u = ops.unpool(code, idx, (11, 9), backend="numpy")
+    want = torch.nn.grad.conv2d_weight(torch.from_numpy(x), (4, 2, 3, 3), torch.from_numpy(u),
+                                       padding=1)
+    for backend in HOST_BACKENDS:
+        big_b = ops.template_stats(x, code, idx, (3, 3), padding=1, gram=False,
+                                   backend=backend)[0]
+        np.testing.assert_allclose(big_b, want.numpy(), rtol=1e-12, atol=1e-12)
