@@ -30,23 +30,82 @@ from . import _validation as v
 __all__ = ["match_switch_pool", "unpool", "render", "template_stats"]
 
 
-def _host(obj, name, backend_name):
-    if _backends.array_location(obj) != "host":
-        raise TypeError(
-            f"{name} lives on a GPU but the backend {backend_name!r} runs on the host; "
-            "move it with .get()/.cpu() or choose a GPU backend"
-        )
-    return v.as_array(obj, name)
+class _Inputs:
+    """Brings the arguments of one call to the chosen backend's arrays, checking location.
 
+    Host backends get NumPy arrays (DLPack/``__array__`` objects are wrapped without a copy).
+    Device backends wrap CUDA arrays with their module's ``asarray`` (zero-copy through
+    ``__cuda_array_interface__``/DLPack), make contiguous copies with its
+    ``ascontiguousarray`` and report an index array's extremes with ``index_range``. Nothing
+    is moved between host and device behind the caller's back.
+    """
 
-def _code_and_idx(code, idx, switches, backend_name):
-    code = _host(code, "code", backend_name)
-    v.check_ndim(code, "code", 4, "(N, K, Hp, Wp)")
-    dtype = v.float_dtype(code, "code")
-    code = np.ascontiguousarray(code)
-    idx = v.as_index(_host(idx, "idx", backend_name), "idx", code.shape)
-    switches = v.as_switches(switches, code.shape, dtype)
-    return code, idx, switches, dtype
+    def __init__(self, backend, arrays):
+        self.name, self.module = _backends.resolve(backend, arrays)
+        self.device = _backends.BACKENDS[self.name].location == "device"
+
+    def array(self, obj, argname):
+        where = _backends.array_location(obj)
+        if self.device and where != "device":
+            raise TypeError(
+                f"{argname} is a host array but the backend {self.name!r} runs on a GPU; "
+                "move it to the device first (e.g. cupy.asarray) or choose a host backend"
+            )
+        if not self.device and where != "host":
+            raise TypeError(
+                f"{argname} lives on a GPU but the backend {self.name!r} runs on the host; "
+                "move it with .get()/.cpu() or choose a GPU backend"
+            )
+        return self.module.asarray(obj) if self.device else v.as_array(obj, argname)
+
+    def contiguous(self, arr, dtype):
+        if self.device:
+            return self.module.ascontiguousarray(arr, dtype)
+        return np.ascontiguousarray(arr, dtype=dtype)
+
+    def floating(self, obj, argname, dtype, ndim=None, layout=""):
+        arr = self.array(obj, argname)
+        if ndim is not None:
+            v.check_ndim(arr, argname, ndim, layout)
+        if dtype is None:
+            dtype = v.float_dtype(arr, argname)
+        elif np.dtype(arr.dtype).kind != "f":
+            raise TypeError(f"{argname} must hold floating-point data, got dtype {arr.dtype}")
+        return self.contiguous(arr, dtype)
+
+    def index(self, obj, shape, plane):
+        idx = self.array(obj, "idx")
+        if np.dtype(idx.dtype).kind not in "iu":
+            raise TypeError(f"idx must hold integers, got dtype {idx.dtype}")
+        if tuple(idx.shape) != tuple(shape):
+            raise ValueError(f"idx must have shape {tuple(shape)}, got {tuple(idx.shape)}")
+        idx = self.contiguous(idx, np.int32) if idx.dtype.itemsize <= 4 else idx
+        size = plane[0] * plane[1]
+        if self.device:
+            low, high = self.module.index_range(idx)
+        elif idx.size:
+            low, high = int(idx.min()), int(idx.max())
+        else:
+            low, high = 0, 0
+        if idx.size and (low < 0 or high >= size):
+            raise ValueError(
+                f"idx out of range: entries must lie in [0, {size}) for the plane {tuple(plane)}, "
+                f"found [{low}, {high}]"
+            )
+        return self.contiguous(idx, np.int32)
+
+    def switches(self, obj, shape, dtype):
+        if obj is None:
+            return None
+        sw = self.array(obj, "switches")
+        if tuple(sw.shape) != tuple(shape):
+            raise ValueError(f"switches must have shape {tuple(shape)}, got {tuple(sw.shape)}")
+        if np.dtype(sw.dtype).kind not in "biuf":
+            raise TypeError(f"switches must be boolean or real, got dtype {sw.dtype}")
+        return self.contiguous(sw, dtype)
+
+    def code(self, obj, dtype=None):
+        return self.floating(obj, "code", dtype, 4, "(N, K, Hp, Wp)")
 
 
 def match_switch_pool(x, templates, bias, *, padding=0, pool=2, stride=None, leak=0.0,
@@ -68,29 +127,21 @@ def match_switch_pool(x, templates, bias, *, padding=0, pool=2, stride=None, lea
     h : (N, K, Hp, Wp) window maxima of the switched matches, dtype of x
     idx : (N, K, Hp, Wp) int32 flat index ``i*Wo + j`` of each maximum in the (Ho, Wo) plane
     """
-    name, module = _backends.resolve(backend, (x, templates, bias))
-    x = _host(x, "x", name)
-    v.check_ndim(x, "x", 4, "(N, C, H, W)")
-    dtype = v.float_dtype(x, "x")
-    templates = _host(templates, "templates", name)
-    v.check_ndim(templates, "templates", 4, "(K, C, kh, kw)")
+    io = _Inputs(backend, (x, templates, bias))
+    x = io.floating(x, "x", None, 4, "(N, C, H, W)")
+    dtype = np.dtype(x.dtype)
+    templates = io.floating(templates, "templates", dtype, 4, "(K, C, kh, kw)")
     if templates.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"templates have {templates.shape[1]} channels but x has {x.shape[1]}"
-        )
+        raise ValueError(f"templates have {templates.shape[1]} channels but x has {x.shape[1]}")
     if templates.shape[0] < 1:
         raise ValueError("templates must hold at least one template (K >= 1)")
-    bias = _host(bias, "bias", name)
+    bias = io.floating(bias, "bias", dtype)
     if bias.ndim != 1 or bias.shape[0] != templates.shape[0]:
         raise ValueError(f"bias must have shape ({templates.shape[0]},), got {tuple(bias.shape)}")
     geometry = v.match_geometry(x.shape[2:], templates.shape[2:], padding, pool, stride)
     leak = v.check_leak(leak)
-    return module.match_switch_pool(
-        np.ascontiguousarray(x),
-        v.as_float(templates, "templates", dtype),
-        v.as_float(bias, "bias", dtype),
-        geometry.padding, geometry.pool, geometry.stride, leak,
-    )
+    return io.module.match_switch_pool(x, templates, bias, geometry.padding, geometry.pool,
+                                       geometry.stride, leak)
 
 
 def unpool(code, idx, plane_shape, *, switches=None, backend="auto"):
@@ -99,11 +150,12 @@ def unpool(code, idx, plane_shape, *, switches=None, backend="auto"):
     Returns U of shape (N, K, Ho, Wo) with ``plane_shape = (Ho, Wo)``; entries that several
     windows send to one position (overlapping windows) add up.
     """
-    name, module = _backends.resolve(backend, (code, idx, switches))
-    code, idx, switches, _ = _code_and_idx(code, idx, switches, name)
+    io = _Inputs(backend, (code, idx, switches))
+    code = io.code(code)
     plane = v.pair(plane_shape, "plane_shape", minimum=1)
-    v.check_index_range(idx, plane[0] * plane[1], "idx")
-    return module.unpool(code, idx, plane, switches)
+    idx = io.index(idx, code.shape, plane)
+    switches = io.switches(switches, code.shape, code.dtype)
+    return io.module.unpool(code, idx, plane, switches)
 
 
 def render(code, idx, templates, input_shape, *, padding=0, switches=None, backend="auto"):
@@ -111,10 +163,9 @@ def render(code, idx, templates, input_shape, *, padding=0, switches=None, backe
 
     Returns r of shape (N, C, H, W) with ``input_shape = (H, W)``, dtype of ``code``.
     """
-    name, module = _backends.resolve(backend, (code, idx, templates, switches))
-    code, idx, switches, dtype = _code_and_idx(code, idx, switches, name)
-    templates = _host(templates, "templates", name)
-    v.check_ndim(templates, "templates", 4, "(K, C, kh, kw)")
+    io = _Inputs(backend, (code, idx, templates, switches))
+    code = io.code(code)
+    templates = io.floating(templates, "templates", code.dtype, 4, "(K, C, kh, kw)")
     if templates.shape[0] != code.shape[1]:
         raise ValueError(
             f"templates hold {templates.shape[0]} templates but code has {code.shape[1]} channels"
@@ -122,33 +173,29 @@ def render(code, idx, templates, input_shape, *, padding=0, switches=None, backe
     input_shape = v.pair(input_shape, "input_shape", minimum=1)
     padding = v.pair(padding, "padding", minimum=0)
     plane = v.plane_shape_of(input_shape, templates.shape[2:], padding)
-    v.check_index_range(idx, plane[0] * plane[1], "idx")
-    return module.render(code, idx, v.as_float(templates, "templates", dtype), input_shape,
-                         padding, switches)
+    idx = io.index(idx, code.shape, plane)
+    switches = io.switches(switches, code.shape, code.dtype)
+    return io.module.render(code, idx, templates, input_shape, padding, switches)
 
 
 def template_stats(x, code, idx, kernel_size, *, padding=0, switches=None, gram=True,
                    backend="auto"):
     """M-step statistics of the templates: B, s and (``gram=True``) the Gram matrix G.
 
-    Returns B (K, C, kh, kw), s (K,) and G (K*kh*kw, K*kh*kw) or None, in x's dtype.
+    ``code`` is cast to the dtype of x. Returns B (K, C, kh, kw), s (K,) and
+    G (K*kh*kw, K*kh*kw) or None, in x's dtype.
     """
-    name, module = _backends.resolve(backend, (x, code, idx, switches))
-    x = _host(x, "x", name)
-    v.check_ndim(x, "x", 4, "(N, C, H, W)")
-    dtype = v.float_dtype(x, "x")
-    code, idx, switches, code_dtype = _code_and_idx(code, idx, switches, name)
-    if code_dtype != dtype:
-        code = code.astype(dtype)
-        if switches is not None:
-            switches = switches.astype(dtype)
+    io = _Inputs(backend, (x, code, idx, switches))
+    x = io.floating(x, "x", None, 4, "(N, C, H, W)")
+    dtype = np.dtype(x.dtype)
+    code = io.code(code, dtype)
     if code.shape[0] != x.shape[0]:
         raise ValueError(f"code holds {code.shape[0]} samples but x holds {x.shape[0]}")
     kernel_size = v.pair(kernel_size, "kernel_size", minimum=1)
     padding = v.pair(padding, "padding", minimum=0)
     plane = v.plane_shape_of(x.shape[2:], kernel_size, padding)
-    v.check_index_range(idx, plane[0] * plane[1], "idx")
+    idx = io.index(idx, code.shape, plane)
+    switches = io.switches(switches, code.shape, dtype)
     if not isinstance(gram, (bool, np.bool_)):
         raise TypeError(f"gram must be True or False, got {gram!r}")
-    return module.template_stats(np.ascontiguousarray(x), code, idx, kernel_size, padding,
-                                 switches, bool(gram))
+    return io.module.template_stats(x, code, idx, kernel_size, padding, switches, bool(gram))
