@@ -30,6 +30,10 @@ def build_parser():
     demo.add_argument("--max-iter", type=_positive_int, default=50)
     demo.add_argument("--labels-per-class", type=_positive_int, default=None,
                       help="keep only this many labels per class and fit semi-supervised")
+    demo.add_argument("--unlabeled-weight", type=float, default=0.1,
+                      help="weight of the unlabeled samples in the M-step when "
+                           "--labels-per-class is set (default 0.1: with few labels, a small "
+                           "weight keeps the unlabeled mass from outvoting the labels)")
     demo.add_argument("--test-size", type=float, default=0.3)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default="auto")
@@ -65,7 +69,8 @@ def run_demo(args, out=sys.stdout):
           f"{mode}), {args.n_nuisances} templates per class, {args.inference} EM, "
           f"backend {args.backend}", file=out)
     model = RMM(n_classes=10, n_nuisances=args.n_nuisances, inference=args.inference,
-                max_iter=args.max_iter, random_state=args.seed, backend=args.backend)
+                max_iter=args.max_iter, unlabeled_weight=args.unlabeled_weight,
+                random_state=args.seed, backend=args.backend)
     start = time.perf_counter()
     model.fit(x_train, y_fit)
     seconds = time.perf_counter() - start

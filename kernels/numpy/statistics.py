@@ -1,6 +1,7 @@
 """M-step statistics of the templates (reference)."""
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .matching import pad
 from .rendering import unpool
@@ -26,19 +27,27 @@ def shifted_planes(u, kernel_size, input_shape, padding):
     return out.reshape(k * kh * kw, -1)
 
 
+def weighted_patches(u, xpad, kernel_size):
+    """B[k,c,a,b] = sum_{n,i,j} u[n,k,i,j] * xpad[n,c,i+a,j+b]."""
+    kh, kw = kernel_size
+    ho, wo = u.shape[2:]
+    if ho * wo <= kh * kw:
+        # few output positions, many taps (whole-input templates): one matrix product
+        windows = sliding_window_view(xpad, (kh, kw), axis=(2, 3))  # (N, C, Ho, Wo, kh, kw)
+        return np.tensordot(u, windows, axes=([0, 2, 3], [0, 2, 3]))
+    big_b = np.empty((u.shape[1], xpad.shape[1], kh, kw), dtype=u.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            big_b[:, :, a, b] = np.einsum("nkhw,nchw->kc", u, xpad[:, :, a:a + ho, b:b + wo])
+    return big_b
+
+
 def template_stats(x, code, idx, kernel_size, padding, switches, gram):
     n, c, h, w = x.shape
     kh, kw = kernel_size
     plane = (h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
     u = unpool(code, idx, plane, switches)
-    xpad = pad(x, padding)
-    k = u.shape[1]
-    big_b = np.empty((k, c, kh, kw), dtype=x.dtype)
-    for a in range(kh):
-        for b in range(kw):
-            big_b[:, :, a, b] = np.einsum(
-                "nkhw,nchw->kc", u, xpad[:, :, a:a + plane[0], b:b + plane[1]]
-            )
+    big_b = weighted_patches(u, pad(x, padding), kernel_size).astype(x.dtype, copy=False)
     s = u.sum(axis=(0, 2, 3))
     big_g = None
     if gram:
