@@ -9,6 +9,7 @@ import pytest
 from fastdrmm import cli
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_demo_runs_and_reports(tmp_path):
     out = io.StringIO()
     picture = tmp_path / "templates.png"
@@ -24,6 +25,7 @@ def test_demo_runs_and_reports(tmp_path):
     assert picture.exists() and picture.stat().st_size > 1000
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_demo_semi_supervised(tmp_path):
     out = io.StringIO()
     args = cli.build_parser().parse_args(
