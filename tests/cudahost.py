@@ -1,0 +1,147 @@
+"""Python side of the CUDA-on-CPU harness (tests/cuda_harness/): build the .cu kernels with
+g++ into a shared library, cached per source hash, and launch them through ctypes with the
+grid, block and arguments that the cupy backend computes (kernels/cuda/launch.py).
+
+``HostDevice`` implements launch.py's device interface on NumPy arrays; ``backend(cfg)`` is a
+module-like object with the four backend functions, registered by the tests as a host
+backend so that ``fastdrmm.ops`` validates the arguments exactly as for every backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.resources
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+
+import numpy as np
+
+from fastdrmm.kernels.cuda import launch
+
+HERE = pathlib.Path(__file__).resolve().parent / "cuda_harness"
+KERNEL_DIR = pathlib.Path(str(importlib.resources.files("fastdrmm.kernels.cuda")))
+TEST_KERNELS = ["neighbour_sum<true>", "neighbour_sum<false>"]
+
+# Small blocks and small shared caps: tiny grids still cross tiles, channel chunks and the
+# direct fallbacks. The GPU configuration (launch.GPU) is exercised by one test too.
+SMALL = launch.Config(threads=32, kb=2, xs_cap=192, ws_cap=48, zs_cap=96)
+
+
+def name_expressions():
+    return [e for f in launch.SOURCES for e in launch.name_expressions(f)] + TEST_KERNELS
+
+
+def symbol(name_expr):
+    return "fd_" + hashlib.sha1(name_expr.encode()).hexdigest()[:12]
+
+
+def _cpp():
+    lines = [f'#include "{f}"' for f in launch.SOURCES] + ['#include "racy.cu"']
+    lines += [f"CUDA_HOST_EXPORT({symbol(e)}, {e})" for e in name_expressions()]
+    return "\n".join(lines) + "\n"
+
+
+def compiler():
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def build(cfg=SMALL, tsan=False):
+    """Path of the harness library for this configuration (built once, cached by hash)."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("the CUDA host harness needs g++ (C++20)")
+    flags = ["-std=c++20", "-pthread", "-shared", "-fPIC", *cfg.defines()]
+    flags += ["-O1", "-g", "-fsanitize=thread"] if tsan else ["-O1"]
+    cpp = _cpp()
+    digest = hashlib.sha1()
+    for part in [cpp, " ".join(flags), (HERE / "cuda_host.h").read_text(),
+                 (HERE / "racy.cu").read_text()]:
+        digest.update(part.encode())
+    for f in sorted(KERNEL_DIR.glob("*.cu*")):
+        digest.update(f.read_bytes())
+    out_dir = pathlib.Path(tempfile.gettempdir()) / "fastdrmm-cuda-harness"
+    out_dir.mkdir(exist_ok=True)
+    lib = out_dir / f"harness-{digest.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    src = out_dir / f"harness-{digest.hexdigest()[:16]}-{os.getpid()}.cpp"
+    src.write_text(cpp)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [cxx, *flags, "-include", str(HERE / "cuda_host.h"), "-I", str(KERNEL_DIR),
+           "-I", str(HERE), str(src), "-o", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    src.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"harness build failed:\n{' '.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp, lib)
+    return lib
+
+
+_CTYPE = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.float32): ctypes.c_float,
+          np.dtype(np.float64): ctypes.c_double}
+
+
+class HostDevice:
+    """launch.py's device interface on the host: NumPy arrays, kernels via ctypes."""
+
+    def __init__(self, lib_path, cfg=SMALL):
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.cfg = cfg
+        self.launches = []
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def zeros(shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def launch(self, name_expr, grid, block, args):
+        holders = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous, "kernels take C-contiguous arrays"
+                holders.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                holders.append(_CTYPE[np.dtype(type(a))](a))
+        argv = (ctypes.c_void_p * max(1, len(holders)))(
+            *[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+        fn = getattr(self.lib, symbol(name_expr))
+        fn.restype = None
+        grid = tuple(int(g) for g in grid)
+        block = tuple(int(b) for b in block)
+        self.launches.append((name_expr, grid, block))
+        fn(*(ctypes.c_uint(v) for v in (*grid, *block)), argv)
+
+
+def backend(dev):
+    """A backend module (the four functions) running launch.py's drivers on ``dev``."""
+    cfg = dev.cfg
+    return types.SimpleNamespace(
+        match_switch_pool=lambda x, t, b, padding, pool, stride, leak: launch.match_switch_pool(
+            dev, x, t, b, padding, pool, stride, leak, cfg),
+        unpool=lambda code, idx, plane, sw: launch.unpool(dev, code, idx, tuple(plane), sw, cfg),
+        render=lambda code, idx, t, shape, padding, sw: launch.render(
+            dev, code, idx, t, shape, padding, sw, cfg),
+        template_stats=lambda x, code, idx, ks, padding, sw, gram: launch.template_stats(
+            dev, x, code, idx, ks, padding, sw, gram, cfg),
+    )
+
+
+def tsan_runtime():
+    """Path of libtsan for LD_PRELOAD (a TSan library cannot be dlopen'ed otherwise)."""
+    cxx = compiler()
+    out = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True)
+    path = out.stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+if __name__ == "__main__":  # the TSan child: python cudahost.py SCRIPT
+    sys.exit(0)
