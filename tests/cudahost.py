@@ -16,7 +16,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import types
 
@@ -42,8 +41,15 @@ def symbol(name_expr):
 
 
 def _cpp():
-    lines = [f'#include "{f}"' for f in launch.SOURCES] + ['#include "racy.cu"']
+    lines = ["#include <map>", "#include <string>"]
+    lines += [f'#include "{f}"' for f in launch.SOURCES] + ['#include "racy.cu"']
     lines += [f"CUDA_HOST_EXPORT({symbol(e)}, {e})" for e in name_expressions()]
+    lines += ["using Entry = void (*)(unsigned, unsigned, unsigned, unsigned, unsigned, "
+              "unsigned, void**);",
+              "const std::map<std::string, Entry>& cuda_host_entries() {",
+              "    static const std::map<std::string, Entry> table{"]
+    lines += [f'        {{"{symbol(e)}", &{symbol(e)}}},' for e in name_expressions()]
+    lines += ["    };", "    return table;", "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -52,29 +58,31 @@ def compiler():
 
 
 def build(cfg=SMALL, tsan=False):
-    """Path of the harness library for this configuration (built once, cached by hash)."""
+    """Path of the harness library for this configuration (built once, cached by hash); with
+    ``tsan`` the ThreadSanitizer replay executable (cuda_harness/replay.cpp) instead."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("the CUDA host harness needs g++ (C++20)")
-    flags = ["-std=c++20", "-pthread", "-shared", "-fPIC", *cfg.defines()]
-    flags += ["-O1", "-g", "-fsanitize=thread"] if tsan else ["-O1"]
+    flags = ["-std=c++20", "-pthread", "-fvisibility=hidden", "-fno-gnu-unique", *cfg.defines()]
+    flags += ["-O1", "-g", "-fsanitize=thread"] if tsan else ["-O1", "-shared", "-fPIC"]
     cpp = _cpp()
     digest = hashlib.sha1()
     for part in [cpp, " ".join(flags), (HERE / "cuda_host.h").read_text(),
-                 (HERE / "racy.cu").read_text()]:
+                 (HERE / "racy.cu").read_text(), (HERE / "replay.cpp").read_text()]:
         digest.update(part.encode())
     for f in sorted(KERNEL_DIR.glob("*.cu*")):
         digest.update(f.read_bytes())
     out_dir = pathlib.Path(tempfile.gettempdir()) / "fastdrmm-cuda-harness"
     out_dir.mkdir(exist_ok=True)
-    lib = out_dir / f"harness-{digest.hexdigest()[:16]}.so"
+    lib = out_dir / f"harness-{digest.hexdigest()[:16]}{'.tsan' if tsan else '.so'}"
     if lib.exists():
         return lib
     src = out_dir / f"harness-{digest.hexdigest()[:16]}-{os.getpid()}.cpp"
     src.write_text(cpp)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
     cmd = [cxx, *flags, "-include", str(HERE / "cuda_host.h"), "-I", str(KERNEL_DIR),
-           "-I", str(HERE), str(src), "-o", str(tmp)]
+           "-I", str(HERE), str(src), *([str(HERE / "replay.cpp")] if tsan else []),
+           "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     src.unlink(missing_ok=True)
     if proc.returncode != 0:
@@ -121,6 +129,56 @@ class HostDevice:
         fn(*(ctypes.c_uint(v) for v in (*grid, *block)), argv)
 
 
+class RecordingDevice(HostDevice):
+    """Runs like HostDevice and records every launch, with the bytes of each buffer as it
+    was when a launch first saw it, for the TSan replay executable."""
+
+    def __init__(self, lib_path, cfg=SMALL):
+        super().__init__(lib_path, cfg)
+        self.buffers = []      # arrays, in order of first use
+        self.initial = []      # their bytes then
+        self.records = []
+
+    def _buffer(self, arr):
+        for i, b in enumerate(self.buffers):
+            if b is arr:
+                return i
+        self.buffers.append(arr)
+        self.initial.append(arr.tobytes())
+        return len(self.buffers) - 1
+
+    def launch(self, name_expr, grid, block, args):
+        words = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                words.append(f"p {self._buffer(a)}")
+            else:
+                kind = {np.dtype(np.int32): "i", np.dtype(np.float32): "f",
+                        np.dtype(np.float64): "d"}[np.dtype(type(a))]
+                words.append(f"{kind} {float(a)!r}" if kind != "i" else f"i {int(a)}")
+        self.records.append(f"launch {symbol(name_expr)} {' '.join(map(str, grid))} "
+                            f"{' '.join(map(str, block))} {len(words)} {' '.join(words)}")
+        super().launch(name_expr, grid, block, args)
+
+    def replay(self, exe, directory):
+        """Replay under TSan: (returncode, stderr, [buffers after the replay])."""
+        directory = pathlib.Path(directory)
+        head = []
+        for i, data in enumerate(self.initial):
+            (directory / f"buf{i}.bin").write_bytes(data)
+            head.append(f"buffer {i} {len(data)}")
+        (directory / "launches.txt").write_text("\n".join(head + self.records) + "\n")
+        env = dict(os.environ, TSAN_OPTIONS="halt_on_error=0 exitcode=66")
+        proc = subprocess.run([str(exe), str(directory)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        outs = []
+        for i, b in enumerate(self.buffers):
+            path = directory / f"out{i}.bin"
+            outs.append(np.frombuffer(path.read_bytes(), dtype=b.dtype).reshape(b.shape)
+                        if path.exists() else None)
+        return proc.returncode, proc.stderr, outs
+
+
 def backend(dev):
     """A backend module (the four functions) running launch.py's drivers on ``dev``."""
     cfg = dev.cfg
@@ -135,13 +193,3 @@ def backend(dev):
     )
 
 
-def tsan_runtime():
-    """Path of libtsan for LD_PRELOAD (a TSan library cannot be dlopen'ed otherwise)."""
-    cxx = compiler()
-    out = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True)
-    path = out.stdout.strip()
-    return path if os.path.isabs(path) and os.path.exists(path) else None
-
-
-if __name__ == "__main__":  # the TSan child: python cudahost.py SCRIPT
-    sys.exit(0)

@@ -1,6 +1,7 @@
-"""CUDA C kernels (``*.cu``/``*.cuh``) for the ``cupy`` backend.
+"""CUDA C kernels (``*.cu``/``*.cuh``) of the ``cupy`` backend.
 
-The sources ship as package data; the backend module that compiles them through
-``cupy.RawModule`` is not part of this release, so asking for ``backend="cupy"`` raises an
-ImportError that says so.
+``matching.cu``, ``rendering.cu`` and ``statistics.cu`` (one per op family, sharing
+``common.cuh``) are package data, compiled at run time through ``cupy.RawModule`` by
+``loader.py`` (once per device, memoised) with the launch configuration of ``launch.py``;
+``backend.py`` is the backend module. Only ``backend`` and ``loader.module`` import CuPy.
 """

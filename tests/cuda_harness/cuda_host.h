@@ -80,8 +80,10 @@ void launch(void (*kernel)(A...), dim3 grid, dim3 block, void** args) {
 
 }  // namespace cuda_host
 
+// Libraries are built with -fvisibility=hidden -fno-gnu-unique: two harness builds (other
+// tile constants) loaded into one process must not share their __shared__ statics.
 #define CUDA_HOST_EXPORT(symbol, kernel)                                                  \
-    extern "C" void symbol(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, \
+    extern "C" __attribute__((visibility("default"))) void symbol(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, \
                            unsigned bz, void** args) {                                     \
         cuda_host::launch(&kernel, dim3{gx, gy, gz}, dim3{bx, by, bz}, args);              \
     }

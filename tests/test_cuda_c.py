@@ -1,0 +1,314 @@
+"""The cupy backend's CUDA C kernels, without a GPU and with one.
+
+1. NVRTC compiles every .cu for sm_80 and sm_90 (resource table, no spills).
+2. The kernels run unmodified on the CPU through the host harness (tests/cuda_harness/,
+   tests/cudahost.py), launched with the backend's own launch configuration (launch.py),
+   against the reference and the naive oracles; a ThreadSanitizer build replays one case of
+   every kernel, and catches a deliberately missing __syncthreads.
+3. With CuPy and a GPU, the same comparisons run through backend="cupy" for real.
+"""
+
+import tempfile
+
+import numpy as np
+import pytest
+
+import cudahost
+import naive
+import nvrtc_compile_check
+from checks import DTYPES, assert_pooling_matches, tol
+from fastdrmm import _backends, ops
+from fastdrmm.kernels.cuda import launch, loader
+from test_ops_match import GEOMETRIES as MATCH_GEOMETRIES
+from test_ops_match import _case, _pairs
+from test_ops_render import GEOMETRIES as RENDER_GEOMETRIES
+from test_ops_render import latents
+
+
+def _gpu_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+GPU = _gpu_available()
+BACKENDS = ["cuda-host", pytest.param("cupy", marks=pytest.mark.skipif(
+    not GPU, reason="backend 'cupy' needs CuPy and a CUDA GPU (none here)"))]
+
+
+@pytest.fixture(scope="session")
+def harness_lib():
+    return cudahost.build(cudahost.SMALL)
+
+
+@pytest.fixture
+def host_backend(harness_lib, monkeypatch):
+    """Registers the harness as a host backend named 'cuda-host' for this test."""
+    dev = cudahost.HostDevice(harness_lib, cudahost.SMALL)
+    monkeypatch.setitem(_backends.BACKENDS, "cuda-host",
+                        _backends.BackendSpec("cuda-host", "tests.cudahost", "host"))
+    monkeypatch.setitem(_backends._loaded, "cuda-host", cudahost.backend(dev))
+    return dev
+
+
+@pytest.fixture
+def run(request, host_backend):
+    """op(name, *args, **kw) on the chosen backend, taking and returning NumPy arrays."""
+    backend = request.node.callspec.params["backend"]
+    if backend == "cuda-host":
+        return lambda name, *a, **kw: getattr(ops, name)(*a, backend="cuda-host", **kw)
+    import cupy
+
+    def on_gpu(name, *a, **kw):
+        a = [cupy.asarray(v) if isinstance(v, np.ndarray) else v for v in a]
+        kw = {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+        out = getattr(ops, name)(*a, backend="cupy", **kw)
+        if isinstance(out, tuple):
+            return tuple(None if o is None else cupy.asnumpy(o) for o in out)
+        return cupy.asnumpy(out)
+    return on_gpu
+
+
+# ---------------------------------------------------------------- 1. NVRTC compile check
+
+
+def test_nvrtc_compiles_every_kernel_without_spills(capsys):
+    rows, problems = nvrtc_compile_check.run()
+    with capsys.disabled():
+        print()
+        nvrtc_compile_check.run()  # the table, in the test log
+    assert not problems, "\n".join(problems)
+    want = {(e, a) for f in launch.SOURCES for e in launch.name_expressions(f)
+            for a in nvrtc_compile_check.ARCHS}
+    assert {(e, a) for e, a, _ in rows} == want
+    for _, _, rec in rows:
+        assert rec["smem"] <= 48 * 1024  # static shared memory limit per block
+
+
+def test_loader_inlines_the_shared_header():
+    for filename in launch.SOURCES:
+        src = loader.source(filename)
+        assert '#include "common.cuh"' not in src and "fd_block_sum" in src
+        for expr in launch.name_expressions(filename):
+            assert loader.file_of(expr) == filename
+
+
+# ---------------------------------------------------------------- 2. harness and 3. GPU
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", MATCH_GEOMETRIES)
+def test_match_against_oracles(backend, dtype, geom, run, rng):
+    n, c, h, w, k, kh, kw, padding, pool, stride, leak = geom
+    x, templates, bias = _case(rng, dtype, n, c, h, w, k, kh, kw)
+    got_h, got_idx = run("match_switch_pool", x, templates, bias, padding=padding, pool=pool,
+                         stride=stride, leak=leak)
+    p, q, s = _pairs(padding, pool, stride)
+    assert_pooling_matches(got_h, got_idx, x, templates, bias, padding=p, pool=q, stride=s,
+                           leak=leak, dtype=dtype)
+    if dtype == np.float64:
+        want_h, want_idx = naive.match_switch_pool(x, templates, bias, padding, pool, stride, leak)
+        np.testing.assert_allclose(got_h, want_h, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(got_idx, want_idx)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_ties_take_the_first_position(backend, dtype, run, rng):
+    x = rng.standard_normal((2, 2, 7, 6)).astype(dtype)
+    templates = np.zeros((3, 2, 2, 2), dtype)
+    bias = np.array([0.7, -0.3, 0.0], dtype)
+    h, idx = run("match_switch_pool", x, templates, bias, pool=2, stride=1)
+    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 0, 2, 1, 0.0)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(h, want_h.astype(dtype))
+    neg = -np.abs(rng.standard_normal((3, 2, 2, 2))).astype(dtype)
+    h, idx = run("match_switch_pool", np.abs(x), neg, np.full(3, -1.0, dtype), pool=2)
+    assert (h == 0).all()
+    np.testing.assert_array_equal(
+        idx, naive.match_switch_pool(np.abs(x), neg, np.full(3, -1.0), 0, 2, None, 0.0)[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("leak", [0.0, 0.25])
+def test_match_nan_and_inf(backend, dtype, leak, run, rng):
+    x = rng.standard_normal((2, 2, 9, 9)).astype(dtype)
+    x[0, 1, 4, 4] = np.nan
+    x[1, 0, 0, 7] = np.inf
+    x[1, 1, 8, 0] = -np.inf
+    templates = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+    bias = rng.standard_normal(3).astype(dtype)
+    h, idx = run("match_switch_pool", x, templates, bias, padding=1, pool=2, stride=1, leak=leak)
+    assert np.isnan(h).any() and np.isinf(h).any()
+    assert_pooling_matches(h, idx, x, templates, bias, padding=(1, 1), pool=(2, 2),
+                           stride=(1, 1), leak=leak, dtype=dtype)
+    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 1, 2, 1, leak)
+    special = ~np.isfinite(want_h)
+    np.testing.assert_array_equal(idx[special], want_idx[special])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
+@pytest.mark.parametrize("use_switches", [False, True])
+def test_unpool_render_stats_against_oracles(backend, dtype, geom, use_switches, run, rng):
+    x, templates, code, idx, switches = latents(rng, dtype, geom)
+    switches = switches if use_switches else None
+    n, c, h, w, k, kh, kw, padding = geom[:8]
+    p = (padding, padding) if np.isscalar(padding) else padding
+    plane = (h + 2 * p[0] - kh + 1, w + 2 * p[1] - kw + 1)
+    rtol, atol = tol(dtype)
+    u = run("unpool", code, idx, plane, switches=switches)
+    assert u.shape == (n, k, *plane) and u.dtype == dtype
+    np.testing.assert_allclose(u, naive.unpool(code, idx, plane, switches), rtol=rtol, atol=atol)
+    r = run("render", code, idx, templates, (h, w), padding=padding, switches=switches)
+    assert r.shape == (n, c, h, w) and r.dtype == dtype
+    np.testing.assert_allclose(r, naive.render(code, idx, templates, (h, w), padding, switches),
+                               rtol=rtol, atol=atol * 10)
+    big_b, s, big_g = run("template_stats", x, code, idx, (kh, kw), padding=padding,
+                          switches=switches)
+    want_b, want_s, want_g = naive.template_stats(x, code, idx, (kh, kw), padding, switches)
+    assert big_b.dtype == s.dtype == big_g.dtype == dtype
+    np.testing.assert_allclose(big_b, want_b, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(s, want_s, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(big_g, want_g, rtol=rtol, atol=atol * 10)
+    np.testing.assert_array_equal(big_g, big_g.T)
+    no_g = run("template_stats", x, code, idx, (kh, kw), padding=padding, switches=switches,
+               gram=False)
+    assert no_g[2] is None
+    # unpool adds collisions with atomicAdd: their order, so the last bits, may vary per run
+    np.testing.assert_allclose(no_g[0], big_b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", RENDER_GEOMETRIES[:4])
+def test_render_is_the_adjoint_of_matching(backend, dtype, geom, run, rng):
+    _, templates, code, idx, switches = latents(rng, dtype, geom)
+    n, c, h, w = geom[:4]
+    padding = geom[7]
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    z, _ = run("match_switch_pool", x, templates, np.zeros(len(templates), dtype),
+               padding=padding, pool=1, leak=1.0)
+    z_at = np.take_along_axis(z.reshape(*z.shape[:2], -1).astype(np.float64),
+                              idx.reshape(*idx.shape[:2], -1).astype(np.int64), axis=2)
+    lhs = np.sum(z_at * (code * switches).reshape(*code.shape[:2], -1))
+    r = run("render", code, idx, templates, (h, w), padding=padding, switches=switches)
+    rhs = np.sum(x.astype(np.float64) * r)
+    assert abs(lhs - rhs) <= (1e-5 if dtype == np.float32 else 1e-12) * (np.abs(z_at).sum() + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unpool_sums_collisions(backend, run):
+    code = np.array([[[[1.0, 2.0, 4.0]]]])
+    idx = np.array([[[[1, 1, 3]]]], dtype=np.int32)
+    np.testing.assert_array_equal(run("unpool", code, idx, (1, 4)), [[[[0.0, 3.0, 0.0, 4.0]]]])
+    u = run("unpool", code, idx, (1, 4), switches=np.array([[[[True, False, True]]]]))
+    np.testing.assert_array_equal(u, [[[[0.0, 1.0, 0.0, 4.0]]]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(backend, dtype, run):
+    h, idx = run("match_switch_pool", np.zeros((0, 2, 6, 6), dtype), np.ones((3, 2, 3, 3), dtype),
+                 np.zeros(3, dtype))
+    assert h.shape == idx.shape == (0, 3, 2, 2) and h.dtype == dtype and idx.dtype == np.int32
+    code, idx = np.zeros((0, 3, 2, 2), dtype), np.zeros((0, 3, 2, 2), np.int32)
+    assert run("unpool", code, idx, (4, 4)).shape == (0, 3, 4, 4)
+    assert run("render", code, idx, np.ones((3, 2, 3, 3), dtype), (6, 6)).shape == (0, 2, 6, 6)
+    big_b, s, big_g = run("template_stats", np.zeros((0, 2, 6, 6), dtype), code, idx, (3, 3))
+    assert (big_b == 0).all() and (s == 0).all() and (big_g == 0).all()
+    assert big_b.shape == (3, 2, 3, 3) and big_g.shape == (27, 27)
+
+
+def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
+    """The tiled kernels, the direct fallbacks and the GPU's own tile constants."""
+    small = cudahost.HostDevice(harness_lib, cudahost.SMALL)
+    be = cudahost.backend(small)
+    x, t, b = _case(rng, np.float64, 1, 2, 9, 9, 3, 7, 7)    # 2*49 > ws_cap: direct paths
+    h, idx = be.match_switch_pool(x, t, b, (1, 1), (2, 2), (2, 2), 0.0)
+    assert_pooling_matches(h, idx, x, t, b, padding=(1, 1), pool=(2, 2))
+    r = be.render(h, idx, t, (9, 9), (1, 1), None)
+    np.testing.assert_allclose(r, naive.render(h, idx, t, (9, 9), 1), rtol=1e-10, atol=1e-12)
+    names = {name for name, _, _ in small.launches}
+    assert {"match_pool_direct<double>", "render_direct<double>"} <= names
+    gpu = cudahost.HostDevice(cudahost.build(launch.GPU), launch.GPU)
+    be = cudahost.backend(gpu)
+    for dtype in DTYPES:
+        x, t, b = _case(rng, dtype, 2, 5, 23, 19, 6, 3, 3)
+        h, idx = be.match_switch_pool(x, t, b, (2, 2), (2, 2), (2, 2), 0.0)
+        assert_pooling_matches(h, idx, x, t, b, padding=(2, 2), pool=(2, 2), dtype=dtype)
+        r = be.render(h, idx, t, (23, 19), (2, 2), None)
+        rtol, atol = tol(dtype)
+        np.testing.assert_allclose(r, naive.render(h, idx, t, (23, 19), 2), rtol=rtol,
+                                   atol=atol * 10)
+    assert all(block == (256, 1, 1) for _, _, block in gpu.launches)
+    assert {"match_pool_tiled<float>", "render_tiled<double>"} <= {n for n, _, _ in gpu.launches}
+
+
+# ---------------------------------------------------------------- ThreadSanitizer
+
+
+@pytest.fixture(scope="session")
+def tsan_exe():
+    return cudahost.build(cudahost.SMALL, tsan=True)
+
+
+def test_tsan_finds_no_race_in_any_kernel(harness_lib, tsan_exe, rng):
+    dev = cudahost.RecordingDevice(harness_lib, cudahost.SMALL)
+    be = cudahost.backend(dev)
+    for dtype in DTYPES:
+        x, t, b = _case(rng, dtype, 2, 3, 9, 8, 3, 3, 2)         # tiled, 2 channel chunks
+        h, idx = be.match_switch_pool(x, t, b, (1, 1), (2, 2), (1, 1), 0.1)
+        sw = (rng.random(h.shape) < 0.7).astype(dtype)
+        be.render(h, idx, t, (9, 8), (1, 1), sw)
+        be.template_stats(x, h, idx, (3, 2), (1, 1), sw, True)
+        x, t, b = _case(rng, dtype, 1, 1, 8, 8, 2, 6, 6)         # direct fallbacks
+        h, idx = be.match_switch_pool(x, t, b, (0, 0), (2, 2), (2, 2), 0.0)
+        be.render(h, idx, t, (8, 8), (0, 0), None)
+    kernels = {name.split("<")[0] for name, _, _ in dev.launches}
+    assert kernels == {k for ks in launch.SOURCES.values() for k in ks}
+    with tempfile.TemporaryDirectory() as d:
+        rc, err, outs = dev.replay(tsan_exe, d)
+    assert "ThreadSanitizer" not in err and rc == 0, err[-4000:]
+    for host, replayed in zip(dev.buffers, outs):  # the replay computed the same results
+        np.testing.assert_allclose(replayed, host, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_tsan_catches_a_missing_syncthreads(harness_lib, tsan_exe, sync):
+    dev = cudahost.RecordingDevice(harness_lib, cudahost.SMALL)
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros(64, np.float32)
+    dev.launch(f"neighbour_sum<{'true' if sync else 'false'}>", (2, 1, 1), (32, 1, 1), (x, out))
+    with tempfile.TemporaryDirectory() as d:
+        rc, err, _ = dev.replay(tsan_exe, d)
+    if sync:
+        assert rc == 0 and "ThreadSanitizer" not in err, err[-4000:]
+    else:
+        assert rc != 0 and "WARNING: ThreadSanitizer: data race" in err
+
+
+# ---------------------------------------------------------------- real GPU only
+
+
+@pytest.mark.skipif(not GPU, reason="needs CuPy and a CUDA GPU (none here)")
+def test_cupy_arrays_in_and_out_without_copies(rng):
+    import cupy
+
+    x = cupy.asarray(rng.standard_normal((2, 3, 9, 8)).astype(np.float32))
+    t = cupy.asarray(rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    b = cupy.zeros(4, np.float32)
+    be = _backends.load("cupy")
+    assert be.asarray(x).data.ptr == x.data.ptr
+    assert be.ascontiguousarray(x, np.float32).data.ptr == x.data.ptr
+    h, idx = ops.match_switch_pool(x, t, b, padding=1)   # auto -> cupy
+    assert isinstance(h, cupy.ndarray) and h.device == x.device and h.dtype == np.float32
+    r = ops.render(h, idx, t, (9, 8), padding=1)
+    assert isinstance(r, cupy.ndarray)
+    with pytest.raises(TypeError, match="host array"):
+        ops.match_switch_pool(cupy.asnumpy(x), t, b, backend="cupy")
