@@ -94,8 +94,12 @@ def get_backend():
 
 
 def array_location(arr):
-    """'device' for CUDA arrays (CUDA array interface or a CUDA DLPack device), else 'host'."""
-    if hasattr(arr, "__cuda_array_interface__"):
+    """'device' for CUDA arrays (CUDA array interface or a CUDA DLPack device), else 'host'.
+
+    Numba device arrays also count (``__cuda_ndarray__``): under the CUDA simulator
+    (``NUMBA_ENABLE_CUDASIM=1``) they wrap host memory and have no CUDA array interface.
+    """
+    if hasattr(arr, "__cuda_array_interface__") or getattr(arr, "__cuda_ndarray__", False) is True:
         return "device"
     dev = getattr(arr, "__dlpack_device__", None)
     if dev is not None:

@@ -1,0 +1,237 @@
+"""Bottom-up: fused matching + bias + switch + max pooling with first-argmax (numba.cuda).
+
+Tiled kernel (the default): one block computes a tile of pooled outputs (``tile`` rows x cols)
+of ``k_block`` templates for one image. Per input channel it stages the zero-padded input tile
+with its halo and the templates' taps in static shared memory, and accumulates the matches of
+the tile's whole z span into shared-memory accumulators (initialised to the bias). After the
+last channel each thread switches and pools windows straight out of shared memory and writes
+only ``h`` and ``idx``: z never reaches global memory. Positions of the z span that no window
+reads (gaps when stride > pool) are skipped.
+
+Direct kernel (fallback for templates/halos larger than the shared capacities): one thread per
+pooled output, reading x and W from global memory.
+
+Semantics as the NumPy reference: y = z if z > 0 or z is NaN, else 0 (leak == 0, so -inf -> 0)
+or leak*z; a window candidate replaces the best iff best is not NaN and (v > best or v is NaN),
+scanning the window row-major; idx = i*Wo + j.
+"""
+
+import numpy as np
+from numba import cuda, types
+
+from . import _common
+
+
+def _tiled_source(dtype, cfg):
+    threads, _, _, XS, WS, ZS, _ = cfg
+    nbt = _common.nb_type(dtype)
+    zero = dtype.type(0)
+
+    def match_tiled(x, w, bias, h, idx, leak, C, H, W, K, kh, kw, ph, pw, Wo, Hp, Wp,
+                    poolh, poolw, sh, sw, KB, TPH, TPW, ZH, ZW, tiles_h, tiles_w, kgroups):
+        xs = cuda.shared.array(XS, nbt)
+        ws = cuda.shared.array(WS, nbt)
+        zs = cuda.shared.array(ZS, nbt)
+        tid = cuda.threadIdx.x
+        b = cuda.blockIdx.x
+        tj = b % tiles_w
+        b //= tiles_w
+        ti = b % tiles_h
+        b //= tiles_h
+        kg = b % kgroups
+        n = b // kgroups
+        p0 = ti * TPH
+        q0 = tj * TPW
+        k0 = kg * KB
+        zr0 = p0 * sh
+        zc0 = q0 * sw
+        XW = ZW + kw - 1
+        XN = (ZH + kh - 1) * XW
+        taps = kh * kw
+        zhw = ZH * ZW
+        for t in range(tid, KB * zhw, threads):
+            kk = t // zhw
+            zs[t] = bias[k0 + kk] if k0 + kk < K else zero
+        for c in range(C):
+            cuda.syncthreads()  # the previous channel's taps are consumed
+            base = (n * C + c) * H
+            for t in range(tid, XN, threads):
+                r = t // XW
+                xr = zr0 + r - ph
+                xc = zc0 + (t - r * XW) - pw
+                if xr >= 0 and xr < H and xc >= 0 and xc < W:
+                    xs[t] = x[(base + xr) * W + xc]
+                else:
+                    xs[t] = zero
+            for t in range(tid, KB * taps, threads):
+                kk = t // taps
+                if k0 + kk < K:
+                    ws[t] = w[((k0 + kk) * C + c) * taps + (t - kk * taps)]
+                else:
+                    ws[t] = zero
+            cuda.syncthreads()
+            for t in range(tid, KB * zhw, threads):
+                kk = t // zhw
+                rem = t - kk * zhw
+                zi = rem // ZW
+                zj = rem - zi * ZW
+                if (zi % sh) < poolh and (zj % sw) < poolw:
+                    acc = zs[t]
+                    wb = kk * taps
+                    for u in range(kh):
+                        xb = (zi + u) * XW + zj
+                        for v in range(kw):
+                            acc += ws[wb + u * kw + v] * xs[xb + v]
+                    zs[t] = acc
+        cuda.syncthreads()
+        tpp = TPH * TPW
+        for t in range(tid, KB * tpp, threads):
+            kk = t // tpp
+            rem = t - kk * tpp
+            pi = rem // TPW
+            qi = rem - pi * TPW
+            p = p0 + pi
+            q = q0 + qi
+            k = k0 + kk
+            if p < Hp and q < Wp and k < K:
+                best = zero
+                where = 0
+                first = True
+                for a in range(poolh):
+                    zi = pi * sh + a
+                    for bb in range(poolw):
+                        zj = qi * sw + bb
+                        z = zs[kk * zhw + zi * ZW + zj]
+                        if z > 0 or z != z:
+                            y = z
+                        elif leak == 0:
+                            y = zero
+                        else:
+                            y = leak * z
+                        if first or (best == best and (y > best or y != y)):
+                            best = y
+                            where = (zr0 + zi) * Wo + zc0 + zj
+                            first = False
+                o = ((n * K + k) * Hp + p) * Wp + q
+                h[o] = best
+                idx[o] = where
+
+    i64 = types.int64
+    sig = types.void(nbt[::1], nbt[::1], nbt[::1], nbt[::1], types.int32[::1], nbt,
+                     *([i64] * 23))
+    return match_tiled, sig
+
+
+def _direct_source(dtype, cfg):
+    threads = cfg[0]
+    nbt = _common.nb_type(dtype)
+    zero = dtype.type(0)
+
+    def match_direct(x, w, bias, h, idx, leak, N, C, H, W, K, kh, kw, ph, pw, Wo, Hp, Wp,
+                     poolh, poolw, sh, sw):
+        total = N * K * Hp * Wp
+        for o in range(cuda.blockIdx.x * threads + cuda.threadIdx.x, total,
+                       cuda.gridDim.x * threads):
+            q = o % Wp
+            r = o // Wp
+            p = r % Hp
+            r //= Hp
+            k = r % K
+            n = r // K
+            best = zero
+            where = 0
+            first = True
+            for a in range(poolh):
+                i = p * sh + a
+                for bb in range(poolw):
+                    j = q * sw + bb
+                    z = bias[k]
+                    for c in range(C):
+                        for u in range(kh):
+                            xr = i + u - ph
+                            if xr >= 0 and xr < H:
+                                for v in range(kw):
+                                    xc = j + v - pw
+                                    if xc >= 0 and xc < W:
+                                        z += (w[((k * C + c) * kh + u) * kw + v]
+                                              * x[((n * C + c) * H + xr) * W + xc])
+                    if z > 0 or z != z:
+                        y = z
+                    elif leak == 0:
+                        y = zero
+                    else:
+                        y = leak * z
+                    if first or (best == best and (y > best or y != y)):
+                        best = y
+                        where = i * Wo + j
+                        first = False
+            h[o] = best
+            idx[o] = where
+
+    i64 = types.int64
+    sig = types.void(nbt[::1], nbt[::1], nbt[::1], nbt[::1], types.int32[::1], nbt,
+                     *([i64] * 16))
+    return match_direct, sig
+
+
+KERNELS = {"match_tiled": _tiled_source, "match_direct": _direct_source}
+
+
+def plan(cfg, K, kh, kw, Hp, Wp, pool, stride):
+    """(KB, TPH, TPW, ZH, ZW) of the tiled kernel, or None when nothing fits (direct kernel)."""
+    _, k_block, tile, XS, WS, ZS, _ = cfg
+    kb = min(k_block, K, WS // (kh * kw))
+    if kb < 1:
+        return None
+    tph, tpw = min(tile[0], Hp), min(tile[1], Wp)
+
+    def span(t, d):
+        return (t - 1) * stride[d] + pool[d]
+
+    while True:
+        zh, zw = span(tph, 0), span(tpw, 1)
+        if (zh + kh - 1) * (zw + kw - 1) <= XS and kb * zh * zw <= ZS:
+            return kb, tph, tpw, zh, zw
+        if (zh + kh - 1) * (zw + kw - 1) <= XS and kb > 1:
+            kb = max(1, kb // 2)  # the accumulators are the limit: fewer templates per block
+        elif tph >= tpw and tph > 1:
+            tph = (tph + 1) // 2
+        elif tpw > 1:
+            tpw = (tpw + 1) // 2
+        elif kb > 1:
+            kb = max(1, kb // 2)
+        else:
+            return None
+
+
+def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
+    n, c, hh, ww = (int(s) for s in x.shape)
+    k, _, kh, kw = (int(s) for s in templates.shape)
+    ho, wo = hh + 2 * padding[0] - kh + 1, ww + 2 * padding[1] - kw + 1
+    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+    dtype = np.dtype(x.dtype)
+    stream = _common.stream_of(x, templates, bias)
+    h = _common.empty((n, k, hp, wp), dtype, stream)
+    idx = _common.empty((n, k, hp, wp), np.int32, stream)
+    if h.size == 0:
+        return h, idx
+    from . import config
+
+    cfg = config.snapshot()
+    threads = cfg[0]
+    leak = dtype.type(leak)
+    args = (_common.flat(x), _common.flat(templates), bias, _common.flat(h), _common.flat(idx),
+            leak)
+    geo = (kh, kw, padding[0], padding[1], wo, hp, wp, pool[0], pool[1], stride[0], stride[1])
+    tiling = plan(cfg, k, kh, kw, hp, wp, pool, stride)
+    if tiling is None:
+        kern = _common.get_kernel(_direct_source, dtype, cfg)
+        kern[_common.grid_for(h.size, cfg), threads, stream](*args, n, c, hh, ww, k, *geo)
+        return h, idx
+    kb, tph, tpw, zh, zw = tiling
+    tiles_h, tiles_w, kgroups = _common.cdiv(hp, tph), _common.cdiv(wp, tpw), _common.cdiv(k, kb)
+    kern = _common.get_kernel(_tiled_source, dtype, cfg)
+    blocks = n * kgroups * tiles_h * tiles_w
+    kern[blocks, threads, stream](*args, c, hh, ww, k, *geo, kb, tph, tpw, zh, zw,
+                                  tiles_h, tiles_w, kgroups)
+    return h, idx

@@ -1,0 +1,216 @@
+"""Top-down: unpooling and rendering (transposed correlation), numba.cuda.
+
+unpool: one thread per code entry adds ``code * switch`` into a zeroed plane with
+``cuda.atomic.add``. Without collisions (stride >= pool, the usual case) every position gets at
+most one addend and the result is exact and deterministic; where overlapping windows send
+several entries to one position, they add in an unspecified order (equal to the reference up to
+float rounding of that sum).
+
+render: unpool, then a gather kernel, so r needs no atomics and no padded intermediate: one
+block computes a tile (``tile``) of the cropped output for ``k_block`` channels of one image.
+Per code channel k it stages the tile's halo of U and the taps W[k, c-block] in static shared
+memory and accumulates ``r[c, y, x] += U[k, y + ph - a, x + pw - b] * W[k, c, a, b]`` in shared
+accumulators, written once at the end. A direct one-thread-per-pixel kernel is the fallback
+when the halo or the taps exceed the shared capacities.
+"""
+
+import numpy as np
+from numba import cuda, types
+
+from . import _common, config
+
+
+def _unpool_source(dtype, cfg):
+    threads = cfg[0]
+    nbt = _common.nb_type(dtype)
+
+    def unpool_scatter(code, idx, sw, has_sw, u, P, HW):
+        for e in range(cuda.blockIdx.x * threads + cuda.threadIdx.x, code.size,
+                       cuda.gridDim.x * threads):
+            val = code[e]
+            if has_sw:
+                val *= sw[e]
+            cuda.atomic.add(u, (e // P) * HW + idx[e], val)
+
+    i64 = types.int64
+    sig = types.void(nbt[::1], types.int32[::1], nbt[::1], types.boolean, nbt[::1], i64, i64)
+    return unpool_scatter, sig
+
+
+def _render_tiled_source(dtype, cfg):
+    threads, _, _, XS, WS, ZS, _ = cfg
+    nbt = _common.nb_type(dtype)
+    zero = dtype.type(0)
+
+    def render_tiled(u, w, r, K, C, Ho, Wo, H, W, kh, kw, ph, pw, CB, TH, TW,
+                     tiles_h, tiles_w, cgroups):
+        us = cuda.shared.array(XS, nbt)
+        ws = cuda.shared.array(WS, nbt)
+        rs = cuda.shared.array(ZS, nbt)
+        tid = cuda.threadIdx.x
+        b = cuda.blockIdx.x
+        tj = b % tiles_w
+        b //= tiles_w
+        ti = b % tiles_h
+        b //= tiles_h
+        cg = b % cgroups
+        n = b // cgroups
+        y0 = ti * TH
+        x0 = tj * TW
+        c0 = cg * CB
+        UW = TW + kw - 1
+        UN = (TH + kh - 1) * UW
+        ur0 = y0 + ph - (kh - 1)
+        uc0 = x0 + pw - (kw - 1)
+        taps = kh * kw
+        thw = TH * TW
+        for t in range(tid, CB * thw, threads):
+            rs[t] = zero
+        for k in range(K):
+            cuda.syncthreads()
+            base = (n * K + k) * Ho
+            for t in range(tid, UN, threads):
+                rr = t // UW
+                ui = ur0 + rr
+                uj = uc0 + (t - rr * UW)
+                if ui >= 0 and ui < Ho and uj >= 0 and uj < Wo:
+                    us[t] = u[(base + ui) * Wo + uj]
+                else:
+                    us[t] = zero
+            for t in range(tid, CB * taps, threads):
+                cc = t // taps
+                if c0 + cc < C:
+                    ws[t] = w[(k * C + c0 + cc) * taps + (t - cc * taps)]
+                else:
+                    ws[t] = zero
+            cuda.syncthreads()
+            for t in range(tid, CB * thw, threads):
+                cc = t // thw
+                rem = t - cc * thw
+                ty = rem // TW
+                tx = rem - ty * TW
+                acc = rs[t]
+                wb = cc * taps
+                for a in range(kh):
+                    ub = (ty + kh - 1 - a) * UW + tx + kw - 1
+                    for bb in range(kw):
+                        acc += us[ub - bb] * ws[wb + a * kw + bb]
+                rs[t] = acc
+        cuda.syncthreads()
+        for t in range(tid, CB * thw, threads):
+            cc = t // thw
+            rem = t - cc * thw
+            ty = rem // TW
+            tx = rem - ty * TW
+            if c0 + cc < C and y0 + ty < H and x0 + tx < W:
+                r[((n * C + c0 + cc) * H + y0 + ty) * W + x0 + tx] = rs[t]
+
+    i64 = types.int64
+    sig = types.void(nbt[::1], nbt[::1], nbt[::1], *([i64] * 16))
+    return render_tiled, sig
+
+
+def _render_direct_source(dtype, cfg):
+    threads = cfg[0]
+    nbt = _common.nb_type(dtype)
+
+    def render_direct(u, w, r, N, K, C, Ho, Wo, H, W, kh, kw, ph, pw):
+        for o in range(cuda.blockIdx.x * threads + cuda.threadIdx.x, N * C * H * W,
+                       cuda.gridDim.x * threads):
+            x = o % W
+            t = o // W
+            y = t % H
+            t //= H
+            c = t % C
+            n = t // C
+            acc = r[o]  # zero-filled
+            for k in range(K):
+                for a in range(kh):
+                    i = y + ph - a
+                    if i >= 0 and i < Ho:
+                        for bb in range(kw):
+                            j = x + pw - bb
+                            if j >= 0 and j < Wo:
+                                acc += (u[((n * K + k) * Ho + i) * Wo + j]
+                                        * w[((k * C + c) * kh + a) * kw + bb])
+            r[o] = acc
+
+    i64 = types.int64
+    sig = types.void(nbt[::1], nbt[::1], nbt[::1], *([i64] * 11))
+    return render_direct, sig
+
+
+KERNELS = {"unpool_scatter": _unpool_source, "render_tiled": _render_tiled_source,
+           "render_direct": _render_direct_source}
+
+
+def _unpool(code, idx, plane_shape, switches, stream):
+    n, k, hp, wp = (int(s) for s in code.shape)
+    dtype = np.dtype(code.dtype)
+    u = _common.zeros((n, k, plane_shape[0], plane_shape[1]), dtype, stream)
+    if code.size == 0:
+        return u
+    cfg = config.snapshot()
+    kern = _common.get_kernel(_unpool_source, dtype, cfg)
+    cflat = _common.flat(code)
+    sw = cflat if switches is None else _common.flat(switches)
+    kern[_common.grid_for(code.size, cfg), cfg[0], stream](
+        cflat, _common.flat(idx), sw, switches is not None, _common.flat(u),
+        hp * wp, plane_shape[0] * plane_shape[1])
+    return u
+
+
+def unpool(code, idx, plane_shape, switches):
+    return _unpool(code, idx, plane_shape, switches, _common.stream_of(code, idx, switches))
+
+
+def plan(cfg, C, kh, kw, H, W):
+    """(CB, TH, TW) of the tiled render kernel, or None (direct kernel)."""
+    _, k_block, tile, XS, WS, ZS, _ = cfg
+    cb = min(k_block, C, WS // (kh * kw))
+    if cb < 1:
+        return None
+    th, tw = min(tile[0], H), min(tile[1], W)
+    while True:
+        if (th + kh - 1) * (tw + kw - 1) <= XS and cb * th * tw <= ZS:
+            return cb, th, tw
+        if (th + kh - 1) * (tw + kw - 1) <= XS and cb > 1:
+            cb = max(1, cb // 2)
+        elif th >= tw and th > 1:
+            th = (th + 1) // 2
+        elif tw > 1:
+            tw = (tw + 1) // 2
+        elif cb > 1:
+            cb = max(1, cb // 2)
+        else:
+            return None
+
+
+def render(code, idx, templates, input_shape, padding, switches):
+    n, k = int(code.shape[0]), int(code.shape[1])
+    _, c, kh, kw = (int(s) for s in templates.shape)
+    hh, ww = input_shape
+    ho, wo = hh + 2 * padding[0] - kh + 1, ww + 2 * padding[1] - kw + 1
+    dtype = np.dtype(code.dtype)
+    stream = _common.stream_of(code, idx, templates, switches)
+    cfg = config.snapshot()
+    tiling = plan(cfg, c, kh, kw, hh, ww)
+    if n == 0:
+        return _common.empty((n, c, hh, ww), dtype, stream)
+    u = _unpool(code, idx, (ho, wo), switches, stream)
+    geo = (kh, kw, padding[0], padding[1])
+    if tiling is None:
+        r = _common.zeros((n, c, hh, ww), dtype, stream)
+        kern = _common.get_kernel(_render_direct_source, dtype, cfg)
+        kern[_common.grid_for(r.size, cfg), cfg[0], stream](
+            _common.flat(u), _common.flat(templates), _common.flat(r), n, k, c, ho, wo, hh, ww,
+            *geo)
+        return r
+    r = _common.empty((n, c, hh, ww), dtype, stream)
+    cb, th, tw = tiling
+    tiles_h, tiles_w, cgroups = _common.cdiv(hh, th), _common.cdiv(ww, tw), _common.cdiv(c, cb)
+    kern = _common.get_kernel(_render_tiled_source, dtype, cfg)
+    kern[n * cgroups * tiles_h * tiles_w, cfg[0], stream](
+        _common.flat(u), _common.flat(templates), _common.flat(r), k, c, ho, wo, hh, ww, *geo,
+        cb, th, tw, tiles_h, tiles_w, cgroups)
+    return r
