@@ -30,8 +30,9 @@ def match_switch_pool(x, templates, bias, padding=0, pool=2, stride=None, leak=0
             for u in range(kh):
                 for v in range(kw):
                     r, s = i + u - ph, j + v - pw
-                    if 0 <= r < h_ and 0 <= s < w_:
-                        z += w[k, c, u, v] * x[n, c, r, s]
+                    # padded positions hold a real zero: a NaN template tap still poisons z
+                    xv = x[n, c, r, s] if (0 <= r < h_ and 0 <= s < w_) else 0.0
+                    z += w[k, c, u, v] * xv
         if z > 0 or math.isnan(z):
             return z
         return 0.0 if leak == 0 else leak * z
