@@ -148,6 +148,10 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
     stream = _common.stream_of(x, code, idx, switches)
     cfg = config.snapshot()
     threads = cfg[0]
+    if n == 0:  # empty sums
+        t = k * kh * kw
+        return (_common.zeros((k, c, kh, kw), dtype, stream), _common.zeros((k,), dtype, stream),
+                _common.zeros((t, t), dtype, stream) if gram else None)
     u = _unpool(code, idx, (ho, wo), switches, stream)
     big_b = _common.empty((k, c, kh, kw), dtype, stream)
     s = _common.empty((k,), dtype, stream)
