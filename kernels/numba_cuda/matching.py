@@ -19,7 +19,7 @@ scanning the window row-major; idx = i*Wo + j.
 import numpy as np
 from numba import cuda, types
 
-from . import _common
+from . import _common, config
 
 
 def _tiled_source(dtype, cfg):
@@ -215,8 +215,6 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
     idx = _common.empty((n, k, hp, wp), np.int32, stream)
     if h.size == 0:
         return h, idx
-    from . import config
-
     cfg = config.snapshot()
     threads = cfg[0]
     leak = dtype.type(leak)
