@@ -1,0 +1,425 @@
+"""Shared pieces of the Numba CPU backend: SIMD micro-kernels and the work split.
+
+The hot loops are Numba intrinsics that emit LLVM vector IR directly:
+
+* ``conv_tile`` -- the register-blocked matching kernel: ``NV`` vectors of output channels
+  times ``P`` output pixels of accumulators stay in registers for the whole reduction over
+  the taps, then bias + switch are applied on the way out;
+* ``pool_step`` -- one max-pooling candidate for ``NV`` vectors of channels (compare, select
+  value and index; the NaN rule of the reference);
+* ``gather_dots`` -- sparse-times-dense accumulation (a list of scalars times shifted rows of
+  a dense buffer) for ``NL`` shifts x ``NV`` vectors, accumulators in registers;
+* ``axpy`` -- ``y += alpha * x`` in full vectors plus a scalar tail.
+
+They are intrinsics because Numba's loop vectoriser only widens innermost loops (so
+accumulators would go through memory on every tap), targets 256-bit vectors on AVX-512
+machines, and emits runtime alias checks; explicit vector IR keeps accumulators in
+registers and uses the host's full vector width. The width is chosen once from the host
+CPU's features (Numba's on-disk cache is keyed by CPU name and features, so a cache built
+on another CPU is not reused). Caution for developers: Numba's cache is invalidated by
+changes to the file that defines a cached function only, not by changes here; clear
+``__pycache__`` after editing this module.
+
+Everything is deterministic: every accumulator adds its terms in a fixed order with
+``llvm.fmuladd`` (fused where the CPU has FMA), and the work split (``chunk_bounds``)
+depends only on the problem size and the number of chunks.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as _llb
+import llvmlite.ir as ir
+import numba
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
+
+
+
+def _has_avx512():
+    """Whether Numba's compilation target has AVX-512F (honours NUMBA_CPU_NAME/FEATURES)."""
+    if numba.config.CPU_FEATURES:
+        return "+avx512f" in numba.config.CPU_FEATURES.split(",")
+    if numba.config.CPU_NAME:
+        return False  # a named (e.g. generic) target: assume no AVX-512
+    return bool(_llb.get_host_cpu_features().get("avx512f", False))
+
+
+# Bytes per SIMD register used by the micro-kernels: 64 on AVX-512 targets, else 32 (LLVM
+# splits the vectors on narrower machines, which stays correct).
+VBYTES = 64 if _has_avx512() else 32
+
+# Register tiles of the micro-kernel: pixels per tile for NV = 1..4 vectors of channels.
+# AVX-512 has 32 vector registers: NV*P accumulators + NV weights + a broadcast <= 32.
+# AVX2 has 16, so blocks stop at 3 vectors and the tiles are smaller.
+# gather_dots keeps NL x NV <= 16 (AVX-512) or 8 (16 registers) accumulators.
+if VBYTES == 64:
+    NV_MAX = 4
+    PIX1, PIX2, PIX3, PIX4 = 16, 12, 8, 6
+    NL_MAX = 4
+else:
+    NV_MAX = 3
+    PIX1, PIX2, PIX3, PIX4 = 8, 6, 4, 3
+    NL_MAX = 2
+PIX = (0, PIX1, PIX2, PIX3, PIX4)
+PIX_MAX = max(PIX)
+
+
+# Parallel loops are explicit ``prange`` loops over chunks; Numba's automatic conversion of
+# array expressions into parallel loops is switched off (nothing to gain inside a chunk, and
+# it costs compile time).
+PARALLEL = {"prange": True, "comprehension": False, "numpy": False, "reduction": False,
+            "setitem": False, "stencil": False, "fusion": False, "inplace_binop": False}
+
+
+def lanes(dtype):
+    """Elements per SIMD vector for this dtype."""
+    return VBYTES // np.dtype(dtype).itemsize
+
+
+def num_chunks(work):
+    """How many parallel chunks to cut ``work`` independent items into."""
+    return max(1, min(int(work), numba.get_num_threads()))
+
+
+@njit(cache=True)
+def chunk_bounds(chunk, nchunks, nitems):
+    """Items [lo, hi) of one chunk out of ``nchunks`` near-equal contiguous chunks."""
+    return chunk * nitems // nchunks, (chunk + 1) * nitems // nchunks
+
+
+def _data(context, builder, aryty, ary):
+    return make_array(aryty)(context, builder, ary).data
+
+
+@intrinsic(prefer_literal=True)
+def conv_tile(typingctx, w, wofs, x, xb, off, ntaps, bias, bofs, z, zofs, zstride, leak, NV, P):
+    """Register-blocked matching of ``P`` pixels against ``NV`` vectors of templates.
+
+    For pixel p < P and channel lane l < NV*VL (VL lanes per vector)::
+
+        acc = bias[bofs + l]
+        for t in range(ntaps):                    # fixed order
+            acc = fmuladd(w[wofs + t*NV*VL + l], x[xb[p] + off[t]], acc)
+        z[zofs + p*zstride + l] = acc if (acc > 0 or acc is NaN) else (0 if leak == 0 else leak*acc)
+
+    ``w``, ``x``, ``bias`` and ``z`` are 1-d arrays of one float dtype; ``xb`` and ``off`` are
+    1-d int64 arrays; ``NV`` and ``P`` are compile-time constants. No bounds checks: the
+    caller guarantees every address is in range.
+    """
+    if not isinstance(NV, types.IntegerLiteral) or not isinstance(P, types.IntegerLiteral):
+        return None
+    nv, npx = NV.literal_value, P.literal_value
+    dt = w.dtype
+    sig = types.void(w, wofs, x, xb, off, ntaps, bias, bofs, z, zofs, zstride, leak, NV, P)
+
+    def codegen(context, builder, signature, args):
+        (w_, wofs_, x_, xb_, off_, ntaps_, b_, bofs_, z_, zofs_, zstr_, leak_, _, _) = args
+        aty = signature.args
+        elt = context.get_value_type(dt)
+        size = context.get_abi_sizeof(elt)
+        vl = VBYTES // size
+        vty = ir.VectorType(elt, vl)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+
+        def as_i64(val, ty):
+            return context.cast(builder, val, ty, types.int64)
+
+        wofs_, ntaps_ = as_i64(wofs_, aty[1]), as_i64(ntaps_, aty[5])
+        bofs_, zofs_, zstr_ = as_i64(bofs_, aty[7]), as_i64(zofs_, aty[9]), as_i64(zstr_, aty[10])
+        leak_ = context.cast(builder, leak_, aty[11], dt)
+        wp = _data(context, builder, aty[0], w_)
+        xp = _data(context, builder, aty[2], x_)
+        xbp = _data(context, builder, aty[3], xb_)
+        offp = _data(context, builder, aty[4], off_)
+        bp = _data(context, builder, aty[6], b_)
+        zp = _data(context, builder, aty[8], z_)
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+            "llvm.fmuladd.v%df%d" % (vl, 8 * size))
+
+        def vload(ptr, index):
+            addr = builder.gep(ptr, [index], inbounds=True)
+            return builder.load(builder.bitcast(addr, vty.as_pointer()), align=size)
+
+        def vstore(val, ptr, index):
+            addr = builder.gep(ptr, [index], inbounds=True)
+            builder.store(val, builder.bitcast(addr, vty.as_pointer()), align=size)
+
+        mask0 = ir.Constant(ir.VectorType(i32, vl), [0] * vl)
+        undef = ir.Constant(vty, ir.Undefined)
+
+        def splat(scalar):
+            return builder.shuffle_vector(builder.insert_element(undef, scalar, i32(0)), undef, mask0)
+
+        bases = [builder.load(builder.gep(xbp, [i64(p)], inbounds=True)) for p in range(npx)]
+        init = [vload(bp, builder.add(bofs_, i64(v * vl))) for v in range(nv)]
+
+        entry = builder.block
+        head = builder.append_basic_block("tile.head")
+        body = builder.append_basic_block("tile.body")
+        done = builder.append_basic_block("tile.done")
+        builder.branch(head)
+
+        builder.position_at_end(head)
+        t = builder.phi(i64)
+        t.add_incoming(i64(0), entry)
+        accs = []
+        for _p in range(npx):
+            for v in range(nv):
+                acc = builder.phi(vty)
+                acc.add_incoming(init[v], entry)
+                accs.append(acc)
+        builder.cbranch(builder.icmp_signed("<", t, ntaps_), body, done)
+
+        builder.position_at_end(body)
+        o = builder.load(builder.gep(offp, [t], inbounds=True))
+        wbase = builder.add(wofs_, builder.mul(t, i64(nv * vl)))
+        wv = [vload(wp, builder.add(wbase, i64(v * vl))) for v in range(nv)]
+        updated = []
+        for p in range(npx):
+            xs = splat(builder.load(builder.gep(xp, [builder.add(bases[p], o)], inbounds=True)))
+            for v in range(nv):
+                updated.append(builder.call(fmuladd, [wv[v], xs, accs[p * nv + v]]))
+        tail = builder.block
+        t.add_incoming(builder.add(t, i64(1)), tail)
+        for acc, new in zip(accs, updated):
+            acc.add_incoming(new, tail)
+        builder.branch(head)
+
+        builder.position_at_end(done)
+        leakv = splat(leak_)
+        zero = ir.Constant(vty, [0.0] * vl)
+        # The switch: y = z where z > 0 or z is NaN, else leak*z; the plain ReLU (leak == 0)
+        # gives exactly 0 there (so -inf -> 0, not 0*(-inf) = NaN).
+        leak_zero = builder.fcmp_ordered("==", leak_, ir.Constant(elt, 0.0))
+        for p in range(npx):
+            row = builder.add(zofs_, builder.mul(i64(p), zstr_))
+            for v in range(nv):
+                acc = accs[p * nv + v]
+                keep = builder.or_(builder.fcmp_ordered(">", acc, zero),
+                                   builder.fcmp_unordered("uno", acc, acc))
+                other = builder.select(leak_zero, zero, builder.fmul(acc, leakv))
+                vstore(builder.select(keep, acc, other), zp, builder.add(row, i64(v * vl)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def pool_step(typingctx, z, zofs, best, barg, bofs, flat, NV, FIRST):
+    """One pooling candidate for ``NV`` vectors of channels (lane l < NV*VL)::
+
+        v = z[zofs + l]; cb = best[bofs + l]
+        FIRST:  best[bofs + l] = v;  barg[bofs + l] = flat
+        else:   take = (cb == cb) and (v > cb or v != v)     # the first NaN wins and sticks
+                if take: best[bofs + l] = v;  barg[bofs + l] = flat
+
+    ``z`` and ``best`` share a float dtype, ``barg`` is int32, ``NV`` and ``FIRST`` are
+    compile-time constants. No bounds checks.
+    """
+    if not isinstance(NV, types.IntegerLiteral) or not isinstance(FIRST, types.IntegerLiteral):
+        return None
+    nv, first = NV.literal_value, bool(FIRST.literal_value)
+    dt = z.dtype
+    sig = types.void(z, zofs, best, barg, bofs, flat, NV, FIRST)
+
+    def codegen(context, builder, signature, args):
+        z_, zofs_, best_, barg_, bofs_, flat_, _, _ = args
+        aty = signature.args
+        elt = context.get_value_type(dt)
+        size = context.get_abi_sizeof(elt)
+        vl = VBYTES // size
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vty, ity = ir.VectorType(elt, vl), ir.VectorType(i32, vl)
+        zofs_ = context.cast(builder, zofs_, aty[1], types.int64)
+        bofs_ = context.cast(builder, bofs_, aty[4], types.int64)
+        flat_ = context.cast(builder, flat_, aty[5], types.int32)
+        zp = _data(context, builder, aty[0], z_)
+        bp = _data(context, builder, aty[2], best_)
+        ap = _data(context, builder, aty[3], barg_)
+        undef = ir.Constant(ity, ir.Undefined)
+        flatv = builder.shuffle_vector(builder.insert_element(undef, flat_, i32(0)), undef,
+                                       ir.Constant(ity, [0] * vl))
+
+        def addr(ptr, index, ty, align):
+            return builder.bitcast(builder.gep(ptr, [index], inbounds=True), ty.as_pointer()), align
+
+        for v in range(nv):
+            zv_p, za = addr(zp, builder.add(zofs_, i64(v * vl)), vty, size)
+            b_p, ba = addr(bp, builder.add(bofs_, i64(v * vl)), vty, size)
+            a_p, aa = addr(ap, builder.add(bofs_, i64(v * vl)), ity, 4)
+            val = builder.load(zv_p, align=za)
+            if first:
+                builder.store(val, b_p, align=ba)
+                builder.store(flatv, a_p, align=aa)
+                continue
+            cur = builder.load(b_p, align=ba)
+            arg = builder.load(a_p, align=aa)
+            take = builder.and_(builder.fcmp_ordered("ord", cur, cur),
+                                builder.or_(builder.fcmp_ordered(">", val, cur),
+                                            builder.fcmp_unordered("uno", val, val)))
+            builder.store(builder.select(take, val, cur), b_p, align=ba)
+            builder.store(builder.select(take, flatv, arg), a_p, align=aa)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def axpy(typingctx, y, yofs, alpha, x, xofs, n):
+    """``y[yofs + i] = fmuladd(alpha, x[xofs + i], y[yofs + i])`` for i < n, in full SIMD
+    vectors then a scalar tail. Every element is updated independently (no reduction), so
+    the result does not depend on the split. ``x`` and ``y`` must not overlap; no bounds
+    checks."""
+    dt = y.dtype
+    sig = types.void(y, yofs, alpha, x, xofs, n)
+
+    def codegen(context, builder, signature, args):
+        y_, yofs_, alpha_, x_, xofs_, n_ = args
+        aty = signature.args
+        elt = context.get_value_type(dt)
+        size = context.get_abi_sizeof(elt)
+        vl = VBYTES // size
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vty = ir.VectorType(elt, vl)
+        yofs_ = context.cast(builder, yofs_, aty[1], types.int64)
+        xofs_ = context.cast(builder, xofs_, aty[4], types.int64)
+        n_ = context.cast(builder, n_, aty[5], types.int64)
+        alpha_ = context.cast(builder, alpha_, aty[2], dt)
+        yp = builder.gep(_data(context, builder, aty[0], y_), [yofs_], inbounds=True)
+        xp = builder.gep(_data(context, builder, aty[3], x_), [xofs_], inbounds=True)
+        bits = 8 * size
+        fv = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                            "llvm.fmuladd.v%df%d" % (vl, bits))
+        fs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elt, [elt] * 3),
+                                            "llvm.fmuladd.f%d" % bits)
+        undef = ir.Constant(vty, ir.Undefined)
+        av = builder.shuffle_vector(builder.insert_element(undef, alpha_, i32(0)), undef,
+                                    ir.Constant(ir.VectorType(i32, vl), [0] * vl))
+        nvec_end = builder.mul(builder.sdiv(n_, i64(vl)), i64(vl))
+
+        def loop(step, end, start, body):
+            pre = builder.block
+            head = builder.append_basic_block("axpy.head")
+            blk = builder.append_basic_block("axpy.body")
+            out = builder.append_basic_block("axpy.out")
+            builder.branch(head)
+            builder.position_at_end(head)
+            i = builder.phi(i64)
+            i.add_incoming(start, pre)
+            builder.cbranch(builder.icmp_signed("<", i, end), blk, out)
+            builder.position_at_end(blk)
+            body(i)
+            i.add_incoming(builder.add(i, i64(step)), builder.block)
+            builder.branch(head)
+            builder.position_at_end(out)
+            return i
+
+        def vbody(i):
+            pyv = builder.bitcast(builder.gep(yp, [i], inbounds=True), vty.as_pointer())
+            pxv = builder.bitcast(builder.gep(xp, [i], inbounds=True), vty.as_pointer())
+            res = builder.call(fv, [av, builder.load(pxv, align=size), builder.load(pyv, align=size)])
+            builder.store(res, pyv, align=size)
+
+        def sbody(i):
+            py_ = builder.gep(yp, [i], inbounds=True)
+            px_ = builder.gep(xp, [i], inbounds=True)
+            builder.store(builder.call(fs, [alpha_, builder.load(px_), builder.load(py_)]), py_)
+
+        iv = loop(vl, nvec_end, i64(0), vbody)
+        loop(1, n_, iv, sbody)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def gather_dots(typingctx, acc, aofs, astep, u, qoff, qval, start, count, shift, sstep, NV, NL):
+    """Sparse-times-dense accumulation, ``NL`` shifts x ``NV`` vectors in registers::
+
+        for m < NL, lane l < NV*VL:
+            s = 0
+            for t in range(start, start + count):               # fixed order
+                s = fmuladd(qval[t], u[qoff[t] + shift + m*sstep + l], s)
+            acc[aofs + m*astep + l] += s
+
+    ``acc``, ``u`` and ``qval`` share a float dtype; ``qoff`` is int64; ``NV`` and ``NL`` are
+    compile-time constants. No bounds checks.
+    """
+    if not isinstance(NV, types.IntegerLiteral) or not isinstance(NL, types.IntegerLiteral):
+        return None
+    nv, nl = NV.literal_value, NL.literal_value
+    dt = u.dtype
+    sig = types.void(acc, aofs, astep, u, qoff, qval, start, count, shift, sstep, NV, NL)
+
+    def codegen(context, builder, signature, args):
+        acc_, aofs_, astep_, u_, qoff_, qval_, start_, count_, shift_, sstep_, _, _ = args
+        aty = signature.args
+        elt = context.get_value_type(dt)
+        size = context.get_abi_sizeof(elt)
+        vl = VBYTES // size
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vty = ir.VectorType(elt, vl)
+        aofs_ = context.cast(builder, aofs_, aty[1], types.int64)
+        astep_ = context.cast(builder, astep_, aty[2], types.int64)
+        start_ = context.cast(builder, start_, aty[6], types.int64)
+        count_ = context.cast(builder, count_, aty[7], types.int64)
+        shift_ = context.cast(builder, shift_, aty[8], types.int64)
+        sstep_ = context.cast(builder, sstep_, aty[9], types.int64)
+        end = builder.add(start_, count_)
+        ap = _data(context, builder, aty[0], acc_)
+        up = _data(context, builder, aty[3], u_)
+        op = _data(context, builder, aty[4], qoff_)
+        vp = _data(context, builder, aty[5], qval_)
+        fv = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                            "llvm.fmuladd.v%df%d" % (vl, 8 * size))
+        undef = ir.Constant(vty, ir.Undefined)
+        mask0 = ir.Constant(ir.VectorType(i32, vl), [0] * vl)
+        zero = ir.Constant(vty, [0.0] * vl)
+
+        def vptr(ptr, index):
+            return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
+
+        shifts = [builder.add(shift_, builder.mul(sstep_, i64(m))) for m in range(nl)]
+        entry = builder.block
+        head = builder.append_basic_block("gd.head")
+        body = builder.append_basic_block("gd.body")
+        done = builder.append_basic_block("gd.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        t = builder.phi(i64)
+        t.add_incoming(start_, entry)
+        accs = []
+        for _j in range(nl * nv):
+            phi = builder.phi(vty)
+            phi.add_incoming(zero, entry)
+            accs.append(phi)
+        builder.cbranch(builder.icmp_signed("<", t, end), body, done)
+        builder.position_at_end(body)
+        base = builder.load(builder.gep(op, [t], inbounds=True))
+        s = builder.load(builder.gep(vp, [t], inbounds=True))
+        sv = builder.shuffle_vector(builder.insert_element(undef, s, i32(0)), undef, mask0)
+        new = []
+        for m in range(nl):
+            row = builder.add(base, shifts[m])
+            for v in range(nv):
+                val = builder.load(vptr(up, builder.add(row, i64(v * vl))), align=size)
+                new.append(builder.call(fv, [sv, val, accs[m * nv + v]]))
+        tail = builder.block
+        t.add_incoming(builder.add(t, i64(1)), tail)
+        for phi, val in zip(accs, new):
+            phi.add_incoming(val, tail)
+        builder.branch(head)
+        builder.position_at_end(done)
+        for m in range(nl):
+            row = builder.add(aofs_, builder.mul(astep_, i64(m)))
+            for v in range(nv):
+                ptr = vptr(ap, builder.add(row, i64(v * vl)))
+                builder.store(builder.fadd(builder.load(ptr, align=size), accs[m * nv + v]), ptr,
+                              align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -1,0 +1,252 @@
+"""Fused template matching + bias + switch + max-over-translation pooling (Numba CPU).
+
+Design
+------
+* Templates are re-laid out once per call (outside the hot loop) into blocks of output
+  channels: block b holds ``NV`` SIMD vectors of channels and, for every tap
+  ``t = (c, u, v)``, its ``NV*VL`` weights contiguously (channels padded with zeros to a
+  whole vector). The bias is padded the same way.
+* Work items are (sample, channel block) pairs, cut into one contiguous chunk per thread
+  (``prange`` over chunks). A thread zero-pads each of its samples once into a private
+  buffer, then for each channel block walks the pooled rows in groups: it computes, for the
+  plane rows that those pooled rows need, the switched matches of the block's channels with
+  the register-blocked micro-kernel ``conv_tile`` (``NV`` vectors of channels times ``P``
+  pixels of accumulators in registers, the taps streaming through) into a small private row
+  buffer, then max-pools that buffer (vectorised over channels) straight into ``h``/``idx``.
+  z is never stored beyond one block of one group of rows.
+* When the templates cover the whole (unpadded) input the plane is 1 x 1 and the matching is
+  a matrix product: the micro-kernel then tiles over samples instead of pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds,
+                      conv_tile, lanes, num_chunks, pool_step)
+
+__all__ = ["match_switch_pool"]
+
+_TARGET_PIXELS = 192  # plane pixels per row group (per channel block) to amortise tile waste
+
+
+def _blocks(k, vl):
+    """Split ceil(k / vl) vectors of channels into near-equal blocks of at most NV_MAX."""
+    nvec = -(-k // vl)
+    nblk = -(-nvec // NV_MAX)
+    sizes = [nvec // nblk + (1 if i < nvec % nblk else 0) for i in range(nblk)]
+    k0 = np.zeros(nblk, dtype=np.int64)
+    nv = np.asarray(sizes, dtype=np.int64)
+    k0[1:] = np.cumsum(nv[:-1]) * vl
+    return k0, nv, nvec
+
+
+def _relayout(templates, bias, vl):
+    """Templates -> flat blocks [b][t][lane]; bias -> padded to whole vectors."""
+    k, c, kh, kw = templates.shape
+    k0, nv, nvec = _blocks(k, vl)
+    kpad = nvec * vl
+    taps = c * kh * kw
+    wk = np.zeros((kpad, taps), dtype=templates.dtype)
+    wk[:k] = templates.reshape(k, taps)
+    parts = []
+    wofs = np.zeros(len(k0), dtype=np.int64)
+    pos = 0
+    for b in range(len(k0)):
+        width = nv[b] * vl
+        parts.append(np.ascontiguousarray(wk[k0[b]:k0[b] + width].T).reshape(-1))
+        wofs[b] = pos
+        pos += taps * width
+    wr = np.concatenate(parts) if parts else np.zeros(0, templates.dtype)
+    bpad = np.zeros(kpad, dtype=bias.dtype)
+    bpad[:k] = bias
+    return wr, bpad, k0, nv, wofs
+
+
+@njit(inline="always")
+def _tile(nv, wr, wofs, xp, xb, off, bpad, k0, zb, zofs, kbw, leak):
+    ntaps = off.shape[0]
+    if nv == 4:
+        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 4, PIX4)
+    elif nv == 3:
+        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 3, PIX3)
+    elif nv == 2:
+        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 2, PIX2)
+    else:
+        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 1, PIX1)
+
+
+@njit(inline="always")
+def _pix(nv):
+    if nv == 4:
+        return PIX4
+    if nv == 3:
+        return PIX3
+    if nv == 2:
+        return PIX2
+    return PIX1
+
+
+@njit(inline="always")
+def _pool_candidate(nv, zb, zofs, best, barg, bofs, flat, first):
+    if first:
+        if nv == 4:
+            pool_step(zb, zofs, best, barg, bofs, flat, 4, 1)
+        elif nv == 3:
+            pool_step(zb, zofs, best, barg, bofs, flat, 3, 1)
+        elif nv == 2:
+            pool_step(zb, zofs, best, barg, bofs, flat, 2, 1)
+        else:
+            pool_step(zb, zofs, best, barg, bofs, flat, 1, 1)
+    else:
+        if nv == 4:
+            pool_step(zb, zofs, best, barg, bofs, flat, 4, 0)
+        elif nv == 3:
+            pool_step(zb, zofs, best, barg, bofs, flat, 3, 0)
+        elif nv == 2:
+            pool_step(zb, zofs, best, barg, bofs, flat, 2, 0)
+        else:
+            pool_step(zb, zofs, best, barg, bofs, flat, 1, 0)
+
+
+@njit(inline="always")
+def _pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best, barg):
+    """Max-pool the switched rows of one group, vectorised over the block's channels.
+
+    Candidates in row-major order; the first maximum wins; a NaN wins over every number and
+    the first NaN sticks (see ``pool_step``).
+    """
+    for pp in range(g0, g1):
+        rr = pp * sh - r0
+        for q in range(wp):
+            cc = q * sw
+            e = ((pp - g0) * wp + q) * kbw
+            flat0 = pp * sh * wo + cc
+            for a in range(poolh):
+                for bb in range(poolw):
+                    src = ((rr + a) * wused + cc + bb) * kbw
+                    _pool_candidate(nv, zb, src, best, barg, e, np.int32(flat0 + a * wo + bb),
+                                    a == 0 and bb == 0)
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _match_planes(x, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, ph, pw, poolh, poolw, sh, sw,
+                  leak, wo, wp, wused, group, zrows, nchunks, h, idx):
+    n_, c_, hh, ww = x.shape
+    k_ = h.shape[1]
+    hp = h.shape[2] // wp
+    hpad, wpad = hh + 2 * ph, ww + 2 * pw
+    nb = blk_k0.shape[0]
+    nitems = n_ * nb
+    kbw_max = NV_MAX * vl
+    plane = hpad * wpad
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, nitems)
+        xp = np.zeros(c_ * plane, dtype=x.dtype)
+        zb = np.empty(zrows * kbw_max, dtype=x.dtype)
+        best = np.empty(group * wp * kbw_max, dtype=x.dtype)
+        barg = np.empty(group * wp * kbw_max, dtype=np.int32)
+        xb = np.empty(PIX_MAX, dtype=np.int64)
+        cur = -1
+        for item in range(lo, hi):
+            n = item // nb
+            b = item - n * nb
+            if n != cur:
+                # interior of the zero-padded sample (the border stays zero)
+                for c in range(c_):
+                    for i in range(hh):
+                        dst = c * plane + (i + ph) * wpad + pw
+                        for j in range(ww):
+                            xp[dst + j] = x[n, c, i, j]
+                cur = n
+            k0 = blk_k0[b]
+            nv = blk_nv[b]
+            kbw = nv * vl
+            kval = min(kbw, k_ - k0)
+            npx = _pix(nv)
+            wofs = wofs_b[b]
+            for g0 in range(0, hp, group):
+                g1 = min(g0 + group, hp)
+                r0 = g0 * sh
+                nrows = (g1 - 1 - g0) * sh + poolh
+                npix = nrows * wused
+                r = r0
+                j = 0
+                for f0 in range(0, npix, npx):
+                    for p in range(npx):
+                        xb[p] = r * wpad + j
+                        if f0 + p < npix - 1:  # the tail of the last tile repeats a pixel
+                            j += 1
+                            if j == wused:
+                                j = 0
+                                r += 1
+                    _tile(nv, wr, wofs, xp, xb, off, bpad, k0, zb, f0 * kbw, kbw, leak)
+                _pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best, barg)
+                # channel-major copy-out: contiguous runs per channel
+                ne = (g1 - g0) * wp
+                for l in range(kval):
+                    hrow = h[n, k0 + l]
+                    irow = idx[n, k0 + l]
+                    for e in range(ne):
+                        hrow[g0 * wp + e] = best[e * kbw + l]
+                        irow[g0 * wp + e] = barg[e * kbw + l]
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _match_whole(xf, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, leak, nchunks, h):
+    """Plane 1 x 1 (templates cover the unpadded input): tiles of samples, h is (N, K)."""
+    n_, k_ = h.shape
+    taps = off.shape[0]
+    nb = blk_k0.shape[0]
+    kbw_max = NV_MAX * vl
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, n_)
+        zb = np.empty(PIX_MAX * kbw_max, dtype=xf.dtype)
+        xb = np.empty(PIX_MAX, dtype=np.int64)
+        for b in range(nb):
+            k0 = blk_k0[b]
+            nv = blk_nv[b]
+            kbw = nv * vl
+            kval = min(kbw, k_ - k0)
+            npx = _pix(nv)
+            for n0 in range(lo, hi, npx):
+                for p in range(npx):
+                    xb[p] = min(n0 + p, hi - 1) * taps
+                _tile(nv, wr, wofs_b[b], xf, xb, off, bpad, k0, zb, 0, kbw, leak)
+                for p in range(min(npx, hi - n0)):
+                    for l in range(kval):
+                        h[n0 + p, k0 + l] = zb[p * kbw + l]
+
+
+def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
+    n, c, hh, ww = x.shape
+    k, _, kh, kw = templates.shape
+    ph, pw = padding
+    ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
+    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+    dtype = x.dtype
+    h = np.empty((n, k, hp, wp), dtype=dtype)
+    if n == 0:
+        return h, np.empty((n, k, hp, wp), dtype=np.int32)
+    vl = lanes(dtype)
+    wr, bpad, k0, nv, wofs = _relayout(templates, bias, vl)
+    leak = float(leak)
+    if ho == 1 and wo == 1 and ph == 0 and pw == 0:
+        taps = c * kh * kw
+        off = np.arange(taps, dtype=np.int64)
+        _match_whole(x.reshape(-1), wr, wofs, bpad, off, k0, nv, vl, leak,
+                     num_chunks(-(-n // PIX_MAX)), h.reshape(n, k))
+        return h, np.zeros((n, k, hp, wp), dtype=np.int32)
+    idx = np.empty((n, k, hp, wp), dtype=np.int32)
+    hpad, wpad = hh + 2 * ph, ww + 2 * pw
+    cc, uu, vv = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")
+    off = (cc * hpad * wpad + uu * wpad + vv).reshape(-1).astype(np.int64)
+    wused = (wp - 1) * stride[1] + pool[1]
+    # pooled rows per group: enough plane pixels to amortise the tile remainder
+    group = max(1, min(hp, -(-_TARGET_PIXELS // (stride[0] * wused))))
+    zrows = ((group - 1) * stride[0] + pool[0]) * wused + PIX_MAX
+    _match_planes(x, wr, wofs, bpad, off, k0, nv, vl, ph, pw, pool[0], pool[1],
+                  stride[0], stride[1], leak, wo, wp, wused, group, zrows,
+                  num_chunks(n * len(k0)), h.reshape(n, k, hp * wp), idx.reshape(n, k, hp * wp))
+    return h, idx

@@ -1,0 +1,224 @@
+"""Top-down: unpooling and rendering (transposed correlation), Numba CPU.
+
+Design
+------
+* ``unpool``: parallel over (sample, channel) planes; each plane is zeroed and the code (times
+  the switches) is added at its argmax positions in row-major unit order, so collisions from
+  overlapping windows add up in the same order as the reference's ``np.add.at``.
+* ``render``: parallel over chunks of samples (samples are independent, so there is no race
+  and no reduction). Each thread keeps one zero-padded, channel-last image buffer
+  (Hpad x Wpad x C). For every pooled unit with a non-zero value the templates, re-laid out
+  as (K, kh, kw, C), are scattered straight from the pooled code: for each template row the
+  kw*C contiguous weights are added with one SIMD ``axpy`` into kw*C contiguous buffer
+  entries. Only Hp*Wp units per channel are visited, never the whole unpooled plane. The
+  buffer is then cropped by the padding and transposed into r (N, C, H, W).
+* Exact IEEE semantics of the dense reference: skipping a zero unit drops terms ``0 * w``,
+  which is exact only when every template entry is finite and the unit values are finite.
+  When the templates hold inf/NaN, or a sample's values do, that sample is rendered densely
+  (every plane position, zeros included), as the reference does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, lanes, num_chunks
+from .matching import _pix, _relayout, _tile
+
+__all__ = ["unpool", "render"]
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _unpool_kernel(code, idx, sw, use_sw, u):
+    n_, k_, hp, wp = code.shape
+    plane = u.shape[2]
+    for nk in prange(n_ * k_):
+        n = nk // k_
+        k = nk - n * k_
+        row = u[n, k]
+        for f in range(plane):
+            row[f] = 0
+        for p in range(hp):
+            for q in range(wp):
+                val = code[n, k, p, q]
+                if use_sw:
+                    val = val * sw[n, k, p, q]
+                row[idx[n, k, p, q]] += val
+
+
+def unpool(code, idx, plane_shape, switches):
+    n, k = code.shape[:2]
+    ho, wo = plane_shape
+    u = np.empty((n, k, ho * wo), dtype=code.dtype)
+    if n * k:
+        use_sw, sw = _switch_args(code, switches)
+        _unpool_kernel(code, idx, sw, use_sw, u)
+    return u.reshape(n, k, ho, wo)
+
+
+def _switch_args(code, switches):
+    """One compiled signature whatever ``switches`` is: a flag and an array."""
+    if switches is None:
+        return False, np.zeros((1, 1, 1, 1), dtype=code.dtype)
+    return True, switches
+
+
+@njit(inline="always")
+def unit_value(code, sw, use_sw, n, k, p, q):
+    val = code[n, k, p, q]
+    if use_sw:
+        val = val * sw[n, k, p, q]
+    return val
+
+
+@njit(cache=True)
+def sample_finite(code, sw, use_sw, n):
+    """True when every value code*switches of sample n is finite."""
+    _, k_, hp, wp = code.shape
+    for k in range(k_):
+        for p in range(hp):
+            for q in range(wp):
+                v = unit_value(code, sw, use_sw, n, k, p, q)
+                if not np.isfinite(v):
+                    return False
+    return True
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _render_kernel(code, idx, sw, use_sw, wr, w_finite, ho, wo, ph, pw, nchunks, r):
+    n_, k_, hp, wp = code.shape
+    _, c_, hh, ww = r.shape
+    kh, kw = wr.shape[1], wr.shape[2]
+    hpad, wpad = ho + kh - 1, wo + kw - 1
+    wflat = wr.reshape(-1)
+    run = kw * c_
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, n_)
+        buf = np.empty(hpad * wpad * c_, dtype=r.dtype)
+        dense_u = np.empty(ho * wo, dtype=r.dtype)
+        for n in range(lo, hi):
+            buf[:] = 0
+            if w_finite and sample_finite(code, sw, use_sw, n):
+                for k in range(k_):
+                    wk = k * kh * run
+                    for p in range(hp):
+                        for q in range(wp):
+                            val = unit_value(code, sw, use_sw, n, k, p, q)
+                            if val == 0:
+                                continue
+                            f = idx[n, k, p, q]
+                            i = f // wo
+                            j = f - i * wo
+                            for a in range(kh):
+                                axpy(buf, ((i + a) * wpad + j) * c_, val, wflat, wk + a * run, run)
+            else:
+                # dense: every plane position, zeros included (0 * inf is NaN as in numpy)
+                for k in range(k_):
+                    dense_u[:] = 0
+                    for p in range(hp):
+                        for q in range(wp):
+                            dense_u[idx[n, k, p, q]] += unit_value(code, sw, use_sw, n, k, p, q)
+                    wk = k * kh * run
+                    for i in range(ho):
+                        for j in range(wo):
+                            val = dense_u[i * wo + j]
+                            for a in range(kh):
+                                axpy(buf, ((i + a) * wpad + j) * c_, val, wflat, wk + a * run, run)
+            for c in range(c_):
+                for y in range(hh):
+                    src = ((y + ph) * wpad + pw) * c_ + c
+                    for x in range(ww):
+                        r[n, c, y, x] = buf[src + x * c_]
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _render_conv_kernel(code, idx, sw, use_sw, wr, wofs_b, bzero, off, blk_c0, blk_nv, vl, ho,
+                        wo, ph, pw, kh, kw, ww, nchunks, r):
+    """Render as a dense correlation of the unpooled code with the flipped templates.
+
+    Per sample the unpooled code goes into a channel-major buffer with a zero border of
+    (kh-1, kw-1); output pixels are then matched against the flipped templates with the
+    register-blocked ``conv_tile`` (output channels in vectors, pixels in tiles), the switch
+    being the identity (leak 1). For finite templates this is the same sum of terms as the
+    reference (the border only adds 0 * w = 0).
+    """
+    n_, k_, hp, wp = code.shape
+    c_, npix = r.shape[1], r.shape[2]  # r is (N, C, H*W)
+    hu, wu = ho + 2 * (kh - 1), wo + 2 * (kw - 1)
+    plane = hu * wu
+    nb = blk_c0.shape[0]
+    kbw_max = NV_MAX * vl
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, n_)
+        upad = np.zeros(k_ * plane, dtype=r.dtype)
+        zb = np.empty((npix + PIX_MAX) * kbw_max, dtype=r.dtype)
+        xb = np.empty(PIX_MAX, dtype=np.int64)
+        for n in range(lo, hi):
+            for k in range(k_):
+                for i in range(ho):
+                    row = k * plane + (i + kh - 1) * wu + kw - 1
+                    upad[row:row + wo] = 0
+                for p in range(hp):
+                    for q in range(wp):
+                        f = idx[n, k, p, q]
+                        i = f // wo
+                        j = f - i * wo
+                        upad[k * plane + (i + kh - 1) * wu + j + kw - 1] += unit_value(
+                            code, sw, use_sw, n, k, p, q)
+            for b in range(nb):
+                c0 = blk_c0[b]
+                nv = blk_nv[b]
+                kbw = nv * vl
+                npx = _pix(nv)
+                y = 0
+                x = 0
+                for f0 in range(0, npix, npx):
+                    for p in range(npx):
+                        xb[p] = (y + ph) * wu + x + pw
+                        if f0 + p < npix - 1:  # the tail of the last tile repeats a pixel
+                            x += 1
+                            if x == ww:
+                                x = 0
+                                y += 1
+                    _tile(nv, wr, wofs_b[b], upad, xb, off, bzero, 0, zb, f0 * kbw, kbw, 1.0)
+                for l in range(min(kbw, c_ - c0)):
+                    out = r[n, c0 + l]
+                    for f in range(npix):
+                        out[f] = zb[f * kbw + l]
+
+
+# Measured cost of one vector FMA of the dense conv_tile path relative to one vector update of
+# the scatter path (AVX-512 host, MNIST-like layers).
+_DENSE_VS_SCATTER = 0.25
+
+
+def render(code, idx, templates, input_shape, padding, switches):
+    n, k = code.shape[:2]
+    _, c, kh, kw = templates.shape
+    hh, ww = input_shape
+    ph, pw = padding
+    ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
+    r = np.empty((n, c, hh, ww), dtype=code.dtype)
+    if n == 0:
+        return r
+    use_sw, sw = _switch_args(code, switches)
+    w_finite = bool(np.isfinite(templates).all())
+    vl = lanes(code.dtype)
+    # dense correlation (every plane position, SIMD over output channels) or scatter from the
+    # non-zero units (SIMD over kw*C): pick the cheaper
+    dense = n * hh * ww * k * -(-c // vl) * kh * kw * _DENSE_VS_SCATTER
+    scatter = np.count_nonzero(code) * kh * -(-(kw * c) // vl)
+    if w_finite and dense < scatter:
+        flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        wr, _, c0, nv, wofs = _relayout(flipped, np.zeros(c, dtype=code.dtype), vl)
+        bzero = np.zeros(-(-c // vl) * vl, dtype=code.dtype)
+        hu, wu = ho + 2 * (kh - 1), wo + 2 * (kw - 1)
+        kk, aa, bb = np.meshgrid(np.arange(k), np.arange(kh), np.arange(kw), indexing="ij")
+        off = (kk * hu * wu + aa * wu + bb).reshape(-1).astype(np.int64)
+        _render_conv_kernel(code, idx, sw, use_sw, wr, wofs, bzero, off, c0, nv, vl, ho, wo,
+                            ph, pw, kh, kw, ww, num_chunks(n), r.reshape(n, c, hh * ww))
+        return r
+    wr = np.ascontiguousarray(templates.transpose(0, 2, 3, 1))  # (K, kh, kw, C)
+    _render_kernel(code, idx, sw, use_sw, wr, w_finite, ho, wo, ph, pw, num_chunks(n), r)
+    return r
