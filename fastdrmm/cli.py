@@ -44,17 +44,16 @@ def build_parser():
 
 def run_demo(args, out=sys.stdout):
     import numpy as np
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     from . import RMM
+    from .datasets import load_digits
 
     if not 0.0 < args.test_size < 1.0:
         raise ValueError(f"--test-size must lie in (0, 1), got {args.test_size}")
-    digits = load_digits()
-    x = digits.images.reshape(-1, 1, 8, 8) / 16.0
+    x, y = load_digits(return_X_y=True, dtype=np.float64)
     x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target, test_size=args.test_size, random_state=args.seed, stratify=digits.target)
+        x, y, test_size=args.test_size, random_state=args.seed, stratify=y)
     y_fit = y_train.copy()
     mode = "supervised"
     if args.labels_per_class is not None:
