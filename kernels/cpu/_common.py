@@ -152,7 +152,8 @@ def conv_tile(typingctx, w, wofs, x, xb, off, ntaps, bias, bofs, z, zofs, zstrid
         undef = ir.Constant(vty, ir.Undefined)
 
         def splat(scalar):
-            return builder.shuffle_vector(builder.insert_element(undef, scalar, i32(0)), undef, mask0)
+            one = builder.insert_element(undef, scalar, i32(0))
+            return builder.shuffle_vector(one, undef, mask0)
 
         bases = [builder.load(builder.gep(xbp, [i64(p)], inbounds=True)) for p in range(npx)]
         init = [vload(bp, builder.add(bofs_, i64(v * vl))) for v in range(nv)]
@@ -321,7 +322,8 @@ def axpy(typingctx, y, yofs, alpha, x, xofs, n):
         def vbody(i):
             pyv = builder.bitcast(builder.gep(yp, [i], inbounds=True), vty.as_pointer())
             pxv = builder.bitcast(builder.gep(xp, [i], inbounds=True), vty.as_pointer())
-            res = builder.call(fv, [av, builder.load(pxv, align=size), builder.load(pyv, align=size)])
+            res = builder.call(fv, [av, builder.load(pxv, align=size),
+                                    builder.load(pyv, align=size)])
             builder.store(res, pyv, align=size)
 
         def sbody(i):

@@ -182,7 +182,8 @@ def _match_planes(x, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, ph, pw, poolh, p
                                 j = 0
                                 r += 1
                     _tile(nv, wr, wofs, xp, xb, off, bpad, k0, zb, f0 * kbw, kbw, leak)
-                _pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best, barg)
+                _pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best,
+                            barg)
                 # channel-major copy-out: contiguous runs per channel
                 ne = (g1 - g0) * wp
                 for l in range(kval):

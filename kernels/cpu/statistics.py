@@ -185,9 +185,12 @@ def _stats_gram(code, idx, sw, use_sw, kh, kw, ho, wo, vl, kpad, rc_lo, rc_hi, c
     ``blk_cc``) holds ``racc[blk_off[blk] + ((la * nlb + lb) * K + k) * kpad + k']`` =
     sum_n sum_{Q in blk} U[k,Q] U[k',Q+d], d = (rc_lo - (kh-1) + la, cc_lo - (kw-1) + lb).
     Their positions ``blk_pos[blk_row[blk, qi]:blk_row[blk, qi+1]]`` (buffer offsets, row by
-    row) are visited in tiles of ``tile_rows`` plane rows so that the rows of U a lag reads
-    stay in L1 while every k of the thread uses them. Single positions (the corners of the
-    padding) add their products straight into ``gacc[k, (a,b), (a',b'), k']``.
+    row) are visited in row tiles ``[tile_lo, tile_hi)``: wide blocks (``blk_tiled``) in
+    tiles of a few rows (``tile_kind`` 1) so that the rows of U a lag reads stay in L1 while
+    every k of the thread uses them, narrow ones whole (one tile of kind 0). Single positions
+    (the corners of a large padding) add their products straight into
+    ``gacc[k, (a,b), (a',b'), k']``; at the end every thread adds its rows of the lag blocks
+    into gacc.
     """
     n_, k_, hp, wp = code.shape
     hu, wu = ho + 2 * (kh - 1), wo + 2 * (kw - 1)
@@ -436,7 +439,8 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
     use_sw, sw = _switch_args(code, switches)
 
     per_chunk = (k * taps * c + k) * np.dtype(dtype).itemsize
-    nch = max(1, min(n, max(numba.get_num_threads(), min(_B_CHUNKS, _B_PARTIAL_BYTES // per_chunk))))
+    nch = max(numba.get_num_threads(), min(_B_CHUNKS, _B_PARTIAL_BYTES // per_chunk))
+    nch = max(1, min(n, nch))
     bpart = np.empty((nch, k * taps * c), dtype=dtype)
     spart = np.empty((nch, k), dtype=dtype)
     _stats_bs(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, lanes(dtype), nch, bpart,
@@ -465,8 +469,8 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
                     blk_rc, blk_cc, blk_off, blk_row, blk_pos, blk_tiled, dir_pos, dir_rc,
                     dir_cc, tile_lo, tile_hi, tile_kind, tile_cap, vbad, num_chunks(k), racc,
                     gacc)
-    big_g = np.ascontiguousarray(
-        gacc.reshape(k, taps, taps, kpad)[..., :k].transpose(0, 1, 3, 2)).reshape(k * taps, k * taps)
+    big_g = np.ascontiguousarray(gacc.reshape(k, taps, taps, kpad)[..., :k].transpose(0, 1, 3, 2))
+    big_g = big_g.reshape(k * taps, k * taps)
     if vbad.any():
         gd = np.zeros_like(big_g)
         _stats_dense_gram(code, idx, sw, use_sw, kh, kw, ph, pw, hh, ww, ho, wo, kpad, vbad,
