@@ -124,3 +124,20 @@ def test_b_agrees_with_pytorch_weight_gradient(rng):
         big_b = ops.template_stats(x, code, idx, (3, 3), padding=1, gram=False,
                                    backend=backend)[0]
         np.testing.assert_allclose(big_b, want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_nan_in_x_reaches_b_on_every_path(backend, rng):
+    """A NaN pixel poisons B through 0 * NaN even where the code is zero, for whole-input
+    templates (the matrix-product path) as for sliding ones."""
+    for shape, kernel in [((3, 1, 4, 4), (4, 4)), ((3, 1, 6, 6), (3, 3))]:
+        x = rng.standard_normal(shape)
+        x[1, 0, 2, 2] = np.nan
+        plane = (shape[2] - kernel[0] + 1, shape[3] - kernel[1] + 1)
+        code = np.zeros((3, 2, 1, 1))
+        code[0] = 1.0
+        idx = np.zeros(code.shape, np.int32)
+        big_b = ops.template_stats(x, code, idx, kernel, gram=False, backend=backend)[0]
+        want = naive.template_stats(x, code, idx, kernel)[0]
+        np.testing.assert_array_equal(np.isnan(big_b), np.isnan(want))
+        assert np.isnan(big_b).any(), plane

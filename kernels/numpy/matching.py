@@ -17,8 +17,9 @@ def correlate(x, templates, padding):
     n = x.shape[0]
     k, _, kh, kw = templates.shape
     ho, wo = xpad.shape[2] - kh + 1, xpad.shape[3] - kw + 1
-    if ho * wo <= kh * kw:
-        # few output positions, many taps (whole-input templates): one matrix product
+    if ho * wo <= kh * kw and np.isfinite(xpad).all() and np.isfinite(templates).all():
+        # few output positions, many taps (whole-input templates): one matrix product. Only
+        # for finite data: BLAS may skip 0 * NaN terms, the per-tap loop below never does.
         windows = sliding_window_view(xpad, (kh, kw), axis=(2, 3))  # (N, C, Ho, Wo, kh, kw)
         z = np.tensordot(windows, templates, axes=([1, 4, 5], [1, 2, 3]))
         return np.ascontiguousarray(z.transpose(0, 3, 1, 2))

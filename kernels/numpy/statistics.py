@@ -31,8 +31,9 @@ def weighted_patches(u, xpad, kernel_size):
     """B[k,c,a,b] = sum_{n,i,j} u[n,k,i,j] * xpad[n,c,i+a,j+b]."""
     kh, kw = kernel_size
     ho, wo = u.shape[2:]
-    if ho * wo <= kh * kw:
-        # few output positions, many taps (whole-input templates): one matrix product
+    if ho * wo <= kh * kw and np.isfinite(xpad).all() and np.isfinite(u).all():
+        # few output positions, many taps (whole-input templates): one matrix product. Only
+        # for finite data: BLAS may skip 0 * NaN terms, the per-tap loop below never does.
         windows = sliding_window_view(xpad, (kh, kw), axis=(2, 3))  # (N, C, Ho, Wo, kh, kw)
         return np.tensordot(u, windows, axes=([0, 2, 3], [0, 2, 3]))
     big_b = np.empty((u.shape[1], xpad.shape[1], kh, kw), dtype=u.dtype)
