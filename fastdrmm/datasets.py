@@ -43,13 +43,14 @@ import http.client
 import math
 import os
 import shutil
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
 from sklearn.utils import Bunch
+
+from .io import atomic_write
 
 __all__ = [
     "load_mnist",
@@ -237,6 +238,10 @@ def _load_split(directory, split, dtype, verify):
 # download
 
 
+class _FetchError(Exception):
+    """A mirror could not be reached or broke off (as opposed to serving a bad copy)."""
+
+
 def _download(name, directory, mirrors, timeout):
     """Fetch ``name``.gz from the first mirror that serves a verified copy; return its path."""
     destination = directory / (name + ".gz")
@@ -244,37 +249,30 @@ def _download(name, directory, mirrors, timeout):
     bad_copies_only = True
     for base in mirrors:
         url = base.rstrip("/") + "/" + name + ".gz"
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.gz.", suffix=".part")
         try:
-            try:
-                with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-                    shutil.copyfileobj(r, f, _CHUNK)
+            # the copy is renamed into place only once its checksum is right
+            with atomic_write(destination, suffix=".part") as (f, tmp):
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as r:
+                        shutil.copyfileobj(r, f, _CHUNK)
                     f.flush()
-                    os.fsync(f.fileno())
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                # URLError/HTTPError/timeouts are OSErrors; a cut transfer an HTTPException
-                bad_copies_only = False
-                failures.append(f"{url}: {type(exc).__name__}: {exc}")
-                continue
-            try:
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    # URLError/HTTPError/timeouts are OSErrors; a cut transfer an HTTPException
+                    raise _FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
                 data = _read_contents(Path(tmp), gz=True)
                 actual = hashlib.sha256(data).hexdigest()
                 del data
                 if actual != MNIST_SHA256[name]:
-                    raise ValueError(f"sha256 of the uncompressed contents is {actual}, "
+                    raise ValueError(f"{tmp}: sha256 of the uncompressed contents is {actual}, "
                                      f"expected {MNIST_SHA256[name]}")
-            except ValueError as exc:
-                failures.append(f"{url}: bad copy: {str(exc).replace(tmp + ': ', '')}")
-                continue
-            os.replace(tmp, destination)
-            tmp = None
-            return destination
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
+        except _FetchError as exc:
+            bad_copies_only = False
+            failures.append(str(exc))
+            continue
+        except ValueError as exc:
+            failures.append(f"{url}: bad copy: {str(exc).replace(str(tmp) + ': ', '')}")
+            continue
+        return destination
     message = (f"could not download {name} into {directory} (nothing was written there):\n  "
                + "\n  ".join(failures))
     raise (ValueError if bad_copies_only else OSError)(message)

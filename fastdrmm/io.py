@@ -64,6 +64,7 @@ and an existing file at ``path`` is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _stdio
 import json
@@ -167,6 +168,35 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_write(path, suffix=".tmp"):
+    """Write ``path`` all or nothing: yields ``(file, temp_path)`` for a temp file beside it.
+
+    When the block ends normally the file is flushed, fsynced, given the usual mode of a new
+    file and renamed over ``path`` (then the directory is fsynced). When the block raises, the
+    temp file is removed and ``path`` is left exactly as it was. The block may read the temp
+    file by its path (e.g. to verify a download) after flushing.
+    """
+    path = Path(os.fspath(path))
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, tmp
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> the usual mode of a new file
+        os.replace(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+    _fsync_dir(directory)
+
+
 # --------------------------------------------------------------------------------------------
 # writing
 
@@ -221,27 +251,12 @@ def save_arrays(path, arrays, metadata=None, *, compress=False):
     header_bytes = json.dumps(header, indent=1, allow_nan=True).encode("utf-8")
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
 
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=method, allowZip64=True) as zf:
-                zf.writestr(METADATA_MEMBER, header_bytes)
-                for name, arr in arrays.items():
-                    with zf.open(name + ".npy", "w", force_zip64=arr.nbytes >= (1 << 31)) as m:
-                        np.lib.format.write_array(m, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> the usual mode of a new file
-        os.replace(tmp, path)
-        tmp = None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-    _fsync_dir(directory)
+    with atomic_write(path) as (f, _):
+        with zipfile.ZipFile(f, "w", compression=method, allowZip64=True) as zf:
+            zf.writestr(METADATA_MEMBER, header_bytes)
+            for name, arr in arrays.items():
+                with zf.open(name + ".npy", "w", force_zip64=arr.nbytes >= (1 << 31)) as m:
+                    np.lib.format.write_array(m, arr, allow_pickle=False)
 
 
 # --------------------------------------------------------------------------------------------
