@@ -380,7 +380,7 @@ def test_real_mnist_download_from_local_mirror(mnist, tmp_path, monkeypatch):
 
 def test_shared_path_is_next_to_the_repository():
     repo = Path(__file__).resolve().parents[1]
-    assert SHARED_MNIST == (repo / ".." / "shared" / "data" / "mnist").resolve()
+    assert SHARED_MNIST.resolve() == (repo / ".." / "shared" / "data" / "mnist").resolve()
 
 
 # --------------------------------------------------------------------------------------------
