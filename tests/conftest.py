@@ -29,12 +29,23 @@ def _select_cuda_simulator():
 
 _select_cuda_simulator()
 
+import zlib  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+#: the session's base seed: FASTDRMM_TEST_SEED=<int> reproduces a run, =random draws a new one
+_SEED_SETTING = os.environ.get("FASTDRMM_TEST_SEED", "0").strip()
+BASE_SEED = (int(np.random.SeedSequence().entropy % (2**32)) if _SEED_SETTING == "random"
+             else int(_SEED_SETTING))
+
+
+def pytest_report_header(config):
+    return f"fastdrmm test seed: FASTDRMM_TEST_SEED={BASE_SEED}"
 
 
 @pytest.fixture
 def rng(request):
-    """A fresh generator per test, seeded from the test's name so failures reproduce."""
-    seed = abs(hash(request.node.nodeid)) % (2**32)
-    return np.random.default_rng(seed)
+    """A generator per test, seeded from the session seed and the test's id (crc32, stable
+    across processes, unlike hash()), so a failure reproduces with the printed seed."""
+    return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
