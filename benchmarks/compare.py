@@ -29,7 +29,8 @@ count). The FLOP count is the dense-convolution count, the same for fastdrmm and
 unpooled code U of render/template_stats is zero off the pooling argmaxes (and where the
 switch is off), and fastdrmm may skip those zeros, so on pooled layers its nominal GFLOP/s
 (and ``% peak``) can exceed the sgemm rate. ``% bw`` = the op's minimal bytes (inputs read
-once + outputs written once; idx as int32) / time over the copy bandwidth (``np.copyto`` of 256 MB, counting read + write).
+once + outputs written once; idx as int32) / time over the copy bandwidth (``np.copyto`` of
+256 MB, counting read + write).
 
 Peak extra memory: measured in a fresh subprocess per shape (``MALLOC_MMAP_THRESHOLD_=65536``
 so every large block is mmap-ed and returned to the OS on free, not recycled invisibly by
