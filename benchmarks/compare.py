@@ -448,7 +448,7 @@ def table(rows):
 
 def scaling_table(multi, single, threads):
     index = {(r["op"], r["peer"], r["shape"], r["batch"]): r for r in single}
-    head = ["op", "shape", "N", f"fastdrmm 1t ms", f"fastdrmm {threads}t ms", "fastdrmm speed-up",
+    head = ["op", "shape", "N", "fastdrmm 1t ms", f"fastdrmm {threads}t ms", "fastdrmm speed-up",
             "peer 1t ms", f"peer {threads}t ms", "peer speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     out = []

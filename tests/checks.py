@@ -2,6 +2,7 @@
 
 import numpy as np
 
+import naive
 from fastdrmm.kernels.numpy import matching as ref
 
 HOST_BACKENDS = ["numpy", "cpu"]
@@ -77,3 +78,79 @@ def assert_pooling_matches(h, idx, x, templates, bias, *, padding=(0, 0), pool=(
     if np.dtype(dtype) == np.float64:
         exact = exact_tie & ((vals == want_h[None]).sum(axis=0) > 1)
         np.testing.assert_array_equal(idx[exact], want_idx[exact], err_msg="tie not first")
+
+
+# ---------------------------------------------------------------------------------------------
+# matching scenarios shared by every backend's tests. ``match(x, templates, bias, **geometry)``
+# runs match_switch_pool on the backend under test, taking and returning host NumPy arrays.
+
+
+def random_layer(rng, dtype, n, c, h, w, k, kh, kw):
+    """x (N,C,H,W), templates (K,C,kh,kw) and bias (K,) of standard-normal-ish values."""
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    templates = rng.standard_normal((k, c, kh, kw)).astype(dtype)
+    bias = (0.5 * rng.standard_normal(k)).astype(dtype)
+    return x, templates, bias
+
+
+def as_pairs(padding, pool, stride):
+    p = (padding, padding) if np.isscalar(padding) else padding
+    q = (pool, pool) if np.isscalar(pool) else pool
+    s = q if stride is None else ((stride, stride) if np.isscalar(stride) else stride)
+    return p, q, s
+
+
+def check_match_geometry(match, rng, dtype, geom):
+    """One (N, C, H, W, K, kh, kw, padding, pool, stride, leak) case against both oracles."""
+    n, c, h, w, k, kh, kw, padding, pool, stride, leak = geom
+    x, templates, bias = random_layer(rng, dtype, n, c, h, w, k, kh, kw)
+    got_h, got_idx = match(x, templates, bias, padding=padding, pool=pool, stride=stride,
+                           leak=leak)
+    p, q, s = as_pairs(padding, pool, stride)
+    assert_pooling_matches(got_h, got_idx, x, templates, bias, padding=p, pool=q, stride=s,
+                           leak=leak, dtype=dtype)
+    if dtype == np.float64:
+        want_h, want_idx = naive.match_switch_pool(x, templates, bias, padding, pool, stride, leak)
+        np.testing.assert_allclose(got_h, want_h, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(got_idx, want_idx)
+
+
+def check_match_ties(match, rng, dtype, shape=(2, 2, 7, 6)):
+    """Exact ties take the first row-major position; with a leak the largest negative wins."""
+    x = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    # all-equal windows: zero templates make z = bias everywhere
+    templates = np.zeros((3, c, 2, 2), dtype)
+    bias = np.array([0.7, -0.3, 0.0], dtype)
+    h, idx = match(x, templates, bias, pool=2, stride=1, leak=0.0)
+    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 0, 2, 1, 0.0)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(h, want_h.astype(dtype))
+    # all-negative windows with the plain ReLU: every y is 0, the first position wins
+    neg = -np.abs(rng.standard_normal((3, c, 2, 2))).astype(dtype)
+    minus = np.full(3, -1.0, dtype)
+    h, idx = match(np.abs(x), neg, minus, pool=2)
+    assert (h == 0).all()
+    want = naive.match_switch_pool(np.abs(x), neg, np.full(3, -1.0), 0, 2, None, 0.0)[1]
+    np.testing.assert_array_equal(idx, want)
+    # ... and with a leak the largest negative value wins instead
+    h, idx = match(np.abs(x), neg, minus, pool=2, leak=0.2)
+    assert (h < 0).all()
+    assert_pooling_matches(h, idx, np.abs(x), neg, minus, pool=(2, 2), leak=0.2, dtype=dtype)
+
+
+def check_match_nan_and_inf(match, rng, dtype, leak, size=9):
+    """NaN, +inf and -inf pixels: exact NaN/inf placement and first-NaN positions."""
+    x = rng.standard_normal((2, 2, size, size)).astype(dtype)
+    x[0, 1, size // 2, size // 2] = np.nan
+    x[1, 0, 0, size - 2] = np.inf
+    x[1, 1, size - 1, 0] = -np.inf
+    templates = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+    bias = rng.standard_normal(3).astype(dtype)
+    h, idx = match(x, templates, bias, padding=1, pool=2, stride=1, leak=leak)
+    assert np.isnan(h).any() and np.isinf(h).any()
+    assert_pooling_matches(h, idx, x, templates, bias, padding=(1, 1), pool=(2, 2),
+                           stride=(1, 1), leak=leak, dtype=dtype)
+    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 1, 2, 1, leak)
+    special = ~np.isfinite(want_h)
+    np.testing.assert_array_equal(idx[special], want_idx[special])

@@ -8,6 +8,7 @@
 3. With CuPy and a GPU, the same comparisons run through backend="cupy" for real.
 """
 
+import functools
 import tempfile
 
 import numpy as np
@@ -16,11 +17,11 @@ import pytest
 import cudahost
 import naive
 import nvrtc_compile_check
-from checks import DTYPES, assert_pooling_matches, tol
+from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
+                    check_match_nan_and_inf, check_match_ties, random_layer, tol)
 from fastdrmm import _backends, ops
 from fastdrmm.kernels.cuda import launch, loader
 from test_ops_match import GEOMETRIES as MATCH_GEOMETRIES
-from test_ops_match import _case, _pairs
 from test_ops_render import GEOMETRIES as RENDER_GEOMETRIES
 from test_ops_render import latents
 
@@ -102,53 +103,20 @@ def test_loader_inlines_the_shared_header():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", MATCH_GEOMETRIES)
 def test_match_against_oracles(backend, dtype, geom, run, rng):
-    n, c, h, w, k, kh, kw, padding, pool, stride, leak = geom
-    x, templates, bias = _case(rng, dtype, n, c, h, w, k, kh, kw)
-    got_h, got_idx = run("match_switch_pool", x, templates, bias, padding=padding, pool=pool,
-                         stride=stride, leak=leak)
-    p, q, s = _pairs(padding, pool, stride)
-    assert_pooling_matches(got_h, got_idx, x, templates, bias, padding=p, pool=q, stride=s,
-                           leak=leak, dtype=dtype)
-    if dtype == np.float64:
-        want_h, want_idx = naive.match_switch_pool(x, templates, bias, padding, pool, stride, leak)
-        np.testing.assert_allclose(got_h, want_h, rtol=1e-10, atol=1e-12)
-        np.testing.assert_array_equal(got_idx, want_idx)
+    check_match_geometry(functools.partial(run, "match_switch_pool"), rng, dtype, geom)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_match_ties_take_the_first_position(backend, dtype, run, rng):
-    x = rng.standard_normal((2, 2, 7, 6)).astype(dtype)
-    templates = np.zeros((3, 2, 2, 2), dtype)
-    bias = np.array([0.7, -0.3, 0.0], dtype)
-    h, idx = run("match_switch_pool", x, templates, bias, pool=2, stride=1)
-    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 0, 2, 1, 0.0)
-    np.testing.assert_array_equal(idx, want_idx)
-    np.testing.assert_array_equal(h, want_h.astype(dtype))
-    neg = -np.abs(rng.standard_normal((3, 2, 2, 2))).astype(dtype)
-    h, idx = run("match_switch_pool", np.abs(x), neg, np.full(3, -1.0, dtype), pool=2)
-    assert (h == 0).all()
-    np.testing.assert_array_equal(
-        idx, naive.match_switch_pool(np.abs(x), neg, np.full(3, -1.0), 0, 2, None, 0.0)[1])
+    check_match_ties(functools.partial(run, "match_switch_pool"), rng, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("leak", [0.0, 0.25])
 def test_match_nan_and_inf(backend, dtype, leak, run, rng):
-    x = rng.standard_normal((2, 2, 9, 9)).astype(dtype)
-    x[0, 1, 4, 4] = np.nan
-    x[1, 0, 0, 7] = np.inf
-    x[1, 1, 8, 0] = -np.inf
-    templates = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
-    bias = rng.standard_normal(3).astype(dtype)
-    h, idx = run("match_switch_pool", x, templates, bias, padding=1, pool=2, stride=1, leak=leak)
-    assert np.isnan(h).any() and np.isinf(h).any()
-    assert_pooling_matches(h, idx, x, templates, bias, padding=(1, 1), pool=(2, 2),
-                           stride=(1, 1), leak=leak, dtype=dtype)
-    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 1, 2, 1, leak)
-    special = ~np.isfinite(want_h)
-    np.testing.assert_array_equal(idx[special], want_idx[special])
+    check_match_nan_and_inf(functools.partial(run, "match_switch_pool"), rng, dtype, leak)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -229,7 +197,7 @@ def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
     """The tiled kernels, the direct fallbacks and the GPU's own tile constants."""
     small = cudahost.HostDevice(harness_lib, cudahost.SMALL)
     be = cudahost.backend(small)
-    x, t, b = _case(rng, np.float64, 1, 2, 9, 9, 3, 7, 7)    # 2*49 > ws_cap: direct paths
+    x, t, b = random_layer(rng, np.float64, 1, 2, 9, 9, 3, 7, 7)    # 2*49 > ws_cap: direct paths
     h, idx = be.match_switch_pool(x, t, b, (1, 1), (2, 2), (2, 2), 0.0)
     assert_pooling_matches(h, idx, x, t, b, padding=(1, 1), pool=(2, 2))
     r = be.render(h, idx, t, (9, 9), (1, 1), None)
@@ -239,7 +207,7 @@ def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
     gpu = cudahost.HostDevice(cudahost.build(launch.GPU), launch.GPU)
     be = cudahost.backend(gpu)
     for dtype in DTYPES:
-        x, t, b = _case(rng, dtype, 2, 5, 23, 19, 6, 3, 3)
+        x, t, b = random_layer(rng, dtype, 2, 5, 23, 19, 6, 3, 3)
         h, idx = be.match_switch_pool(x, t, b, (2, 2), (2, 2), (2, 2), 0.0)
         assert_pooling_matches(h, idx, x, t, b, padding=(2, 2), pool=(2, 2), dtype=dtype)
         r = be.render(h, idx, t, (23, 19), (2, 2), None)
@@ -262,12 +230,12 @@ def test_tsan_finds_no_race_in_any_kernel(harness_lib, tsan_exe, rng):
     dev = cudahost.RecordingDevice(harness_lib, cudahost.SMALL)
     be = cudahost.backend(dev)
     for dtype in DTYPES:
-        x, t, b = _case(rng, dtype, 2, 3, 9, 8, 3, 3, 2)         # tiled, 2 channel chunks
+        x, t, b = random_layer(rng, dtype, 2, 3, 9, 8, 3, 3, 2)         # tiled, 2 channel chunks
         h, idx = be.match_switch_pool(x, t, b, (1, 1), (2, 2), (1, 1), 0.1)
         sw = (rng.random(h.shape) < 0.7).astype(dtype)
         be.render(h, idx, t, (9, 8), (1, 1), sw)
         be.template_stats(x, h, idx, (3, 2), (1, 1), sw, True)
-        x, t, b = _case(rng, dtype, 1, 1, 8, 8, 2, 6, 6)         # direct fallbacks
+        x, t, b = random_layer(rng, dtype, 1, 1, 8, 8, 2, 6, 6)         # direct fallbacks
         h, idx = be.match_switch_pool(x, t, b, (0, 0), (2, 2), (2, 2), 0.0)
         be.render(h, idx, t, (8, 8), (0, 0), None)
     kernels = {name.split("<")[0] for name, _, _ in dev.launches}

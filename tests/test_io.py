@@ -371,10 +371,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path, monkeypatc
     before = path.read_bytes()
     if target == "write_array":
         real = np.lib.format.write_array
-        fake = failing_after(n_ok, real)
         if exc is KeyboardInterrupt:
             def fake(*args, **kwargs):
                 raise KeyboardInterrupt
+        else:
+            fake = failing_after(n_ok, real)
         monkeypatch.setattr(np.lib.format, "write_array", fake)
     else:
         def fake(*args, **kwargs):

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import naive
-from checks import DTYPES, assert_pooling_matches, tol
+from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
+                    check_match_nan_and_inf, check_match_ties, random_layer, tol)
 from fastdrmm import _backends, ops
 from test_ops_match import GEOMETRIES as MATCH_GEOMETRIES
-from test_ops_match import _case, _pairs
 from test_ops_render import GEOMETRIES as RENDER_GEOMETRIES
 
 pytest.importorskip("numba_cuda", reason="the numba-cuda backend needs the numba-cuda package")
@@ -58,6 +58,12 @@ def host(a):
     return a.copy_to_host()
 
 
+def device_match(x, templates, bias, **geometry):
+    """match_switch_pool on this backend, host arrays in and out."""
+    h, idx = ops.match_switch_pool(dev(x), dev(templates), dev(bias), backend=B, **geometry)
+    return host(h), host(idx)
+
+
 def plane_of(h, w, kh, kw, padding):
     p = (padding, padding) if np.isscalar(padding) else padding
     return h + 2 * p[0] - kh + 1, w + 2 * p[1] - kw + 1
@@ -79,18 +85,7 @@ def device_latents(rng, dtype, geom):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", MATCH_GEOMETRIES)
 def test_match_matches_oracles(dtype, geom, rng):
-    n, c, h, w, k, kh, kw, padding, pool, stride, leak = geom
-    x, templates, bias = _case(rng, dtype, n, c, h, w, k, kh, kw)
-    got_h, got_idx = ops.match_switch_pool(dev(x), dev(templates), dev(bias), padding=padding,
-                                           pool=pool, stride=stride, leak=leak, backend=B)
-    got_h, got_idx = host(got_h), host(got_idx)
-    p, q, s = _pairs(padding, pool, stride)
-    assert_pooling_matches(got_h, got_idx, x, templates, bias, padding=p, pool=q, stride=s,
-                           leak=leak, dtype=dtype)
-    if dtype == np.float64:
-        want_h, want_idx = naive.match_switch_pool(x, templates, bias, padding, pool, stride, leak)
-        np.testing.assert_allclose(got_h, want_h, rtol=1e-10, atol=1e-12)
-        np.testing.assert_array_equal(got_idx, want_idx)
+    check_match_geometry(device_match, rng, dtype, geom)
 
 
 @pytest.mark.parametrize("launch", ["multi_tile", "direct"])
@@ -98,56 +93,18 @@ def test_match_matches_oracles(dtype, geom, rng):
 @pytest.mark.parametrize("geom", [MATCH_GEOMETRIES[0], MATCH_GEOMETRIES[2]])
 def test_match_tiling_and_direct_kernels(launch, dtype, geom, rng, monkeypatch):
     use(monkeypatch, launch)
-    n, c, h, w, k, kh, kw, padding, pool, stride, leak = geom
-    x, templates, bias = _case(rng, dtype, n, c, h, w, k, kh, kw)
-    got = ops.match_switch_pool(dev(x), dev(templates), dev(bias), padding=padding, pool=pool,
-                                stride=stride, leak=leak, backend=B)
-    p, q, s = _pairs(padding, pool, stride)
-    assert_pooling_matches(host(got[0]), host(got[1]), x, templates, bias, padding=p, pool=q,
-                           stride=s, leak=leak, dtype=dtype)
+    check_match_geometry(device_match, rng, dtype, geom)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ties_take_the_first_position(dtype, rng):
-    x = rng.standard_normal((1, 2, 5, 6)).astype(dtype)
-    templates = np.zeros((3, 2, 2, 2), dtype)  # z = bias everywhere
-    bias = np.array([0.7, -0.3, 0.0], dtype)
-    h, idx = ops.match_switch_pool(dev(x), dev(templates), dev(bias), pool=2, stride=1,
-                                   backend=B)
-    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 0, 2, 1, 0.0)
-    np.testing.assert_array_equal(host(idx), want_idx)
-    np.testing.assert_array_equal(host(h), want_h.astype(dtype))
-    neg = -np.abs(rng.standard_normal((3, 2, 2, 2))).astype(dtype)
-    minus = np.full(3, -1.0, dtype)
-    h, idx = ops.match_switch_pool(dev(np.abs(x)), dev(neg), dev(minus), pool=2, backend=B)
-    assert (host(h) == 0).all()
-    want = naive.match_switch_pool(np.abs(x), neg, minus, 0, 2, None, 0.0)[1]
-    np.testing.assert_array_equal(host(idx), want)
-    h, idx = ops.match_switch_pool(dev(np.abs(x)), dev(neg), dev(minus), pool=2, leak=0.2,
-                                   backend=B)
-    assert (host(h) < 0).all()
-    assert_pooling_matches(host(h), host(idx), np.abs(x), neg, minus, pool=(2, 2), leak=0.2,
-                           dtype=dtype)
+    check_match_ties(device_match, rng, dtype, shape=(1, 2, 5, 6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("leak", [0.0, 0.25])
 def test_nan_and_inf_propagate(dtype, leak, rng):
-    x = rng.standard_normal((2, 2, 7, 7)).astype(dtype)
-    x[0, 1, 3, 3] = np.nan
-    x[1, 0, 0, 5] = np.inf
-    x[1, 1, 6, 0] = -np.inf
-    templates = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
-    bias = rng.standard_normal(3).astype(dtype)
-    h, idx = ops.match_switch_pool(dev(x), dev(templates), dev(bias), padding=1, pool=2,
-                                   stride=1, leak=leak, backend=B)
-    h, idx = host(h), host(idx)
-    assert np.isnan(h).any() and np.isinf(h).any()
-    assert_pooling_matches(h, idx, x, templates, bias, padding=(1, 1), pool=(2, 2),
-                           stride=(1, 1), leak=leak, dtype=dtype)
-    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 1, 2, 1, leak)
-    special = ~np.isfinite(want_h)
-    np.testing.assert_array_equal(idx[special], want_idx[special])
+    check_match_nan_and_inf(device_match, rng, dtype, leak, size=7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -322,7 +279,7 @@ def test_stats_with_more_threads_than_a_warp(monkeypatch, rng):
 
 # ------------------------------------------------------------------------- plumbing
 def test_results_are_device_arrays_on_the_device(rng):
-    x, templates, bias = _case(rng, np.float32, 1, 1, 5, 5, 1, 2, 2)
+    x, templates, bias = random_layer(rng, np.float32, 1, 1, 5, 5, 1, 2, 2)
     h, idx = ops.match_switch_pool(dev(x), dev(templates), dev(bias), backend=B)
     assert nc.arrays.is_device_array(h) and nc.arrays.is_device_array(idx)
     assert h.dtype == np.float32 and idx.dtype == np.int32
@@ -389,7 +346,7 @@ def test_index_range_and_out_of_range_idx(rng):
 
 
 def test_host_arrays_are_refused(rng):
-    x, templates, bias = _case(rng, np.float64, 1, 1, 5, 5, 1, 2, 2)
+    x, templates, bias = random_layer(rng, np.float64, 1, 1, 5, 5, 1, 2, 2)
     with pytest.raises(TypeError, match="x is a host array"):
         ops.match_switch_pool(x, templates, bias, backend=B)
     with pytest.raises(TypeError, match="templates is a host array"):

@@ -1,10 +1,13 @@
 """match_switch_pool: every host backend x dtype against the oracles."""
 
+import functools
+
 import numpy as np
 import pytest
 
 import naive
-from checks import DTYPES, HOST_BACKENDS, assert_pooling_matches
+from checks import (DTYPES, HOST_BACKENDS, assert_pooling_matches, check_match_geometry,
+                    check_match_nan_and_inf, check_match_ties, random_layer)
 from fastdrmm import ops
 
 # (N, C, H, W, K, kh, kw, padding, pool, stride, leak)
@@ -19,42 +22,22 @@ GEOMETRIES = [
 ]
 
 
-def _case(rng, dtype, n, c, h, w, k, kh, kw):
-    x = rng.standard_normal((n, c, h, w)).astype(dtype)
-    templates = rng.standard_normal((k, c, kh, kw)).astype(dtype)
-    bias = (0.5 * rng.standard_normal(k)).astype(dtype)
-    return x, templates, bias
-
-
-def _pairs(padding, pool, stride):
-    p = (padding, padding) if np.isscalar(padding) else padding
-    q = (pool, pool) if np.isscalar(pool) else pool
-    s = q if stride is None else ((stride, stride) if np.isscalar(stride) else stride)
-    return p, q, s
+def host_match(backend):
+    return functools.partial(ops.match_switch_pool, backend=backend)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", GEOMETRIES)
 def test_matches_naive_oracle(backend, dtype, geom, rng):
-    n, c, h, w, k, kh, kw, padding, pool, stride, leak = geom
-    x, templates, bias = _case(rng, dtype, n, c, h, w, k, kh, kw)
-    got_h, got_idx = ops.match_switch_pool(x, templates, bias, padding=padding, pool=pool,
-                                           stride=stride, leak=leak, backend=backend)
-    p, q, s = _pairs(padding, pool, stride)
-    assert_pooling_matches(got_h, got_idx, x, templates, bias, padding=p, pool=q, stride=s,
-                           leak=leak, dtype=dtype)
-    if dtype == np.float64:
-        want_h, want_idx = naive.match_switch_pool(x, templates, bias, padding, pool, stride, leak)
-        np.testing.assert_allclose(got_h, want_h, rtol=1e-10, atol=1e-12)
-        np.testing.assert_array_equal(got_idx, want_idx)
+    check_match_geometry(host_match(backend), rng, dtype, geom)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_larger_random_layer(backend, dtype, rng):
     """A layer large enough to cross any tiling/blocking boundary of the fast kernels."""
-    x, templates, bias = _case(rng, dtype, 5, 7, 23, 19, 13, 3, 3)
+    x, templates, bias = random_layer(rng, dtype, 5, 7, 23, 19, 13, 3, 3)
     got = ops.match_switch_pool(x, templates, bias, padding=2, pool=2, backend=backend)
     assert_pooling_matches(*got, x, templates, bias, padding=(2, 2), pool=(2, 2), dtype=dtype)
 
@@ -62,47 +45,14 @@ def test_larger_random_layer(backend, dtype, rng):
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ties_take_the_first_position(backend, dtype, rng):
-    x = rng.standard_normal((2, 2, 7, 6)).astype(dtype)
-    # all-equal windows: zero templates make z = bias everywhere
-    templates = np.zeros((3, 2, 2, 2), dtype)
-    bias = np.array([0.7, -0.3, 0.0], dtype)
-    h, idx = ops.match_switch_pool(x, templates, bias, pool=2, stride=1, leak=0.0, backend=backend)
-    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 0, 2, 1, 0.0)
-    np.testing.assert_array_equal(idx, want_idx)
-    np.testing.assert_array_equal(h, want_h.astype(dtype))
-    # all-negative windows with the plain ReLU: every y is 0, the first position wins
-    neg = -np.abs(rng.standard_normal((3, 2, 2, 2))).astype(dtype)
-    h, idx = ops.match_switch_pool(np.abs(x), neg, np.full(3, -1.0, dtype), pool=2,
-                                   backend=backend)
-    assert (h == 0).all()
-    want = naive.match_switch_pool(np.abs(x), neg, np.full(3, -1.0), 0, 2, None, 0.0)[1]
-    np.testing.assert_array_equal(idx, want)
-    # ... and with a leak the largest negative value wins instead
-    h, idx = ops.match_switch_pool(np.abs(x), neg, np.full(3, -1.0, dtype), pool=2, leak=0.2,
-                                   backend=backend)
-    assert (h < 0).all()
-    assert_pooling_matches(h, idx, np.abs(x), neg, np.full(3, -1.0), pool=(2, 2), leak=0.2,
-                           dtype=dtype)
+    check_match_ties(host_match(backend), rng, dtype)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("leak", [0.0, 0.25])
 def test_nan_and_inf_propagate(backend, dtype, leak, rng):
-    x = rng.standard_normal((2, 2, 9, 9)).astype(dtype)
-    x[0, 1, 4, 4] = np.nan
-    x[1, 0, 0, 7] = np.inf
-    x[1, 1, 8, 0] = -np.inf
-    templates = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
-    bias = rng.standard_normal(3).astype(dtype)
-    h, idx = ops.match_switch_pool(x, templates, bias, padding=1, pool=2, stride=1, leak=leak,
-                                   backend=backend)
-    assert np.isnan(h).any() and np.isinf(h).any()
-    assert_pooling_matches(h, idx, x, templates, bias, padding=(1, 1), pool=(2, 2),
-                           stride=(1, 1), leak=leak, dtype=dtype)
-    want_h, want_idx = naive.match_switch_pool(x, templates, bias, 1, 2, 1, leak)
-    special = ~np.isfinite(want_h)
-    np.testing.assert_array_equal(idx[special], want_idx[special])
+    check_match_nan_and_inf(host_match(backend), rng, dtype, leak)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -152,7 +102,7 @@ def test_templates_and_bias_take_the_dtype_of_x(backend, rng):
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_deterministic(backend, rng):
-    x, templates, bias = _case(rng, np.float32, 4, 5, 17, 15, 9, 3, 3)
+    x, templates, bias = random_layer(rng, np.float32, 4, 5, 17, 15, 9, 3, 3)
     a = ops.match_switch_pool(x, templates, bias, padding=1, backend=backend)
     b = ops.match_switch_pool(x, templates, bias, padding=1, backend=backend)
     np.testing.assert_array_equal(a[0], b[0])
@@ -163,7 +113,7 @@ def test_agrees_with_pytorch(rng):
     """conv2d -> leaky_relu -> max_pool2d(return_indices=True) is the same computation."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
-    x, templates, bias = _case(rng, np.float64, 3, 4, 13, 12, 6, 3, 3)
+    x, templates, bias = random_layer(rng, np.float64, 3, 4, 13, 12, 6, 3, 3)
     for backend in HOST_BACKENDS:
         h, idx = ops.match_switch_pool(x, templates, bias, padding=1, pool=2, leak=0.1,
                                        backend=backend)
