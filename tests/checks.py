@@ -154,3 +154,55 @@ def check_match_nan_and_inf(match, rng, dtype, leak, size=9):
     want_h, want_idx = naive.match_switch_pool(x, templates, bias, 1, 2, 1, leak)
     special = ~np.isfinite(want_h)
     np.testing.assert_array_equal(idx[special], want_idx[special])
+
+
+# ---------------------------------------------------------------------------------------------
+# top-down and M-step scenarios. ``run(op_name, *args, **kwargs)`` calls fastdrmm.ops.<op_name>
+# on the backend under test, taking and returning host NumPy arrays (None stays None).
+
+
+def host_runner(backend):
+    from fastdrmm import ops
+
+    return lambda name, *args, **kwargs: getattr(ops, name)(*args, backend=backend, **kwargs)
+
+
+def check_unpool_and_render(run, dtype, geom, code, idx, templates, switches):
+    """unpool and render of given latents against the explicit-loop oracles."""
+    n, c, h, w, k, kh, kw, padding = geom[:8]
+    p = (padding, padding) if np.isscalar(padding) else padding
+    plane = (h + 2 * p[0] - kh + 1, w + 2 * p[1] - kw + 1)
+    rtol, atol = tol(dtype)
+    u = run("unpool", code, idx, plane, switches=switches)
+    assert u.shape == (n, k, *plane) and u.dtype == dtype
+    np.testing.assert_allclose(u, naive.unpool(code, idx, plane, switches), rtol=rtol, atol=atol)
+    r = run("render", code, idx, templates, (h, w), padding=padding, switches=switches)
+    assert r.shape == (n, c, h, w) and r.dtype == dtype
+    want = naive.render(code, idx, templates, (h, w), padding, switches)
+    np.testing.assert_allclose(r, want, rtol=rtol, atol=atol * 10)
+
+
+def check_template_stats(run, dtype, geom, x, code, idx, switches, *, repeat_exact=True):
+    """B, s and G against the oracles; gram=False gives the same B and s (bit for bit unless
+    the backend sums collisions with atomics: ``repeat_exact=False``)."""
+    k, kh, kw, padding = geom[4], geom[5], geom[6], geom[7]
+    big_b, s, big_g = run("template_stats", x, code, idx, (kh, kw), padding=padding,
+                          switches=switches)
+    want_b, want_s, want_g = naive.template_stats(x, code, idx, (kh, kw), padding, switches)
+    assert big_b.shape == (k, x.shape[1], kh, kw) and big_b.dtype == dtype
+    assert s.shape == (k,) and s.dtype == dtype
+    assert big_g.shape == (k * kh * kw,) * 2 and big_g.dtype == dtype
+    rtol, atol = tol(dtype)
+    np.testing.assert_allclose(big_b, want_b, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(s, want_s, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(big_g, want_g, rtol=rtol, atol=atol * 10)
+    np.testing.assert_array_equal(big_g, big_g.T)
+    no_g = run("template_stats", x, code, idx, (kh, kw), padding=padding, switches=switches,
+               gram=False)
+    assert no_g[2] is None
+    if repeat_exact:
+        np.testing.assert_array_equal(no_g[0], big_b)
+        np.testing.assert_array_equal(no_g[1], s)
+    else:
+        np.testing.assert_allclose(no_g[0], big_b, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(no_g[1], s, rtol=rtol, atol=atol)

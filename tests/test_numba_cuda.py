@@ -17,7 +17,8 @@ import pytest
 
 import naive
 from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
-                    check_match_nan_and_inf, check_match_ties, random_layer, tol)
+                    check_match_nan_and_inf, check_match_ties, check_template_stats,
+                    check_unpool_and_render, random_layer, tol)
 from fastdrmm import _backends, ops
 from test_ops_match import GEOMETRIES as MATCH_GEOMETRIES
 from test_ops_render import GEOMETRIES as RENDER_GEOMETRIES
@@ -62,6 +63,16 @@ def device_match(x, templates, bias, **geometry):
     """match_switch_pool on this backend, host arrays in and out."""
     h, idx = ops.match_switch_pool(dev(x), dev(templates), dev(bias), backend=B, **geometry)
     return host(h), host(idx)
+
+
+def device_run(name, *args, **kwargs):
+    """fastdrmm.ops.<name> on this backend, host arrays in and out."""
+    args = [dev(a) if isinstance(a, np.ndarray) else a for a in args]
+    kwargs = {k: dev(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    out = getattr(ops, name)(*args, backend=B, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(None if o is None else host(o) for o in out)
+    return host(out)
 
 
 def plane_of(h, w, kh, kw, padding):
@@ -149,20 +160,8 @@ def test_empty_batch(dtype):
 def test_unpool_and_render_match_naive(dtype, gi, rng):
     geom = RENDER_GEOMETRIES[gi]
     x, templates, code, idx, switches = device_latents(rng, dtype, geom)
-    switches = switches if gi % 2 else None
-    n, c, h, w, k, kh, kw, padding = geom[:8]
-    plane = plane_of(h, w, kh, kw, padding)
-    rtol, atol = tol(dtype)
-    sw = None if switches is None else dev(switches)
-    u = ops.unpool(dev(code), dev(idx), plane, switches=sw, backend=B)
-    assert u.shape == (n, k, *plane) and u.dtype == dtype
-    np.testing.assert_allclose(host(u), naive.unpool(code, idx, plane, switches), rtol=rtol,
-                               atol=atol)
-    r = ops.render(dev(code), dev(idx), dev(templates), (h, w), padding=padding, switches=sw,
-                   backend=B)
-    assert r.shape == (n, c, h, w) and r.dtype == dtype
-    want = naive.render(code, idx, templates, (h, w), padding, switches)
-    np.testing.assert_allclose(host(r), want, rtol=rtol, atol=atol * 10)
+    check_unpool_and_render(device_run, dtype, geom, code, idx, templates,
+                            switches if gi % 2 else None)
 
 
 @pytest.mark.parametrize("launch", ["multi_tile", "direct"])
@@ -244,25 +243,7 @@ STATS_GEOMETRIES = [  # K*kh*kw kept small: G takes one block per upper-triangle
 def test_stats_match_naive(dtype, gi, rng):
     geom = STATS_GEOMETRIES[gi]
     x, _, code, idx, switches = device_latents(rng, dtype, geom)
-    switches = switches if gi != 0 else None
-    sw = None if switches is None else dev(switches)
-    k, kh, kw, padding = geom[4], geom[5], geom[6], geom[7]
-    big_b, s, big_g = ops.template_stats(dev(x), dev(code), dev(idx), (kh, kw), padding=padding,
-                                         switches=sw, backend=B)
-    big_b, s, big_g = host(big_b), host(s), host(big_g)
-    want_b, want_s, want_g = naive.template_stats(x, code, idx, (kh, kw), padding, switches)
-    assert big_b.shape == (k, x.shape[1], kh, kw) and big_b.dtype == dtype
-    assert s.shape == (k,) and s.dtype == dtype and big_g.dtype == dtype
-    rtol, atol = tol(dtype)
-    np.testing.assert_allclose(big_b, want_b, rtol=rtol, atol=atol * 10)
-    np.testing.assert_allclose(s, want_s, rtol=rtol, atol=atol * 10)
-    np.testing.assert_allclose(big_g, want_g, rtol=rtol, atol=atol * 10)
-    np.testing.assert_array_equal(big_g, big_g.T)
-    no_g = ops.template_stats(dev(x), dev(code), dev(idx), (kh, kw), padding=padding,
-                              switches=sw, gram=False, backend=B)
-    assert no_g[2] is None
-    np.testing.assert_array_equal(host(no_g[0]), big_b)
-    np.testing.assert_array_equal(host(no_g[1]), s)
+    check_template_stats(device_run, dtype, geom, x, code, idx, switches if gi != 0 else None)
 
 
 def test_stats_with_more_threads_than_a_warp(monkeypatch, rng):

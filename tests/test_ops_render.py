@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-import naive
-from checks import DTYPES, HOST_BACKENDS, tol
+from checks import DTYPES, HOST_BACKENDS, check_unpool_and_render, host_runner
 from fastdrmm import ops
 
 # (N, C, H, W, K, kh, kw, padding, pool, stride)
@@ -38,19 +37,8 @@ def latents(rng, dtype, geom, backend="numpy"):
 @pytest.mark.parametrize("use_switches", [False, True])
 def test_unpool_and_render_match_naive(backend, dtype, geom, use_switches, rng):
     x, templates, code, idx, switches = latents(rng, dtype, geom)
-    switches = switches if use_switches else None
-    n, c, h, w, k, kh, kw, padding = geom[:8]
-    p = (padding, padding) if np.isscalar(padding) else padding
-    plane = (h + 2 * p[0] - kh + 1, w + 2 * p[1] - kw + 1)
-    rtol, atol = tol(dtype)
-    u = ops.unpool(code, idx, plane, switches=switches, backend=backend)
-    assert u.shape == (n, k, *plane) and u.dtype == dtype
-    np.testing.assert_allclose(u, naive.unpool(code, idx, plane, switches), rtol=rtol, atol=atol)
-    r = ops.render(code, idx, templates, (h, w), padding=padding, switches=switches,
-                   backend=backend)
-    assert r.shape == (n, c, h, w) and r.dtype == dtype
-    want = naive.render(code, idx, templates, (h, w), padding, switches)
-    np.testing.assert_allclose(r, want, rtol=rtol, atol=atol * 10)
+    check_unpool_and_render(host_runner(backend), dtype, geom, code, idx, templates,
+                            switches if use_switches else None)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import naive
-from checks import DTYPES, HOST_BACKENDS, tol
+from checks import DTYPES, HOST_BACKENDS, check_template_stats, host_runner
 from fastdrmm import ops
 from test_ops_render import GEOMETRIES, latents
 
@@ -15,24 +15,8 @@ from test_ops_render import GEOMETRIES, latents
 @pytest.mark.parametrize("use_switches", [False, True])
 def test_stats_match_naive(backend, dtype, geom, use_switches, rng):
     x, templates, code, idx, switches = latents(rng, dtype, geom)
-    switches = switches if use_switches else None
-    k, kh, kw, padding = geom[4], geom[5], geom[6], geom[7]
-    big_b, s, big_g = ops.template_stats(x, code, idx, (kh, kw), padding=padding,
-                                         switches=switches, backend=backend)
-    want_b, want_s, want_g = naive.template_stats(x, code, idx, (kh, kw), padding, switches)
-    assert big_b.shape == (k, x.shape[1], kh, kw) and big_b.dtype == dtype
-    assert s.shape == (k,) and s.dtype == dtype
-    assert big_g.shape == (k * kh * kw,) * 2 and big_g.dtype == dtype
-    rtol, atol = tol(dtype)
-    np.testing.assert_allclose(big_b, want_b, rtol=rtol, atol=atol * 10)
-    np.testing.assert_allclose(s, want_s, rtol=rtol, atol=atol * 10)
-    np.testing.assert_allclose(big_g, want_g, rtol=rtol, atol=atol * 10)
-    np.testing.assert_array_equal(big_g, big_g.T)
-    no_g = ops.template_stats(x, code, idx, (kh, kw), padding=padding, switches=switches,
-                              gram=False, backend=backend)
-    assert no_g[2] is None
-    np.testing.assert_array_equal(no_g[0], big_b)
-    np.testing.assert_array_equal(no_g[1], s)
+    check_template_stats(host_runner(backend), dtype, geom, x, code, idx,
+                         switches if use_switches else None)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
