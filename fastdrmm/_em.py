@@ -1,0 +1,322 @@
+"""Hard EM for the DRMM: the E-step's sufficient statistics, the closed-form M-step, and the
+hard-EM objective evaluated from the statistics for any parameters.
+
+Latents (chosen by the E-step, fixed in the M-step) of sample n: its class c (the label, or
+the best-scoring class when unlabeled), every layer's argmax positions idx[l] and switches
+a[l] = 1[h[l] > 0], the bottom-up codes h[l] and the top-down codes r[l] rendered from
+r[L] = mu[c]. With T[0] = x and T[l] = h[l] (l >= 1) the targets, the objective is, per unit
+weight (labeled samples weigh 1, unlabeled ``unlabeled_weight``), summed over samples and
+divided by the total weight::
+
+    J = sum_l [ (RSS_l(W_l) + ridge_l ||W_l||^2) / (2 s2_l) + D_l/2 ln(2 pi s2_l) ]
+        + RSS_top(mu) / (2 tau) + D_top/2 ln(2 pi tau)
+        - ln pi_c - sum_l sum_units [ a ln pa_l[k] + (1 - a) ln(1 - pa_l[k]) + a ln pt_l[t] ]
+
+    RSS_l(W) = sum_n ||T[l-1] - render(r[l], idx[l], W, switches=a[l])||^2  (layers 1..L)
+    RSS_top(mu) = sum_n ||h[L] - mu[c] on every position||^2
+
+Every term is quadratic in one layer's templates given the statistics
+``B, G = template_stats(T[l-1], r[l], idx[l], switches=a[l])``:
+``RSS_l(W) = ||T||^2 - 2 <W, B> + sum_c W[:, c]^T G W[:, c]``, so the M-step minimises J
+exactly: ``W_l = solve(G + ridge_l I, B)``, then ``s2_l``, ``mu`` (class means of f),
+``tau``, and the prior frequencies. ``ridge_l = ridge * trace(G) / dim(G)`` (relative, so
+it is free of the data's scale).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from ._network import sumsq
+
+_LOG_2PI = float(np.log(2 * np.pi))
+#: probabilities are kept in [PROB_FLOOR, 1 - PROB_FLOOR] so that every log is finite
+PROB_FLOOR = 1e-12
+
+
+def _mat(arr):
+    """(K, C, kh, kw) -> (K*kh*kw, C), the layout of the Gram matrix's rows."""
+    k, c, kh, kw = arr.shape
+    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1)).reshape(k * kh * kw, c)
+
+
+def _unmat(mat, shape):
+    k, c, kh, kw = shape
+    return np.ascontiguousarray(mat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))
+
+
+class Statistics:
+    """The E-step's sums (float64), added batch by batch."""
+
+    def __init__(self, net):
+        self.net = net
+        L = net.n_layers
+        self.weight = 0.0
+        self.B = [None] * L
+        self.G = [None] * L
+        self.TT = np.zeros(L)
+        self.n_on = [np.zeros(layer.n_templates) for layer in net.layers]
+        self.n_units = [0.0] * L  # units per template (Hp*Wp), weighted
+        self.offsets = [np.zeros(layer.window[0] * layer.window[1]) for layer in net.layers]
+        self.class_weight = np.zeros(net.n_classes)
+        self.class_sum = np.zeros((net.n_classes, net.layers[-1].n_templates))
+        self.top_sq = 0.0
+        #: candidate patches per layer (from the first batch) to re-seed unused templates
+        self.patches = [None] * L
+
+    def scaled(self, factor):
+        """A copy with every sum times ``factor`` (stepwise EM)."""
+        out = Statistics(self.net)
+        for name, value in vars(self).items():
+            if name == "net":
+                continue
+            if name == "patches":
+                pass
+            elif isinstance(value, list):
+                value = [None if v is None else v * factor for v in value]
+            else:
+                value = value * factor
+            setattr(out, name, value)
+        return out
+
+    def add(self, other):
+        for name, value in vars(self).items():
+            if name == "net":
+                continue
+            o = getattr(other, name)
+            if name == "patches":
+                setattr(self, name, [b if a is None else a for a, b in zip(value, o)])
+            elif isinstance(value, list):
+                setattr(self, name, [b if a is None else (a if b is None else a + b)
+                                     for a, b in zip(value, o)])
+            else:
+                setattr(self, name, value + o)
+        return self
+
+
+def e_step(net, p, x, yidx, unlabeled_weight, stats):
+    """Infer the latents of batch x and add their statistics to ``stats``."""
+    n = x.shape[0]
+    fw = net.bottom_up(p, x)
+    labeled = yidx >= 0
+    classes = np.where(labeled, yidx, np.asarray(fw.scores).argmax(axis=1))
+    switches = [fw.switches(l, x.dtype) for l in range(net.n_layers)]
+    w = np.where(labeled, 1.0, float(unlabeled_weight))
+    weighted = not np.all(w == 1.0)
+    root = np.sqrt(w).astype(x.dtype)[:, None, None, None]
+    for l, layer in enumerate(net.layers):
+        target, code = fw.hs[l], fw.hs[l + 1]
+        if weighted:  # ||sqrt(w) (T - render(r))||^2 = ||sqrt(w) T - render(sqrt(w) r)||^2
+            target, code = target * root, code * root
+        B, _, G = ops.template_stats(target, code, fw.idxs[l], layer.kernel_size,
+                                     padding=layer.padding, switches=switches[l], gram=True,
+                                     backend=net.backend)
+        B, G = np.asarray(B, np.float64), np.asarray(G, np.float64)
+        stats.B[l] = B if stats.B[l] is None else stats.B[l] + B
+        stats.G[l] = G if stats.G[l] is None else stats.G[l] + G
+        stats.TT[l] += sumsq(target)
+        on = switches[l]
+        if stats.patches[l] is None:
+            rng = np.random.default_rng([n, l, layer.n_templates])
+            stats.patches[l] = random_patches(fw.hs[l], layer, layer.n_templates, rng)
+        stats.n_on[l] += np.einsum("nkij,n->k", on, w, dtype=np.float64)
+        stats.n_units[l] += float(w.sum()) * on[0, 0].size
+        stats.offsets[l] += _offset_counts(net, l, fw.idxs[l], on, w)
+    f = np.asarray(fw.f, np.float64)
+    stats.class_weight += np.bincount(classes, weights=w, minlength=net.n_classes)
+    np.add.at(stats.class_sum, classes, f * w[:, None])
+    h_top = fw.hs[-1]
+    stats.top_sq += float(np.einsum("nkij,nkij,n->", h_top, h_top, w, dtype=np.float64))
+    stats.weight += float(w.sum())
+    return fw, classes
+
+
+def _offset_counts(net, l, idx, on, w):
+    """Weighted counts of the chosen translation (offset in the pooling window) over the
+    switched-on units of layer l."""
+    ph, pw = net.layers[l].window
+    if ph * pw == 1:
+        return np.array([float(np.einsum("nkij,n->", on, w))])
+    wo = net.shapes[l].plane[1]
+    hp, wp = net.shapes[l].pooled
+    i, j = np.divmod(idx.astype(np.int64), wo)
+    di = i - (np.arange(hp) * ph)[:, None]
+    dj = j - (np.arange(wp) * pw)[None, :]
+    offset = di * pw + dj
+    weights = on * w[:, None, None, None]
+    return np.bincount(offset.ravel(), weights=weights.ravel().astype(np.float64),
+                       minlength=ph * pw)
+
+
+def random_patches(h, layer, k, rng):
+    """k patches of h (padded as the layer pads), drawn with probability proportional to
+    their squared norm (uniformly when every patch is zero)."""
+    ph, pw = layer.padding
+    kh, kw = layer.kernel_size
+    hp = np.pad(np.asarray(h, np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    windows = np.lib.stride_tricks.sliding_window_view(hp, (kh, kw), axis=(2, 3))
+    n, c, ho, wo = windows.shape[:4]
+    # patches (n, ho, wo) x (c, kh, kw)
+    patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c, kh, kw)
+    norms = np.einsum("pckl,pckl->p", patches, patches)
+    total = norms.sum()
+    prob = norms / total if total > 0 else None
+    chosen = rng.choice(patches.shape[0], size=k, replace=patches.shape[0] < k, p=prob)
+    return patches[chosen].copy()
+
+
+def _ridge(G, ridge):
+    dim = G.shape[0]
+    scale = float(np.trace(G)) / dim
+    return ridge * (scale if scale > 0 else 1.0)
+
+
+def _rss(stats, l, W):
+    Wm = _mat(np.asarray(W, np.float64))
+    Bm = _mat(stats.B[l])
+    return stats.TT[l] - 2.0 * float(np.sum(Wm * Bm)) + float(np.sum(Wm * (stats.G[l] @ Wm)))
+
+
+def _top_rss(stats, net, mu):
+    mu = np.asarray(mu, np.float64)
+    P = net.top_size
+    return (stats.top_sq - 2.0 * P * float(np.sum(mu * stats.class_sum))
+            + P * float(np.sum(stats.class_weight * np.sum(mu * mu, axis=1))))
+
+
+def _xlogy_sum(counts, probs):
+    return float(np.sum(counts * np.log(np.clip(probs, PROB_FLOOR, None))))
+
+
+def objective(net, p, stats, ridge):
+    """The hard-EM objective J (see the module docstring) of parameters p at the latents
+    whose statistics are ``stats``; lower is better."""
+    total = stats.weight
+    J = 0.0
+    for l, layer in enumerate(net.layers):
+        s2 = float(p["noise_variance"][l])
+        W = np.asarray(p[f"W{l}"], np.float64)
+        lam = _ridge(stats.G[l], ridge)
+        D = float(np.prod(net.shapes[l].input_hw)) * net.shapes[l].channels_in
+        J += (_rss(stats, l, W) + lam * float(np.sum(W * W))) / (2 * s2)
+        J += total * D / 2 * (_LOG_2PI + np.log(s2))
+        pa = np.clip(np.asarray(p[f"switch_prior{l}"], np.float64), PROB_FLOOR,
+                     1 - PROB_FLOOR)
+        J -= float(np.sum(stats.n_on[l] * np.log(pa)
+                          + (stats.n_units[l] - stats.n_on[l])
+                          * np.log1p(-pa)))
+        J -= _xlogy_sum(stats.offsets[l], np.asarray(p[f"translation_prior{l}"], np.float64))
+    tau = float(p["top_noise_variance"])
+    D_top = float(net.layers[-1].n_templates * net.top_size)
+    J += _top_rss(stats, net, p["mu"]) / (2 * tau) + total * D_top / 2 * (_LOG_2PI
+                                                                          + np.log(tau))
+    J -= _xlogy_sum(stats.class_weight, np.asarray(p["class_prior"], np.float64))
+    return J / total
+
+
+def generative_bias_of(W, s2, pa):
+    """The bias that makes the normalized match (template W[k] / ||W[k]||^2) equal to the
+    switch's log-odds ``<W,p>/s2 - ||W||^2/(2 s2) + ln(pa/(1-pa))`` times ``s2/||W[k]||^2``:
+    ``-1/2 + s2 ln(pa/(1-pa)) / ||W[k]||^2`` (a positive factor per template, so every switch
+    and argmax is the generative model's)."""
+    norms = np.sum(np.asarray(W, np.float64) ** 2, axis=(1, 2, 3))
+    logit = np.log(pa) - np.log1p(-pa)
+    return -0.5 + s2 * logit / np.maximum(norms, 1e-30)
+
+
+def _normalised(counts):
+    counts = np.asarray(counts, np.float64)
+    total = counts.sum()
+    if not total > 0:
+        return np.full(counts.shape, 1.0 / counts.size)
+    probs = np.maximum(counts / total, PROB_FLOOR)
+    return probs / probs.sum()
+
+
+def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8):
+    """The parameters minimising the objective at these statistics (a new dict; p is not
+    changed). Templates of layers whose statistics are empty are kept."""
+    new = dict(p)
+    total = stats.weight
+    dtype = np.asarray(p["W0"]).dtype
+    s2_all = np.array(p["noise_variance"], np.float64)
+    for l, layer in enumerate(net.layers):
+        G = stats.G[l]
+        lam = _ridge(G, ridge)
+        W = np.linalg.solve(G + lam * np.eye(G.shape[0]), _mat(stats.B[l]))
+        W = _unmat(W, np.asarray(p[f"W{l}"]).shape)
+        unused = stats.n_on[l] <= 0
+        if unused.any() and stats.patches[l] is not None:
+            # a template no unit chose is re-seeded from a patch of the data (norm^2-weighted)
+            W[unused] = stats.patches[l][unused]
+        D = float(np.prod(net.shapes[l].input_hw)) * net.shapes[l].channels_in
+        rss = _rss(stats, l, W) + lam * float(np.sum(W * W))
+        floor = variance_floor * max(stats.TT[l] / (total * D), 1e-30)
+        s2_all[l] = max(rss / (total * D), floor)
+        per_k = stats.n_units[l]
+        pa = np.clip(stats.n_on[l] / per_k if per_k > 0 else np.full(layer.n_templates, 0.5),
+                     PROB_FLOOR, 1 - PROB_FLOOR)
+        new[f"W{l}"] = W.astype(dtype)
+        new[f"switch_prior{l}"] = pa
+        new[f"translation_prior{l}"] = _normalised(stats.offsets[l])
+        if generative_bias:
+            new[f"b{l}"] = generative_bias_of(W, s2_all[l], pa).astype(dtype)
+    new["noise_variance"] = s2_all
+    mu = np.array(p["mu"], np.float64)
+    seen = stats.class_weight > 0
+    mu[seen] = stats.class_sum[seen] / stats.class_weight[seen, None]
+    D_top = float(net.layers[-1].n_templates * net.top_size)
+    tau = max(_top_rss(stats, net, mu) / (total * D_top),
+              variance_floor * max(stats.top_sq / (total * D_top), 1e-30))
+    pc = _normalised(stats.class_weight)
+    new["mu"] = mu.astype(dtype)
+    new["top_noise_variance"] = np.float64(tau)
+    new["class_prior"] = pc
+    if generative_bias:
+        # the class scores are the top Gaussian's log-likelihood + ln pi_c, up to constants
+        new["class_scale"] = np.float64(net.top_size / tau)
+        new["beta"] = (-net.top_size * np.sum(mu * mu, axis=1) / (2 * tau)
+                       + np.log(pc)).astype(dtype)
+    return new
+
+
+def normalize_templates(net, p, generative_bias=True):
+    """The same renderings with every layer template scaled to unit norm.
+
+    A layer's least squares fixes a template's direction, but its scale only together with
+    the codes it renders (the matching infers amplitudes as <W, patch> / ||W||^2, which
+    absorb any scale); left alone the scale drifts geometrically from one iteration to the
+    next (by about the number of overlapping patches). Dividing W[l][k] by its norm n_k
+    multiplies the amplitudes of channel k by n_k, so the templates that render that channel
+    (W[l+1][:, k], or mu[:, k] at the top) are multiplied by n_k: every rendering stays the
+    same. The noise variances of the rescaled codes are scaled by the mean of n^2, and the
+    biases recomputed."""
+    new = dict(p)
+    s2 = np.array(p["noise_variance"], np.float64)
+    carry = None
+    for l in range(net.n_layers):
+        dtype = np.asarray(p[f"W{l}"]).dtype
+        W = np.array(p[f"W{l}"], np.float64)
+        if carry is not None:
+            W *= carry[None, :, None, None]
+            s2[l] *= float(np.mean(carry ** 2))
+        norms = np.sqrt(np.sum(W * W, axis=(1, 2, 3)))
+        norms = np.where(norms > 0, norms, 1.0)
+        W /= norms[:, None, None, None]
+        carry = norms
+        new[f"W{l}"] = W.astype(dtype)
+        if generative_bias:
+            pa = np.asarray(p[f"switch_prior{l}"], np.float64)
+            new[f"b{l}"] = generative_bias_of(W, s2[l], pa).astype(dtype)
+    new["noise_variance"] = s2
+    dtype = np.asarray(p["mu"]).dtype
+    mu = np.asarray(p["mu"], np.float64) * carry[None, :]
+    tau = float(p["top_noise_variance"]) * float(np.mean(carry ** 2))
+    new["mu"] = mu.astype(dtype)
+    new["top_noise_variance"] = np.float64(tau)
+    if generative_bias:
+        new["class_scale"] = np.float64(net.top_size / tau)
+        new["beta"] = (-net.top_size * np.sum(mu * mu, axis=1) / (2 * tau)
+                       + np.log(np.asarray(p["class_prior"], np.float64))).astype(dtype)
+    return new

@@ -1,0 +1,280 @@
+"""The DRMM's passes over one batch, composed from :mod:`fastdrmm.ops` only.
+
+* bottom-up (max-sum inference): ``h[l], idx[l] = match_switch_pool(h[l-1], W[l], b[l])``,
+  ``f = mean over the plane of h[L]``, class scores ``s = scale * f @ mu.T + beta``;
+* top-down (rendering): ``r[L] = mu[c]`` on every position of the top plane, then
+  ``r[l-1] = render(r[l], idx[l], W[l], switches=a[l])`` with ``a[l] = 1[h[l] > 0]`` (the
+  switches chosen bottom-up) and the argmax positions ``idx[l]``;
+* the gradients of the EG objective: backpropagation through the bottom-up pass is a
+  top-down render (input gradient) and ``template_stats`` (template gradient); through the
+  top-down pass it is ``template_stats`` (template gradient) and a matching with the identity
+  switch gathered at ``idx`` (code gradient);
+* the hard-EM sufficient statistics: ``template_stats`` with the Gram matrix.
+
+Parameters are a dict of arrays: ``W0..W{L-1}``, ``b0..``, ``mu`` (n_classes, K_L), ``beta``
+(n_classes,), plus the generative ones that no gradient touches: ``noise_variance``
+(L,), ``switch_prior{l}`` (K_l,), ``translation_prior{l}`` (ph*pw,), ``class_prior``
+(n_classes,), ``top_noise_variance`` (0-d) and ``class_scale`` (0-d, the factor of the class
+scores). See :mod:`fastdrmm.drmm` for the model and the objectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .layers import layer_shapes
+
+#: names of the parameters the EG gradient covers, per layer and for the top
+LAYER_PARAMS = ("W", "b")
+TOP_PARAMS = ("mu", "beta")
+
+
+def trainable_names(n_layers):
+    return [f"{p}{l}" for l in range(n_layers) for p in LAYER_PARAMS] + list(TOP_PARAMS)
+
+
+@dataclass
+class Forward:
+    """What the bottom-up pass chose: the codes h[0] = x .. h[L], argmax positions, top
+    feature f (N, K_L) and class scores."""
+
+    hs: list
+    idxs: list
+    f: np.ndarray
+    scores: np.ndarray
+
+    def switches(self, l, dtype):
+        """a[l]: 1 where layer l's pooled unit is on (h > 0), else 0."""
+        return (self.hs[l + 1] > 0).astype(dtype)
+
+
+class Network:
+    """A list of layers bound to an input shape (C, H, W), a class count and a backend."""
+
+    def __init__(self, layers, input_shape, n_classes, backend="auto", matching="tied"):
+        if matching not in ("tied", "normalized"):
+            raise ValueError(f"matching must be 'tied' or 'normalized', got {matching!r}")
+        self.matching = matching
+        self.layers = tuple(layers)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.n_classes = int(n_classes)
+        self.backend = backend
+        self.shapes = layer_shapes(self.layers, self.input_shape)
+        top = self.shapes[-1]
+        self.top_plane = top.pooled
+        self.top_size = top.pooled[0] * top.pooled[1]
+
+    @property
+    def n_layers(self):
+        return len(self.layers)
+
+    def code_shape(self, l):
+        """(K, Hp, Wp) of layer l's pooled code."""
+        return (self.layers[l].n_templates, *self.shapes[l].pooled)
+
+    # ---------------------------------------------------------------------------------------
+    # bottom-up
+
+    def matching_templates(self, p, l):
+        """The templates layer l matches with: W itself ("tied", the network's weights), or
+        W[k] / ||W[k]||^2 ("normalized": the match of a patch equal to ``a * W[k]`` is the
+        amplitude ``a``, so every code keeps the units of the code it renders)."""
+        W = p[f"W{l}"]
+        if self.matching == "tied":
+            return W
+        norms = np.einsum("kcij,kcij->k", W, W, dtype=np.float64)
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        return (W * inv[:, None, None, None]).astype(W.dtype)
+
+    def bottom_up(self, p, x):
+        hs, idxs = [x], []
+        for l, layer in enumerate(self.layers):
+            h, idx = ops.match_switch_pool(hs[-1], self.matching_templates(p, l), p[f"b{l}"],
+                                           padding=layer.padding,
+                                           pool=layer.window, leak=layer.leak,
+                                           backend=self.backend)
+            hs.append(h)
+            idxs.append(idx)
+        f = hs[-1].mean(axis=(2, 3))
+        scores = self.class_scores(p, f)
+        return Forward(hs, idxs, f, scores)
+
+    @staticmethod
+    def class_scores(p, f):
+        return (f @ p["mu"].T) * p["class_scale"] + p["beta"]
+
+    # ---------------------------------------------------------------------------------------
+    # top-down
+
+    def top_code(self, p, q, dtype):
+        """r[L]: the class templates mixed by q (N, n_classes), on every top position."""
+        top = (q @ p["mu"]).astype(dtype, copy=False)
+        k = top.shape[1]
+        return np.ascontiguousarray(
+            np.broadcast_to(top[:, :, None, None], (top.shape[0], k, *self.top_plane)))
+
+    def render_down(self, p, top, idxs, switches, stop=0):
+        """[r[stop], ..., r[L]] rendered from r[L] = top with the given latents."""
+        rs = [top]
+        for l in range(self.n_layers - 1, stop - 1, -1):
+            layer = self.layers[l]
+            rs.append(ops.render(rs[-1], idxs[l], p[f"W{l}"], self.shapes[l].input_hw,
+                                 padding=layer.padding, switches=switches[l],
+                                 backend=self.backend))
+        return rs[::-1]
+
+    def top_down(self, p, fw, q):
+        dtype = fw.hs[0].dtype
+        switches = [fw.switches(l, dtype) for l in range(self.n_layers)]
+        rs = self.render_down(p, self.top_code(p, q, dtype), fw.idxs, switches)
+        return rs, switches
+
+    # ---------------------------------------------------------------------------------------
+    # gradients
+
+    def backprop_scores(self, p, fw, g_scores, grads):
+        """Add d(loss)/d(params) for d(loss)/d(scores) = g_scores through the bottom-up pass."""
+        if self.matching != "tied":
+            raise ValueError("gradients need tied matching templates")
+        scale = float(p["class_scale"])
+        grads["mu"] += scale * (g_scores.T @ fw.f)
+        grads["beta"] += g_scores.sum(axis=0)
+        g_f = scale * (g_scores @ p["mu"]) / self.top_size
+        g_h = np.ascontiguousarray(
+            np.broadcast_to(g_f[:, :, None, None], fw.hs[-1].shape).astype(fw.hs[0].dtype))
+        for l in range(self.n_layers - 1, -1, -1):
+            layer = self.layers[l]
+            h = fw.hs[l + 1]
+            slope = np.where(h > 0, 1.0, layer.leak).astype(h.dtype)
+            B, s, _ = ops.template_stats(fw.hs[l], g_h, fw.idxs[l], layer.kernel_size,
+                                         padding=layer.padding, switches=slope, gram=False,
+                                         backend=self.backend)
+            grads[f"W{l}"] += B
+            grads[f"b{l}"] += s
+            if l:
+                g_h = ops.render(g_h, fw.idxs[l], p[f"W{l}"], self.shapes[l].input_hw,
+                                 padding=layer.padding, switches=slope, backend=self.backend)
+
+    def backprop_render(self, p, fw, rs, switches, q, g_image, nonneg_weights, grads):
+        """Add d(loss)/d(params) through the top-down pass, for d(loss)/d(r[0]) = g_image plus
+        the penalty sum_l nonneg_weights[l-1] * ||min(r[l], 0)||^2 on r[1..L]."""
+        g = g_image
+        for l in range(self.n_layers):
+            layer = self.layers[l]
+            code = rs[l + 1]
+            B, _, _ = ops.template_stats(g, code, fw.idxs[l], layer.kernel_size,
+                                         padding=layer.padding, switches=switches[l],
+                                         gram=False, backend=self.backend)
+            grads[f"W{l}"] += B
+            # the adjoint of render with respect to the code: correlate with the templates
+            # (identity switch, no pooling), read at the argmax positions, times the switch
+            zeros = np.zeros(layer.n_templates, g.dtype)
+            z, _ = ops.match_switch_pool(g, p[f"W{l}"], zeros, padding=layer.padding, pool=1,
+                                         leak=1.0, backend=self.backend)
+            n, k = code.shape[:2]
+            g = np.take_along_axis(z.reshape(n, k, -1), fw.idxs[l].reshape(n, k, -1),
+                                   axis=2).reshape(code.shape)
+            g *= switches[l]
+            weight = nonneg_weights[l]
+            if weight:
+                g += (2.0 * weight) * np.minimum(code, 0)
+        grads["mu"] += q.T @ g.sum(axis=(2, 3), dtype=np.float64)
+
+    def zero_grads(self, p):
+        return {name: np.zeros_like(p[name]) for name in trainable_names(self.n_layers)}
+
+
+def sumsq(a):
+    """The sum of squares of an array, accumulated in float64."""
+    flat = np.ravel(a)
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+
+def one_hot(classes, n_classes, dtype=np.float64):
+    q = np.zeros((classes.shape[0], n_classes), dtype)
+    q[np.arange(classes.shape[0]), classes] = 1
+    return q
+
+
+def softmax(scores):
+    t = scores - scores.max(axis=1, keepdims=True)
+    np.exp(t, out=t)
+    t /= t.sum(axis=1, keepdims=True)
+    return t
+
+
+def log_softmax(scores):
+    t = scores - scores.max(axis=1, keepdims=True)
+    return t - np.log(np.exp(t).sum(axis=1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of the four EG terms (see :mod:`fastdrmm.drmm`)."""
+
+    xent: float = 1.0
+    reconstruction: float = 0.1
+    entropy: float = 0.1
+    nonnegativity: float = 0.01
+
+
+def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True):
+    """The EG objective on one batch, its terms, and (need_grads) its gradients.
+
+    ``yidx`` (N,) holds class indices, -1 for unlabeled samples. Returns (loss, terms, grads,
+    forward) with ``terms`` a dict of the unweighted terms."""
+    n = x.shape[0]
+    fw = net.bottom_up(p, x)
+    scores = fw.scores.astype(np.float64)
+    logp = log_softmax(scores)
+    prob = np.exp(logp)
+    labeled = yidx >= 0
+    n_lab, n_unl = int(labeled.sum()), int(n - labeled.sum())
+    xent = -logp[labeled, yidx[labeled]].sum() / max(n_lab, 1)
+    entropy = -(prob[~labeled] * logp[~labeled]).sum() / max(n_unl, 1)
+    classes = np.where(labeled, yidx, scores.argmax(axis=1))
+    q = one_hot(classes, net.n_classes)
+
+    want_render = weights.reconstruction or weights.nonnegativity
+    if want_render:
+        rs, switches = net.top_down(p, fw, q)
+    else:
+        rs, switches = [np.zeros_like(x)] + [None] * net.n_layers, None
+    image_size = x[0].size
+    residual = rs[0] - x
+    reconstruction = sumsq(residual) / (
+        n * image_size)
+    nonneg = 0.0
+    nonneg_weights = []
+    for l in range(1, net.n_layers + 1):
+        size = float(np.prod(net.code_shape(l - 1)))
+        if want_render:
+            neg = np.minimum(rs[l], 0)
+            nonneg += sumsq(neg) / (n * size)
+        nonneg_weights.append(weights.nonnegativity / (n * size))
+    terms = {"xent": float(xent), "entropy": float(entropy),
+             "reconstruction": reconstruction, "nonnegativity": nonneg}
+    loss = (weights.xent * terms["xent"] + weights.entropy * terms["entropy"]
+            + weights.reconstruction * reconstruction + weights.nonnegativity * nonneg)
+    if not need_grads:
+        return loss, terms, None, fw
+
+    grads = net.zero_grads(p)
+    g_scores = np.zeros_like(scores)
+    if n_lab and weights.xent:
+        g = prob[labeled].copy()
+        g[np.arange(n_lab), yidx[labeled]] -= 1
+        g_scores[labeled] += (weights.xent / n_lab) * g
+    if n_unl and weights.entropy:
+        pu, lu = prob[~labeled], logp[~labeled]
+        h = -(pu * lu).sum(axis=1, keepdims=True)
+        g_scores[~labeled] += (weights.entropy / n_unl) * (-pu * (lu + h))
+    if g_scores.any():
+        net.backprop_scores(p, fw, g_scores.astype(x.dtype), grads)
+    if want_render:
+        g_image = ((2.0 * weights.reconstruction / (n * image_size)) * residual).astype(x.dtype)
+        net.backprop_render(p, fw, rs, switches, q, g_image, nonneg_weights, grads)
+    return loss, terms, grads, fw

@@ -1,0 +1,66 @@
+"""Adam (Kingma & Ba 2015) over a dict of arrays, with the learning-rate schedules of EG."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def learning_rate(base, schedule, step, total_steps):
+    """The rate at ``step`` (0-based) of ``total_steps``: constant, cosine decay to 1 % of
+    ``base``, or steps of x0.1 after 50 % and 75 % of the run."""
+    if schedule == "constant" or total_steps <= 1:
+        return base
+    frac = min(step / total_steps, 1.0)
+    if schedule == "cosine":
+        return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+    if schedule == "step":
+        return base * (0.1 ** ((frac >= 0.5) + (frac >= 0.75)))
+    raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+class Adam:
+    """First and second moment estimates per parameter; ``step`` updates ``params`` in place."""
+
+    def __init__(self, params, names, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.names = list(names)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.t = 0
+        self.m = {n: np.zeros_like(params[n], dtype=np.float64) for n in self.names}
+        self.v = {n: np.zeros_like(params[n], dtype=np.float64) for n in self.names}
+
+    def step(self, params, grads, lr, weight_decay=0.0):
+        self.t += 1
+        c1 = 1 - self.beta1 ** self.t
+        c2 = 1 - self.beta2 ** self.t
+        for n in self.names:
+            g = np.asarray(grads[n], np.float64)
+            if weight_decay and n.startswith("W"):
+                g = g + weight_decay * params[n]
+            m, v = self.m[n], self.v[n]
+            m *= self.beta1
+            m += (1 - self.beta1) * g
+            v *= self.beta2
+            v += (1 - self.beta2) * g * g
+            update = (lr / c1) * m / (np.sqrt(v / c2) + self.eps)
+            params[n] = (params[n] - update).astype(params[n].dtype)
+
+    def state_arrays(self):
+        out = {}
+        for n in self.names:
+            out[f"adam.m.{n}"] = self.m[n]
+            out[f"adam.v.{n}"] = self.v[n]
+        return out
+
+    def load_state(self, arrays, t):
+        for n in self.names:
+            for kind, store in (("m", self.m), ("v", self.v)):
+                arr = arrays.get(f"adam.{kind}.{n}")
+                if arr is None or arr.shape != store[n].shape:
+                    raise ValueError(f"checkpoint: optimizer state adam.{kind}.{n} is missing "
+                                     "or has the wrong shape")
+                store[n] = np.array(arr, np.float64)
+        self.t = int(t)

@@ -1,0 +1,1034 @@
+"""The Deep Rendering Mixture Model (DESIGN.md section 1) as a scikit-learn style estimator.
+
+Model
+-----
+A class ``c ~ Cat(pi_c)`` picks a class template ``mu[c]`` (K_L numbers), placed on every
+position of the top layer's plane (the adjoint of the global average pooling that reads it).
+Each layer l = L..1 renders its code ``r[l]`` into the finer ``r[l-1]``::
+
+    r[l-1] = render(r[l], idx[l], W[l], switches=a[l])       (fastdrmm.ops.render)
+
+with per-unit nuisances: the switch ``a ~ Bernoulli(pi_a[l][k])`` (is the unit rendered at
+all) and the translation ``t ~ Cat(pi_t[l])`` inside the pooling window (``idx`` is the chosen
+position). The image is ``x = r[0] + noise``.
+
+Inference (max-sum, bottom-up) is the convolutional network's forward pass::
+
+    h[0] = x;  h[l], idx[l] = match_switch_pool(h[l-1], W[l], b[l])   (switch a = 1[h > 0])
+    f = mean of h[L] over its plane;   score_c = class_scale * <mu[c], f> + beta[c]
+
+and the top-down pass renders from the chosen class with the latents it recorded.
+
+Biases
+------
+With ``bias="generative"`` the hard-EM M-step sets ``b[l][k] = -||W[l][k]||^2 / 2 +
+s2_l * ln(pa / (1 - pa))``: the log-odds that a patch is template k rather than nothing under
+``N(., s2_l I)`` noise, times ``s2_l`` (a positive factor, so every switch and argmax is the
+generative model's, while the codes keep the data's units); and
+``class_scale = P / tau``, ``beta_c = -P ||mu_c||^2 / (2 tau) + ln pi_c`` (P top positions):
+the class score is then the top Gaussian's log-likelihood plus the log-prior. With
+``bias="fixed"`` the biases keep their values (from initialisation or EG).
+
+Training: hard EM (``algorithm="em"``)
+--------------------------------------
+E-step: bottom-up inference records every latent; labeled samples take their label,
+unlabeled ones the best-scoring class; the top-down pass renders ``r[L..0]``. M-step, in
+closed form (:mod:`fastdrmm._em` writes the objective out): the templates of layer 1 by
+least squares of the *image* on the rendered code ``r[1]`` (``solve(G + ridge I, B)`` with
+``B, G`` from :func:`fastdrmm.ops.template_stats`), those of a deeper layer l by least squares
+of the *bottom-up code* ``h[l-1]`` of the layer below on ``r[l]``; the noise variances from
+the residuals; the class templates as the class means of ``f``; the class, switch and
+translation priors as the frequencies of the E-step's choices. Given the latents the M-step
+minimises the hard-EM objective exactly (``objective_history_`` records it before and after
+every M-step). The E-step is the bottom-up pass, which is exact max-sum inference within each
+layer but not jointly over overlapping patches and layers, so a whole iteration is not
+guaranteed to decrease the objective.
+
+Training: EG (``algorithm="eg"``)
+---------------------------------
+Minibatch Adam on, per step (N samples, N_L labeled, N_U unlabeled; terms minimised, every
+sign as written)::
+
+    loss = xent_weight           * (1/N_L) sum_{n labeled}   -ln softmax(score_n)[y_n]
+         + entropy_weight        * (1/N_U) sum_{n unlabeled} -sum_c p_nc ln p_nc
+         + reconstruction_weight * (1/N)   sum_n ||x_n - r_n[0]||^2 / D_0
+         + nonnegativity_weight  * (1/N)   sum_n sum_{l=1..L} ||min(r_n[l], 0)||^2 / D_l
+
+``r_n`` is rendered top-down from the label (labeled) or the predicted class (unlabeled)
+with the latents inferred bottom-up (held fixed: they are piecewise constant in the
+parameters), D_l the size of a code. The gradients come from the project's kernels: through
+the bottom-up pass the input gradient is :func:`fastdrmm.ops.render` and the template
+gradient :func:`fastdrmm.ops.template_stats`; through the top-down pass the template
+gradient is ``template_stats`` of the rendered code against the image gradient, and the code
+gradient a matching with the identity switch read at the argmax positions. ``class_scale``
+stays fixed during EG. After EG the generative priors and noise variances are refitted from
+the E-step's choices on (at most 2,000) training samples, so that :meth:`DRMM.sample` works.
+
+Semi-supervised EG steps pair a batch of unlabeled samples with a batch of labeled ones
+(cycled); an epoch is one pass over the larger set.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import time
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted
+
+from . import _em, io, ops
+from ._network import LossWeights, Network, eg_loss_and_grads, softmax, trainable_names
+from ._optim import SCHEDULES, Adam, learning_rate
+from .layers import Layer, resolve_layers
+
+__all__ = ["DRMM"]
+
+#: samples per batch of every inference pass (bounded memory whatever N is)
+INFERENCE_BATCH = 512
+#: samples used to refit the generative priors after EG
+PRIOR_SAMPLES = 2000
+_ALGORITHMS = ("em", "eg")
+_BIASES = ("generative", "fixed")
+_INITS = ("auto", "he", "patches")
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+# --------------------------------------------------------------------------------------------
+# argument checking
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_real(value, name, minimum=0.0, maximum=np.inf, open_low=False):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    low_ok = value > minimum if open_low else value >= minimum
+    if not (np.isfinite(value) and low_ok and value <= maximum):
+        bound = f"> {minimum}" if open_low else f">= {minimum}"
+        raise ValueError(f"{name} must be a finite number {bound}"
+                         + (f" and <= {maximum}" if np.isfinite(maximum) else "")
+                         + f", got {value!r}")
+    return value
+
+
+def _check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_images(X, name="X", input_shape=None, dtype=np.float32):
+    """X as a C-contiguous (N, C, H, W) array of ``dtype`` with finite values."""
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:
+        raise TypeError(f"{name} must be an array of numbers, got {type(X).__name__}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 4:
+        hint = " (reshape (N, H, W) images to (N, 1, H, W))" if arr.ndim == 3 else ""
+        raise ValueError(f"{name} must be a 4-d array (N, C, H, W), got shape {arr.shape}{hint}")
+    if arr.shape[0] < 1 or 0 in arr.shape[1:]:
+        raise ValueError(f"{name} holds no data (shape {arr.shape})")
+    if input_shape is not None and tuple(arr.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{name} has images of shape {tuple(arr.shape[1:])}, but the model "
+                         f"was fitted on {tuple(input_shape)}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    return arr
+
+
+def _check_labels(y, n, n_classes, name="y"):
+    """y -> int64 class indices with -1 for unlabeled; None -> all unlabeled."""
+    if y is None:
+        return np.full(n, -1, np.int64)
+    arr = np.asarray(y)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise ValueError(f"{name} must hold integer class indices (or -1 for unlabeled)")
+    elif arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class indices in [0, {n_classes}) or -1, "
+                        f"got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < -1) | (arr >= n_classes)
+    if bad.any():
+        raise ValueError(f"{name} holds {arr[bad][0]}: labels must lie in [0, {n_classes}) "
+                         "(or be -1 for an unlabeled sample)")
+    return arr
+
+
+def _seed_of(random_state):
+    if random_state is None:
+        return int(np.random.SeedSequence().entropy % (2 ** 63))
+    if isinstance(random_state, (numbers.Integral, np.integer)) and not isinstance(
+            random_state, bool):
+        if random_state < 0:
+            raise ValueError(f"random_state must be >= 0, got {random_state!r}")
+        return int(random_state)
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2 ** 31 - 1))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2 ** 63 - 1))
+    raise TypeError("random_state must be None, an int, a numpy RandomState or Generator, got "
+                    f"{random_state!r}")
+
+
+def _batches(n, size):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _progress(total, desc, enabled):
+    """A tqdm bar (or a silent stand-in when tqdm is absent or not wanted)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+            return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _say(message, enabled):
+    if not enabled:
+        return
+    try:
+        from tqdm.auto import tqdm
+        tqdm.write(message)
+    except ImportError:
+        print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the estimator
+
+
+class DRMM(ClassifierMixin, BaseEstimator):
+    """Deep Rendering Mixture Model: max-sum inference, top-down rendering, EM and EG training.
+
+    Parameters
+    ----------
+    layers : str or sequence of Layer, default "conv-small"
+        A preset name (see :data:`fastdrmm.layers.PRESETS`: "conv-small", "two-layer") or
+        the layers, bottom first.
+    n_classes : int, default 10
+        Classes are the integers 0 .. n_classes-1; -1 in y marks an unlabeled sample.
+    algorithm : {"eg", "em"}, default "eg"
+        Gradient training of the EG objective, or hard EM (see the module docstring).
+    max_iter : int, default 10
+        EG epochs, or EM iterations (full passes).
+    batch_size : int, default 128
+        Samples per EG step (and per labeled batch in semi-supervised EG).
+    learning_rate : float, default 1e-3
+        Adam's step size.
+    lr_schedule : {"cosine", "constant", "step"}, default "cosine"
+    xent_weight, reconstruction_weight, entropy_weight, nonnegativity_weight : float
+        The weights of the EG terms (defaults 1.0, 0.1, 0.1, 0.01).
+    weight_decay : float, default 0.0
+        L2 penalty on the layer templates added to their EG gradient.
+    ridge : float, default 1e-3
+        EM's ridge, relative to the mean diagonal of each Gram matrix.
+    bias : {"generative", "fixed"}, default "generative"
+        How EM sets the biases.
+    unlabeled_weight : float, default 1.0
+        The weight of an unlabeled sample in EM's statistics.
+    validation_fraction : float, default 0.1
+        Fraction of the labeled training samples held out (stratified, seeded) to score
+        every epoch; the best-scoring parameters are kept. 0 disables it.
+    n_iter_no_change : int or None, default None
+        Stop early after this many epochs without a better validation score.
+    tol : float, default 1e-4
+        EM stops when the objective (per sample) changes by less than this.
+    init : {"auto", "he", "patches"}, default "auto"
+        Random (He) templates, or templates drawn from the data's patches; "auto" picks
+        "patches" for EM and "he" for EG.
+    dtype : {"float32", "float64"}, default "float32"
+        The working precision of the kernels (M-step solves are float64).
+    backend : str, default "auto"
+        The :mod:`fastdrmm.ops` backend (host backends: "cpu", "numpy").
+    random_state : None, int, RandomState or Generator
+        Seeds initialisation, the validation split and the minibatch order; a fixed seed
+        gives bit-identical results on the cpu backend.
+    verbose : int, default 0
+        0 silent; 1 a progress bar per epoch and one line per epoch.
+    checkpoint : str or None, default None
+        A file rewritten atomically after every epoch (parameters, optimizer state, history);
+        ``fit(..., resume=True)`` continues from it.
+
+    Attributes
+    ----------
+    parameters_ : dict of arrays
+        W0.., b0.. (layer templates and biases), mu, beta, class_scale (top), and the
+        generative noise_variance, switch_prior{l}, translation_prior{l}, class_prior,
+        top_noise_variance.
+    layers_ : tuple of Layer
+    input_shape_ : (C, H, W)
+    classes_ : ndarray, ``arange(n_classes)``
+    n_iter_ : int, epochs/iterations run
+    history_ : list of dict, one per epoch (loss terms, validation score, time, rate)
+    objective_history_ : list of (before, after) EM objective around each M-step
+    validation_score_ : float or None, best validation accuracy
+    best_iteration_ : int, the epoch whose parameters were kept
+    """
+
+    def __init__(self, layers="conv-small", n_classes=10, *, algorithm="eg", max_iter=10,
+                 batch_size=128, learning_rate=1e-3, lr_schedule="cosine", xent_weight=1.0,
+                 reconstruction_weight=0.1, entropy_weight=0.1, nonnegativity_weight=0.01,
+                 weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
+                 validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
+                 dtype="float32", backend="auto", random_state=None, verbose=0,
+                 checkpoint=None):
+        self.layers = layers
+        self.n_classes = n_classes
+        self.algorithm = algorithm
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.lr_schedule = lr_schedule
+        self.xent_weight = xent_weight
+        self.reconstruction_weight = reconstruction_weight
+        self.entropy_weight = entropy_weight
+        self.nonnegativity_weight = nonnegativity_weight
+        self.weight_decay = weight_decay
+        self.ridge = ridge
+        self.bias = bias
+        self.unlabeled_weight = unlabeled_weight
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.init = init
+        self.dtype = dtype
+        self.backend = backend
+        self.random_state = random_state
+        self.verbose = verbose
+        self.checkpoint = checkpoint
+
+    # ---------------------------------------------------------------------------------------
+    # configuration
+
+    def _check_params(self):
+        layers = resolve_layers(self.layers)
+        _check_int(self.n_classes, "n_classes", 2)
+        _check_choice(self.algorithm, "algorithm", _ALGORITHMS)
+        _check_int(self.max_iter, "max_iter", 0)
+        _check_int(self.batch_size, "batch_size", 1)
+        _check_real(self.learning_rate, "learning_rate", 0.0, open_low=True)
+        _check_choice(self.lr_schedule, "lr_schedule", SCHEDULES)
+        weights = LossWeights(
+            xent=_check_real(self.xent_weight, "xent_weight"),
+            reconstruction=_check_real(self.reconstruction_weight, "reconstruction_weight"),
+            entropy=_check_real(self.entropy_weight, "entropy_weight"),
+            nonnegativity=_check_real(self.nonnegativity_weight, "nonnegativity_weight"))
+        _check_real(self.weight_decay, "weight_decay")
+        _check_real(self.ridge, "ridge", 0.0, open_low=True)
+        _check_choice(self.bias, "bias", _BIASES)
+        _check_real(self.unlabeled_weight, "unlabeled_weight")
+        _check_real(self.validation_fraction, "validation_fraction", 0.0, 0.5)
+        if self.n_iter_no_change is not None:
+            _check_int(self.n_iter_no_change, "n_iter_no_change", 1)
+        _check_real(self.tol, "tol")
+        _check_choice(self.init, "init", _INITS)
+        _check_choice(self.dtype, "dtype", tuple(_DTYPES))
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a backend name, got {self.backend!r}")
+        _check_int(self.verbose, "verbose", 0)
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a path or None, got {self.checkpoint!r}")
+        return layers, weights
+
+    def _serial_params(self):
+        """get_params() in JSON form (layers as dicts, the seed as an int or None)."""
+        params = self.get_params()
+        layers = params["layers"]
+        if not isinstance(layers, str):
+            params["layers"] = [layer.to_dict() for layer in resolve_layers(layers)]
+        if not (params["random_state"] is None or isinstance(params["random_state"], int)):
+            params["random_state"] = None
+        if params["checkpoint"] is not None:
+            params["checkpoint"] = os.fspath(params["checkpoint"])
+        return params
+
+    def _network(self, layers, input_shape):
+        matching = "normalized" if self.algorithm == "em" else "tied"
+        return Network(layers, input_shape, self.n_classes, self.backend, matching)
+
+    @property
+    def _np_dtype(self):
+        return _DTYPES[self.dtype]
+
+    # ---------------------------------------------------------------------------------------
+    # initialisation
+
+    def _init_params(self, net, X, yidx, seed):
+        rng = np.random.default_rng([seed, 0])
+        init = self.init
+        if init == "auto":
+            init = "patches" if self.algorithm == "em" else "he"
+        dtype = self._np_dtype
+        p = {}
+        sample = rng.permutation(X.shape[0])[:min(X.shape[0], 1024)]
+        sample.sort()
+        h = X[sample]
+        for l, (layer, shape) in enumerate(zip(net.layers, net.shapes)):
+            k, c = layer.n_templates, shape.channels_in
+            kh, kw = layer.kernel_size
+            if init == "he":
+                W = rng.standard_normal((k, c, kh, kw)) * np.sqrt(2.0 / (c * kh * kw))
+                b = np.zeros(k)
+                s2 = 1.0
+            else:
+                W = _em.random_patches(h, layer, k, rng)
+                s2 = max(float(np.var(h)), 1e-12)
+                b = _em.generative_bias_of(W, s2, np.full(k, 0.5))
+            p[f"W{l}"] = W.astype(dtype)
+            p[f"b{l}"] = b.astype(dtype)
+            p[f"switch_prior{l}"] = np.full(k, 0.5)
+            ph, pw = layer.window
+            p[f"translation_prior{l}"] = np.full(ph * pw, 1.0 / (ph * pw))
+            p.setdefault("noise_variance", []).append(s2)
+            if init == "patches":
+                h, _ = ops.match_switch_pool(h, net.matching_templates(p, l), p[f"b{l}"],
+                                             padding=layer.padding,
+                                             pool=layer.window, leak=layer.leak,
+                                             backend=self.backend)
+        p["noise_variance"] = np.array(p["noise_variance"], np.float64)
+        k_top, n_cls = net.layers[-1].n_templates, net.n_classes
+        p["class_prior"] = np.full(n_cls, 1.0 / n_cls)
+        if init == "he":
+            p["mu"] = (rng.standard_normal((n_cls, k_top)) / np.sqrt(k_top)).astype(dtype)
+            p["beta"] = np.zeros(n_cls, dtype)
+            p["top_noise_variance"] = np.float64(net.top_size)
+            p["class_scale"] = np.float64(1.0)
+        else:
+            f = np.asarray(h.mean(axis=(2, 3)), np.float64)
+            ys = yidx[sample]
+            mu = f[rng.integers(0, f.shape[0], n_cls)].copy()
+            for c in range(n_cls):
+                if np.any(ys == c):
+                    mu[c] = f[ys == c].mean(axis=0)
+            tau = max(float(np.var(h)), 1e-12)
+            p["mu"] = mu.astype(dtype)
+            p["top_noise_variance"] = np.float64(tau)
+            p["class_scale"] = np.float64(net.top_size / tau)
+            p["beta"] = (-net.top_size * np.sum(mu * mu, axis=1) / (2 * tau)
+                         + np.log(p["class_prior"])).astype(dtype)
+        return p
+
+    # ---------------------------------------------------------------------------------------
+    # fitting
+
+    def fit(self, X, y=None, *, resume=False):
+        """Fit by EG or hard EM.
+
+        Parameters
+        ----------
+        X : array (N, C, H, W)
+        y : None (unsupervised) or array (N,) of class indices, -1 for unlabeled samples
+        resume : bool, default False
+            Continue from ``self.checkpoint`` when that file exists (same model settings and
+            data shape required); the run then ends exactly as an uninterrupted one would.
+
+        Returns
+        -------
+        self
+        """
+        layers, weights = self._check_params()
+        X = _check_images(X, dtype=self._np_dtype)
+        yidx = _check_labels(y, X.shape[0], self.n_classes)
+        if not isinstance(resume, (bool, np.bool_)):
+            raise TypeError(f"resume must be True or False, got {resume!r}")
+        if resume and self.checkpoint is None:
+            raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+        net = self._network(layers, X.shape[1:])
+        state = None
+        if resume and os.path.exists(self.checkpoint):
+            state = self._read_checkpoint(self.checkpoint, net)
+            seed = state["seed"]
+        else:
+            seed = _seed_of(self.random_state)
+        train, val = _validation_split(yidx, self.n_classes, float(self.validation_fraction),
+                                       seed)
+        run = _Run(self, net, weights, seed, X, yidx, train, val)
+        if state is not None:
+            run.restore(state)
+        else:
+            run.params = self._init_params(net, X[train], yidx[train], seed)
+        run.loop()
+        self._finish(run)
+        return self
+
+    def partial_fit(self, X, y=None):
+        """One pass over (X, y): an EG epoch at the constant rate ``learning_rate`` with the
+        optimizer state kept between calls, or one stepwise-EM update (the statistics of
+        this batch blended into the running ones with weight (t + 2)^-0.7). The first call
+        initialises the model from X; later ones need images of the same shape."""
+        layers, weights = self._check_params()
+        fitted = hasattr(self, "parameters_")
+        X = _check_images(X, input_shape=self.input_shape_ if fitted else None,
+                          dtype=self._np_dtype)
+        yidx = _check_labels(y, X.shape[0], self.n_classes)
+        net = self._network(layers, X.shape[1:])
+        state = getattr(self, "_partial", None)
+        if not fitted or state is None:
+            seed = _seed_of(self.random_state)
+            params = (dict(self.parameters_) if fitted
+                      else self._init_params(net, X, yidx, seed))
+            state = {"seed": seed, "t": 0, "optimizer": None, "stats": None}
+        else:
+            params = dict(self.parameters_)
+        every = np.arange(X.shape[0])
+        run = _Run(self, net, weights, state["seed"], X, yidx, every, every[:0])
+        run.params = params
+        if self.algorithm == "eg":
+            if state["optimizer"] is None:
+                state["optimizer"] = Adam(params, trainable_names(net.n_layers))
+            run.optimizer = state["optimizer"]
+            run.eg_epoch(state["t"], constant_rate=True)
+        else:
+            stats = run.em_statistics()
+            stats = stats.scaled(1.0 / stats.weight)
+            eta = (state["t"] + 2.0) ** -0.7
+            if state["stats"] is not None:
+                stats = state["stats"].scaled(1 - eta).add(stats.scaled(eta))
+            state["stats"] = stats
+            generative = self.bias == "generative"
+            run.params = _em.normalize_templates(net, _em.m_step(
+                net, run.params, stats, float(self.ridge), generative), generative)
+        state["t"] += 1
+        run.epoch = state["t"]
+        self._finish(run, refit_priors=False)
+        self._partial = state
+        return self
+
+    def _finish(self, run, refit_priors=True):
+        params = run.best_params if run.best_params is not None else run.params
+        if refit_priors and run.epoch > 0:
+            params = run.refit_priors(params, top=self.algorithm == "em")
+        self.parameters_ = params
+        self.layers_ = run.net.layers
+        self.input_shape_ = run.net.input_shape
+        self.classes_ = np.arange(self.n_classes)
+        self.n_iter_ = run.epoch
+        self.history_ = run.history
+        self.objective_history_ = run.objective_history
+        self.validation_score_ = run.best_score
+        self.best_iteration_ = run.best_epoch if run.best_params is not None else run.epoch
+        self.converged_ = run.converged
+        if (self.algorithm == "em" and not run.converged and run.epoch == self.max_iter
+                and self.max_iter > 0 and run.validation_size == 0):
+            warnings.warn("EM did not converge within max_iter iterations; increase max_iter "
+                          "or tol", ConvergenceWarning)
+
+    # ---------------------------------------------------------------------------------------
+    # inference
+
+    def _net(self):
+        check_is_fitted(self, "parameters_")
+        return self._network(self.layers_, self.input_shape_)
+
+    def _inputs(self, X, name="X"):
+        check_is_fitted(self, "parameters_")
+        return _check_images(X, name, self.input_shape_, self._np_dtype)
+
+    def _bottom_up_batches(self, X):
+        net = self._net()
+        X = self._inputs(X)
+        for sl in _batches(X.shape[0], INFERENCE_BATCH):
+            yield sl, net, net.bottom_up(self.parameters_, X[sl])
+
+    def decision_function(self, X):
+        """Class scores (N, n_classes): ``class_scale * <mu_c, f> + beta_c``."""
+        out = None
+        for sl, _, fw in self._bottom_up_batches(X):
+            if out is None:
+                out = np.empty((_n_of(X), self.n_classes))
+            out[sl] = fw.scores
+        return out
+
+    def predict_proba(self, X):
+        """Softmax of the class scores (N, n_classes)."""
+        return softmax(self.decision_function(X))
+
+    def predict(self, X):
+        """The best-scoring class of every sample (N,)."""
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
+
+    def score(self, X, y, sample_weight=None):
+        """Accuracy of :meth:`predict` on (X, y)."""
+        return super().score(X, y, sample_weight=sample_weight)
+
+    def transform(self, X):
+        """The top code f (N, K_L): the last layer's code averaged over its plane."""
+        out = None
+        for sl, _, fw in self._bottom_up_batches(X):
+            if out is None:
+                out = np.empty((_n_of(X), fw.f.shape[1]), fw.f.dtype)
+            out[sl] = fw.f
+        return out
+
+    def reconstruct(self, X, y=None):
+        """Render X back top-down from its class and the latents inferred from it.
+
+        The class is ``y`` where given (-1 entries and ``y=None`` use the predicted class);
+        the switches and argmax positions of every layer are those of the bottom-up pass.
+        Returns an array of X's shape.
+        """
+        X = self._inputs(X)
+        yidx = _check_labels(y, X.shape[0], self.n_classes)
+        out = np.empty_like(X)
+        for sl, net, fw in self._bottom_up_batches(X):
+            cls = np.where(yidx[sl] >= 0, yidx[sl], np.asarray(fw.scores).argmax(axis=1))
+            q = np.eye(self.n_classes)[cls]
+            rs, _ = net.top_down(self.parameters_, fw, q)
+            out[sl] = rs[0]
+        return out
+
+    def sample(self, classes, random_state=None):
+        """Generate images of the given classes from the generative model.
+
+        Every unit's switch is drawn from its layer's switch prior and its position in the
+        pooling window from the translation prior; the class template is rendered down with
+        those latents. ``classes`` is an int or an array of class indices; returns
+        (len(classes), C, H, W).
+        """
+        net = self._net()
+        cls = np.atleast_1d(np.asarray(classes))
+        if cls.ndim != 1 or cls.dtype.kind not in "iu":
+            raise TypeError("classes must be an int or a 1-d array of class indices")
+        if cls.size and (cls.min() < 0 or cls.max() >= self.n_classes):
+            raise ValueError(f"classes must lie in [0, {self.n_classes})")
+        rng = np.random.default_rng(_seed_of(random_state))
+        p = self.parameters_
+        dtype = self._np_dtype
+        out = np.empty((cls.size, *self.input_shape_), dtype)
+        for sl in _batches(cls.size, INFERENCE_BATCH):
+            n = sl.stop - sl.start
+            idxs, switches = [], []
+            for l, layer in enumerate(net.layers):
+                k, (hp, wp), wo = layer.n_templates, net.shapes[l].pooled, net.shapes[l].plane[1]
+                ph, pw = layer.window
+                prior = np.asarray(p[f"translation_prior{l}"], np.float64)
+                offset = rng.choice(ph * pw, size=(n, k, hp, wp), p=prior / prior.sum())
+                di, dj = np.divmod(offset, pw)
+                rows = np.arange(hp)[:, None] * ph + di
+                cols = np.arange(wp)[None, :] * pw + dj
+                idxs.append((rows * wo + cols).astype(np.int32))
+                pa = np.asarray(p[f"switch_prior{l}"], np.float64)[None, :, None, None]
+                switches.append((rng.random((n, k, hp, wp)) < pa).astype(dtype))
+            top = net.top_code(p, np.eye(self.n_classes)[cls[sl]], dtype)
+            out[sl] = net.render_down(p, top, idxs, switches)[0]
+        return out
+
+    # ---------------------------------------------------------------------------------------
+    # persistence
+
+    def save(self, path):
+        """Write the fitted model to ``path`` atomically (see :func:`fastdrmm.load`)."""
+        check_is_fitted(self, "parameters_")
+        io.save_arrays(path, _param_arrays(self.parameters_), self._metadata())
+
+    def _metadata(self, extra=None):
+        meta = {
+            "model_class": "DRMM",
+            "params": self._serial_params(),
+            "fitted": {
+                "layers": [layer.to_dict() for layer in self.layers_],
+                "input_shape": list(self.input_shape_),
+                "n_iter": int(self.n_iter_),
+                "history": self.history_,
+                "objective_history": [list(t) for t in self.objective_history_],
+                "validation_score": self.validation_score_,
+                "best_iteration": int(self.best_iteration_),
+                "converged": bool(self.converged_),
+            },
+        }
+        if extra:
+            meta.update(extra)
+        return meta
+
+    @classmethod
+    def _from_saved(cls, arrays, meta, path):
+        try:
+            params = dict(meta["params"])
+            fitted = meta["fitted"]
+            if not isinstance(params["layers"], str):
+                params["layers"] = [Layer.from_dict(d) for d in params["layers"]]
+            model = cls(**params)
+            layers, _ = model._check_params()
+            net = model._network(layers, fitted["input_shape"])
+            model.parameters_ = _params_from_arrays(arrays, net, model._np_dtype)
+            model.layers_ = net.layers
+            model.input_shape_ = net.input_shape
+            model.classes_ = np.arange(model.n_classes)
+            model.n_iter_ = int(fitted["n_iter"])
+            model.history_ = list(fitted["history"])
+            model.objective_history_ = [tuple(t) for t in fitted["objective_history"]]
+            model.validation_score_ = fitted["validation_score"]
+            model.best_iteration_ = int(fitted["best_iteration"])
+            model.converged_ = bool(fitted["converged"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a valid saved DRMM: {exc}") from None
+        return model
+
+    @classmethod
+    def _from_checkpoint(cls, arrays, meta, path):
+        try:
+            state = meta["checkpoint"]
+            best = state.get("has_best", False)
+            chosen = {k[5:]: v for k, v in arrays.items() if k.startswith("best.")} if best \
+                else {k: v for k, v in arrays.items() if not k.startswith(("best.", "adam."))}
+            epoch = int(state["epoch"])
+            fitted = {"input_shape": state["input_shape"], "n_iter": epoch,
+                      "history": state["history"],
+                      "objective_history": state["objective_history"],
+                      "validation_score": state["best_score"],
+                      "best_iteration": int(state["best_epoch"]) if best else epoch,
+                      "converged": state["converged"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a valid DRMM checkpoint: {exc}") from None
+        return cls._from_saved(chosen, {"params": meta["params"], "fitted": fitted}, path)
+
+    def _read_checkpoint(self, path, net):
+        arrays, meta = io.load_arrays(path)
+        if meta.get("model_class") != "DRMM" or "checkpoint" not in meta:
+            raise ValueError(f"{path}: not a DRMM checkpoint")
+        mine = self._serial_params()
+        theirs = meta["params"]
+        free = {"max_iter", "verbose", "checkpoint", "backend", "n_iter_no_change"}
+        differ = sorted(k for k in mine if k not in free and theirs.get(k) != mine[k])
+        if differ:
+            raise ValueError(f"{path}: the checkpoint was written with other settings "
+                             f"({', '.join(differ)}); refusing to resume")
+        state = dict(meta["checkpoint"])
+        if tuple(state["input_shape"]) != net.input_shape:
+            raise ValueError(f"{path}: the checkpoint is for images of shape "
+                             f"{tuple(state['input_shape'])}, not {net.input_shape}")
+        state["params"] = _params_from_arrays(arrays, net, self._np_dtype)
+        if state.get("has_best"):
+            state["best_params"] = _params_from_arrays(
+                {k[5:]: v for k, v in arrays.items() if k.startswith("best.")}, net,
+                self._np_dtype)
+        state["arrays"] = arrays
+        return state
+
+
+def _n_of(X):
+    return np.shape(X)[0]
+
+
+def _validation_split(yidx, n_classes, fraction, seed):
+    """(train, validation) sample indices: ``fraction`` of each class's labeled samples
+    (rounded, at least one where a class has two or more) held out, chosen by the seed."""
+    n = yidx.shape[0]
+    everything = np.arange(n)
+    if fraction <= 0:
+        return everything, everything[:0]
+    rng = np.random.default_rng([seed, 1])
+    held = []
+    for c in range(n_classes):
+        members = np.flatnonzero(yidx == c)
+        if members.size < 2:
+            continue
+        take = max(1, int(round(fraction * members.size)))
+        held.append(rng.permutation(members)[:take])
+    if not held:
+        return everything, everything[:0]
+    val = np.sort(np.concatenate(held))
+    keep = np.ones(n, bool)
+    keep[val] = False
+    return everything[keep], val
+
+
+def _param_arrays(p):
+    out = {}
+    for name, value in p.items():
+        out[name] = np.asarray(value)
+    return out
+
+
+def _expected_shapes(net):
+    shapes = {}
+    for l, layer in enumerate(net.layers):
+        k, c = layer.n_templates, net.shapes[l].channels_in
+        shapes[f"W{l}"] = (k, c, *layer.kernel_size)
+        shapes[f"b{l}"] = (k,)
+        shapes[f"switch_prior{l}"] = (k,)
+        shapes[f"translation_prior{l}"] = (layer.window[0] * layer.window[1],)
+    k_top = net.layers[-1].n_templates
+    shapes.update({"noise_variance": (net.n_layers,), "mu": (net.n_classes, k_top),
+                   "beta": (net.n_classes,), "class_prior": (net.n_classes,),
+                   "top_noise_variance": (), "class_scale": ()})
+    return shapes
+
+
+def _params_from_arrays(arrays, net, dtype):
+    """The parameter dict from saved arrays, every name and shape checked."""
+    p = {}
+    for name, shape in _expected_shapes(net).items():
+        if name not in arrays:
+            raise ValueError(f"the array {name!r} is missing")
+        arr = np.asarray(arrays[name])
+        if arr.shape != shape:
+            raise ValueError(f"the array {name!r} has shape {arr.shape}, expected {shape}")
+        if arr.dtype.kind != "f":
+            raise ValueError(f"the array {name!r} has dtype {arr.dtype}, expected floats")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"the array {name!r} holds NaN or infinity")
+        trainable = name[:1] in "Wb" and name[1:].isdigit() or name in ("mu", "beta")
+        p[name] = np.array(arr, dtype if trainable else np.float64)
+    return p
+
+
+class _Run:
+    """One training run: the loop over epochs, validation, checkpoints and progress."""
+
+    def __init__(self, model, net, weights, seed, X, yidx, train, val):
+        self.model, self.net, self.weights, self.seed = model, net, weights, seed
+        self.X, self.yidx, self.train, self.val = X, yidx, train, val
+        self.validation_size = int(val.size)
+        self.params = None
+        self.optimizer = None
+        self.epoch = 0
+        self.step = 0
+        self.history = []
+        self.objective_history = []
+        self.best_params = None
+        self.best_score = None
+        self.best_epoch = 0
+        self.no_improve = 0
+        self.converged = False
+        self.verbose = int(model.verbose)
+
+    # -------------------------------------------------------------------------------- state
+
+    def restore(self, state):
+        self.params = state["params"]
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.objective_history = [tuple(t) for t in state["objective_history"]]
+        self.best_score = state["best_score"]
+        self.best_epoch = int(state["best_epoch"])
+        self.no_improve = int(state["no_improve"])
+        self.converged = bool(state["converged"])
+        self.best_params = state.get("best_params")
+        if self.model.algorithm == "eg":
+            self.optimizer = Adam(self.params, trainable_names(self.net.n_layers))
+            self.optimizer.load_state(state["arrays"], state["adam_t"])
+
+    def save_checkpoint(self):
+        path = self.model.checkpoint
+        if path is None:
+            return
+        arrays = _param_arrays(self.params)
+        if self.best_params is not None:
+            arrays.update({f"best.{k}": v for k, v in _param_arrays(self.best_params).items()})
+        if self.optimizer is not None:
+            arrays.update(self.optimizer.state_arrays())
+        state = {
+            "seed": self.seed, "epoch": self.epoch, "step": self.step,
+            "input_shape": list(self.net.input_shape), "history": self.history,
+            "objective_history": [list(t) for t in self.objective_history],
+            "best_score": self.best_score, "best_epoch": self.best_epoch,
+            "no_improve": self.no_improve, "converged": self.converged,
+            "has_best": self.best_params is not None,
+            "adam_t": 0 if self.optimizer is None else self.optimizer.t,
+        }
+        meta = {"model_class": "DRMM", "params": self.model._serial_params(),
+                "checkpoint": state}
+        io.save_arrays(path, arrays, meta)
+
+    # -------------------------------------------------------------------------------- loop
+
+    def loop(self):
+        model = self.model
+        if model.algorithm == "eg" and self.optimizer is None:
+            self.optimizer = Adam(self.params, trainable_names(self.net.n_layers))
+        while self.epoch < int(model.max_iter) and not self.converged:
+            tic = time.perf_counter()
+            if model.algorithm == "eg":
+                record = self.eg_epoch(self.epoch)
+            else:
+                record = self.em_iteration()
+            self.epoch += 1
+            record["epoch"] = self.epoch
+            if self.validation_size:
+                score = self.validation_accuracy(self.params)
+                record["validation_accuracy"] = score
+                if self.best_score is None or score > self.best_score:
+                    self.best_score, self.best_epoch = score, self.epoch
+                    self.best_params = {k: np.copy(v) for k, v in self.params.items()}
+                    self.no_improve = 0
+                else:
+                    self.no_improve += 1
+                if model.n_iter_no_change is not None and self.no_improve >= int(
+                        model.n_iter_no_change):
+                    self.converged = True
+            record["time"] = time.perf_counter() - tic
+            self.history.append(record)
+            _say(_epoch_line(record, int(model.max_iter)), self.verbose)
+            self.save_checkpoint()
+
+    def validation_accuracy(self, params):
+        correct = 0
+        for sl in _batches(self.val.size, INFERENCE_BATCH):
+            rows = self.val[sl]
+            fw = self.net.bottom_up(params, self.X[rows])
+            correct += int(np.sum(np.asarray(fw.scores).argmax(axis=1) == self.yidx[rows]))
+        return correct / self.val.size
+
+    # -------------------------------------------------------------------------------- EG
+
+    def _eg_steps(self, epoch):
+        """The sample indices of every step of this epoch (seeded by (seed, epoch))."""
+        rng = np.random.default_rng([self.seed, 2, epoch])
+        bs = int(self.model.batch_size)
+        labeled = self.train[self.yidx[self.train] >= 0]
+        unlabeled = self.train[self.yidx[self.train] < 0]
+        if labeled.size and unlabeled.size:
+            order_u = rng.permutation(unlabeled)
+            lb = min(bs, labeled.size)
+            n_steps = -(-order_u.size // bs)
+            cycle = np.concatenate([rng.permutation(labeled)
+                                    for _ in range(-(-n_steps * lb // labeled.size))])
+            return [np.concatenate([order_u[i * bs:(i + 1) * bs], cycle[i * lb:(i + 1) * lb]])
+                    for i in range(n_steps)]
+        order = rng.permutation(self.train)
+        return [order[i:i + bs] for i in range(0, order.size, bs)]
+
+    def eg_epoch(self, epoch, constant_rate=False):
+        model = self.model
+        steps = self._eg_steps(epoch)
+        total_steps = len(steps) * int(model.max_iter)
+        sums = {}
+        bar = _progress(len(steps), f"epoch {epoch + 1}", self.verbose)
+        try:
+            for rows in steps:
+                rows = np.sort(rows)
+                lr = (float(model.learning_rate) if constant_rate else learning_rate(
+                    float(model.learning_rate), model.lr_schedule, self.step, total_steps))
+                loss, terms, grads, _ = eg_loss_and_grads(self.net, self.params, self.X[rows],
+                                                          self.yidx[rows], self.weights)
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the EG loss became {loss} at step {self.step}; lower learning_rate")
+                self.optimizer.step(self.params, grads, lr, float(model.weight_decay))
+                self.step += 1
+                terms["loss"] = loss
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                bar.update(1)
+                bar.set_postfix({k: f"{v / max(bar_n(bar), 1):.4g}" for k, v in sums.items()
+                                 if k in ("loss", "xent", "reconstruction")}, refresh=False)
+        finally:
+            bar.close()
+        record = {name: value / max(len(steps), 1) for name, value in sums.items()}
+        record["learning_rate"] = lr if steps else float(model.learning_rate)
+        return record
+
+    # -------------------------------------------------------------------------------- EM
+
+    def em_statistics(self, rows=None):
+        rows = self.train if rows is None else rows
+        stats = _em.Statistics(self.net)
+        bar = _progress(-(-rows.size // INFERENCE_BATCH), "E-step", self.verbose)
+        try:
+            for sl in _batches(rows.size, INFERENCE_BATCH):
+                chunk = rows[sl]
+                _em.e_step(self.net, self.params, self.X[chunk], self.yidx[chunk],
+                           float(self.model.unlabeled_weight), stats)
+                bar.update(1)
+        finally:
+            bar.close()
+        if not stats.weight > 0:
+            raise ValueError("unlabeled_weight=0 and no labeled samples: nothing to fit")
+        return stats
+
+    def em_iteration(self):
+        model = self.model
+        ridge = float(model.ridge)
+        stats = self.em_statistics()
+        before = _em.objective(self.net, self.params, stats, ridge)
+        generative = model.bias == "generative"
+        fitted = _em.m_step(self.net, self.params, stats, ridge, generative)
+        after = _em.objective(self.net, fitted, stats, ridge)
+        self.params = _em.normalize_templates(self.net, fitted, generative)
+        if self.objective_history and abs(before - self.objective_history[-1][0]) < float(
+                model.tol):
+            self.converged = True
+        self.objective_history.append((before, after))
+        return {"objective": before, "objective_after_m_step": after}
+
+    def refit_priors(self, params, top=False):
+        """The parameters with the generative priors and noise variances refitted from the
+        E-step's choices on up to PRIOR_SAMPLES training samples, layer templates and biases
+        unchanged. ``top``: also refit the class templates and class scores (after EM, whose
+        last M-step moved the codes the class templates were fitted to)."""
+        rng = np.random.default_rng([self.seed, 3])
+        rows = np.sort(rng.permutation(self.train)[:PRIOR_SAMPLES])
+        saved, self.params = self.params, params
+        try:
+            stats = self.em_statistics(rows)
+        finally:
+            self.params = saved
+        fitted = _em.m_step(self.net, params, stats, float(self.model.ridge), top)
+        out = dict(params)
+        for name in fitted:
+            if name.startswith(("switch_prior", "translation_prior")) or name in (
+                    "class_prior", "top_noise_variance"):
+                out[name] = fitted[name]
+        # the residual variance of the current templates (not of the refitted ones)
+        s2 = []
+        for l in range(self.net.n_layers):
+            D = float(np.prod(self.net.shapes[l].input_hw)) * self.net.shapes[l].channels_in
+            rss = _em._rss(stats, l, np.asarray(params[f"W{l}"], np.float64))
+            s2.append(max(rss / (stats.weight * D), 1e-12))
+        out["noise_variance"] = np.array(s2)
+        mu = np.asarray(params["mu"], np.float64)
+        D_top = float(self.net.layers[-1].n_templates * self.net.top_size)
+        out["top_noise_variance"] = np.float64(
+            max(_em._top_rss(stats, self.net, mu) / (stats.weight * D_top), 1e-12))
+        if top:
+            for name in ("mu", "top_noise_variance", "class_scale", "beta"):
+                out[name] = fitted[name]
+        return out
+
+
+def bar_n(bar):
+    return getattr(bar, "n", 1)
+
+
+def _epoch_line(record, total):
+    parts = [f"epoch {record['epoch']}/{total}"]
+    for key in ("loss", "xent", "reconstruction", "entropy", "nonnegativity", "objective"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.5g}")
+    if "validation_accuracy" in record:
+        parts.append(f"val acc {record['validation_accuracy']:.4f}")
+    parts.append(f"{record.get('time', 0.0):.1f} s")
+    return "  ".join(parts)
