@@ -2,25 +2,26 @@
 hard-EM objective evaluated from the statistics for any parameters.
 
 Latents (chosen by the E-step, fixed in the M-step) of sample n: its class c (the label, or
-the best-scoring class when unlabeled), every layer's argmax positions idx[l] and switches
-a[l] = 1[h[l] > 0], the bottom-up codes h[l] and the top-down codes r[l] rendered from
-r[L] = mu[c]. With T[0] = x and T[l] = h[l] (l >= 1) the targets, the objective is, per unit
-weight (labeled samples weigh 1, unlabeled ``unlabeled_weight``), summed over samples and
-divided by the total weight::
+the best-scoring class when unlabeled) and, at every layer, the argmax positions idx[l], the
+switches a[l] = 1[h[l] > 0] and the amplitudes h[l] inferred bottom-up (the network matches
+with W[k] / ||W[k]||^2, see :meth:`fastdrmm._network.Network.matching_templates`). With
+T[0] = x and T[l] = h[l] the targets, the objective is, per unit weight (labeled samples
+weigh 1, unlabeled ``unlabeled_weight``), summed over samples and divided by the total
+weight::
 
     J = sum_l [ (RSS_l(W_l) + ridge_l ||W_l||^2) / (2 s2_l) + D_l/2 ln(2 pi s2_l) ]
         + RSS_top(mu) / (2 tau) + D_top/2 ln(2 pi tau)
         - ln pi_c - sum_l sum_units [ a ln pa_l[k] + (1 - a) ln(1 - pa_l[k]) + a ln pt_l[t] ]
 
-    RSS_l(W) = sum_n ||T[l-1] - render(r[l], idx[l], W, switches=a[l])||^2  (layers 1..L)
+    RSS_l(W) = sum_n ||T[l-1] - render(h[l], idx[l], W, switches=a[l])||^2  (layers 1..L)
     RSS_top(mu) = sum_n ||h[L] - mu[c] on every position||^2
 
 Every term is quadratic in one layer's templates given the statistics
-``B, G = template_stats(T[l-1], r[l], idx[l], switches=a[l])``:
+``B, G = template_stats(T[l-1], h[l], idx[l], switches=a[l])``:
 ``RSS_l(W) = ||T||^2 - 2 <W, B> + sum_c W[:, c]^T G W[:, c]``, so the M-step minimises J
 exactly: ``W_l = solve(G + ridge_l I, B)``, then ``s2_l``, ``mu`` (class means of f),
 ``tau``, and the prior frequencies. ``ridge_l = ridge * trace(G) / dim(G)`` (relative, so
-it is free of the data's scale).
+it is free of the data's scale). A template no unit chose is re-seeded from a data patch.
 """
 
 from __future__ import annotations

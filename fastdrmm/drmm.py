@@ -12,37 +12,42 @@ with per-unit nuisances: the switch ``a ~ Bernoulli(pi_a[l][k])`` (is the unit r
 all) and the translation ``t ~ Cat(pi_t[l])`` inside the pooling window (``idx`` is the chosen
 position). The image is ``x = r[0] + noise``.
 
-Inference (max-sum, bottom-up) is the convolutional network's forward pass::
+Inference (max-sum, bottom-up) is the convolutional network's forward pass (EG trains
+these ``W`` and ``b`` directly, as a network's weights)::
 
     h[0] = x;  h[l], idx[l] = match_switch_pool(h[l-1], W[l], b[l])   (switch a = 1[h > 0])
     f = mean of h[L] over its plane;   score_c = class_scale * <mu[c], f> + beta[c]
 
 and the top-down pass renders from the chosen class with the latents it recorded.
 
-Biases
-------
-With ``bias="generative"`` the hard-EM M-step sets ``b[l][k] = -||W[l][k]||^2 / 2 +
-s2_l * ln(pa / (1 - pa))``: the log-odds that a patch is template k rather than nothing under
-``N(., s2_l I)`` noise, times ``s2_l`` (a positive factor, so every switch and argmax is the
-generative model's, while the codes keep the data's units); and
-``class_scale = P / tau``, ``beta_c = -P ||mu_c||^2 / (2 tau) + ln pi_c`` (P top positions):
-the class score is then the top Gaussian's log-likelihood plus the log-prior. With
-``bias="fixed"`` the biases keep their values (from initialisation or EG).
+Hard EM (``algorithm="em"``)
+----------------------------
+EM reads the codes as amplitudes: layer l matches with ``W[l][k] / ||W[l][k]||^2`` (the
+match of a patch ``a * W[l][k]`` is ``a``), so every code keeps the units of the code it
+renders. With ``bias="generative"`` the M-step sets ``b[l][k] = -1/2 + s2_l ln(pa/(1-pa)) /
+||W[l][k]||^2``: the switch's log-odds ``<W, p>/s2 - ||W||^2/(2 s2) + ln(pa/(1-pa))`` of the
+generative model times the positive factor ``s2 / ||W[l][k]||^2``, so every switch and argmax
+is the generative model's; and ``class_scale = P / tau``, ``beta_c = -P ||mu_c||^2 / (2 tau) +
+ln pi_c`` (P top positions), so the class score is the top Gaussian's log-likelihood plus the
+log-prior. ``bias="fixed"`` keeps the biases as they are.
 
-Training: hard EM (``algorithm="em"``)
---------------------------------------
-E-step: bottom-up inference records every latent; labeled samples take their label,
-unlabeled ones the best-scoring class; the top-down pass renders ``r[L..0]``. M-step, in
+E-step: bottom-up inference records every latent (switches, argmax positions, the codes
+h[l]); labeled samples take their label, unlabeled ones the best-scoring class. M-step, in
 closed form (:mod:`fastdrmm._em` writes the objective out): the templates of layer 1 by
-least squares of the *image* on the rendered code ``r[1]`` (``solve(G + ridge I, B)`` with
-``B, G`` from :func:`fastdrmm.ops.template_stats`), those of a deeper layer l by least squares
-of the *bottom-up code* ``h[l-1]`` of the layer below on ``r[l]``; the noise variances from
-the residuals; the class templates as the class means of ``f``; the class, switch and
-translation priors as the frequencies of the E-step's choices. Given the latents the M-step
-minimises the hard-EM objective exactly (``objective_history_`` records it before and after
-every M-step). The E-step is the bottom-up pass, which is exact max-sum inference within each
-layer but not jointly over overlapping patches and layers, so a whole iteration is not
-guaranteed to decrease the objective.
+least squares of the *image* on the layer's code, ``render(h[1], idx[1], W, switches=a[1])
+~ x`` (``W = solve(G + ridge I, B)``, ``B, G`` from :func:`fastdrmm.ops.template_stats`); those
+of a deeper layer l the same way against the *bottom-up code* of the layer below,
+``render(h[l], ...) ~ h[l-1]``; the noise variances from the residuals; the class templates
+as the class means of ``f``; the class, switch and translation priors as the frequencies of
+the E-step's choices. Given the latents this minimises the hard-EM objective exactly
+(``objective_history_`` records it before and after every M-step; a test checks it never
+rises). The templates are then scaled to unit norm, with the templates that render their
+channels scaled inversely so that every rendering is unchanged: least squares fixes a
+template's scale only together with the amplitudes, and without this the scale drifts
+geometrically. The E-step is the bottom-up pass, exact max-sum within a layer but not
+jointly over overlapping patches and layers, so a whole iteration is not guaranteed to lower
+the objective. After the last iteration the class templates and priors are refitted to the
+final codes (on at most 2,000 training samples).
 
 Training: EG (``algorithm="eg"``)
 ---------------------------------
@@ -576,7 +581,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """The best-scoring class of every sample (N,)."""
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        best = self.decision_function(X).argmax(axis=1)
+        return self.classes_[best]
 
     def score(self, X, y, sample_weight=None):
         """Accuracy of :meth:`predict` on (X, y)."""

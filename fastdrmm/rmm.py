@@ -33,7 +33,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from . import _backends, ops
+from . import _backends, io, ops
 
 __all__ = ["RMM"]
 
@@ -693,6 +693,53 @@ class RMM(ClassifierMixin, BaseEstimator):
                 ConvergenceWarning,
             )
         return self
+
+    # ---------------------------------------------------------------- persistence
+
+    _SAVED_ARRAYS = ("templates_", "class_prior_", "nuisance_prior_", "classes_")
+
+    def save(self, path):
+        """Write the fitted model to ``path`` atomically (read it back with
+        :func:`fastdrmm.load`); the format is :mod:`fastdrmm.io`'s."""
+        check_is_fitted(self, "templates_")
+        params = self.get_params()
+        if not (params["random_state"] is None or isinstance(params["random_state"], int)):
+            params["random_state"] = None
+        arrays = {name.rstrip("_"): np.asarray(getattr(self, name))
+                  for name in self._SAVED_ARRAYS}
+        fitted = {"switch_prior": float(self.switch_prior_),
+                  "noise_variance": float(self.noise_variance_),
+                  "lower_bound": float(self.lower_bound_),
+                  "lower_bounds": [float(b) for b in self.lower_bounds_],
+                  "n_iter": int(self.n_iter_), "converged": bool(self.converged_),
+                  "feature_shape": list(self.feature_shape_)}
+        io.save_arrays(path, arrays, {"model_class": "RMM", "params": params,
+                                      "fitted": fitted})
+
+    @classmethod
+    def _from_saved(cls, arrays, meta, path):
+        try:
+            model = cls(**meta["params"])
+            model._check_params()
+            fitted = meta["fitted"]
+            for name in cls._SAVED_ARRAYS:
+                setattr(model, name, np.array(arrays[name.rstrip("_")]))
+            model.switch_prior_ = float(fitted["switch_prior"])
+            model.noise_variance_ = float(fitted["noise_variance"])
+            model.lower_bound_ = float(fitted["lower_bound"])
+            model.lower_bounds_ = list(fitted["lower_bounds"])
+            model.n_iter_ = int(fitted["n_iter"])
+            model.converged_ = bool(fitted["converged"])
+            model.feature_shape_ = tuple(fitted["feature_shape"])
+            model.n_features_in_ = int(np.prod(model.feature_shape_))
+            want = (model.n_classes, model.n_nuisances, *model.feature_shape_)
+            if model.templates_.shape != want:
+                raise ValueError(f"templates have shape {model.templates_.shape}, expected "
+                                 f"{want}")
+            model._fitted_params()  # every value checked (finite, probabilities)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a valid saved RMM: {exc}") from None
+        return model
 
     def _fitted_params(self):
         """The fitted attributes in working form (floored, so that every log is finite)."""

@@ -1,0 +1,445 @@
+"""The deep model: inference and rendering against explicit compositions of the ops, EG
+gradients against finite differences, the EM M-step's exactness, learning on MNIST,
+persistence, checkpoints and resume, partial_fit, and argument checking."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+
+import fastdrmm
+from fastdrmm import DRMM, Layer, ops
+from fastdrmm import _em, drmm as drmm_module
+from fastdrmm._network import LossWeights, Network, eg_loss_and_grads, trainable_names
+from fastdrmm.layers import PRESETS, layer_shapes, resolve_layers
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+requires_mnist = pytest.mark.skipif(not SHARED_MNIST.is_dir(),
+                                    reason="../shared/data/mnist is absent")
+
+# a small model on 12x12 images: a pooled padded leaky layer, then an unpooled one
+SMALL = [Layer(4, 3, padding=1, pool=2, leak=0.1), Layer(5, 3)]
+
+
+def small_data(rng, n=24, n_classes=3, shape=(2, 12, 12), unlabeled=0.0):
+    X = rng.random((n, *shape)).astype(np.float32)
+    y = rng.integers(0, n_classes, n)
+    y[: n_classes] = np.arange(n_classes)
+    if unlabeled:
+        y[rng.random(n) < unlabeled] = -1
+    return X, y
+
+
+def fitted_small(rng, algorithm="eg", max_iter=0, dtype="float32", **kw):
+    X, y = small_data(rng)
+    model = DRMM(SMALL, 3, algorithm=algorithm, max_iter=max_iter, batch_size=8,
+                 random_state=0, dtype=dtype, validation_fraction=0, **kw)
+    return model.fit(X, y), X, y
+
+
+# --------------------------------------------------------------------------------------------
+# layers and presets
+
+
+def test_layer_checks_its_fields():
+    assert Layer(8, 3, pool=1).pool is None
+    assert Layer(8, (3, 5), padding=(1, 2), pool=(2, 3)).window == (2, 3)
+    with pytest.raises(ValueError, match="n_templates"):
+        Layer(0, 3)
+    with pytest.raises(TypeError, match="kernel_size"):
+        Layer(4, "3")
+    with pytest.raises(ValueError, match="leak"):
+        Layer(4, 3, leak=1.5)
+    with pytest.raises(ValueError, match="padding"):
+        Layer(4, 3, padding=-1)
+    assert Layer.from_dict(Layer(4, 3, padding=1, pool=2).to_dict()) == Layer(4, 3, 1, 2)
+
+
+def test_presets_and_their_shapes():
+    conv_small = layer_shapes(PRESETS["conv-small"], (1, 28, 28))
+    assert [s.pooled for s in conv_small] == [(16, 16), (14, 14), (8, 8), (6, 6)]
+    assert [s.plane for s in conv_small] == [(32, 32), (14, 14), (16, 16), (6, 6)]
+    assert [s.pooled for s in layer_shapes(PRESETS["two-layer"], (1, 28, 28))] == [(14, 14),
+                                                                                    (7, 7)]
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_layers("conv-huge")
+    with pytest.raises(ValueError, match=r"layers\[1\] does not fit"):
+        layer_shapes([Layer(4, 5, pool=2), Layer(4, 9)], (1, 12, 12))
+    with pytest.raises(ValueError, match=r"layers\[0\]"):
+        resolve_layers([{"n_templates": 0, "kernel_size": 3}])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_shapes_and_dtypes_through_every_preset(preset, dtype, rng):
+    X = rng.random((5, 1, 28, 28))
+    y = np.array([0, 1, 2, 1, -1])
+    model = DRMM(preset, 3, max_iter=0, dtype=dtype, random_state=0).fit(X, y)
+    k_top = PRESETS[preset][-1].n_templates
+    want = np.dtype(dtype)
+    assert model.decision_function(X).shape == (5, 3)
+    proba = model.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert set(model.predict(X)) <= {0, 1, 2}
+    f = model.transform(X)
+    assert f.shape == (5, k_top) and f.dtype == want
+    r = model.reconstruct(X)
+    assert r.shape == X.shape and r.dtype == want
+    s = model.sample([0, 2, 2], random_state=1)
+    assert s.shape == (3, 1, 28, 28) and s.dtype == want
+    for name, value in model.parameters_.items():
+        if name[:1] in "Wb" and name[1:].isdigit() or name in ("mu", "beta"):
+            assert value.dtype == want, name
+
+
+# --------------------------------------------------------------------------------------------
+# inference and rendering are the explicit composition of the ops
+
+
+def test_bottom_up_is_the_composition_of_match_switch_pool(rng):
+    model, X, _ = fitted_small(rng, dtype="float64")
+    p = model.parameters_
+    h = X.astype(np.float64)
+    for l, layer in enumerate(SMALL):
+        h, _ = ops.match_switch_pool(h, p[f"W{l}"], p[f"b{l}"], padding=layer.padding,
+                                     pool=layer.window, leak=layer.leak, backend="numpy")
+    f = h.mean(axis=(2, 3))
+    np.testing.assert_allclose(model.transform(X), f, rtol=1e-12, atol=1e-12)
+    scores = float(p["class_scale"]) * f @ p["mu"].T + p["beta"]
+    np.testing.assert_allclose(model.decision_function(X), scores, rtol=1e-12, atol=1e-12)
+
+
+def test_reconstruct_is_the_composition_of_render(rng):
+    model, X, y = fitted_small(rng, dtype="float64")
+    p = model.parameters_
+    hs, idxs = [X.astype(np.float64)], []
+    for l, layer in enumerate(SMALL):
+        h, idx = ops.match_switch_pool(hs[-1], p[f"W{l}"], p[f"b{l}"], padding=layer.padding,
+                                       pool=layer.window, leak=layer.leak, backend="numpy")
+        hs.append(h)
+        idxs.append(idx)
+    labels = np.where(np.arange(len(y)) % 2 == 0, y, -1)  # half given, half predicted
+    cls = np.where(labels >= 0, labels, model.predict(X))
+    r = np.broadcast_to(p["mu"][cls][:, :, None, None], hs[-1].shape).copy()
+    for l in range(len(SMALL) - 1, -1, -1):
+        r = ops.render(r, idxs[l], p[f"W{l}"], hs[l].shape[2:], padding=SMALL[l].padding,
+                       switches=(hs[l + 1] > 0), backend="numpy")
+    np.testing.assert_allclose(model.reconstruct(X, labels), r, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_draws_latents_from_the_priors(rng):
+    model, _, _ = fitted_small(rng, dtype="float64")
+    p = dict(model.parameters_)
+    # all switches off at the top: nothing is rendered
+    p["switch_prior1"] = np.full(5, 1e-300)
+    model.parameters_ = p
+    assert not model.sample([0, 1], random_state=0).any()
+    p["switch_prior1"] = np.full(5, 1.0)
+    p["switch_prior0"] = np.full(4, 1.0)
+    p["translation_prior0"] = np.array([1.0, 0, 0, 0])  # always the window's first position
+    model.parameters_ = p
+    a, b = model.sample([1, 1], random_state=3), model.sample([1, 1], random_state=3)
+    np.testing.assert_array_equal(a, b)
+    # deterministic latents: both samples of one class are identical, and equal the render
+    np.testing.assert_array_equal(a[0], a[1])
+    with pytest.raises(ValueError, match="classes"):
+        model.sample([3])
+    with pytest.raises(TypeError, match="classes"):
+        model.sample([0.5])
+
+
+# --------------------------------------------------------------------------------------------
+# EG gradients
+
+
+def _loss(net, p, X, y, weights):
+    return eg_loss_and_grads(net, p, X, y, weights, need_grads=False)[0]
+
+
+@pytest.mark.parametrize("layers", [SMALL, [Layer(3, 2, padding=1, pool=(2, 3)),
+                                            Layer(4, 2, pool=2, leak=0.2)]])
+def test_eg_gradients_match_finite_differences(layers, rng):
+    X = rng.standard_normal((6, 2, 9, 9))
+    y = np.array([0, 1, -1, 2, -1, 1])
+    net = Network(layers, X.shape[1:], 3, backend="numpy")
+    model = DRMM(layers, 3, init="he", dtype="float64")
+    p = model._init_params(net, X, y, 0)
+    for name in trainable_names(len(layers)):  # biases away from zero: no ties at the switch
+        if name[0] == "b" or name == "beta":
+            p[name] = p[name] + rng.standard_normal(p[name].shape) * 0.1
+    weights = LossWeights(xent=1.0, reconstruction=0.7, entropy=0.3, nonnegativity=0.5)
+    loss, terms, grads, _ = eg_loss_and_grads(net, p, X, y, weights)
+    assert all(terms[t] > 0 for t in ("xent", "entropy", "reconstruction", "nonnegativity"))
+    eps = 1e-6
+    for name in trainable_names(len(layers)):
+        g = grads[name]
+        assert g.shape == p[name].shape and np.isfinite(g).all()
+        flat = rng.choice(p[name].size, size=min(6, p[name].size), replace=False)
+        for i in flat:
+            index = np.unravel_index(i, p[name].shape)
+            plus, minus = dict(p), dict(p)
+            plus[name], minus[name] = p[name].copy(), p[name].copy()
+            plus[name][index] += eps
+            minus[name][index] -= eps
+            fd = (_loss(net, plus, X, y, weights) - _loss(net, minus, X, y, weights)) / (2 * eps)
+            assert g[index] == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, index)
+        # and along one random direction of the whole parameter
+        d = rng.standard_normal(p[name].shape)
+        plus, minus = dict(p), dict(p)
+        plus[name], minus[name] = p[name] + eps * d, p[name] - eps * d
+        fd = (_loss(net, plus, X, y, weights) - _loss(net, minus, X, y, weights)) / (2 * eps)
+        assert np.sum(g * d) == pytest.approx(fd, rel=1e-5, abs=1e-8), name
+
+
+def test_eg_gradients_agree_between_backends(rng):
+    X, y = small_data(rng, n=8, unlabeled=0.4)
+    net64 = Network(SMALL, X.shape[1:], 3, backend="numpy")
+    p = DRMM(SMALL, 3, dtype="float64")._init_params(net64, X.astype(np.float64), y, 1)
+    weights = LossWeights()
+    _, _, g64, _ = eg_loss_and_grads(net64, p, X.astype(np.float64), y, weights)
+    net32 = Network(SMALL, X.shape[1:], 3, backend="cpu")
+    p32 = {k: (v.astype(np.float32) if k[:1] in "Wb" and k[1:].isdigit() or k in ("mu", "beta")
+               else v) for k, v in p.items()}
+    _, _, g32, _ = eg_loss_and_grads(net32, p32, X, y, weights)
+    for name in g64:
+        scale = np.abs(g64[name]).max() + 1e-12
+        np.testing.assert_allclose(g32[name] / scale, g64[name] / scale, atol=2e-4, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# hard EM
+
+
+def test_em_m_step_never_increases_the_objective(rng):
+    X, y = small_data(rng, n=40, unlabeled=0.3)
+    model = DRMM(SMALL, 3, algorithm="em", max_iter=6, tol=0, random_state=2,
+                 validation_fraction=0, unlabeled_weight=0.5, dtype="float64")
+    with pytest.warns(Warning):  # does not converge in 6 iterations at tol=0
+        model.fit(X, y)
+    assert len(model.objective_history_) == 6
+    for before, after in model.objective_history_:
+        assert np.isfinite(before) and np.isfinite(after)
+        assert after <= before + 1e-9 * abs(before)
+
+
+def test_em_m_step_is_the_exact_minimiser(rng):
+    X, y = small_data(rng, n=30)
+    model = DRMM(SMALL, 3, algorithm="em", dtype="float64", random_state=0)
+    net = model._network(SMALL, X.shape[1:])
+    p = model._init_params(net, X.astype(np.float64), y, 0)
+    stats = _em.Statistics(net)
+    _em.e_step(net, p, X.astype(np.float64), y, 1.0, stats)
+    new = _em.m_step(net, p, stats, 1e-3)
+    best = _em.objective(net, new, stats, 1e-3)
+    assert best <= _em.objective(net, p, stats, 1e-3)
+    for name in ("W0", "W1", "mu"):  # any move away from the solution costs
+        for _ in range(3):
+            moved = dict(new)
+            moved[name] = new[name] + 1e-3 * rng.standard_normal(new[name].shape)
+            assert _em.objective(net, moved, stats, 1e-3) > best
+    for scale in (0.9, 1.1):
+        moved = dict(new)
+        moved["noise_variance"] = new["noise_variance"] * scale
+        assert _em.objective(net, moved, stats, 1e-3) > best
+    # the unit-norm reparametrisation keeps every rendering
+    norm = _em.normalize_templates(net, new)
+    for l in range(2):
+        np.testing.assert_allclose(np.sqrt((norm[f"W{l}"] ** 2).sum(axis=(1, 2, 3))), 1.0)
+
+
+def test_em_fits_semi_and_unsupervised(rng):
+    X, y = small_data(rng, n=30, unlabeled=0.5)
+    for labels in (y, None):
+        model = DRMM(SMALL, 3, algorithm="em", max_iter=2, random_state=0, tol=0,
+                     validation_fraction=0)
+        with pytest.warns(Warning):
+            model.fit(X, labels)
+        assert model.n_iter_ == 2
+        assert np.isfinite(model.decision_function(X)).all()
+        for l in range(2):
+            prior = model.parameters_[f"translation_prior{l}"]
+            assert prior.sum() == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# learning on MNIST
+
+
+@requires_mnist
+def test_a_small_drmm_learns_mnist():
+    X, y, Xt, yt = fastdrmm.load_mnist(SHARED_MNIST, return_X_y=True)
+    model = DRMM("two-layer", 10, max_iter=10, learning_rate=5e-3, lr_schedule="constant",
+                 batch_size=64, random_state=0, validation_fraction=0.1)
+    model.fit(X[:2000], y[:2000])
+    accuracy = model.score(Xt[:2000], yt[:2000])
+    assert accuracy > 0.5, accuracy  # chance is 0.1
+    assert model.validation_score_ == max(h["validation_accuracy"] for h in model.history_)
+    assert model.history_[-1]["xent"] < model.history_[0]["xent"]
+
+
+# --------------------------------------------------------------------------------------------
+# determinism, persistence, checkpoints
+
+
+def test_same_seed_same_model_bit_for_bit(rng):
+    X, y = small_data(rng, unlabeled=0.3)
+    fits = [DRMM(SMALL, 3, max_iter=2, batch_size=8, random_state=5).fit(X, y)
+            for _ in range(2)]
+    for name, value in fits[0].parameters_.items():
+        np.testing.assert_array_equal(value, fits[1].parameters_[name], err_msg=name)
+    other = DRMM(SMALL, 3, max_iter=2, batch_size=8, random_state=6).fit(X, y)
+    assert not np.array_equal(other.parameters_["W0"], fits[0].parameters_["W0"])
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("algorithm", ["eg", "em"])
+def test_save_load_round_trip_is_bit_identical(algorithm, rng, tmp_path):
+    model, X, _ = fitted_small(rng, algorithm=algorithm, max_iter=1)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    loaded = fastdrmm.load(path)
+    assert isinstance(loaded, DRMM)
+    assert loaded.get_params()["layers"] == [layer for layer in SMALL]
+    for name, value in model.parameters_.items():
+        assert loaded.parameters_[name].dtype == np.asarray(value).dtype
+        np.testing.assert_array_equal(loaded.parameters_[name], value, err_msg=name)
+    np.testing.assert_array_equal(loaded.decision_function(X), model.decision_function(X))
+    np.testing.assert_array_equal(loaded.reconstruct(X), model.reconstruct(X))
+    assert loaded.history_ == model.history_
+    # loadable on any backend
+    loaded.set_params(backend="numpy")
+    np.testing.assert_allclose(loaded.decision_function(X), model.decision_function(X),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_corrupted_or_truncated_files_are_refused(rng, tmp_path):
+    model, _, _ = fitted_small(rng)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        fastdrmm.load(truncated)
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("W0.npy")
+    flipped = bytearray(data)
+    flipped[info.header_offset + 30 + len("W0.npy") + 200] ^= 0x40  # inside W0's data
+    corrupted = tmp_path / "corrupted.npz"
+    corrupted.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupted|CRC|sha256"):
+        fastdrmm.load(corrupted)
+    # a failed save leaves the previous file intact
+    before = path.read_bytes()
+    model.parameters_ = dict(model.parameters_, W0=object())
+    with pytest.raises(Exception):
+        model.save(path)
+    assert path.read_bytes() == before
+
+
+def test_load_refuses_a_wrong_model(rng, tmp_path):
+    model, _, _ = fitted_small(rng)
+    arrays = drmm_module._param_arrays(model.parameters_)
+    arrays["W1"] = arrays["W1"][:, :2]
+    meta = model._metadata()
+    path = tmp_path / "bad.npz"
+    fastdrmm.io.save_arrays(path, arrays, meta)
+    with pytest.raises(ValueError, match="W1.*shape"):
+        fastdrmm.load(path)
+    fastdrmm.io.save_arrays(path, arrays, {"model_class": "Nope"})
+    with pytest.raises(ValueError, match="no fastdrmm model"):
+        fastdrmm.load(path)
+
+
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(rng, tmp_path,
+                                                                   monkeypatch):
+    X, y = small_data(rng, n=32, unlabeled=0.25)
+    settings = dict(max_iter=3, batch_size=8, random_state=1, validation_fraction=0.2)
+    whole = DRMM(SMALL, 3, **settings).fit(X, y)
+
+    ckpt = tmp_path / "run.ckpt"
+    original = drmm_module._Run.eg_epoch
+    calls = []
+
+    def interrupted(self, epoch, constant_rate=False):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, constant_rate)
+
+    monkeypatch.setattr(drmm_module._Run, "eg_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        DRMM(SMALL, 3, checkpoint=ckpt, **settings).fit(X, y)
+    monkeypatch.setattr(drmm_module._Run, "eg_epoch", original)
+    partial = fastdrmm.load(ckpt)  # the checkpoint of epoch 1 is intact and loadable
+    assert partial.n_iter_ == 1
+
+    resumed = DRMM(SMALL, 3, checkpoint=ckpt, **settings).fit(X, y, resume=True)
+    assert resumed.n_iter_ == 3 and len(resumed.history_) == 3
+    for name, value in whole.parameters_.items():
+        np.testing.assert_array_equal(resumed.parameters_[name], value, err_msg=name)
+    with pytest.raises(ValueError, match="other settings.*learning_rate"):
+        DRMM(SMALL, 3, checkpoint=ckpt, learning_rate=0.5, **settings).fit(X, y, resume=True)
+
+
+def test_partial_fit_streams(rng):
+    X, y = small_data(rng, n=32)
+    for algorithm in ("eg", "em"):
+        model = DRMM(SMALL, 3, algorithm=algorithm, batch_size=8, random_state=0)
+        model.partial_fit(X[:16], y[:16])
+        first = {k: np.copy(v) for k, v in model.parameters_.items()}
+        model.partial_fit(X[16:], y[16:])
+        assert model.n_iter_ == 2
+        assert not np.array_equal(first["W0"], model.parameters_["W0"])
+        assert np.isfinite(model.predict_proba(X)).all()
+        with pytest.raises(ValueError, match="fitted on"):
+            model.partial_fit(X[:, :, :10, :10], y)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checking
+
+
+def test_bad_arguments_are_named(rng):
+    X, y = small_data(rng)
+    for kw, match in [({"algorithm": "sgd"}, "algorithm"), ({"n_classes": 1}, "n_classes"),
+                      ({"batch_size": 0}, "batch_size"), ({"learning_rate": 0}, "learning_rate"),
+                      ({"lr_schedule": "warm"}, "lr_schedule"), ({"dtype": "int8"}, "dtype"),
+                      ({"validation_fraction": 0.9}, "validation_fraction"),
+                      ({"entropy_weight": -1}, "entropy_weight"), ({"init": "zeros"}, "init"),
+                      ({"layers": []}, "layers"), ({"bias": "learned"}, "bias")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            DRMM(**{"layers": SMALL, "n_classes": 3, **kw}).fit(X, y)
+    model = DRMM(SMALL, 3, max_iter=0)
+    with pytest.raises(NotFittedError):
+        model.predict(X)
+    with pytest.raises(ValueError, match="4-d"):
+        model.fit(X[:, 0], y)
+    bad = X.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.fit(bad, y)
+    with pytest.raises(ValueError, match=r"y holds 3"):
+        model.fit(X, np.full(len(X), 3))
+    with pytest.raises(ValueError, match=r"y must have shape"):
+        model.fit(X, y[:-1])
+    with pytest.raises(ValueError, match="resume=True needs checkpoint"):
+        model.fit(X, y, resume=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        DRMM(SMALL, 3).fit(X[:, :, :3, :3], y)
+    model.fit(X, y)
+    with pytest.raises(ValueError, match="fitted on"):
+        model.predict(X[:, :1])
+
+
+def test_a_diverging_run_stops_with_a_clear_error(rng):
+    X, y = small_data(rng)
+    model = DRMM(SMALL, 3, max_iter=3, learning_rate=1e30, batch_size=8, random_state=0,
+                 validation_fraction=0)
+    with pytest.raises(FloatingPointError, match="learning_rate"):
+        with np.errstate(all="ignore"):
+            model.fit(X * 1e20, y)
