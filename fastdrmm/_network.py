@@ -174,9 +174,7 @@ class Network:
             zeros = np.zeros(layer.n_templates, g.dtype)
             z, _ = ops.match_switch_pool(g, p[f"W{l}"], zeros, padding=layer.padding, pool=1,
                                          leak=1.0, backend=self.backend)
-            n, k = code.shape[:2]
-            g = np.take_along_axis(z.reshape(n, k, -1), fw.idxs[l].reshape(n, k, -1),
-                                   axis=2).reshape(code.shape)
+            g = z if layer.pool is None else _gather(z, fw.idxs[l])
             g *= switches[l]
             weight = nonneg_weights[l]
             if weight:
@@ -185,6 +183,13 @@ class Network:
 
     def zero_grads(self, p):
         return {name: np.zeros_like(p[name]) for name in trainable_names(self.n_layers)}
+
+
+def _gather(plane, idx):
+    """plane[n, k].flat[idx[n, k]] for every (n, k): the values at the argmax positions."""
+    n, k, ho, wo = plane.shape
+    base = (np.arange(n * k, dtype=np.intp) * (ho * wo)).reshape(n, k, 1, 1)
+    return plane.reshape(-1)[idx + base]
 
 
 def sumsq(a):
