@@ -81,7 +81,7 @@ import time
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
@@ -447,7 +447,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
     # ---------------------------------------------------------------------------------------
     # fitting
 
-    def fit(self, X, y=None, *, resume=False):
+    def fit(self, X, y=None, *, resume=False, callback=None):
         """Fit by EG or hard EM.
 
         Parameters
@@ -457,6 +457,12 @@ class DRMM(ClassifierMixin, BaseEstimator):
         resume : bool, default False
             Continue from ``self.checkpoint`` when that file exists (same model settings and
             data shape required); the run then ends exactly as an uninterrupted one would.
+        callback : callable or None
+            Called after every epoch as ``callback(snapshot, record)``: ``snapshot`` is a
+            fitted DRMM holding the current parameters (e.g. to score a test set), ``record``
+            the epoch's history entry; a dict it returns is merged into that entry (and so
+            into ``history_`` and the checkpoint). It must not change the snapshot's
+            parameters.
 
         Returns
         -------
@@ -467,6 +473,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
         yidx = _check_labels(y, X.shape[0], self.n_classes)
         if not isinstance(resume, (bool, np.bool_)):
             raise TypeError(f"resume must be True or False, got {resume!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {callback!r}")
         if resume and self.checkpoint is None:
             raise ValueError("resume=True needs checkpoint= (the file to resume from)")
         net = self._network(layers, X.shape[1:])
@@ -479,6 +487,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         train, val = _validation_split(yidx, self.n_classes, float(self.validation_fraction),
                                        seed)
         run = _Run(self, net, weights, seed, X, yidx, train, val)
+        run.callback = callback
         if state is not None:
             run.restore(state)
         else:
@@ -829,6 +838,7 @@ class _Run:
         self.no_improve = 0
         self.converged = False
         self.verbose = int(model.verbose)
+        self.callback = None
 
     # -------------------------------------------------------------------------------- state
 
@@ -896,9 +906,28 @@ class _Run:
                         model.n_iter_no_change):
                     self.converged = True
             record["time"] = time.perf_counter() - tic
+            if self.callback is not None:
+                extra = self.callback(self.snapshot(), record)
+                if isinstance(extra, dict):
+                    record.update(extra)
             self.history.append(record)
             _say(_epoch_line(record, int(model.max_iter)), self.verbose)
             self.save_checkpoint()
+
+    def snapshot(self):
+        """A fitted copy of the model holding the current parameters."""
+        model = clone(self.model)
+        model.parameters_ = self.params
+        model.layers_ = self.net.layers
+        model.input_shape_ = self.net.input_shape
+        model.classes_ = np.arange(model.n_classes)
+        model.n_iter_ = self.epoch
+        model.history_ = list(self.history)
+        model.objective_history_ = list(self.objective_history)
+        model.validation_score_ = self.best_score
+        model.best_iteration_ = self.epoch
+        model.converged_ = self.converged
+        return model
 
     def validation_accuracy(self, params):
         correct = 0

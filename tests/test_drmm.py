@@ -386,6 +386,22 @@ def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(rng, tmp_path
         DRMM(SMALL, 3, checkpoint=ckpt, learning_rate=0.5, **settings).fit(X, y, resume=True)
 
 
+def test_callback_sees_every_epoch_and_extends_the_history(rng):
+    X, y = small_data(rng, n=32)
+    seen = []
+
+    def callback(snapshot, record):
+        seen.append((record["epoch"], snapshot.n_iter_))
+        return {"train_accuracy": snapshot.score(X, y)}
+
+    model = DRMM(SMALL, 3, max_iter=3, batch_size=8, random_state=0, validation_fraction=0)
+    model.fit(X, y, callback=callback)
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+    assert model.history_[-1]["train_accuracy"] == model.score(X, y)
+    with pytest.raises(TypeError, match="callback"):
+        model.fit(X, y, callback=3)
+
+
 def test_partial_fit_streams(rng):
     X, y = small_data(rng, n=32)
     for algorithm in ("eg", "em"):
