@@ -61,7 +61,7 @@ class Statistics:
         self.n_units = [0.0] * L  # units per template (Hp*Wp), weighted
         self.offsets = [np.zeros(layer.window[0] * layer.window[1]) for layer in net.layers]
         self.class_weight = np.zeros(net.n_classes)
-        self.class_sum = np.zeros((net.n_classes, net.layers[-1].n_templates))
+        self.class_sum = np.zeros((net.n_classes, net.feature_size))
         self.top_sq = 0.0
         #: candidate patches per layer (from the first batch) to re-seed unused templates
         self.patches = [None] * L
@@ -181,7 +181,7 @@ def _rss(stats, l, W):
 
 def _top_rss(stats, net, mu):
     mu = np.asarray(mu, np.float64)
-    P = net.top_size
+    P = net.top_positions
     return (stats.top_sq - 2.0 * P * float(np.sum(mu * stats.class_sum))
             + P * float(np.sum(stats.class_weight * np.sum(mu * mu, axis=1))))
 
@@ -209,7 +209,7 @@ def objective(net, p, stats, ridge):
                           * np.log1p(-pa)))
         J -= _xlogy_sum(stats.offsets[l], np.asarray(p[f"translation_prior{l}"], np.float64))
     tau = float(p["top_noise_variance"])
-    D_top = float(net.layers[-1].n_templates * net.top_size)
+    D_top = float(net.feature_size * net.top_positions)
     J += _top_rss(stats, net, p["mu"]) / (2 * tau) + total * D_top / 2 * (_LOG_2PI
                                                                           + np.log(tau))
     J -= _xlogy_sum(stats.class_weight, np.asarray(p["class_prior"], np.float64))
@@ -267,7 +267,7 @@ def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8):
     mu = np.array(p["mu"], np.float64)
     seen = stats.class_weight > 0
     mu[seen] = stats.class_sum[seen] / stats.class_weight[seen, None]
-    D_top = float(net.layers[-1].n_templates * net.top_size)
+    D_top = float(net.feature_size * net.top_positions)
     tau = max(_top_rss(stats, net, mu) / (total * D_top),
               variance_floor * max(stats.top_sq / (total * D_top), 1e-30))
     pc = _normalised(stats.class_weight)
@@ -276,8 +276,8 @@ def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8):
     new["class_prior"] = pc
     if generative_bias:
         # the class scores are the top Gaussian's log-likelihood + ln pi_c, up to constants
-        new["class_scale"] = np.float64(net.top_size / tau)
-        new["beta"] = (-net.top_size * np.sum(mu * mu, axis=1) / (2 * tau)
+        new["class_scale"] = np.float64(net.top_positions / tau)
+        new["beta"] = (-net.top_positions * np.sum(mu * mu, axis=1) / (2 * tau)
                        + np.log(pc)).astype(dtype)
     return new
 
@@ -312,12 +312,14 @@ def normalize_templates(net, p, generative_bias=True):
             new[f"b{l}"] = generative_bias_of(W, s2[l], pa).astype(dtype)
     new["noise_variance"] = s2
     dtype = np.asarray(p["mu"]).dtype
-    mu = np.asarray(p["mu"], np.float64) * carry[None, :]
+    # mu's features are the channels ("average") or channel-major (channel, i, j) ("full")
+    per_feature = np.repeat(carry, net.feature_size // carry.size)
+    mu = np.asarray(p["mu"], np.float64) * per_feature[None, :]
     tau = float(p["top_noise_variance"]) * float(np.mean(carry ** 2))
     new["mu"] = mu.astype(dtype)
     new["top_noise_variance"] = np.float64(tau)
     if generative_bias:
-        new["class_scale"] = np.float64(net.top_size / tau)
-        new["beta"] = (-net.top_size * np.sum(mu * mu, axis=1) / (2 * tau)
+        new["class_scale"] = np.float64(net.top_positions / tau)
+        new["beta"] = (-net.top_positions * np.sum(mu * mu, axis=1) / (2 * tau)
                        + np.log(np.asarray(p["class_prior"], np.float64))).astype(dtype)
     return new

@@ -54,10 +54,14 @@ class Forward:
 class Network:
     """A list of layers bound to an input shape (C, H, W), a class count and a backend."""
 
-    def __init__(self, layers, input_shape, n_classes, backend="auto", matching="tied"):
+    def __init__(self, layers, input_shape, n_classes, backend="auto", matching="tied",
+                 top="average"):
         if matching not in ("tied", "normalized"):
             raise ValueError(f"matching must be 'tied' or 'normalized', got {matching!r}")
+        if top not in ("average", "full"):
+            raise ValueError(f"top must be 'average' or 'full', got {top!r}")
         self.matching = matching
+        self.top = top
         self.layers = tuple(layers)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.n_classes = int(n_classes)
@@ -65,7 +69,11 @@ class Network:
         self.shapes = layer_shapes(self.layers, self.input_shape)
         top = self.shapes[-1]
         self.top_plane = top.pooled
-        self.top_size = top.pooled[0] * top.pooled[1]
+        k_top, plane = self.layers[-1].n_templates, top.pooled[0] * top.pooled[1]
+        # "average": a class template of K_L numbers on each of the P top positions (read by
+        # the global average); "full": one template of the whole top code (P = 1)
+        self.top_positions = plane if self.top == "average" else 1
+        self.feature_size = k_top if self.top == "average" else k_top * plane
 
     @property
     def n_layers(self):
@@ -98,9 +106,25 @@ class Network:
                                            backend=self.backend)
             hs.append(h)
             idxs.append(idx)
-        f = hs[-1].mean(axis=(2, 3))
+        f = self.top_feature(hs[-1])
         scores = self.class_scores(p, f)
         return Forward(hs, idxs, f, scores)
+
+    def top_feature(self, h):
+        """f: the top code averaged over its plane ("average") or flattened ("full")."""
+        if self.top == "average":
+            return h.mean(axis=(2, 3))
+        return h.reshape(h.shape[0], -1)
+
+    def _to_top_plane(self, v, dtype):
+        """The adjoint of top_feature (up to the 1/P of the average): (N, F) -> top code."""
+        n = v.shape[0]
+        k = self.layers[-1].n_templates
+        v = v.astype(dtype, copy=False)
+        if self.top == "average":
+            return np.ascontiguousarray(
+                np.broadcast_to(v[:, :, None, None], (n, k, *self.top_plane)))
+        return np.ascontiguousarray(v.reshape(n, k, *self.top_plane))
 
     @staticmethod
     def class_scores(p, f):
@@ -111,10 +135,7 @@ class Network:
 
     def top_code(self, p, q, dtype):
         """r[L]: the class templates mixed by q (N, n_classes), on every top position."""
-        top = (q @ p["mu"]).astype(dtype, copy=False)
-        k = top.shape[1]
-        return np.ascontiguousarray(
-            np.broadcast_to(top[:, :, None, None], (top.shape[0], k, *self.top_plane)))
+        return self._to_top_plane(q @ p["mu"], dtype)
 
     def render_down(self, p, top, idxs, switches, stop=0):
         """[r[stop], ..., r[L]] rendered from r[L] = top with the given latents."""
@@ -142,9 +163,8 @@ class Network:
         scale = float(p["class_scale"])
         grads["mu"] += scale * (g_scores.T @ fw.f)
         grads["beta"] += g_scores.sum(axis=0)
-        g_f = scale * (g_scores @ p["mu"]) / self.top_size
-        g_h = np.ascontiguousarray(
-            np.broadcast_to(g_f[:, :, None, None], fw.hs[-1].shape).astype(fw.hs[0].dtype))
+        g_f = scale * (g_scores @ p["mu"]) / self.top_positions
+        g_h = self._to_top_plane(g_f, fw.hs[0].dtype)
         for l in range(self.n_layers - 1, -1, -1):
             layer = self.layers[l]
             h = fw.hs[l + 1]
@@ -179,7 +199,9 @@ class Network:
             weight = nonneg_weights[l]
             if weight:
                 g += (2.0 * weight) * np.minimum(code, 0)
-        grads["mu"] += q.T @ g.sum(axis=(2, 3), dtype=np.float64)
+        g_top = (g.sum(axis=(2, 3), dtype=np.float64) if self.top == "average"
+                 else g.reshape(g.shape[0], -1))
+        grads["mu"] += q.T @ g_top
 
     def zero_grads(self, p):
         return {name: np.zeros_like(p[name]) for name in trainable_names(self.n_layers)}

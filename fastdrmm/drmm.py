@@ -284,6 +284,11 @@ class DRMM(ClassifierMixin, BaseEstimator):
     checkpoint : str or None, default None
         A file rewritten atomically after every epoch (parameters, optimizer state, history);
         ``fit(..., resume=True)`` continues from it.
+    top : {"average", "full"}, default "average"
+        How the class templates meet the top code: "average" (global average pooling, as in
+        the paper's Conv-Small: a template of K_L numbers rendered on every top position) or
+        "full" (a template of the whole top code K_L x Hp x Wp, the DRMM's top layer without
+        the average; far better for EM, whose codes are not trained to be averaged).
 
     Attributes
     ----------
@@ -307,7 +312,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
                  weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
-                 checkpoint=None):
+                 checkpoint=None, top="average"):
         self.layers = layers
         self.n_classes = n_classes
         self.algorithm = algorithm
@@ -332,6 +337,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.checkpoint = checkpoint
+        self.top = top
 
     # ---------------------------------------------------------------------------------------
     # configuration
@@ -358,6 +364,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
             _check_int(self.n_iter_no_change, "n_iter_no_change", 1)
         _check_real(self.tol, "tol")
         _check_choice(self.init, "init", _INITS)
+        _check_choice(self.top, "top", ("average", "full"))
         _check_choice(self.dtype, "dtype", tuple(_DTYPES))
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a backend name, got {self.backend!r}")
@@ -380,7 +387,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
 
     def _network(self, layers, input_shape):
         matching = "normalized" if self.algorithm == "em" else "tied"
-        return Network(layers, input_shape, self.n_classes, self.backend, matching)
+        return Network(layers, input_shape, self.n_classes, self.backend, matching, self.top)
 
     @property
     def _np_dtype(self):
@@ -422,15 +429,15 @@ class DRMM(ClassifierMixin, BaseEstimator):
                                              pool=layer.window, leak=layer.leak,
                                              backend=self.backend)
         p["noise_variance"] = np.array(p["noise_variance"], np.float64)
-        k_top, n_cls = net.layers[-1].n_templates, net.n_classes
+        k_top, n_cls = net.feature_size, net.n_classes
         p["class_prior"] = np.full(n_cls, 1.0 / n_cls)
         if init == "he":
             p["mu"] = (rng.standard_normal((n_cls, k_top)) / np.sqrt(k_top)).astype(dtype)
             p["beta"] = np.zeros(n_cls, dtype)
-            p["top_noise_variance"] = np.float64(net.top_size)
+            p["top_noise_variance"] = np.float64(net.top_positions)
             p["class_scale"] = np.float64(1.0)
         else:
-            f = np.asarray(h.mean(axis=(2, 3)), np.float64)
+            f = np.asarray(net.top_feature(h), np.float64)
             ys = yidx[sample]
             mu = f[rng.integers(0, f.shape[0], n_cls)].copy()
             for c in range(n_cls):
@@ -439,8 +446,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
             tau = max(float(np.var(h)), 1e-12)
             p["mu"] = mu.astype(dtype)
             p["top_noise_variance"] = np.float64(tau)
-            p["class_scale"] = np.float64(net.top_size / tau)
-            p["beta"] = (-net.top_size * np.sum(mu * mu, axis=1) / (2 * tau)
+            p["class_scale"] = np.float64(net.top_positions / tau)
+            p["beta"] = (-net.top_positions * np.sum(mu * mu, axis=1) / (2 * tau)
                          + np.log(p["class_prior"])).astype(dtype)
         return p
 
@@ -735,7 +742,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
         mine = self._serial_params()
         theirs = meta["params"]
         free = {"max_iter", "verbose", "checkpoint", "backend", "n_iter_no_change"}
-        differ = sorted(k for k in mine if k not in free and theirs.get(k) != mine[k])
+        defaults = DRMM().get_params()  # settings added after the file was written
+        differ = sorted(k for k in mine
+                        if k not in free and theirs.get(k, defaults[k]) != mine[k])
         if differ:
             raise ValueError(f"{path}: the checkpoint was written with other settings "
                              f"({', '.join(differ)}); refusing to resume")
@@ -794,7 +803,7 @@ def _expected_shapes(net):
         shapes[f"b{l}"] = (k,)
         shapes[f"switch_prior{l}"] = (k,)
         shapes[f"translation_prior{l}"] = (layer.window[0] * layer.window[1],)
-    k_top = net.layers[-1].n_templates
+    k_top = net.feature_size
     shapes.update({"noise_variance": (net.n_layers,), "mu": (net.n_classes, k_top),
                    "beta": (net.n_classes,), "class_prior": (net.n_classes,),
                    "top_noise_variance": (), "class_scale": ()})
@@ -1045,7 +1054,7 @@ class _Run:
             s2.append(max(rss / (stats.weight * D), 1e-12))
         out["noise_variance"] = np.array(s2)
         mu = np.asarray(params["mu"], np.float64)
-        D_top = float(self.net.layers[-1].n_templates * self.net.top_size)
+        D_top = float(self.net.feature_size * self.net.top_positions)
         out["top_noise_variance"] = np.float64(
             max(_em._top_rss(stats, self.net, mu) / (stats.weight * D_top), 1e-12))
         if top:

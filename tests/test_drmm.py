@@ -100,21 +100,23 @@ def test_shapes_and_dtypes_through_every_preset(preset, dtype, rng):
 # inference and rendering are the explicit composition of the ops
 
 
-def test_bottom_up_is_the_composition_of_match_switch_pool(rng):
-    model, X, _ = fitted_small(rng, dtype="float64")
+@pytest.mark.parametrize("top", ["average", "full"])
+def test_bottom_up_is_the_composition_of_match_switch_pool(top, rng):
+    model, X, _ = fitted_small(rng, dtype="float64", top=top)
     p = model.parameters_
     h = X.astype(np.float64)
     for l, layer in enumerate(SMALL):
         h, _ = ops.match_switch_pool(h, p[f"W{l}"], p[f"b{l}"], padding=layer.padding,
                                      pool=layer.window, leak=layer.leak, backend="numpy")
-    f = h.mean(axis=(2, 3))
+    f = h.mean(axis=(2, 3)) if top == "average" else h.reshape(len(X), -1)
     np.testing.assert_allclose(model.transform(X), f, rtol=1e-12, atol=1e-12)
     scores = float(p["class_scale"]) * f @ p["mu"].T + p["beta"]
     np.testing.assert_allclose(model.decision_function(X), scores, rtol=1e-12, atol=1e-12)
 
 
-def test_reconstruct_is_the_composition_of_render(rng):
-    model, X, y = fitted_small(rng, dtype="float64")
+@pytest.mark.parametrize("top", ["average", "full"])
+def test_reconstruct_is_the_composition_of_render(top, rng):
+    model, X, y = fitted_small(rng, dtype="float64", top=top)
     p = model.parameters_
     hs, idxs = [X.astype(np.float64)], []
     for l, layer in enumerate(SMALL):
@@ -124,7 +126,10 @@ def test_reconstruct_is_the_composition_of_render(rng):
         idxs.append(idx)
     labels = np.where(np.arange(len(y)) % 2 == 0, y, -1)  # half given, half predicted
     cls = np.where(labels >= 0, labels, model.predict(X))
-    r = np.broadcast_to(p["mu"][cls][:, :, None, None], hs[-1].shape).copy()
+    if top == "average":
+        r = np.broadcast_to(p["mu"][cls][:, :, None, None], hs[-1].shape).copy()
+    else:
+        r = p["mu"][cls].reshape(hs[-1].shape)
     for l in range(len(SMALL) - 1, -1, -1):
         r = ops.render(r, idxs[l], p[f"W{l}"], hs[l].shape[2:], padding=SMALL[l].padding,
                        switches=(hs[l + 1] > 0), backend="numpy")
@@ -160,13 +165,14 @@ def _loss(net, p, X, y, weights):
     return eg_loss_and_grads(net, p, X, y, weights, need_grads=False)[0]
 
 
+@pytest.mark.parametrize("top", ["average", "full"])
 @pytest.mark.parametrize("layers", [SMALL, [Layer(3, 2, padding=1, pool=(2, 3)),
                                             Layer(4, 2, pool=2, leak=0.2)]])
-def test_eg_gradients_match_finite_differences(layers, rng):
+def test_eg_gradients_match_finite_differences(layers, top, rng):
     X = rng.standard_normal((6, 2, 9, 9))
     y = np.array([0, 1, -1, 2, -1, 1])
-    net = Network(layers, X.shape[1:], 3, backend="numpy")
-    model = DRMM(layers, 3, init="he", dtype="float64")
+    net = Network(layers, X.shape[1:], 3, backend="numpy", top=top)
+    model = DRMM(layers, 3, init="he", dtype="float64", top=top)
     p = model._init_params(net, X, y, 0)
     for name in trainable_names(len(layers)):  # biases away from zero: no ties at the switch
         if name[0] == "b" or name == "beta":
@@ -214,9 +220,10 @@ def test_eg_gradients_agree_between_backends(rng):
 # hard EM
 
 
-def test_em_m_step_never_increases_the_objective(rng):
+@pytest.mark.parametrize("top", ["average", "full"])
+def test_em_m_step_never_increases_the_objective(top, rng):
     X, y = small_data(rng, n=40, unlabeled=0.3)
-    model = DRMM(SMALL, 3, algorithm="em", max_iter=6, tol=0, random_state=2,
+    model = DRMM(SMALL, 3, algorithm="em", max_iter=6, tol=0, random_state=2, top=top,
                  validation_fraction=0, unlabeled_weight=0.5, dtype="float64")
     with pytest.warns(Warning):  # does not converge in 6 iterations at tol=0
         model.fit(X, y)
@@ -226,9 +233,10 @@ def test_em_m_step_never_increases_the_objective(rng):
         assert after <= before + 1e-9 * abs(before)
 
 
-def test_em_m_step_is_the_exact_minimiser(rng):
+@pytest.mark.parametrize("top", ["average", "full"])
+def test_em_m_step_is_the_exact_minimiser(top, rng):
     X, y = small_data(rng, n=30)
-    model = DRMM(SMALL, 3, algorithm="em", dtype="float64", random_state=0)
+    model = DRMM(SMALL, 3, algorithm="em", dtype="float64", random_state=0, top=top)
     net = model._network(SMALL, X.shape[1:])
     p = model._init_params(net, X.astype(np.float64), y, 0)
     stats = _em.Statistics(net)
