@@ -86,6 +86,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from . import _em, io, ops
+from ._validation import check_int as _check_int
+from ._validation import check_real as _check_real
 from ._network import LossWeights, Network, eg_loss_and_grads, softmax, trainable_names
 from ._optim import SCHEDULES, Adam, learning_rate
 from .layers import Layer, resolve_layers
@@ -104,27 +106,6 @@ _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 # --------------------------------------------------------------------------------------------
 # argument checking
-
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(value, name, minimum=0.0, maximum=np.inf, open_low=False):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    low_ok = value > minimum if open_low else value >= minimum
-    if not (np.isfinite(value) and low_ok and value <= maximum):
-        bound = f"> {minimum}" if open_low else f">= {minimum}"
-        raise ValueError(f"{name} must be a finite number {bound}"
-                         + (f" and <= {maximum}" if np.isfinite(maximum) else "")
-                         + f", got {value!r}")
-    return value
 
 
 def _check_choice(value, name, choices):
@@ -550,20 +531,29 @@ class DRMM(ClassifierMixin, BaseEstimator):
         params = run.best_params if run.best_params is not None else run.params
         if refit_priors and run.epoch > 0:
             params = run.refit_priors(params, top=self.algorithm == "em")
-        self.parameters_ = params
-        self.layers_ = run.net.layers
-        self.input_shape_ = run.net.input_shape
-        self.classes_ = np.arange(self.n_classes)
-        self.n_iter_ = run.epoch
-        self.history_ = run.history
-        self.objective_history_ = run.objective_history
-        self.validation_score_ = run.best_score
-        self.best_iteration_ = run.best_epoch if run.best_params is not None else run.epoch
-        self.converged_ = run.converged
+        best = run.best_epoch if run.best_params is not None else run.epoch
+        self._set_fitted(run.net, params, n_iter=run.epoch, history=run.history,
+                         objective_history=run.objective_history,
+                         validation_score=run.best_score, best_iteration=best,
+                         converged=run.converged)
         if (self.algorithm == "em" and not run.converged and run.epoch == self.max_iter
                 and self.max_iter > 0 and run.validation_size == 0):
             warnings.warn("EM did not converge within max_iter iterations; increase max_iter "
                           "or tol", ConvergenceWarning)
+
+    def _set_fitted(self, net, params, *, n_iter, history, objective_history,
+                    validation_score, best_iteration, converged):
+        self.parameters_ = params
+        self.layers_ = net.layers
+        self.input_shape_ = net.input_shape
+        self.classes_ = np.arange(self.n_classes)
+        self.n_iter_ = int(n_iter)
+        self.history_ = list(history)
+        self.objective_history_ = [tuple(t) for t in objective_history]
+        self.validation_score_ = validation_score
+        self.best_iteration_ = int(best_iteration)
+        self.converged_ = bool(converged)
+        return self
 
     # ---------------------------------------------------------------------------------------
     # inference
@@ -703,16 +693,12 @@ class DRMM(ClassifierMixin, BaseEstimator):
             model = cls(**params)
             layers, _ = model._check_params()
             net = model._network(layers, fitted["input_shape"])
-            model.parameters_ = _params_from_arrays(arrays, net, model._np_dtype)
-            model.layers_ = net.layers
-            model.input_shape_ = net.input_shape
-            model.classes_ = np.arange(model.n_classes)
-            model.n_iter_ = int(fitted["n_iter"])
-            model.history_ = list(fitted["history"])
-            model.objective_history_ = [tuple(t) for t in fitted["objective_history"]]
-            model.validation_score_ = fitted["validation_score"]
-            model.best_iteration_ = int(fitted["best_iteration"])
-            model.converged_ = bool(fitted["converged"])
+            model._set_fitted(net, _params_from_arrays(arrays, net, model._np_dtype),
+                              n_iter=fitted["n_iter"], history=fitted["history"],
+                              objective_history=fitted["objective_history"],
+                              validation_score=fitted["validation_score"],
+                              best_iteration=fitted["best_iteration"],
+                              converged=fitted["converged"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a valid saved DRMM: {exc}") from None
         return model
@@ -925,18 +911,10 @@ class _Run:
 
     def snapshot(self):
         """A fitted copy of the model holding the current parameters."""
-        model = clone(self.model)
-        model.parameters_ = self.params
-        model.layers_ = self.net.layers
-        model.input_shape_ = self.net.input_shape
-        model.classes_ = np.arange(model.n_classes)
-        model.n_iter_ = self.epoch
-        model.history_ = list(self.history)
-        model.objective_history_ = list(self.objective_history)
-        model.validation_score_ = self.best_score
-        model.best_iteration_ = self.epoch
-        model.converged_ = self.converged
-        return model
+        return clone(self.model)._set_fitted(
+            self.net, self.params, n_iter=self.epoch, history=self.history,
+            objective_history=self.objective_history, validation_score=self.best_score,
+            best_iteration=self.epoch, converged=self.converged)
 
     def validation_accuracy(self, params):
         correct = 0

@@ -34,6 +34,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from . import _backends, io, ops
+from ._validation import check_int as _check_int
+from ._validation import check_real as _check_real
 
 __all__ = ["RMM"]
 
@@ -51,23 +53,6 @@ _LOG_2PI = float(np.log(2 * np.pi))
 
 # --------------------------------------------------------------------------------------------
 # argument checking
-
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
-    return value
 
 
 def _as_samples(X, name="X"):
