@@ -20,8 +20,21 @@ Contenders (``padding`` p, non-overlapping pooling ``pool``, ``leak`` of the swi
 * ``render`` (cpu) vs ``max_unpool2d -> conv_transpose2d``;
 * ``template_stats`` with ``gram=False`` (B and s) vs ``max_unpool2d -> conv2d_weight`` (+ the
   sum for s), and with ``gram=True`` (B, s and G), which has no PyTorch peer (peer column empty);
-* ``--drmm-step``: one full DRMM training step vs PyTorch autograd. NOT AVAILABLE YET: fastdrmm
-  has no DRMM model; the flag only reports that, it never prints a number.
+* ``--drmm-step``: one full DRMM EG training step (:mod:`fastdrmm.drmm`'s objective: bottom-up
+  pass, class scores, cross-entropy on the labeled and entropy on the unlabeled samples,
+  top-down rendering with the latents chosen bottom-up, reconstruction and non-negativity
+  terms, and every gradient) through ``fastdrmm._network.eg_loss_and_grads`` vs the same
+  architecture and loss in PyTorch autograd (``conv2d -> leaky_relu ->
+  max_pool2d(return_indices)`` up, global average, ``scale * f @ mu.T + beta``; down
+  ``max_unpool2d`` at the recorded indices times the switch mask ``h > 0``, then
+  ``conv_transpose2d`` cropped by the padding; latents and the chosen classes held fixed, as
+  fastdrmm's gradients do). Both start from the same parameters (``DRMM._init_params``, He
+  initialisation) and the same MNIST batches (random images in [0, 1] where MNIST is absent;
+  ``--drmm-labeled-fraction`` of each batch labeled, the rest unlabeled). Losses and gradients
+  are checked allclose before anything is timed (where PyTorch's pooling picks another argmax
+  on a near-tie, the check is repeated with fastdrmm's latents given to PyTorch). Reported:
+  ms per step (loss + gradients, no optimizer update) for both, the ratio, and the epoch time
+  this implies for 60,000 images. ``--drmm-only`` skips the per-op tables.
 
 Columns: GFLOP/s = 2*N*K*Ho*Wo*C*kh*kw / median time for match, render and B (G: none);
 ``% peak`` = that over the machine's float32 sgemm rate (numpy 2048x2048 matmul, same thread
@@ -75,10 +88,12 @@ TORCH_MATCH = "torch conv2d+leaky_relu+max_pool2d"
 TORCH_RENDER = "torch max_unpool2d+conv_transpose2d"
 TORCH_STATS = "torch max_unpool2d+conv2d_weight+sum"
 NUMPY_BACKEND = "fastdrmm numpy backend"
-DRMM_STEP_REASON = ("not available yet: fastdrmm has no DRMM model (issue 5); the full "
-                    "training-step comparison will be added with the model")
+TORCH_STEP = "torch autograd (same architecture and loss)"
+MNIST_IMAGES = 60000
 
 TOLERANCE = {"float32": 2e-4, "float64": 1e-10}
+#: losses and gradients of a whole step, relative to the largest magnitude of each array
+DRMM_STEP_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
 def describe(name):
@@ -424,6 +439,259 @@ def run_pass(args, torch, threads, peaks, memory):
     return rows
 
 
+# --------------------------------------------------------------------------- DRMM step
+
+
+def default_mnist_dir():
+    """``$FASTDRMM_DATA/mnist``, else this checkout's ``../shared/data/mnist``, else None (the
+    user cache, :func:`fastdrmm.datasets.mnist_data_dir`)."""
+    root = os.environ.get("FASTDRMM_DATA")
+    if root:
+        return os.path.join(root, "mnist")
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                          "shared", "data", "mnist")
+    return os.path.normpath(shared) if os.path.isdir(shared) else None
+
+
+def mnist_or_random(n, seed, data_dir=None):
+    """(X (n, 1, 28, 28) float32, y (n,) int64, source): MNIST's first n training images
+    where the files are found, else sparse random images in [0, 1] with random labels."""
+    from fastdrmm import load_mnist
+
+    try:
+        X, y = load_mnist(data_dir or default_mnist_dir(), subset="train", return_X_y=True)
+        if n <= X.shape[0]:
+            return np.ascontiguousarray(X[:n]), np.asarray(y[:n], np.int64), "MNIST"
+    except FileNotFoundError:
+        pass
+    rng = np.random.default_rng([seed, 7])
+    X = (rng.random((n, 1, 28, 28)) * (rng.random((n, 1, 28, 28)) < 0.2)).astype(np.float32)
+    return X, rng.integers(0, 10, n).astype(np.int64), "random images (MNIST not found)"
+
+
+def drmm_setup(preset, x, yidx, seed, dtype="float32"):
+    """(net, params) of an EG DRMM of ``preset`` for images like ``x``, initialised as
+    ``DRMM.fit`` would (He templates, ``DRMM._init_params``)."""
+    from fastdrmm import DRMM
+    from fastdrmm.layers import resolve_layers
+
+    model = DRMM(preset, algorithm="eg", dtype=dtype, random_state=seed)
+    net = model._network(resolve_layers(preset), x.shape[1:])
+    return net, model._init_params(net, x, yidx, seed)
+
+
+def torch_params(torch, net, params):
+    """Leaf tensors (requires_grad) holding copies of the trainable parameters."""
+    from fastdrmm._network import trainable_names
+
+    return {name: torch.from_numpy(np.array(params[name])).requires_grad_()
+            for name in trainable_names(net.n_layers)}
+
+
+def torch_bottom_up(torch, net, tp, scale, x, latents=None):
+    """(hs[1..L], idxs, f, scores): conv2d -> leaky_relu -> max_pool2d(return_indices) per
+    layer, the global average and ``scale * f @ mu.T + beta``. With ``latents`` (idxs as
+    int64 tensors) each code is read at the given positions instead (gather)."""
+    F = torch.nn.functional
+    h, hs, idxs = x, [], []
+    for l, layer in enumerate(net.layers):
+        z = F.conv2d(h, tp[f"W{l}"], tp[f"b{l}"], padding=layer.padding)
+        y = F.leaky_relu(z, layer.leak) if layer.leak else F.relu(z)
+        if latents is not None:
+            idx = latents[0][l]
+            h = y.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+        elif layer.pool is not None:
+            h, idx = F.max_pool2d(y, layer.pool, stride=layer.pool, return_indices=True)
+        else:
+            h, idx = y, None
+        hs.append(h)
+        idxs.append(idx)
+    f = h.mean(dim=(2, 3))
+    return hs, idxs, f, scale * (f @ tp["mu"].T) + tp["beta"]
+
+
+def torch_eg_loss(torch, net, tp, scale, x, yidx, weights, latents=None):
+    """fastdrmm's EG objective (:func:`fastdrmm._network.eg_loss_and_grads`) in autograd.
+
+    ``tp``: leaf tensors W{l}, b{l}, mu, beta; ``x`` a (N, C, H, W) tensor; ``yidx`` (N,)
+    numpy int64 with -1 for unlabeled; ``latents`` None (PyTorch's own choices) or
+    (idxs, switches, classes) tensors to use instead. Returns (loss, terms, latents used);
+    the latents (argmax positions, switch masks, classes) carry no gradient."""
+    F = torch.nn.functional
+    n = x.shape[0]
+    hs, idxs, _, scores = torch_bottom_up(torch, net, tp, scale, x, latents)
+    logp = F.log_softmax(scores, dim=1)
+    prob = logp.exp()
+    labeled_np = yidx >= 0
+    labeled = torch.from_numpy(labeled_np)
+    n_lab = int(labeled_np.sum())
+    n_unl = n - n_lab
+    y_lab = torch.from_numpy(yidx[labeled_np])
+    xent = -logp[labeled].gather(1, y_lab[:, None]).sum() / max(n_lab, 1)
+    entropy = -(prob[~labeled] * logp[~labeled]).sum() / max(n_unl, 1)
+    if latents is None:
+        classes = torch.where(labeled, torch.from_numpy(yidx), scores.detach().argmax(1))
+        switches = [(h.detach() > 0).to(x.dtype) for h in hs]
+        latents = (idxs, switches, classes)
+    _, switches, classes = latents
+    loss = weights.xent * xent + weights.entropy * entropy
+    terms = {"xent": xent, "entropy": entropy}
+    if weights.reconstruction or weights.nonnegativity:
+        q = F.one_hot(classes, net.n_classes).to(x.dtype)
+        r = (q @ tp["mu"])[:, :, None, None].expand(-1, -1, *net.top_plane)
+        rs = [r]
+        for l in range(net.n_layers - 1, -1, -1):
+            layer = net.layers[l]
+            u = r * switches[l]
+            if layer.pool is not None:
+                u = F.max_unpool2d(u, idxs[l], layer.pool, stride=layer.pool,
+                                   output_size=net.shapes[l].plane)
+            r = F.conv_transpose2d(u, tp[f"W{l}"], padding=layer.padding)
+            rs.append(r)
+        rs = rs[::-1]
+        terms["reconstruction"] = ((rs[0] - x) ** 2).sum() / (n * x[0].numel())
+        terms["nonnegativity"] = sum((torch.clamp(rs[l], max=0) ** 2).sum()
+                                     / (n * rs[l][0].numel()) for l in range(1, len(rs)))
+        loss = (loss + weights.reconstruction * terms["reconstruction"]
+                + weights.nonnegativity * terms["nonnegativity"])
+    else:
+        terms["reconstruction"] = terms["nonnegativity"] = x.new_zeros(())
+    return loss, terms, latents
+
+
+def torch_step(torch, net, tp, scale, x, yidx, weights, latents=None):
+    """One PyTorch training step without the optimizer: (loss, terms, latents); gradients in
+    ``tp[name].grad``."""
+    for t in tp.values():
+        t.grad = None
+    loss, terms, latents = torch_eg_loss(torch, net, tp, scale, x, yidx, weights, latents)
+    loss.backward()
+    return loss, terms, latents
+
+
+def fastdrmm_latents(torch, net, fw, yidx):
+    """fastdrmm's bottom-up choices as tensors for :func:`torch_eg_loss`."""
+    dtype = fw.hs[0].dtype
+    idxs = [torch.from_numpy(np.asarray(i, np.int64)) for i in fw.idxs]
+    switches = [torch.from_numpy(fw.switches(l, dtype)) for l in range(net.n_layers)]
+    classes = np.where(yidx >= 0, yidx, np.asarray(fw.scores).argmax(axis=1))
+    return idxs, switches, torch.from_numpy(classes.astype(np.int64))
+
+
+def latent_disagreements(net, fw, latents, yidx):
+    """How many argmax positions, switches and classes differ between fastdrmm and PyTorch."""
+    idxs, switches, classes = latents
+    n = 0
+    for l, layer in enumerate(net.layers):
+        if layer.pool is not None:
+            n += int(np.sum(np.asarray(fw.idxs[l], np.int64) != idxs[l].numpy()))
+        n += int(np.sum(fw.switches(l, switches[l].numpy().dtype) != switches[l].numpy()))
+    mine = np.where(yidx >= 0, yidx, np.asarray(fw.scores).argmax(axis=1))
+    return n + int(np.sum(mine != classes.numpy()))
+
+
+def _rel_err(a, ref):
+    """max |a - ref| over max |ref| (an array, or a scalar's own magnitude)."""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    err = float(np.max(np.abs(a - ref))) if ref.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+def check_drmm_step(torch, net, tp, scale, x_np, yidx, weights, fd_result, tol):
+    """(verdict, details): fastdrmm's loss, terms and gradients vs PyTorch autograd."""
+    loss, terms, grads, fw = fd_result
+    x = torch.from_numpy(x_np)
+    t_loss, t_terms, latents = torch_step(torch, net, tp, scale, x, yidx, weights)
+    ties = latent_disagreements(net, fw, latents, yidx)
+    if ties:  # a near-tie decided otherwise: compare the same function, fastdrmm's latents
+        t_loss, t_terms, _ = torch_step(torch, net, tp, scale, x, yidx, weights,
+                                        fastdrmm_latents(torch, net, fw, yidx))
+    details = {"latent_disagreements": ties, "loss": float(loss),
+               "torch_loss": float(t_loss.detach()), "rel_err": {}}
+    worst = 0.0
+    ok_all = True
+    pairs = [("loss", loss, float(t_loss.detach()))]
+    pairs += [(k, terms[k], float(t_terms[k].detach())) for k in t_terms]
+    pairs += [(f"d{k}", g, np.zeros_like(g) if tp[k].grad is None else tp[k].grad.numpy())
+              for k, g in grads.items()]
+    for name, value, ref in pairs:
+        rel = _rel_err(value, ref)
+        details["rel_err"][name] = rel
+        ok_all &= rel <= tol
+        worst = max(worst, rel)
+    details["max_rel_err"] = worst
+    if not ok_all:
+        bad = [k for k, v in details["rel_err"].items() if v > tol]
+        return f"FAIL: {', '.join(bad)} differ (max rel err {worst:.2e})", details
+    note = f"; {ties} near-tie latents, checked with fastdrmm's" if ties else ""
+    return f"ok (max rel err {worst:.1e}{note})", details
+
+
+def run_drmm_steps(args, torch):
+    """Rows of the full-step comparison, one per (preset, batch)."""
+    from fastdrmm._network import LossWeights, eg_loss_and_grads
+
+    weights = LossWeights()
+    tol = DRMM_STEP_TOLERANCE[args.dtype]
+    rows = []
+    source = None
+    for preset in args.drmm_presets:
+        for n in args.batch:
+            X, y, source = mnist_or_random(n * args.copies, args.seed, args.data_dir)
+            X = X.astype(args.dtype)
+            n_lab = int(round(args.drmm_labeled_fraction * n))
+            sets = []
+            for i in range(args.copies):
+                x = np.ascontiguousarray(X[i * n:(i + 1) * n])
+                yidx = y[i * n:(i + 1) * n].copy()
+                yidx[n_lab:] = -1
+                sets.append((x, yidx))
+            net, params = drmm_setup(preset, X, y, args.seed, args.dtype)
+            scale = float(params["class_scale"])
+
+            def fd(s):
+                return eg_loss_and_grads(net, params, s[0], s[1], weights)
+
+            first, t_fd, out_fd = timed(fd, sets, args.repeats, args.warmup)
+            row = dict(preset=preset, batch=n, labeled=n_lab, dtype=args.dtype,
+                       data=source, fastdrmm_ms=t_fd * 1e3, first_call_ms=first * 1e3,
+                       fastdrmm_epoch_s=t_fd * MNIST_IMAGES / n, peer=None, peer_ms=None,
+                       ratio=None, peer_epoch_s=None, check="", check_details=None)
+            if torch is not None:
+                tp = torch_params(torch, net, params)
+                verdict, details = check_drmm_step(torch, net, tp, scale, *sets[0], weights,
+                                                   out_fd, tol)
+                tsets = [(torch.from_numpy(x), yi) for x, yi in sets]
+
+                def tf(s):
+                    return torch_step(torch, net, tp, scale, s[0], s[1], weights)
+
+                _, t_peer, _ = timed(tf, tsets, args.repeats, args.warmup)
+                row.update(peer=TORCH_STEP, peer_ms=t_peer * 1e3, ratio=t_fd / t_peer,
+                           peer_epoch_s=t_peer * MNIST_IMAGES / n, check=verdict,
+                           check_details=details)
+            rows.append(row)
+            if args.verbose:
+                print(f"  DRMM step {preset} N={n}: {row['fastdrmm_ms']:.1f} ms / "
+                      f"{_f(row['peer_ms'], '{:.1f}') or '-'} ms {row['check']}",
+                      file=sys.stderr, flush=True)
+    return rows, source
+
+
+def drmm_table(rows):
+    head = ["preset", "N (labeled)", "fastdrmm ms/step", "torch ms/step", "ratio",
+            "fastdrmm s/epoch (60k)", "torch s/epoch (60k)", "first call ms", "check"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["preset"], f"{r['batch']} ({r['labeled']})", _f(r["fastdrmm_ms"]),
+            _f(r["peer_ms"]), _f(r["ratio"], "{:.2f}x"), _f(r["fastdrmm_epoch_s"], "{:.1f}"),
+            _f(r["peer_epoch_s"], "{:.1f}"), _f(r["first_call_ms"], "{:.0f}"),
+            r["check"]]) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -490,8 +758,18 @@ def build_parser():
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the peak-memory subprocesses")
     ap.add_argument("--drmm-step", action="store_true",
-                    help="full DRMM training step vs PyTorch autograd: NOT AVAILABLE YET (no "
-                         "DRMM model in fastdrmm); reports that and no number")
+                    help="also time one full DRMM EG training step (loss + gradients) against "
+                         "PyTorch autograd, at each --batch")
+    ap.add_argument("--drmm-only", action="store_true",
+                    help="with --drmm-step: skip the per-op tables")
+    ap.add_argument("--drmm-presets", default="conv-small",
+                    help="comma-separated DRMM presets for --drmm-step (default conv-small)")
+    ap.add_argument("--drmm-labeled-fraction", type=float, default=0.5,
+                    help="fraction of each --drmm-step batch that is labeled (the rest "
+                         "unlabeled, y=-1); default 0.5 so that every loss term is exercised")
+    ap.add_argument("--data-dir", default=None,
+                    help="MNIST directory for --drmm-step (default: $FASTDRMM_DATA/mnist, else "
+                         "../shared/data/mnist; random images where absent)")
     ap.add_argument("--json", metavar="PATH", help="write all tables as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the printed markdown")
     ap.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
@@ -512,6 +790,17 @@ def main(argv=None, out=None):
     args.batch = [int(b) for b in str(args.batch).split(",")]
     if args.repeats < 1 or args.warmup < 0 or args.copies < 1:
         raise SystemExit("--repeats and --copies must be >= 1, --warmup >= 0")
+    args.drmm_presets = [s.strip() for s in args.drmm_presets.split(",") if s.strip()]
+    if args.drmm_only and not args.drmm_step:
+        raise SystemExit("--drmm-only needs --drmm-step")
+    if not 0.0 <= args.drmm_labeled_fraction <= 1.0:
+        raise SystemExit("--drmm-labeled-fraction must lie in [0, 1]")
+    if args.drmm_step:
+        from fastdrmm.layers import PRESETS
+
+        bad = [s for s in args.drmm_presets if s not in PRESETS]
+        if bad:
+            raise SystemExit(f"unknown DRMM presets {bad}; choose from {sorted(PRESETS)}")
 
     import numba
 
@@ -528,7 +817,7 @@ def main(argv=None, out=None):
         settings=dict(dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
                       copies=args.copies, leak=args.leak, batch=args.batch, shapes=args.shapes),
         import_fastdrmm_s=import_time(min(3, args.repeats)),
-        drmm_step=dict(available=False, reason=DRMM_STEP_REASON),
+        drmm_step=None,
         passes=[])
     md = [f"# fastdrmm vs peers ({args.dtype}, median of {args.repeats} after {args.warmup} "
           f"warm-up, {args.copies} rotated input sets)", "",
@@ -538,6 +827,8 @@ def main(argv=None, out=None):
         md += ["", "PyTorch not available (or --no-torch): peer columns are empty."]
     failed = False
     thread_counts = [threads] + ([1] if threads > 1 and not args.no_single_thread else [])
+    if args.drmm_only:
+        thread_counts = []
     for nt in thread_counts:
         limiter = set_threads(nt, torch)
         try:
@@ -558,14 +849,30 @@ def main(argv=None, out=None):
                                       threads)
         report["scaling"] = scaling
         md += ["", f"## 1-thread vs {threads}-thread scaling", "", text]
-    md += ["", "## full DRMM training step", "",
-           f"{'requested: ' if args.drmm_step else ''}{DRMM_STEP_REASON}."]
-    md += ["", "mem MB: peak RSS added by one call after a warm-up call, in a fresh subprocess "
-           "per shape (VmHWM reset through /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=65536), "
-           "outputs included; memory kept across calls is not counted. template_stats B+s+G "
-           "has no PyTorch peer. check: fastdrmm vs the peer on input set 0. GFLOP/s: the "
-           "dense count 2*N*K*Ho*Wo*C*kh*kw over the median time (render and B may skip the "
-           "zeros of the unpooled code, so they can pass % peak = 100)."]
+    if args.drmm_step:
+        limiter = set_threads(threads, torch)
+        try:
+            step_rows, source = run_drmm_steps(args, torch)
+        finally:
+            if limiter is not None:
+                limiter.unregister()
+        report["drmm_step"] = dict(available=True, threads=threads, data=source,
+                                   labeled_fraction=args.drmm_labeled_fraction,
+                                   rows=step_rows)
+        failed |= any(r["check"].startswith("FAIL") for r in step_rows)
+        md += ["", f"## full DRMM training step ({threads} thread{'s' if threads > 1 else ''})",
+               "", f"One EG step, loss + all gradients (no optimizer update), {args.dtype}, "
+               f"data: {source}; {TORCH_STEP} as the peer; s/epoch = ms/step x 60000 / N. "
+               "check: losses and gradients of both on the first batch, max |diff| / max |ref| "
+               f"per array <= {DRMM_STEP_TOLERANCE[args.dtype]:g}.", "", drmm_table(step_rows)]
+    if thread_counts:
+        md += ["", "mem MB: peak RSS added by one call after a warm-up call, in a fresh "
+               "subprocess per shape (VmHWM reset through /proc/self/clear_refs, "
+               "MALLOC_MMAP_THRESHOLD_=65536), outputs included; memory kept across calls is not "
+               "counted. template_stats B+s+G has no PyTorch peer. check: fastdrmm vs the peer "
+               "on input set 0. GFLOP/s: the dense count 2*N*K*Ho*Wo*C*kh*kw over the median "
+               "time (render and B may skip the zeros of the unpooled code, so they can pass "
+               "% peak = 100)."]
     text = "\n".join(md) + "\n"
     out.write(text)
     if args.markdown:

@@ -32,11 +32,17 @@ def run(compare, tmp_path, *extra):
 
 
 def test_without_torch(compare, tmp_path):
-    """The fastdrmm side alone: timings, GFLOP/s, memory, no peer, placeholder for DRMM."""
-    report, text = run(compare, tmp_path, "--no-torch", "--no-single-thread", "--drmm-step")
+    """The fastdrmm side alone: timings, GFLOP/s, memory, no peer, the DRMM step unpaired."""
+    report, text = run(compare, tmp_path, "--no-torch", "--no-single-thread", "--drmm-step",
+                       "--drmm-presets", "two-layer")
     assert report["import_fastdrmm_s"] > 0
-    assert report["drmm_step"]["available"] is False
-    assert "not available yet" in text and "PyTorch not available" in text
+    step = report["drmm_step"]
+    assert step["available"] is True
+    (row,) = step["rows"]
+    assert row["preset"] == "two-layer" and row["batch"] == 2 and row["labeled"] == 1
+    assert row["fastdrmm_ms"] > 0 and row["fastdrmm_epoch_s"] > 0
+    assert row["peer_ms"] is None and row["ratio"] is None and row["check"] == ""
+    assert "PyTorch not available" in text and "## full DRMM training step" in text
     (only,) = report["passes"]
     assert only["peaks"]["matmul_gflops"] > 0 and only["peaks"]["copy_gbs"] > 0
     rows = only["rows"]
@@ -64,3 +70,47 @@ def test_with_torch(compare, tmp_path):
         assert r["check"].startswith("ok"), r
     assert len(report["scaling"]) == len(single["rows"]) == 3
     assert "## 1-thread vs 2-thread scaling" in text
+
+
+def test_drmm_step_with_torch(compare, tmp_path):
+    """--drmm-step: one EG step of fastdrmm vs PyTorch autograd, losses/gradients checked."""
+    pytest.importorskip("torch")
+    report, text = run(compare, tmp_path, "--drmm-step", "--drmm-only", "--batch", "4",
+                       "--drmm-presets", "conv-small,two-layer", "--threads", "2")
+    assert report["passes"] == []
+    assert "| op |" not in text and "## full DRMM training step (2 threads)" in text
+    rows = report["drmm_step"]["rows"]
+    assert [(r["preset"], r["batch"], r["labeled"]) for r in rows] == [
+        ("conv-small", 4, 2), ("two-layer", 4, 2)]
+    for r in rows:
+        assert r["check"].startswith("ok"), r
+        details = r["check_details"]
+        assert details["max_rel_err"] <= compare.DRMM_STEP_TOLERANCE["float32"]
+        assert {"loss", "xent", "entropy", "reconstruction", "nonnegativity", "dW0", "db0",
+                "dmu", "dbeta"} <= set(details["rel_err"])
+        assert r["peer_ms"] > 0 and r["ratio"] == pytest.approx(r["fastdrmm_ms"] / r["peer_ms"])
+        assert r["peer_epoch_s"] == pytest.approx(r["peer_ms"] * 60000 / 4 / 1e3)
+    table_rows = [line for line in text.splitlines() if line.startswith("| conv-small")]
+    assert len(table_rows) == 1 and "ok (max rel err" in table_rows[0]
+
+
+def test_drmm_step_catches_a_wrong_gradient(compare):
+    """The step check is not vacuous: a perturbed fastdrmm gradient fails it."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from fastdrmm._network import LossWeights, eg_loss_and_grads
+
+    x, y, _ = compare.mnist_or_random(6, 0)
+    y[3:] = -1
+    net, params = compare.drmm_setup("two-layer", x, y, 0)
+    weights = LossWeights()
+    loss, terms, grads, fw = eg_loss_and_grads(net, params, x, y, weights)
+    tp = compare.torch_params(torch, net, params)
+    verdict, _ = compare.check_drmm_step(torch, net, tp, float(params["class_scale"]), x, y,
+                                         weights, (loss, terms, grads, fw), 1e-3)
+    assert verdict.startswith("ok"), verdict
+    grads["W1"] = grads["W1"] * np.float32(1.01)
+    verdict, details = compare.check_drmm_step(torch, net, tp, float(params["class_scale"]), x,
+                                               y, weights, (loss, terms, grads, fw), 1e-3)
+    assert verdict.startswith("FAIL") and "dW1" in verdict, verdict
