@@ -123,3 +123,58 @@ def test_render_agrees_with_pytorch(rng):
                            output_size=(12, 10))
         want = F.conv_transpose2d(u, torch.from_numpy(templates), padding=1)
         np.testing.assert_allclose(r, want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+# The cpu backend renders dense codes (pool 1) as one GEMM per tap; these geometries make the
+# cost model pick it, and the tests below also force it on the others.
+GEMM_GEOMETRIES = GEOMETRIES + [
+    (3, 32, 9, 9, 40, 3, 3, 0, 1, None),   # valid, 2 vectors of output channels
+    (2, 20, 7, 8, 17, 3, 2, 1, 1, None),   # padded, partial vectors, 1 + 1 vector blocks
+    (9, 5, 5, 6, 70, 3, 3, 0, 1, None),    # several samples per group, K not a tile multiple
+]
+
+
+@pytest.fixture(params=[False, True], ids=["gemm-off", "gemm-on"])
+def cpu_gemm(request, monkeypatch):
+    """Force the cpu backend's GEMM paths (render and template_stats B) on or off."""
+    from fastdrmm.kernels.cpu import rendering, statistics
+
+    monkeypatch.setattr(rendering, "_GEMM", request.param)
+    monkeypatch.setattr(statistics, "_GEMM", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEMM_GEOMETRIES)
+def test_cpu_render_paths_match_naive(cpu_gemm, dtype, geom, rng):
+    x, templates, code, idx, switches = latents(rng, dtype, geom)
+    check_unpool_and_render(host_runner("cpu"), dtype, geom, code, idx, templates, switches)
+    r1 = ops.render(code, idx, templates, geom[2:4], padding=geom[7], switches=switches,
+                    backend="cpu")
+    r2 = ops.render(code, idx, templates, geom[2:4], padding=geom[7], switches=switches,
+                    backend="cpu")
+    np.testing.assert_array_equal(r1, r2)
+
+
+@pytest.mark.parametrize("geom", [(2, 3, 6, 7, 4, 3, 3, 1, 1, None),
+                                  (2, 2, 9, 8, 3, 3, 2, 1, 2, None)])
+def test_cpu_render_gemm_non_finite_like_numpy(monkeypatch, geom, rng):
+    """The GEMM path computes every (position, tap) term: 0 * inf = NaN as in the reference,
+    NaN stays where its taps land."""
+    from fastdrmm.kernels.cpu import rendering
+
+    monkeypatch.setattr(rendering, "_GEMM", True)
+    _, templates, code, idx, switches = latents(rng, np.float64, geom)
+    h, w, padding = geom[2], geom[3], geom[7]
+    code[0, 0] = 0.0
+    code[0, 0, 0, 0] = np.nan
+    code[1, 1, -1, -1] = np.inf
+    for t in (templates, np.where(np.arange(templates.size).reshape(templates.shape) == 5,
+                                  np.inf, templates)):
+        got = ops.render(code, idx, t, (h, w), padding=padding, switches=switches, backend="cpu")
+        want = ops.render(code, idx, t, (h, w), padding=padding, switches=switches,
+                          backend="numpy")
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)

@@ -6,7 +6,7 @@ import pytest
 import naive
 from checks import DTYPES, HOST_BACKENDS, check_template_stats, host_runner
 from fastdrmm import ops
-from test_ops_render import GEOMETRIES, latents
+from test_ops_render import GEMM_GEOMETRIES, GEOMETRIES, cpu_gemm, latents  # noqa: F401
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -125,3 +125,35 @@ def test_nan_in_x_reaches_b_on_every_path(backend, rng):
         want = naive.template_stats(x, code, idx, kernel)[0]
         np.testing.assert_array_equal(np.isnan(big_b), np.isnan(want))
         assert np.isnan(big_b).any(), plane
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEMM_GEOMETRIES)
+def test_cpu_stats_paths_match_naive(cpu_gemm, dtype, geom, rng):
+    x, templates, code, idx, switches = latents(rng, dtype, geom)
+    check_template_stats(host_runner("cpu"), dtype, geom, x, code, idx, switches)
+    a = ops.template_stats(x, code, idx, (geom[5], geom[6]), padding=geom[7],
+                           switches=switches, gram=False, backend="cpu")
+    b = ops.template_stats(x, code, idx, (geom[5], geom[6]), padding=geom[7],
+                           switches=switches, gram=False, backend="cpu")
+    for p, q in zip(a[:2], b[:2]):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_cpu_stats_gemm_non_finite_like_numpy(monkeypatch, rng):
+    from fastdrmm.kernels.cpu import statistics
+
+    monkeypatch.setattr(statistics, "_GEMM", True)
+    x, _, code, idx, switches = latents(rng, np.float64, (3, 2, 7, 6, 3, 3, 3, 1, 1, None))
+    x[1, 0, 2, 2] = np.nan
+    x[2, 1, 0, 0] = np.inf
+    code[0, 1, 1, 1] = np.inf
+    got = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, gram=False,
+                             backend="cpu")
+    want = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, gram=False,
+                              backend="numpy")
+    for g, w in zip(got[:2], want[:2]):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+        np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
+        fin = np.isfinite(w)
+        np.testing.assert_allclose(g[fin], w[fin], rtol=1e-12, atol=1e-12)

@@ -65,6 +65,13 @@ else:
     NL_MAX = 2
 PIX = (0, PIX1, PIX2, PIX3, PIX4)
 PIX_MAX = max(PIX)
+# gemm_tile's tiles (NV = 1..4): smaller for NV <= 2, because LLVM hoists every broadcast of a
+# step before the FMAs, and NV*P accumulators + P broadcasts + NV operands must fit in the
+# registers (NV=2, P=12 spills and runs at ~60% of NV=2, P=8; measured on AVX-512).
+if VBYTES == 64:
+    GPIX = (0, 8, 8, 8, 6)
+else:
+    GPIX = (0, 6, 4, 3, 3)
 
 
 # Parallel loops are explicit ``prange`` loops over chunks; Numba's automatic conversion of
@@ -421,6 +428,104 @@ def gather_dots(typingctx, acc, aofs, astep, u, qoff, qval, start, count, shift,
             for v in range(nv):
                 ptr = vptr(ap, builder.add(row, i64(v * vl)))
                 builder.store(builder.fadd(builder.load(ptr, align=size), accs[m * nv + v]), ptr,
+                              align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def gemm_tile(typingctx, acc, aofs, a, abase, aoff, b, boff, t0, t1, NV, P):
+    """Register-blocked ``acc += A^T B`` over a list of reduction steps, accumulating into
+    memory. For p < P and lane l < NV*VL::
+
+        s = acc[aofs[p] + l]
+        for t in range(t0, t1):                   # fixed order
+            s = fmuladd(b[boff[t] + l], a[abase[p] + aoff[t]], s)
+        acc[aofs[p] + l] = s
+
+    ``acc``, ``a`` and ``b`` share a float dtype; ``aofs``, ``abase``, ``aoff`` and ``boff``
+    are 1-d int64 arrays; ``NV`` and ``P`` are compile-time constants. Two tiles p, p' may
+    share an ``aofs`` only if what they write there is never read (scratch). No bounds checks.
+    """
+    if not isinstance(NV, types.IntegerLiteral) or not isinstance(P, types.IntegerLiteral):
+        return None
+    nv, npx = NV.literal_value, P.literal_value
+    dt = acc.dtype
+    sig = types.void(acc, aofs, a, abase, aoff, b, boff, t0, t1, NV, P)
+
+    def codegen(context, builder, signature, args):
+        acc_, aofs_, a_, abase_, aoff_, b_, boff_, t0_, t1_, _, _ = args
+        aty = signature.args
+        elt = context.get_value_type(dt)
+        size = context.get_abi_sizeof(elt)
+        vl = VBYTES // size
+        vty = ir.VectorType(elt, vl)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        t0_ = context.cast(builder, t0_, aty[7], types.int64)
+        t1_ = context.cast(builder, t1_, aty[8], types.int64)
+        cp = _data(context, builder, aty[0], acc_)
+        cop = _data(context, builder, aty[1], aofs_)
+        ap = _data(context, builder, aty[2], a_)
+        abp = _data(context, builder, aty[3], abase_)
+        aop = _data(context, builder, aty[4], aoff_)
+        bp = _data(context, builder, aty[5], b_)
+        bop = _data(context, builder, aty[6], boff_)
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+            "llvm.fmuladd.v%df%d" % (vl, 8 * size))
+
+        def vptr(ptr, index):
+            return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
+
+        mask0 = ir.Constant(ir.VectorType(i32, vl), [0] * vl)
+        undef = ir.Constant(vty, ir.Undefined)
+
+        def splat(scalar):
+            one = builder.insert_element(undef, scalar, i32(0))
+            return builder.shuffle_vector(one, undef, mask0)
+
+        bases = [builder.gep(ap, [builder.load(builder.gep(abp, [i64(p)], inbounds=True))],
+                             inbounds=True) for p in range(npx)]
+        couts = [builder.load(builder.gep(cop, [i64(p)], inbounds=True)) for p in range(npx)]
+        init = [builder.load(vptr(cp, builder.add(couts[p], i64(v * vl))), align=size)
+                for p in range(npx) for v in range(nv)]
+
+        entry = builder.block
+        head = builder.append_basic_block("gemm.head")
+        body = builder.append_basic_block("gemm.body")
+        done = builder.append_basic_block("gemm.done")
+        builder.branch(head)
+
+        builder.position_at_end(head)
+        t = builder.phi(i64)
+        t.add_incoming(t0_, entry)
+        accs = []
+        for j in range(npx * nv):
+            phi = builder.phi(vty)
+            phi.add_incoming(init[j], entry)
+            accs.append(phi)
+        builder.cbranch(builder.icmp_signed("<", t, t1_), body, done)
+
+        builder.position_at_end(body)
+        oa = builder.load(builder.gep(aop, [t], inbounds=True))
+        ob = builder.load(builder.gep(bop, [t], inbounds=True))
+        bv = [builder.load(vptr(bp, builder.add(ob, i64(v * vl))), align=size) for v in range(nv)]
+        updated = []
+        for p in range(npx):
+            xs = splat(builder.load(builder.gep(bases[p], [oa], inbounds=True)))
+            for v in range(nv):
+                updated.append(builder.call(fmuladd, [bv[v], xs, accs[p * nv + v]]))
+        tail = builder.block
+        t.add_incoming(builder.add(t, i64(1)), tail)
+        for phi, new in zip(accs, updated):
+            phi.add_incoming(new, tail)
+        builder.branch(head)
+
+        builder.position_at_end(done)
+        for p in range(npx):
+            for v in range(nv):
+                builder.store(accs[p * nv + v], vptr(cp, builder.add(couts[p], i64(v * vl))),
                               align=size)
         return context.get_dummy_value()
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._common import NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, lanes, num_chunks
-from .matching import _pix, _relayout, _tile
+from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, gemm_tile, lanes,
+                      num_chunks)
+from .matching import _blocks, _pix, _relayout, _tile
 
 __all__ = ["unpool", "render"]
 
@@ -188,6 +189,153 @@ def _render_conv_kernel(code, idx, sw, use_sw, wr, wofs_b, bzero, off, blk_c0, b
                         out[f] = zb[f * kbw + l]
 
 
+@njit(inline="always")
+def _gemm(nv, acc, aofs, a, abase, aoff, b, boff, t0, t1):
+    if nv == 4:
+        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 4, GPIX[4])
+    elif nv == 3:
+        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 3, GPIX[3])
+    elif nv == 2:
+        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 2, GPIX[2])
+    else:
+        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 1, GPIX[1])
+
+
+@njit(inline="always")
+def _gpix(nv):
+    if nv == 4:
+        return GPIX[4]
+    if nv == 3:
+        return GPIX[3]
+    if nv == 2:
+        return GPIX[2]
+    return GPIX[1]
+
+
+@njit(inline="always")
+def _unpool_sample(code, idx, sw, use_sw, n, npos, u, uofs):
+    """u[uofs + k*npos + f] = the unpooled plane k of sample n (collisions summed in unit
+    order); a plane whose argmaxes are the identity (pool 1) is a straight copy."""
+    _, k_, hp, wp = code.shape
+    nunit = hp * wp
+    for k in range(k_):
+        cf = code[n, k].reshape(nunit)
+        jf = idx[n, k].reshape(nunit)
+        dst = uofs + k * npos
+        ident = nunit == npos
+        if ident:
+            for f in range(nunit):
+                ident &= jf[f] == f
+        if ident:
+            if use_sw:
+                sf = sw[n, k].reshape(nunit)
+                for f in range(nunit):
+                    u[dst + f] = cf[f] * sf[f]
+            else:
+                for f in range(nunit):
+                    u[dst + f] = cf[f]
+        else:
+            u[dst:dst + npos] = 0
+            for f in range(nunit):
+                val = cf[f]
+                if use_sw:
+                    val = val * sw[n, k].reshape(nunit)[f]
+                u[dst + jf[f]] += val
+
+
+@njit(inline="always")
+def _tap_rect(size_plane, size_img, pad, a):
+    """Plane rows [lo, hi) whose tap a lands inside the cropped image (one axis)."""
+    return max(0, pad - a), min(size_plane, pad - a + size_img)
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo, hh, ww, ph, pw,
+                        kh, kw, group, nchunks, r):
+    """Render as small GEMMs: ``out[(i+a, j+b), :] += U[:, i, j] . W[:, :, a, b]``, cropped.
+
+    A group of samples is unpooled (``u[s, k, (i, j)]``, collisions summed in unit order; a
+    plain copy for pool 1). Its plane positions are cut into tiles of ``P``; for each tile,
+    block of ``NV`` vectors of output channels and tap (a, b) in order, ``gemm_tile`` adds
+    the K-term dot products into a channel-last buffer of the uncropped transposed output
+    (k in order within a tap), which is then cropped into r. The tile's rows of u stay in L1
+    across the taps while the templates stream in order. Every (position, tap) term of the
+    reference is computed, zeros included, so the IEEE semantics are the dense reference's
+    for any values (terms that land in the crop border are computed and dropped). Tiles are
+    padded with a zero position that writes a scratch sample slot.
+    """
+    n_, k_, hp, wp = code.shape
+    c_ = r.shape[1]  # r is (N, C, H*W)
+    npos = ho * wo
+    hu, wu = ho + kh - 1, wo + kw - 1
+    opl = hu * wu * cpad  # one sample of the uncropped output
+    kplane = k_ * npos
+    nb = blk_c0.shape[0]
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, n_)
+        u = np.zeros((group + 1) * kplane, dtype=r.dtype)  # the last sample slot stays zero
+        out = np.empty((group + 1) * opl, dtype=r.dtype)  # the last one is scratch
+        aoff = np.empty(k_, dtype=np.int64)
+        boff = np.empty(k_, dtype=np.int64)
+        for k in range(k_):
+            aoff[k] = k * npos
+            boff[k] = k * cpad
+        posa = np.empty(group * npos + PIX_MAX, dtype=np.int64)
+        poso = np.empty(group * npos + PIX_MAX, dtype=np.int64)
+        for g0 in range(lo, hi, group):
+            ns = min(group, hi - g0)
+            out[:ns * opl] = 0
+            m = 0
+            for s in range(ns):
+                _unpool_sample(code, idx, sw, use_sw, g0 + s, npos, u, s * kplane)
+                for i in range(ho):
+                    for j in range(wo):
+                        posa[m] = s * kplane + i * wo + j
+                        poso[m] = s * opl + (i * wu + j) * cpad
+                        m += 1
+            total = m
+            for p in range(PIX_MAX):
+                posa[total + p] = group * kplane
+                poso[total + p] = group * opl
+            for blk in range(nb):
+                c0 = blk_c0[blk]
+                nv = blk_nv[blk]
+                npx = _gpix(nv)
+                for m0 in range(0, total, npx):
+                    pa = posa[m0:]
+                    po = poso[m0:]
+                    for a in range(kh):
+                        for b in range(kw):
+                            _gemm(nv, out[(a * wu + b) * cpad + c0:], po, u, pa, aoff,
+                                  wt[(a * kw + b) * k_ * cpad + c0:], boff, 0, k_)
+            for s in range(ns):
+                n = g0 + s
+                for c in range(c_):
+                    dst = r[n, c]
+                    for y in range(hh):
+                        src = s * opl + ((y + ph) * wu + pw) * cpad + c
+                        for x in range(ww):
+                            dst[y * ww + x] = out[src + x * cpad]
+
+
+_GEMM_POSITIONS = 192  # plane positions per tap and group of samples in the GEMM render
+
+
+_GEMM = None  # None: pick by cost; True/False: force the GEMM path on or off (tests)
+
+
+def _render_gemm(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
+    n, c, hh, ww = r.shape
+    k, _, kh, kw = templates.shape
+    c0, nv, nvec = _blocks(c, vl)
+    cpad = nvec * vl
+    wt = np.zeros((kh, kw, k, cpad), dtype=r.dtype)
+    wt[..., :c] = templates.transpose(2, 3, 0, 1)
+    group = max(1, min(-(-n // num_chunks(n)), _GEMM_POSITIONS // (ho * wo)))
+    _render_gemm_kernel(code, idx, sw, use_sw, wt.reshape(-1), c0, nv, cpad, ho, wo, hh, ww, ph,
+                        pw, kh, kw, group, num_chunks(n), r.reshape(n, c, hh * ww))
+
+
 # Measured cost of one vector FMA of the dense conv_tile path relative to one vector update of
 # the scatter path (AVX-512 host, MNIST-like layers).
 _DENSE_VS_SCATTER = 0.25
@@ -203,12 +351,21 @@ def render(code, idx, templates, input_shape, padding, switches):
     if n == 0:
         return r
     use_sw, sw = _switch_args(code, switches)
-    w_finite = bool(np.isfinite(templates).all())
     vl = lanes(code.dtype)
+    w_finite = bool(np.isfinite(templates).all())
     # dense correlation (every plane position, SIMD over output channels) or scatter from the
     # non-zero units (SIMD over kw*C): pick the cheaper
     dense = n * hh * ww * k * -(-c // vl) * kh * kw * _DENSE_VS_SCATTER
     scatter = np.count_nonzero(code) * kh * -(-(kw * c) // vl)
+    # the GEMM path: every plane position with every tap (no border, exact for any values)
+    gemm = n * ho * wo * kh * kw * k * -(-c // vl) * _DENSE_VS_SCATTER
+    if _GEMM is not None:
+        use_gemm = _GEMM
+    else:
+        use_gemm = gemm < min(scatter, dense if w_finite else np.inf)
+    if use_gemm:
+        _render_gemm(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r)
+        return r
     if w_finite and dense < scatter:
         flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         wr, _, c0, nv, wofs = _relayout(flipped, np.zeros(c, dtype=code.dtype), vl)
