@@ -3,26 +3,195 @@
 ``fastdrmm demo`` fits a shallow RMM by EM on scikit-learn's bundled 8x8 digits, prints the EM
 log-likelihood per iteration and the held-out accuracy, and writes a picture of the learned
 templates when matplotlib is installed.
+
+``fastdrmm train`` fits a DRMM (EG or hard EM) on MNIST or the digits, fully or partly
+labeled, with a checkpoint after every epoch (``--resume`` continues from it), and writes the
+model; ``fastdrmm evaluate MODEL`` reports its test accuracy (overall and per class);
+``fastdrmm reconstruct MODEL`` and ``fastdrmm sample MODEL`` write test images and their
+top-down reconstructions, or images generated per class, as a PNG grid and/or a .npy array.
+
+Errors are one line on stderr (``fastdrmm: error: ...``) and exit status 1 (2 for a bad
+command line); Ctrl-C exits with status 130, leaving the last checkpoint intact.
+
+The digits have no test split of their own: every command uses the same fixed, stratified 30%
+of them (seed 0) as the test split and the rest as the training split.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import sys
 import time
+import warnings
+
+from ._cli_data import (DATASETS, CLIError, check_input_file, check_output_path,
+                        dataset_for_shape, load_split, parse_layers, select_labels, take_subset)
+
+DEFAULT_MODEL = "fastdrmm-model.npz"
+#: the EG loss weights: option -> DRMM parameter
+LOSS_WEIGHTS = {"xent": "xent_weight", "reconstruction": "reconstruction_weight",
+                "entropy": "entropy_weight", "nonnegativity": "nonnegativity_weight"}
+
+
+# --------------------------------------------------------------------------------------------
+# argument types (their messages become "argument --x: <message>")
+
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 def _positive_int(text):
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
+def _nonnegative_int(text):
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text):
+    value = _number(text, float)
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text):
+    value = _number(text, float)
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _validation_fraction(text):
+    value = _number(text, float)
+    if not 0.0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 0.5], got {text}")
+    return value
+
+
+def _class_list(text):
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated class indices such as 0,1,2, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one class index")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``fastdrmm: error: <message> (see <prog> --help)``."""
+
+    def error(self, message):
+        self.exit(2, f"fastdrmm: error: {message} (see '{self.prog} --help')\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the parser
+
+
+def _drmm_defaults():
+    from .drmm import DRMM
+
+    return {name: p.default for name, p in inspect.signature(DRMM).parameters.items()}
+
+
+def _add_data_options(p, dataset_default="mnist"):
+    if dataset_default is None:
+        help_ = "the data set (default: the one whose images have the model's shape)"
+    else:
+        help_ = f"the data set (default {dataset_default})"
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=dataset_default, help=help_)
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="the directory holding the MNIST IDX files (default: $FASTDRMM_DATA/"
+                        "mnist, else ~/.cache/fastdrmm/mnist)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch missing MNIST files (checksummed) into that directory")
+
+
+def _add_train_parser(sub):
+    d = _drmm_defaults()
+    p = sub.add_parser(
+        "train", help="train a DRMM (EG or hard EM) and write the model",
+        description="Train a DRMM on MNIST or the digits, with a checkpoint after every epoch, "
+                    "then report the test accuracy and write the model.")
+    _add_data_options(p)
+    p.add_argument("--train-size", type=_positive_int, metavar="N", default=None,
+                   help="train on a seeded random subset of N training images (default all)")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--labels-per-class", type=_positive_int, metavar="N", default=None,
+                        help="keep N labels of every class (seeded); the rest are unlabeled")
+    labels.add_argument("--labels", type=_positive_int, metavar="N", default=None,
+                        help="keep N labels in all, balanced over the classes (seeded); the "
+                             "rest are unlabeled (default: every label is kept)")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--preset", choices=["conv-small", "two-layer"], default=None,
+                      help=f"a named architecture (default {d['layers']})")
+    arch.add_argument("--layers", metavar="SPEC", default=None,
+                      help="the layers, bottom first: K:k[:padding[:pool[:leak]]] per layer, "
+                           "comma-separated (e.g. 8:3:1:2,16:3:1:2), or a JSON list of "
+                           "fastdrmm.Layer fields")
+    p.add_argument("--algorithm", choices=["eg", "em"], default=d["algorithm"],
+                   help=f"gradient training (eg) or hard EM (default {d['algorithm']})")
+    p.add_argument("--epochs", type=_positive_int, metavar="N", default=d["max_iter"],
+                   help=f"EG epochs or EM iterations (default {d['max_iter']})")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", default=d["batch_size"],
+                   help=f"samples per EG step (default {d['batch_size']})")
+    p.add_argument("--learning-rate", type=_positive_float, metavar="LR",
+                   default=d["learning_rate"], help=f"Adam's step (default {d['learning_rate']})")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant", "step"],
+                   default=d["lr_schedule"], help=f"(default {d['lr_schedule']})")
+    for term, name in LOSS_WEIGHTS.items():
+        p.add_argument(f"--{term}-weight", type=_nonnegative_float, metavar="W",
+                       default=d[name], help=f"EG loss weight (default {d[name]})")
+    p.add_argument("--validation-fraction", type=_validation_fraction, metavar="F",
+                   default=d["validation_fraction"],
+                   help="fraction of the labeled images held out to pick the best epoch "
+                        f"(default {d['validation_fraction']}; 0 disables)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0,
+                   help="seeds the subset, the labels, the initialisation, the validation "
+                        "split and the batches (default 0)")
+    p.add_argument("--backend", default="auto", help="the kernel backend (default auto)")
+    p.add_argument("--out", metavar="PATH", default=DEFAULT_MODEL,
+                   help=f"where to write the model (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", metavar="PATH", default=None,
+                   help="the checkpoint, rewritten atomically after every epoch "
+                        "(default: OUT.ckpt)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint (run the same command again with "
+                        "--resume; --epochs may be raised)")
+    p.add_argument("--test-limit", type=_nonnegative_int, metavar="N", default=None,
+                   help="report the accuracy on the first N test images only (0: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    return p
+
+
+def _add_model_parser(sub, name, help_, description):
+    p = sub.add_parser(name, help=help_, description=description)
+    p.add_argument("model", metavar="MODEL", help="a model file written by 'fastdrmm train'")
+    p.add_argument("--backend", default=None,
+                   help="the kernel backend (default: the model's own setting)")
+    return p
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="fastdrmm", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="fastdrmm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="fit an RMM on the bundled digits and report accuracy")
     demo.add_argument("--n-nuisances", type=_positive_int, default=8,
                       help="templates per class (default 8)")
@@ -39,7 +208,50 @@ def build_parser():
     demo.add_argument("--backend", default="auto")
     demo.add_argument("--plot", default="fastdrmm-demo-templates.png",
                       help="where to write the template picture ('' to skip)")
+
+    _add_train_parser(sub)
+
+    ev = _add_model_parser(sub, "evaluate", "test accuracy of a saved model, overall and per "
+                           "class", "Print a saved model's accuracy on the test split, "
+                           "overall and per class.")
+    _add_data_options(ev, dataset_default=None)
+    ev.add_argument("--limit", type=_positive_int, metavar="N", default=None,
+                    help="only the first N test images")
+
+    rec = _add_model_parser(sub, "reconstruct", "render test images back top-down (PNG/.npy)",
+                            "Reconstruct the first N test images (bottom-up inference, then "
+                            "the top-down rendering from the inferred class and latents) and "
+                            "write originals above reconstructions as a PNG grid and/or the "
+                            "arrays as .npy, shape (2, N, C, H, W).")
+    _add_data_options(rec, dataset_default=None)
+    rec.add_argument("-n", "--n-images", type=_positive_int, metavar="N", default=10,
+                     help="how many test images (default 10)")
+    _add_picture_outputs(rec)
+
+    smp = _add_model_parser(sub, "sample", "generate images of every class (PNG/.npy)",
+                            "Generate images from the model: one row of --per-class images "
+                            "for each class, as a PNG grid and/or the array as .npy, shape "
+                            "(classes, per_class, C, H, W).")
+    smp.add_argument("--per-class", type=_positive_int, metavar="N", default=8,
+                     help="images per class (default 8)")
+    smp.add_argument("--classes", type=_class_list, metavar="LIST", default=None,
+                     help="comma-separated class indices (default: every class)")
+    smp.add_argument("--seed", type=_nonnegative_int, default=0,
+                     help="seeds the drawn latents (default 0)")
+    _add_picture_outputs(smp)
     return parser
+
+
+def _add_picture_outputs(p):
+    p.add_argument("--out", metavar="PNG", default=None,
+                   help="the PNG grid to write (needs matplotlib: pip install "
+                        "'fastdrmm[plot]')")
+    p.add_argument("--npy", metavar="PATH", default=None, help="also (or instead) write the "
+                   "arrays in NumPy's .npy format")
+
+
+# --------------------------------------------------------------------------------------------
+# demo
 
 
 def run_demo(args, out=sys.stdout):
@@ -119,9 +331,298 @@ def plot_templates(model, path):
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# train
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the message says what was kept; exit status 130."""
+
+
+def _file_signature(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _checkpoint_epoch(path):
+    """The epoch a checkpoint holds (read from its header only), or None."""
+    from . import io
+
+    try:
+        return int(io.read_header(path)["metadata"]["checkpoint"]["epoch"])
+    except Exception:  # noqa: BLE001 - only decorates a message
+        return None
+
+
+def _interrupt_message(checkpoint, before, resumed):
+    now = _file_signature(checkpoint)
+    if now is not None and (now != before or resumed):
+        epoch = _checkpoint_epoch(checkpoint)
+        at = f" (epoch {epoch})" if epoch is not None else ""
+        return (f"fastdrmm: interrupted; the last checkpoint, {checkpoint}{at}, is intact: run "
+                "the same command with --resume to continue from it")
+    if now is None:
+        return "fastdrmm: interrupted before the first epoch ended; no checkpoint was written"
+    return (f"fastdrmm: interrupted before the first epoch ended; {checkpoint} (from an "
+            "earlier run) was left as it was")
+
+
+def _layers_label(layers):
+    if isinstance(layers, str):
+        return layers
+    return ",".join(f"{la.n_templates}:{la.kernel_size[0]}" for la in layers) + " (custom)"
+
+
+def run_train(args, out=None):
+    """Train a DRMM as the arguments say; returns a dict (model, test_accuracy, paths)."""
+    import numpy as np
+
+    from .drmm import DRMM
+    from .layers import layer_shapes, resolve_layers
+
+    out = sys.stdout if out is None else out
+    verbose = not args.quiet
+    model_path = os.fspath(args.out)
+    checkpoint = os.fspath(args.checkpoint) if args.checkpoint else model_path + ".ckpt"
+    check_output_path(model_path, "--out")
+    check_output_path(checkpoint, "--checkpoint")
+    if os.path.abspath(checkpoint) == os.path.abspath(model_path):
+        raise CLIError("--checkpoint must differ from --out")
+    if args.layers is not None:
+        layers, option = parse_layers(args.layers), "--layers"
+    else:
+        layers, option = args.preset or _drmm_defaults()["layers"], "--preset"
+
+    X, y = load_split(args.dataset, "train", args.data_dir, args.download)
+    X, y = take_subset(X, y, args.train_size, args.seed)
+    y_fit = select_labels(y, 10, args.seed, args.labels_per_class, args.labels)
+    test = None
+    if args.test_limit != 0:  # loaded now, so that a missing file fails before training
+        X_test, y_test = load_split(args.dataset, "test", args.data_dir, args.download)
+        test = X_test[:args.test_limit], y_test[:args.test_limit]
+    try:
+        layer_shapes(resolve_layers(layers), X.shape[1:])
+    except ValueError as exc:
+        raise CLIError(f"{option}: {exc}") from None
+
+    model = DRMM(layers, 10, algorithm=args.algorithm, max_iter=args.epochs,
+                 batch_size=args.batch_size, learning_rate=args.learning_rate,
+                 lr_schedule=args.lr_schedule,
+                 **{name: getattr(args, f"{term}_weight") for term, name in LOSS_WEIGHTS.items()},
+                 validation_fraction=args.validation_fraction, random_state=args.seed,
+                 backend=args.backend, verbose=int(verbose), checkpoint=checkpoint)
+    n_labeled = int(np.sum(y_fit >= 0))
+    labels = ("all labeled" if n_labeled == y_fit.size
+              else f"{n_labeled} labeled, {y_fit.size - n_labeled} unlabeled")
+    if verbose:
+        print(f"fastdrmm train: DRMM {_layers_label(layers)} by {args.algorithm.upper()} on "
+              f"{args.dataset}: {y_fit.size} training images ({labels}), up to {args.epochs} "
+              f"epoch(s), backend {args.backend}", file=out, flush=True)
+    before = _file_signature(checkpoint)
+    if args.resume and before is None:
+        print(f"no checkpoint at {checkpoint} yet: starting from scratch", file=out, flush=True)
+    elif args.resume:
+        print(f"resuming from {checkpoint} (epoch {_checkpoint_epoch(checkpoint)})", file=out,
+              flush=True)
+    elif before is not None:
+        print(f"note: {checkpoint} exists; this run starts afresh and replaces it after its "
+              "first epoch (--resume continues from it instead)", file=out, flush=True)
+
+    tic = time.perf_counter()
+    try:
+        model.fit(X, y_fit, resume=args.resume)
+        model.save(model_path)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupt_message(checkpoint, before, args.resume)) from None
+    seconds = time.perf_counter() - tic
+
+    summary = f"trained {model.n_iter_} epoch(s) in {seconds:.1f} s"
+    if model.validation_score_ is not None:
+        summary += (f"; best validation accuracy {model.validation_score_:.4f} "
+                    f"(epoch {model.best_iteration_}, the parameters kept)")
+    print(summary, file=out)
+    accuracy = None
+    if test is not None:
+        accuracy = float(np.mean(model.predict(test[0]) == test[1]))
+        print(f"test accuracy: {accuracy:.4f} on {test[1].size} {args.dataset} test images",
+              file=out)
+    print(f"model written to {model_path} (checkpoint: {checkpoint})", file=out)
+    return {"model": model, "test_accuracy": accuracy, "out": model_path,
+            "checkpoint": checkpoint}
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate, reconstruct, sample
+
+
+def _load_model(args):
+    from ._persistence import load
+
+    path = check_input_file(args.model)
+    model = load(path)
+    if args.backend is not None:
+        model.set_params(backend=args.backend)
+    return model
+
+
+def _image_shape(model):
+    shape = getattr(model, "input_shape_", None)
+    if shape is None:
+        shape = getattr(model, "feature_shape_", None)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def _test_data(model, args, limit=None):
+    """(dataset name, X_test, y_test) for this model: --dataset, else the data set whose
+    images have the model's shape."""
+    shape = _image_shape(model)
+    dataset = args.dataset or dataset_for_shape(shape)
+    if dataset is None:
+        raise CLIError(f"cannot tell the data set from the model's image shape {shape}: "
+                       "pass --dataset")
+    if shape is not None and shape != DATASETS[dataset]:
+        raise CLIError(f"{args.model} was fitted on images of shape {shape}, but {dataset} "
+                       f"images have shape {DATASETS[dataset]}")
+    X, y = load_split(dataset, "test", args.data_dir, args.download)
+    return dataset, X[:limit], y[:limit]
+
+
+def _describe(model):
+    name = type(model).__name__
+    if name == "DRMM":
+        return (f"DRMM ({_layers_label(model.layers)}, {model.algorithm.upper()}, "
+                f"{model.n_iter_} epoch(s))")
+    if name == "RMM":
+        return f"RMM ({model.n_classes} classes x {model.n_nuisances} nuisances)"
+    return name
+
+
+def _require_drmm(model, args, what):
+    from .drmm import DRMM
+
+    if not isinstance(model, DRMM):
+        raise CLIError(f"{args.model} holds a {type(model).__name__}; {what} needs a DRMM")
+
+
+def run_evaluate(args, out=None):
+    """Print the test accuracy, overall and per class; returns (accuracy, per_class dict)."""
+    import numpy as np
+
+    out = sys.stdout if out is None else out
+    model = _load_model(args)
+    dataset, X, y = _test_data(model, args, args.limit)
+    predicted = np.asarray(model.predict(X))
+    correct = predicted == y
+    accuracy = float(np.mean(correct))
+    print(f"{_describe(model)} from {args.model}", file=out)
+    print(f"test accuracy: {accuracy:.4f} ({int(correct.sum())}/{y.size} {dataset} test "
+          "images)", file=out)
+    print("class  images  accuracy", file=out)
+    per_class = {}
+    for c in np.unique(y):
+        members = y == c
+        per_class[int(c)] = float(np.mean(correct[members]))
+        print(f"{int(c):5d}  {int(members.sum()):6d}  {per_class[int(c)]:8.4f}", file=out)
+    return accuracy, per_class
+
+
+def _check_picture_outputs(args):
+    from .plotting import require_matplotlib
+
+    if args.out is None and args.npy is None:
+        raise CLIError("nothing to write: give --out PNG and/or --npy PATH")
+    for path, option in ((args.out, "--out"), (args.npy, "--npy")):
+        if path is not None:
+            check_output_path(path, option)
+    if args.out is not None:
+        require_matplotlib()
+
+
+def _write_pictures(args, rows, row_labels, title, array, what, out):
+    from .plotting import save_image_grid, save_npy
+
+    if args.out is not None:
+        save_image_grid(args.out, rows, row_labels=row_labels, title=title)
+        print(f"{what} written to {args.out}", file=out)
+    if args.npy is not None:
+        save_npy(args.npy, array)
+        print(f"array of shape {array.shape} written to {args.npy}", file=out)
+
+
+def run_reconstruct(args, out=None, columns=10):
+    """Reconstruct the first N test images; returns (originals, reconstructions)."""
+    import numpy as np
+
+    out = sys.stdout if out is None else out
+    _check_picture_outputs(args)
+    model = _load_model(args)
+    _require_drmm(model, args, "reconstruct")
+    dataset, X, _ = _test_data(model, args, args.n_images)
+    R = model.reconstruct(X)
+    error = float(np.mean((R - X) ** 2))
+    print(f"{_describe(model)}: {X.shape[0]} {dataset} test images reconstructed, mean squared "
+          f"error per pixel {error:.5g}", file=out)
+    rows, labels = [], []
+    for start in range(0, X.shape[0], columns):
+        for name, images in (("original", X), ("reconstructed", R)):
+            chunk = images[start:start + columns]
+            pad = np.full((columns - chunk.shape[0], *chunk.shape[1:]), np.nan)
+            rows.append(np.concatenate([chunk, pad]) if pad.shape[0] else chunk)
+            labels.append(name)
+    _write_pictures(args, np.stack(rows), labels, f"{dataset} test images and their "
+                    "reconstructions", np.stack([X, R]), "picture", out)
+    return X, R
+
+
+def run_sample(args, out=None):
+    """Generate --per-class images of every class; returns (classes, per_class, C, H, W)."""
+    import numpy as np
+
+    out = sys.stdout if out is None else out
+    _check_picture_outputs(args)
+    model = _load_model(args)
+    _require_drmm(model, args, "sample")
+    classes = list(model.classes_) if args.classes is None else args.classes
+    bad = [c for c in classes if not 0 <= c < model.n_classes]
+    if bad:
+        raise CLIError(f"--classes: {bad[0]} is not a class of the model (0 to "
+                       f"{model.n_classes - 1})")
+    wanted = np.repeat(np.asarray(classes, np.int64), args.per_class)
+    images = model.sample(wanted, random_state=args.seed)
+    images = images.reshape(len(classes), args.per_class, *images.shape[1:])
+    print(f"{_describe(model)}: {args.per_class} sample(s) of each of {len(classes)} "
+          f"class(es), seed {args.seed}", file=out)
+    _write_pictures(args, images, [str(c) for c in classes], "samples (rows: class)", images,
+                    "picture", out)
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+COMMANDS = {"demo": run_demo, "train": run_train, "evaluate": run_evaluate,
+            "reconstruct": run_reconstruct, "sample": run_sample}
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"fastdrmm: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad command line (2, one line printed)
+        return exc.code
     if args.version:
         from . import __version__
         print(__version__)
@@ -129,15 +630,19 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        if args.command == "demo":
-            run_demo(args)
-    except KeyboardInterrupt:
-        print("fastdrmm: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, ImportError, OSError) as exc:
-        print(f"fastdrmm {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            COMMANDS[args.command](args)
+        except Interrupted as exc:
+            print(exc, file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:
+            print("fastdrmm: interrupted", file=sys.stderr)
+            return 130
+        except (CLIError, ValueError, TypeError, ImportError, OSError, ArithmeticError) as exc:
+            print(f"fastdrmm: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
     return 0
 
 

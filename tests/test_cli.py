@@ -1,12 +1,21 @@
-"""The command line: the demo end to end, and errors as one clear line."""
+"""The command line: the demo, and train/evaluate/reconstruct/sample end to end on tiny data
+(8x8 digits; a 300-image MNIST subset where ../shared/data/mnist exists), checkpoints and
+Ctrl-C, and errors as one clear line with a non-zero exit status."""
 
+import importlib.util
 import io
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from fastdrmm import cli
+import fastdrmm
+from fastdrmm import _cli_data, cli
+from fastdrmm import drmm as drmm_module
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -48,3 +57,309 @@ def test_version_and_help():
                           text=True)
     assert proc.returncode == 0 and proc.stdout.strip()
     assert cli.main([]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# train / evaluate / reconstruct / sample (DRMM)
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+requires_mnist = pytest.mark.skipif(
+    not all((SHARED_MNIST / f"{n}.gz").is_file() for n in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte")),
+    reason=f"MNIST not found at {SHARED_MNIST}")
+
+#: a tiny DRMM on 300 digits, 10 labels per class: well under a second an epoch on 2 cores
+TINY = ["train", "--dataset", "digits", "--layers", "4:3:1:2,8:3:1:2", "--train-size", "300",
+        "--labels-per-class", "10", "--epochs", "2", "--batch-size", "50",
+        "--learning-rate", "0.01", "--test-limit", "100", "--seed", "3", "--quiet"]
+
+
+def run_cli(capsys, *argv):
+    """main(argv) in this process -> (exit status, stdout, stderr)."""
+    status = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, err, *fragments, code=1):
+    assert status == code, err
+    assert err.startswith("fastdrmm: error: ") and err.strip().count("\n") == 0, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The TINY model trained through the CLI: (model path, its stdout)."""
+    directory = tmp_path_factory.mktemp("cli")
+    model_path = directory / "tiny.npz"
+    out = io.StringIO()
+    args = cli.build_parser().parse_args(TINY + ["--out", str(model_path)])
+    result = cli.run_train(args, out=out)
+    return model_path, out.getvalue(), result
+
+
+def test_train_writes_model_and_checkpoint_and_reports(trained):
+    model_path, text, result = trained
+    assert model_path.is_file() and Path(str(model_path) + ".ckpt").is_file()
+    assert f"model written to {model_path} (checkpoint: {model_path}.ckpt)" in text
+    assert "test accuracy: " in text and "on 100 digits test images" in text
+    model = fastdrmm.load(model_path)
+    assert isinstance(model, fastdrmm.DRMM) and model.n_iter_ == 2
+    assert model.input_shape_ == (1, 8, 8) and [la.n_templates for la in model.layers_] == [4, 8]
+    assert model.get_params()["learning_rate"] == 0.01 and model.random_state == 3
+    X, y = _cli_data.load_split("digits", "test")
+    assert result["test_accuracy"] == pytest.approx(model.score(X[:100], y[:100]))
+
+
+def test_train_progress_lines_unless_quiet(tmp_path, capsys):
+    argv = [a for a in TINY if a != "--quiet"]
+    argv[argv.index("--epochs") + 1] = "1"
+    status, out, err = run_cli(capsys, *argv, "--out", tmp_path / "m.npz", "--test-limit", "0")
+    assert status == 0, err
+    assert "DRMM 4:3,8:3 (custom) by EG on digits: 300 training images (100 labeled, 200 " \
+           "unlabeled)" in out
+    assert "epoch 1/1" in out and "val acc" in out and "test accuracy" not in out
+
+
+def test_evaluate_overall_and_per_class(trained, capsys):
+    model_path = trained[0]
+    status, out, err = run_cli(capsys, "evaluate", model_path, "--limit", 120)
+    assert status == 0, err
+    X, y = _cli_data.load_split("digits", "test")
+    model = fastdrmm.load(model_path)
+    predicted = model.predict(X[:120])
+    assert f"test accuracy: {np.mean(predicted == y[:120]):.4f} (" in out
+    assert "/120 digits test images" in out  # the data set is told by the image shape
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and
+            line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(10))
+    for c, count, accuracy in rows:
+        members = y[:120] == int(c)
+        assert int(count) == members.sum()
+        assert float(accuracy) == pytest.approx(np.mean(predicted[members] == int(c)), abs=1e-4)
+
+
+def is_png(path):
+    return Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reconstruct_and_sample_write_png_and_npy(trained, tmp_path, capsys):
+    model = fastdrmm.load(trained[0])
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    png = ["--out", tmp_path / "r.png"] if has_matplotlib else []
+    status, out, err = run_cli(capsys, "reconstruct", trained[0], "-n", 13,
+                               "--npy", tmp_path / "r.npy", *png)
+    assert status == 0, err
+    pair = np.load(tmp_path / "r.npy")
+    X, _ = _cli_data.load_split("digits", "test")
+    assert pair.shape == (2, 13, 1, 8, 8)
+    np.testing.assert_array_equal(pair[0], X[:13])
+    np.testing.assert_array_equal(pair[1], model.reconstruct(X[:13]))
+    assert f"written to {tmp_path / 'r.npy'}" in out
+
+    png = ["--out", tmp_path / "s.png"] if has_matplotlib else []
+    status, out, err = run_cli(capsys, "sample", trained[0], "--per-class", 3, "--classes",
+                               "2,7", "--seed", 5, "--npy", tmp_path / "s.npy", *png)
+    assert status == 0, err
+    images = np.load(tmp_path / "s.npy")
+    assert images.shape == (2, 3, 1, 8, 8)
+    np.testing.assert_array_equal(images.reshape(6, 1, 8, 8),
+                                  model.sample(np.array([2, 2, 2, 7, 7, 7]), random_state=5))
+    if has_matplotlib:
+        assert is_png(tmp_path / "r.png") and is_png(tmp_path / "s.png")
+        status, _, err = run_cli(capsys, "sample", trained[0], "--out", tmp_path / "all.png")
+        assert status == 0 and is_png(tmp_path / "all.png"), err
+
+
+def test_png_without_matplotlib_is_one_line_naming_the_extra(trained, tmp_path, capsys,
+                                                              monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for command in ("reconstruct", "sample"):
+        status, _, err = run_cli(capsys, command, trained[0], "--out", tmp_path / "x.png",
+                                 "--npy", tmp_path / "x.npy")
+        assert_one_line_error(status, err, "matplotlib", "fastdrmm[plot]")
+    assert not list(tmp_path.iterdir())  # nothing written, not even the .npy
+    status, _, err = run_cli(capsys, "sample", trained[0], "--npy", tmp_path / "x.npy")
+    assert status == 0 and (tmp_path / "x.npy").is_file(), err
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_resume_ends_as_an_uninterrupted_run(
+        trained, tmp_path, capsys, monkeypatch):
+    model_path = tmp_path / "m.npz"
+    ckpt = tmp_path / "m.npz.ckpt"
+    original = drmm_module._Run.eg_epoch
+    calls = []
+
+    def interrupt_at(n):
+        def eg_epoch(self, epoch, constant_rate=False):
+            calls.append(epoch)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return original(self, epoch, constant_rate)
+        return eg_epoch
+
+    monkeypatch.setattr(drmm_module._Run, "eg_epoch", interrupt_at(1))
+    status, _, err = run_cli(capsys, *TINY, "--out", model_path)
+    assert status == 130 and "no checkpoint was written" in err and not ckpt.exists()
+
+    calls.clear()
+    monkeypatch.setattr(drmm_module._Run, "eg_epoch", interrupt_at(2))
+    status, _, err = run_cli(capsys, *TINY, "--out", model_path)
+    assert status == 130 and err.strip().count("\n") == 0 and "Traceback" not in err
+    assert f"the last checkpoint, {ckpt} (epoch 1), is intact" in err and "--resume" in err
+    assert not model_path.exists() and fastdrmm.load(ckpt).n_iter_ == 1
+
+    monkeypatch.setattr(drmm_module._Run, "eg_epoch", original)
+    status, out, err = run_cli(capsys, *TINY, "--out", model_path, "--resume")
+    assert status == 0, err
+    assert f"resuming from {ckpt} (epoch 1)" in out
+    resumed, whole = fastdrmm.load(model_path), fastdrmm.load(trained[0])
+    assert resumed.n_iter_ == 2
+    for name, value in whole.parameters_.items():
+        np.testing.assert_array_equal(resumed.parameters_[name], value, err_msg=name)
+    # other settings than the checkpoint's: refused, one line
+    status, _, err = run_cli(capsys, *TINY, "--out", model_path, "--resume", "--batch-size", 7)
+    assert_one_line_error(status, err, "refusing to resume", "batch_size")
+
+
+def test_a_real_sigint_exits_130_with_the_checkpoint_intact(tmp_path):
+    argv = list(TINY)
+    argv[argv.index("--epochs") + 1] = "500"
+    ckpt = tmp_path / "m.npz.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "fastdrmm", *argv, "--out",
+                             str(tmp_path / "m.npz")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ckpt.exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert f"the last checkpoint, {ckpt} (epoch" in err and "Traceback" not in err
+    assert fastdrmm.load(ckpt).n_iter_ >= 1  # complete and checked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz.ckpt"]  # no temp files left
+
+
+@requires_mnist
+def test_train_and_evaluate_on_a_tiny_mnist_subset(tmp_path, capsys):
+    model_path = tmp_path / "mnist.npz"
+    status, out, err = run_cli(capsys, "train", "--dataset", "mnist", "--data-dir", SHARED_MNIST,
+                               "--preset", "two-layer", "--train-size", 300, "--epochs", 1,
+                               "--labels", 55, "--batch-size", 64, "--test-limit", 200,
+                               "--out", model_path, "--quiet")
+    assert status == 0, err
+    assert "on 200 mnist test images" in out
+    status, out, err = run_cli(capsys, "evaluate", model_path, "--data-dir", SHARED_MNIST,
+                               "--limit", 50)
+    assert status == 0, err
+    assert "/50 mnist test images" in out and "DRMM (two-layer, EG, 1 epoch(s))" in out
+
+
+# --------------------------------------------------------------------------------------------
+# labels, subsets, layer specs
+
+
+def test_label_selection_is_balanced_and_seeded():
+    y = np.repeat(np.arange(10), 30)
+    kept = _cli_data.select_labels(y, 10, seed=1, per_class=4)
+    assert np.array_equal(np.bincount(kept[kept >= 0], minlength=10), [4] * 10)
+    assert np.all(kept[kept >= 0] == y[kept >= 0]) and np.sum(kept < 0) == 260
+    assert np.array_equal(kept, _cli_data.select_labels(y, 10, seed=1, per_class=4))
+    assert not np.array_equal(kept, _cli_data.select_labels(y, 10, seed=2, per_class=4))
+    total = _cli_data.select_labels(y, 10, seed=1, total=25)
+    counts = np.bincount(total[total >= 0], minlength=10)
+    assert counts.sum() == 25 and set(counts) == {2, 3}
+    assert np.array_equal(_cli_data.select_labels(y, 10, seed=1), y)
+    with pytest.raises(_cli_data.CLIError, match="--labels-per-class 31 asks for 31 labels"):
+        _cli_data.select_labels(y, 10, seed=1, per_class=31)
+    with pytest.raises(_cli_data.CLIError, match="--labels 301 exceeds"):
+        _cli_data.select_labels(y, 10, seed=1, total=301)
+    X = np.arange(300.0)
+    Xs, ys = _cli_data.take_subset(X, y, 50, seed=4)
+    assert Xs.shape == (50,) and np.all(np.diff(Xs) > 0) and np.array_equal(ys, y[Xs.astype(int)])
+
+
+def test_layer_specs():
+    from fastdrmm import Layer
+
+    assert _cli_data.parse_layers("8:3:1:2, 16:3") == (Layer(8, 3, padding=1, pool=2),
+                                                        Layer(16, 3))
+    assert _cli_data.parse_layers("4:5:2:2:0.1") == (Layer(4, 5, padding=2, pool=2, leak=0.1),)
+    assert _cli_data.parse_layers('[{"n_templates": 4, "kernel_size": [3, 2], "pool": 2}]') == (
+        Layer(4, (3, 2), pool=2),)
+    for bad in ("8", "8:x", "0:3", "[{", '[{"templates": 3}]', "8:3:1:2:3:4"):
+        with pytest.raises(_cli_data.CLIError, match="--layers"):
+            _cli_data.parse_layers(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# errors: one line, non-zero
+
+
+@pytest.mark.parametrize("argv, code, fragments", [
+    (["evaluate", "{tmp}/nothing.npz"], 1, ["model file not found: {tmp}/nothing.npz"]),
+    (["sample", "{tmp}", "--npy", "{tmp}/s.npy"], 1, ["is a directory"]),
+    (["train", "--labels-per-class", "0"], 2, ["--labels-per-class", "must be >= 1, got 0"]),
+    (["train", "--labels-per-class", "many"], 2, ["--labels-per-class", "expected an integer"]),
+    (["train", "--labels", "5", "--labels-per-class", "5"], 2, ["not allowed with"]),
+    (["train", "--dataset", "digits", "--labels-per-class", "500", "--test-limit", "0"], 1,
+     ["--labels-per-class 500 asks for 500 labels of class 0"]),
+    (["train", "--dataset", "mnist", "--data-dir", "{tmp}/empty"], 1,
+     ["not found in {tmp}/empty", "--data-dir"]),
+    (["train", "--dataset", "digits", "--layers", "4:3,8:9"], 1,
+     ["--layers: layers[1] does not fit"]),
+    (["train", "--dataset", "digits", "--layers", "4:x"], 1, ["--layers: layer 0"]),
+    (["train", "--dataset", "digits", "--out", "{tmp}/no/such/dir/m.npz"], 1,
+     ["--out", "does not exist"]),
+    (["train", "--validation-fraction", "0.9"], 2, ["must lie in [0, 0.5]"]),
+    (["train", "--learning-rate", "-1"], 2, ["--learning-rate", "must be a finite number > 0"]),
+    (["train", "--preset", "huge"], 2, ["invalid choice"]),
+    (["reconstruct", "{model}"], 1, ["nothing to write"]),
+    (["sample", "{model}", "--classes", "3,12", "--npy", "{tmp}/s.npy"], 1,
+     ["--classes: 12 is not a class"]),
+    (["evaluate", "{model}", "--dataset", "mnist"], 1, ["images of shape (1, 8, 8)"]),
+    (["evaluate"], 2, ["MODEL"]),
+])
+def test_errors_are_one_line(argv, code, fragments, trained, tmp_path, capsys):
+    fill = {"tmp": str(tmp_path), "model": str(trained[0])}
+    status, _, err = run_cli(capsys, *[a.format(**fill) for a in argv])
+    assert_one_line_error(status, err, *[f.format(**fill) for f in fragments], code=code)
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_corrupted_or_wrong_model_files(trained, tmp_path, capsys):
+    data = trained[0].read_bytes()
+    half = len(data) // 2  # inside the arrays' data: caught by the sha256 check
+    cases = {"truncated.npz": data[:len(data) // 2],
+             "flipped.npz": data[:half] + bytes([data[half] ^ 0xFF]) + data[half + 1:],
+             "text.npz": b"not a model at all"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        for command in (["evaluate"], ["sample", "--npy", tmp_path / "s.npy"]):
+            status, _, err = run_cli(capsys, command[0], path, *command[1:])
+            assert_one_line_error(status, err, str(path))
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_module_help_and_a_real_process_error(tmp_path):
+    for argv in (["--help"], ["train", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "fastdrmm", *argv], capture_output=True,
+                              text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: fastdrmm"), proc.stderr
+    assert all(c in proc.stdout for c in ("--labels-per-class", "--resume", "--checkpoint"))
+    proc = subprocess.run([sys.executable, "-m", "fastdrmm", "evaluate",
+                           str(tmp_path / "none.npz")], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"fastdrmm: error: model file not found: {tmp_path / 'none.npz'}\n"
