@@ -659,10 +659,16 @@ class DRMM(ClassifierMixin, BaseEstimator):
     # ---------------------------------------------------------------------------------------
     # persistence
 
-    def save(self, path):
-        """Write the fitted model to ``path`` atomically (see :func:`fastdrmm.load`)."""
+    def save(self, path, metadata=None):
+        """Write the fitted model to ``path`` atomically (see :func:`fastdrmm.load`).
+
+        ``metadata``: an optional JSON-able dict stored with the model (e.g. the dataset it
+        was trained on); it comes back as ``user_metadata_`` after loading."""
         check_is_fitted(self, "parameters_")
-        io.save_arrays(path, _param_arrays(self.parameters_), self._metadata())
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        extra = {"user": metadata} if metadata is not None else None
+        io.save_arrays(path, _param_arrays(self.parameters_), self._metadata(extra))
 
     def _metadata(self, extra=None):
         meta = {
@@ -699,6 +705,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
                               validation_score=fitted["validation_score"],
                               best_iteration=fitted["best_iteration"],
                               converged=fitted["converged"])
+            model.user_metadata_ = meta.get("user")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a valid saved DRMM: {exc}") from None
         return model
@@ -1000,13 +1007,17 @@ class _Run:
         fitted = _em.m_step(self.net, self.params, stats, ridge, generative)
         after = _em.objective(self.net, fitted, stats, ridge)
         self.params = _em.normalize_templates(self.net, fitted, generative)
+        # the M-step moved the codes the class templates were fitted to: refit the top to
+        # the new codes (on a subsample) so that validation and the next E-step's class
+        # choices read consistent parameters
+        self.params = self.refit_priors(self.params, top=True, only_top=True)
         if self.objective_history and abs(before - self.objective_history[-1][0]) < float(
                 model.tol):
             self.converged = True
         self.objective_history.append((before, after))
         return {"objective": before, "objective_after_m_step": after}
 
-    def refit_priors(self, params, top=False):
+    def refit_priors(self, params, top=False, only_top=False):
         """The parameters with the generative priors and noise variances refitted from the
         E-step's choices on up to PRIOR_SAMPLES training samples, layer templates and biases
         unchanged. ``top``: also refit the class templates and class scores (after EM, whose
@@ -1020,6 +1031,10 @@ class _Run:
             self.params = saved
         fitted = _em.m_step(self.net, params, stats, float(self.model.ridge), top)
         out = dict(params)
+        if only_top:
+            for name in ("mu", "top_noise_variance", "class_scale", "beta", "class_prior"):
+                out[name] = fitted[name]
+            return out
         for name in fitted:
             if name.startswith(("switch_prior", "translation_prior")) or name in (
                     "class_prior", "top_noise_variance"):

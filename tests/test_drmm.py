@@ -308,9 +308,10 @@ def test_same_seed_same_model_bit_for_bit(rng):
 def test_save_load_round_trip_is_bit_identical(algorithm, rng, tmp_path):
     model, X, _ = fitted_small(rng, algorithm=algorithm, max_iter=1)
     path = tmp_path / "model.npz"
-    model.save(path)
+    model.save(path, metadata={"dataset": "random", "n": 24})
     loaded = fastdrmm.load(path)
     assert isinstance(loaded, DRMM)
+    assert loaded.user_metadata_ == {"dataset": "random", "n": 24}
     assert loaded.get_params()["layers"] == [layer for layer in SMALL]
     for name, value in model.parameters_.items():
         assert loaded.parameters_[name].dtype == np.asarray(value).dtype
