@@ -469,13 +469,13 @@ def mnist_or_random(n, seed, data_dir=None):
     return X, rng.integers(0, 10, n).astype(np.int64), "random images (MNIST not found)"
 
 
-def drmm_setup(preset, x, yidx, seed, dtype="float32"):
+def drmm_setup(preset, x, yidx, seed, dtype="float32", top="average"):
     """(net, params) of an EG DRMM of ``preset`` for images like ``x``, initialised as
     ``DRMM.fit`` would (He templates, ``DRMM._init_params``)."""
     from fastdrmm import DRMM
     from fastdrmm.layers import resolve_layers
 
-    model = DRMM(preset, algorithm="eg", dtype=dtype, random_state=seed)
+    model = DRMM(preset, algorithm="eg", dtype=dtype, random_state=seed, top=top)
     net = model._network(resolve_layers(preset), x.shape[1:])
     return net, model._init_params(net, x, yidx, seed)
 
@@ -490,8 +490,9 @@ def torch_params(torch, net, params):
 
 def torch_bottom_up(torch, net, tp, scale, x, latents=None):
     """(hs[1..L], idxs, f, scores): conv2d -> leaky_relu -> max_pool2d(return_indices) per
-    layer, the global average and ``scale * f @ mu.T + beta``. With ``latents`` (idxs as
-    int64 tensors) each code is read at the given positions instead (gather)."""
+    layer, the global average (``net.top == "full"``: the flattened top code) and
+    ``scale * f @ mu.T + beta``. With ``latents`` (idxs as int64 tensors) each code is read
+    at the given positions instead (gather)."""
     F = torch.nn.functional
     h, hs, idxs = x, [], []
     for l, layer in enumerate(net.layers):
@@ -506,7 +507,7 @@ def torch_bottom_up(torch, net, tp, scale, x, latents=None):
             h, idx = y, None
         hs.append(h)
         idxs.append(idx)
-    f = h.mean(dim=(2, 3))
+    f = h.mean(dim=(2, 3)) if net.top == "average" else h.flatten(1)
     return hs, idxs, f, scale * (f @ tp["mu"].T) + tp["beta"]
 
 
@@ -538,7 +539,11 @@ def torch_eg_loss(torch, net, tp, scale, x, yidx, weights, latents=None):
     terms = {"xent": xent, "entropy": entropy}
     if weights.reconstruction or weights.nonnegativity:
         q = F.one_hot(classes, net.n_classes).to(x.dtype)
-        r = (q @ tp["mu"])[:, :, None, None].expand(-1, -1, *net.top_plane)
+        top = q @ tp["mu"]
+        if net.top == "average":  # the class template on every top position
+            r = top[:, :, None, None].expand(-1, -1, *net.top_plane)
+        else:  # a template of the whole top code
+            r = top.view(n, net.layers[-1].n_templates, *net.top_plane)
         rs = [r]
         for l in range(net.n_layers - 1, -1, -1):
             layer = net.layers[l]
@@ -647,15 +652,16 @@ def run_drmm_steps(args, torch):
                 yidx = y[i * n:(i + 1) * n].copy()
                 yidx[n_lab:] = -1
                 sets.append((x, yidx))
-            net, params = drmm_setup(preset, X, y, args.seed, args.dtype)
+            net, params = drmm_setup(preset, X, y, args.seed, args.dtype, args.drmm_top)
             scale = float(params["class_scale"])
 
             def fd(s):
                 return eg_loss_and_grads(net, params, s[0], s[1], weights)
 
             first, t_fd, out_fd = timed(fd, sets, args.repeats, args.warmup)
-            row = dict(preset=preset, batch=n, labeled=n_lab, dtype=args.dtype,
-                       data=source, fastdrmm_ms=t_fd * 1e3, first_call_ms=first * 1e3,
+            row = dict(preset=preset, top=args.drmm_top, batch=n, labeled=n_lab,
+                       dtype=args.dtype, data=source, fastdrmm_ms=t_fd * 1e3,
+                       first_call_ms=first * 1e3,
                        fastdrmm_epoch_s=t_fd * MNIST_IMAGES / n, peer=None, peer_ms=None,
                        ratio=None, peer_epoch_s=None, check="", check_details=None)
             if torch is not None:
@@ -764,6 +770,8 @@ def build_parser():
                     help="with --drmm-step: skip the per-op tables")
     ap.add_argument("--drmm-presets", default="conv-small",
                     help="comma-separated DRMM presets for --drmm-step (default conv-small)")
+    ap.add_argument("--drmm-top", choices=["average", "full"], default="average",
+                    help="DRMM(top=...) for --drmm-step (default average, Conv-Small's)")
     ap.add_argument("--drmm-labeled-fraction", type=float, default=0.5,
                     help="fraction of each --drmm-step batch that is labeled (the rest "
                          "unlabeled, y=-1); default 0.5 so that every loss term is exercised")
@@ -862,6 +870,7 @@ def main(argv=None, out=None):
         failed |= any(r["check"].startswith("FAIL") for r in step_rows)
         md += ["", f"## full DRMM training step ({threads} thread{'s' if threads > 1 else ''})",
                "", f"One EG step, loss + all gradients (no optimizer update), {args.dtype}, "
+               f"top={args.drmm_top}, "
                f"data: {source}; {TORCH_STEP} as the peer; s/epoch = ms/step x 60000 / N. "
                "check: losses and gradients of both on the first batch, max |diff| / max |ref| "
                f"per array <= {DRMM_STEP_TOLERANCE[args.dtype]:g}.", "", drmm_table(step_rows)]

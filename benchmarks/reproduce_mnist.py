@@ -49,6 +49,7 @@ only the one its suffix (.json / .md) names.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -146,7 +147,18 @@ def model_params(args):
                 nonnegativity_weight=args.nonnegativity_weight,
                 weight_decay=args.weight_decay, unlabeled_weight=args.unlabeled_weight,
                 validation_fraction=args.validation_fraction, dtype=args.dtype,
-                random_state=args.seed, verbose=int(args.verbose))
+                top=args.top, random_state=args.seed, verbose=int(args.verbose))
+
+
+def checkpoint_name(key, args, n_train):
+    """A file name unique to the experiment, the model settings and the training set (a
+    schedule other than constant spans max_iter: --epochs then counts too)."""
+    settings = {k: v for k, v in model_params(args).items() if k != "verbose"}
+    settings.update(experiment=experiment_name(key), n_train=n_train)
+    if args.lr_schedule != "constant" and args.algorithm == "eg":
+        settings["epochs"] = args.epochs
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{args.preset}-{args.algorithm}-{experiment_name(key)}-{digest}.fdz"
 
 
 def fit_by_epochs(params, X, y, max_epochs, share_s, checkpoint):
@@ -233,6 +245,7 @@ def _duration(seconds):
 def markdown(report):
     s = report["settings"]
     lines = [f"# DRMM on MNIST: {s['preset']}, {s['algorithm'].upper()}, seed {s['seed']}", "",
+             f"top {s['top']}, "
              f"train images {s['train_images']}, test images {s['test_images']}, epochs "
              f"<= {s['epochs']}, batch {s['batch_size']}, rate {s['learning_rate']:g} "
              f"({s['lr_schedule']}), weights xent {s['xent_weight']:g} / reconstruction "
@@ -310,6 +323,9 @@ def build_parser():
     ap.add_argument("--unlabeled-weight", type=float, default=1.0, help="EM only")
     ap.add_argument("--validation-fraction", type=float, default=0.0,
                     help="labeled samples held out to pick the best epoch (default 0)")
+    ap.add_argument("--top", choices=["average", "full"], default="average",
+                    help="DRMM(top=...): class templates on the averaged top code (the "
+                         "paper's Conv-Small) or on the whole top code")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--threads", type=int, default=None, help="Numba threads (default all)")
     ap.add_argument("--data-dir", default=None,
@@ -378,7 +394,7 @@ def main(argv=None, out=None):
                       nonnegativity_weight=args.nonnegativity_weight,
                       weight_decay=args.weight_decay, unlabeled_weight=args.unlabeled_weight,
                       validation_fraction=args.validation_fraction, dtype=args.dtype,
-                      train_images=int(y.size), test_images=int(y_test.size),
+                      top=args.top, train_images=int(y.size), test_images=int(y_test.size),
                       experiments=[experiment_name(k) for k in keys]),
         experiments=[])
     tmp = None
@@ -393,13 +409,7 @@ def main(argv=None, out=None):
             if args.time_budget is not None:
                 used = time.perf_counter() - start
                 share = max(args.time_budget - used, 0.0) / (len(keys) - i)
-            # the schedules other than constant span max_iter: a run with other --epochs
-            # must not continue this one's checkpoint
-            horizon = "" if args.lr_schedule == "constant" or args.algorithm == "em" \
-                else f"-e{args.epochs}"
-            checkpoint = os.path.join(
-                ck_dir, f"{args.preset}-{args.algorithm}-{experiment_name(key)}-"
-                        f"seed{args.seed}-n{y.size}{horizon}.fdz")
+            checkpoint = os.path.join(ck_dir, checkpoint_name(key, args, y.size))
             print(f"reproduce_mnist.py: {experiment_name(key)} ({args.preset}, "
                   f"{args.algorithm}, <= {args.epochs} epochs"
                   + ("" if share is None else f", share {_duration(share)}") + ")",

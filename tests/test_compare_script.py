@@ -114,3 +114,40 @@ def test_drmm_step_catches_a_wrong_gradient(compare):
     verdict, details = compare.check_drmm_step(torch, net, tp, float(params["class_scale"]), x,
                                                y, weights, (loss, terms, grads, fw), 1e-3)
     assert verdict.startswith("FAIL") and "dW1" in verdict, verdict
+
+
+def test_time_to_accuracy_tiny(compare, tmp_path):
+    """benchmarks/time_to_accuracy.py: both contenders from the same start, one tiny epoch."""
+    pytest.importorskip("torch")
+    mnist = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    if not mnist.is_dir():
+        pytest.skip(f"no MNIST at {mnist}")
+    import numpy as np
+
+    from fastdrmm import DRMM
+
+    spec = importlib.util.spec_from_file_location("fastdrmm_time_to_accuracy",
+                                                  SCRIPT.parent / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    # the PyTorch copy starts from DRMM.fit's own initial parameters
+    x, y, _ = compare.mnist_or_random(64, 0)
+    start = DRMM("two-layer", max_iter=0, validation_fraction=0.0, random_state=4).fit(x, y)
+    _, params = compare.drmm_setup("two-layer", x, y, 4)
+    for name, value in params.items():
+        np.testing.assert_array_equal(start.parameters_[name], value, err_msg=name)
+    out = io.StringIO()
+    code = tta.main(["--preset", "two-layer", "--train-size", "128", "--test-size", "100",
+                     "--max-epochs", "1", "--target", "0.999", "--data-dir", str(mnist),
+                     "--out", str(tmp_path / "t")], out=out)
+    assert code == 0
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert (tmp_path / "t.md").read_text() == out.getvalue()
+    fd, tc = report["results"]
+    assert (fd["contender"], tc["contender"]) == ("fastdrmm", "torch")
+    for r in (fd, tc):
+        assert len(r["epochs"]) == 1 and r["reached_epoch"] is None
+        assert r["time_to_target_s"] is None and r["train_s"] > 0
+    # same start, same batches: after one step the two models predict (almost) alike
+    assert abs(fd["final_accuracy"] - tc["final_accuracy"]) <= 0.02
+    assert "| fastdrmm | no | 1 |" in out.getvalue() and "time per epoch" in out.getvalue()
