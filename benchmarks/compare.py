@@ -5,6 +5,7 @@ Usage::
     python benchmarks/compare.py                       # all shapes, batch 64 and 256, float32
     python benchmarks/compare.py --batch 256 --shapes l1,l3 --repeats 5
     python benchmarks/compare.py --dtype float64 --with-numpy --json out.json --markdown out.md
+    python benchmarks/compare.py --drmm-step --drmm-only --batch 64,256   # full EG step only
 
 One process, the same inputs for every contender (PyTorch gets zero-copy ``torch.from_numpy``
 views of the very arrays fastdrmm gets), ``--copies`` pre-generated input sets rotated between
