@@ -163,7 +163,8 @@ def random_patches(h, layer, k, rng):
     norms = np.einsum("pckl,pckl->p", patches, patches)
     total = norms.sum()
     prob = norms / total if total > 0 else None
-    chosen = rng.choice(patches.shape[0], size=k, replace=patches.shape[0] < k, p=prob)
+    available = patches.shape[0] if prob is None else int(np.count_nonzero(prob))
+    chosen = rng.choice(patches.shape[0], size=k, replace=available < k, p=prob)
     return patches[chosen].copy()
 
 

@@ -259,6 +259,16 @@ def test_em_m_step_is_the_exact_minimiser(top, rng):
         np.testing.assert_allclose(np.sqrt((norm[f"W{l}"] ** 2).sum(axis=(1, 2, 3))), 1.0)
 
 
+def test_template_seeds_from_fewer_non_zero_patches_than_templates(rng):
+    h = np.zeros((2, 3, 6, 6))
+    h[0, :, 1, 1] = 1.0  # only the few 3x3 patches covering this entry are non-zero
+    seeds = _em.random_patches(h, Layer(20, 3), 20, rng)
+    assert seeds.shape == (20, 3, 3, 3)
+    assert all(np.abs(s).sum() > 0 for s in seeds)  # drawn only among the non-zero ones
+    zeros = _em.random_patches(np.zeros((1, 2, 4, 4)), Layer(5, 3), 5, rng)
+    assert zeros.shape == (5, 2, 3, 3)
+
+
 def test_em_fits_semi_and_unsupervised(rng):
     X, y = small_data(rng, n=30, unlabeled=0.5)
     for labels in (y, None):
