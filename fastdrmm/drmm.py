@@ -75,6 +75,7 @@ Semi-supervised EG steps pair a batch of unlabeled samples with a batch of label
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import time
@@ -84,6 +85,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 from . import _em, io, ops
 from ._validation import check_int as _check_int
@@ -208,6 +210,20 @@ def _say(message, enabled):
         tqdm.write(message)
     except ImportError:
         print(message, flush=True)
+
+
+def _serial_blas(method):
+    """Run ``method`` with NumPy's BLAS on one thread.
+
+    The model's own matrix products are small ((N, n_classes) x (n_classes, F) and the like);
+    a multi-threaded BLAS runs them on its thread pool, whose threads then spin-wait and take
+    the cores from the Numba kernels that follow: measured 313 -> 200 ms per conv-small EG
+    step at batch 128 on 2 cores."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return method(*args, **kwargs)
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +451,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
     # ---------------------------------------------------------------------------------------
     # fitting
 
+    @_serial_blas
     def fit(self, X, y=None, *, resume=False, callback=None):
         """Fit by EG or hard EM.
 
@@ -484,6 +501,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self._finish(run)
         return self
 
+    @_serial_blas
     def partial_fit(self, X, y=None):
         """One pass over (X, y): an EG epoch at the constant rate ``learning_rate`` with the
         optimizer state kept between calls, or one stepwise-EM update (the statistics of
@@ -572,6 +590,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         for sl in _batches(X.shape[0], INFERENCE_BATCH):
             yield sl, net, net.bottom_up(self.parameters_, X[sl])
 
+    @_serial_blas
     def decision_function(self, X):
         """Class scores (N, n_classes): ``class_scale * <mu_c, f> + beta_c``."""
         out = None
@@ -594,6 +613,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         """Accuracy of :meth:`predict` on (X, y)."""
         return super().score(X, y, sample_weight=sample_weight)
 
+    @_serial_blas
     def transform(self, X):
         """The top code f (N, K_L): the last layer's code averaged over its plane."""
         out = None
@@ -603,6 +623,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
             out[sl] = fw.f
         return out
 
+    @_serial_blas
     def reconstruct(self, X, y=None):
         """Render X back top-down from its class and the latents inferred from it.
 
@@ -620,6 +641,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
             out[sl] = rs[0]
         return out
 
+    @_serial_blas
     def sample(self, classes, random_state=None):
         """Generate images of the given classes from the generative model.
 
