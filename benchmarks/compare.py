@@ -636,6 +636,8 @@ def check_drmm_step(torch, net, tp, scale, x_np, yidx, weights, fd_result, tol):
 
 def run_drmm_steps(args, torch):
     """Rows of the full-step comparison, one per (preset, batch)."""
+    from threadpoolctl import threadpool_limits
+
     from fastdrmm._network import LossWeights, eg_loss_and_grads
 
     weights = LossWeights()
@@ -657,7 +659,10 @@ def run_drmm_steps(args, torch):
             scale = float(params["class_scale"])
 
             def fd(s):
-                return eg_loss_and_grads(net, params, s[0], s[1], weights)
+                # as DRMM's methods do: the model's small products on a serial BLAS, whose
+                # spinning pool would otherwise take the cores from the Numba kernels
+                with threadpool_limits(limits=1, user_api="blas"):
+                    return eg_loss_and_grads(net, params, s[0], s[1], weights)
 
             first, t_fd, out_fd = timed(fd, sets, args.repeats, args.warmup)
             row = dict(preset=preset, top=args.drmm_top, batch=n, labeled=n_lab,

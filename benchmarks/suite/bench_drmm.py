@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from fastdrmm import DRMM, load_mnist
 from fastdrmm._network import eg_loss_and_grads
@@ -89,11 +90,13 @@ class DRMMBatch:
         self.time_predict(preset)
 
     def time_eg_step(self, preset):
-        eg_loss_and_grads(self.eg_net, self.eg_params, self.x, self.y, self.weights)
+        with threadpool_limits(limits=1, user_api="blas"):  # as DRMM.fit runs it
+            eg_loss_and_grads(self.eg_net, self.eg_params, self.x, self.y, self.weights)
 
     def time_em_iteration(self, preset):
         self.em_run.params = self.em_params
-        self.em_run.em_iteration()
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.em_run.em_iteration()
 
     def time_predict(self, preset):
         self.model.predict(self.x)
