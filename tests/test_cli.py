@@ -229,7 +229,9 @@ def test_ctrl_c_keeps_the_checkpoint_and_resume_ends_as_an_uninterrupted_run(
 
 def test_a_real_sigint_exits_130_with_the_checkpoint_intact(tmp_path):
     argv = list(TINY)
-    argv[argv.index("--epochs") + 1] = "500"
+    # far more epochs than can finish before the signal (an epoch of TINY takes milliseconds
+    # once the kernels are compiled, so 500 could all be done by the time SIGINT arrives)
+    argv[argv.index("--epochs") + 1] = "1000000"
     ckpt = tmp_path / "m.npz.ckpt"
     proc = subprocess.Popen([sys.executable, "-m", "fastdrmm", *argv, "--out",
                              str(tmp_path / "m.npz")], stdout=subprocess.PIPE,
