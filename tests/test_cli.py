@@ -233,9 +233,13 @@ def test_a_real_sigint_exits_130_with_the_checkpoint_intact(tmp_path):
     # once the kernels are compiled, so 500 could all be done by the time SIGINT arrives)
     argv[argv.index("--epochs") + 1] = "1000000"
     ckpt = tmp_path / "m.npz.ckpt"
+    # a job started in the background by a non-interactive shell (as CI may run the suite)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: give the
+    # child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, "-m", "fastdrmm", *argv, "--out",
                              str(tmp_path / "m.npz")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
