@@ -137,17 +137,20 @@ def resolve_schedule(schedule, time_budget):
     return schedule
 
 
+#: command-line options passed to DRMM under the same name (and recorded in the report)
+TRAINING_OPTIONS = ("algorithm", "batch_size", "learning_rate", "lr_schedule", "xent_weight",
+                    "reconstruction_weight", "entropy_weight", "nonnegativity_weight",
+                    "weight_decay", "unlabeled_weight", "validation_fraction", "dtype", "top")
+
+
+def training_options(args):
+    return {name: getattr(args, name) for name in TRAINING_OPTIONS}
+
+
 def model_params(args):
     """DRMM keyword arguments common to every experiment (max_iter/checkpoint apart)."""
-    return dict(layers=args.preset, n_classes=N_CLASSES, algorithm=args.algorithm,
-                batch_size=args.batch_size, learning_rate=args.learning_rate,
-                lr_schedule=args.lr_schedule, xent_weight=args.xent_weight,
-                reconstruction_weight=args.reconstruction_weight,
-                entropy_weight=args.entropy_weight,
-                nonnegativity_weight=args.nonnegativity_weight,
-                weight_decay=args.weight_decay, unlabeled_weight=args.unlabeled_weight,
-                validation_fraction=args.validation_fraction, dtype=args.dtype,
-                top=args.top, random_state=args.seed, verbose=int(args.verbose))
+    return dict(layers=args.preset, n_classes=N_CLASSES, random_state=args.seed,
+                verbose=int(args.verbose), **training_options(args))
 
 
 def checkpoint_name(key, args, n_train):
@@ -385,16 +388,9 @@ def main(argv=None, out=None):
         machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
                      python=platform.python_version(), numpy=np.__version__,
                      fastdrmm=fastdrmm.__version__),
-        settings=dict(preset=args.preset, algorithm=args.algorithm, epochs=args.epochs,
-                      time_budget_s=args.time_budget, seed=args.seed,
-                      batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      lr_schedule=args.lr_schedule, xent_weight=args.xent_weight,
-                      reconstruction_weight=args.reconstruction_weight,
-                      entropy_weight=args.entropy_weight,
-                      nonnegativity_weight=args.nonnegativity_weight,
-                      weight_decay=args.weight_decay, unlabeled_weight=args.unlabeled_weight,
-                      validation_fraction=args.validation_fraction, dtype=args.dtype,
-                      top=args.top, train_images=int(y.size), test_images=int(y_test.size),
+        settings=dict(preset=args.preset, epochs=args.epochs, time_budget_s=args.time_budget,
+                      seed=args.seed, **training_options(args), train_images=int(y.size),
+                      test_images=int(y_test.size),
                       experiments=[experiment_name(k) for k in keys]),
         experiments=[])
     tmp = None

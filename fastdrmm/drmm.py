@@ -994,7 +994,7 @@ class _Run:
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value
                 bar.update(1)
-                bar.set_postfix({k: f"{v / max(bar_n(bar), 1):.4g}" for k, v in sums.items()
+                bar.set_postfix({k: f"{v / max(_bar_count(bar), 1):.4g}" for k, v in sums.items()
                                  if k in ("loss", "xent", "reconstruction")}, refresh=False)
         finally:
             bar.close()
@@ -1078,7 +1078,7 @@ class _Run:
         return out
 
 
-def bar_n(bar):
+def _bar_count(bar):
     return getattr(bar, "n", 1)
 
 
