@@ -96,8 +96,9 @@ class Statistics:
         return self
 
 
-def e_step(net, p, x, yidx, unlabeled_weight, stats):
-    """Infer the latents of batch x and add their statistics to ``stats``."""
+def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True):
+    """Infer the latents of batch x and add their statistics to ``stats`` (``layers=False``:
+    only those of the top, which is all :func:`fit_top` reads)."""
     n = x.shape[0]
     fw = net.bottom_up(p, x)
     labeled = yidx >= 0
@@ -106,7 +107,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats):
     w = np.where(labeled, 1.0, float(unlabeled_weight))
     weighted = not np.all(w == 1.0)
     root = np.sqrt(w).astype(x.dtype)[:, None, None, None]
-    for l, layer in enumerate(net.layers):
+    for l, layer in enumerate(net.layers if layers else ()):
         target, code = fw.hs[l], fw.hs[l + 1]
         if weighted:  # ||sqrt(w) (T - render(r))||^2 = ||sqrt(w) T - render(sqrt(w) r)||^2
             target, code = target * root, code * root
@@ -265,6 +266,16 @@ def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8):
         if generative_bias:
             new[f"b{l}"] = generative_bias_of(W, s2_all[l], pa).astype(dtype)
     new["noise_variance"] = s2_all
+    new.update(fit_top(net, p, stats, generative_bias, variance_floor))
+    return new
+
+
+def fit_top(net, p, stats, generative_bias=True, variance_floor=1e-8):
+    """The M-step of the top: class templates, top noise variance, class prior and (with
+    ``generative_bias``) the class scores' scale and biases, as a dict of those entries."""
+    new = {}
+    total = stats.weight
+    dtype = np.asarray(p["mu"]).dtype
     mu = np.array(p["mu"], np.float64)
     seen = stats.class_weight > 0
     mu[seen] = stats.class_sum[seen] / stats.class_weight[seen, None]

@@ -1004,7 +1004,7 @@ class _Run:
 
     # -------------------------------------------------------------------------------- EM
 
-    def em_statistics(self, rows=None):
+    def em_statistics(self, rows=None, layers=True):
         rows = self.train if rows is None else rows
         stats = _em.Statistics(self.net)
         bar = _progress(-(-rows.size // INFERENCE_BATCH), "E-step", self.verbose)
@@ -1012,7 +1012,7 @@ class _Run:
             for sl in _batches(rows.size, INFERENCE_BATCH):
                 chunk = rows[sl]
                 _em.e_step(self.net, self.params, self.X[chunk], self.yidx[chunk],
-                           float(self.model.unlabeled_weight), stats)
+                           float(self.model.unlabeled_weight), stats, layers)
                 bar.update(1)
         finally:
             bar.close()
@@ -1048,15 +1048,14 @@ class _Run:
         rows = np.sort(rng.permutation(self.train)[:PRIOR_SAMPLES])
         saved, self.params = self.params, params
         try:
-            stats = self.em_statistics(rows)
+            stats = self.em_statistics(rows, layers=not only_top)
         finally:
             self.params = saved
-        fitted = _em.m_step(self.net, params, stats, float(self.model.ridge), top)
         out = dict(params)
-        if only_top:
-            for name in ("mu", "top_noise_variance", "class_scale", "beta", "class_prior"):
-                out[name] = fitted[name]
+        if only_top:  # the top's statistics only: no Gram matrices
+            out.update(_em.fit_top(self.net, params, stats))
             return out
+        fitted = _em.m_step(self.net, params, stats, float(self.model.ridge), top)
         for name in fitted:
             if name.startswith(("switch_prior", "translation_prior")) or name in (
                     "class_prior", "top_noise_variance"):
