@@ -47,8 +47,15 @@ class Forward:
     scores: np.ndarray
 
     def switches(self, l, dtype):
-        """a[l]: 1 where layer l's pooled unit is on (h > 0), else 0."""
-        return (self.hs[l + 1] > 0).astype(dtype)
+        """a[l]: 1 where layer l's pooled unit is on (h > 0), else 0.
+
+        Made once per layer and dtype and shared by every caller (the top-down pass and the
+        ReLU slopes of the backward pass), so it must not be modified."""
+        cache = self.__dict__.setdefault("_switches", {})
+        key = (l, np.dtype(dtype))
+        if key not in cache:
+            cache[key] = (self.hs[l + 1] > 0).astype(dtype)
+        return cache[key]
 
 
 class Network:
@@ -167,8 +174,10 @@ class Network:
         g_h = self._to_top_plane(g_f, fw.hs[0].dtype)
         for l in range(self.n_layers - 1, -1, -1):
             layer = self.layers[l]
-            h = fw.hs[l + 1]
-            slope = np.where(h > 0, 1.0, layer.leak).astype(h.dtype)
+            # the switch's slope: 1 where the unit is on, else the leak (0: the ReLU's switch)
+            dtype = fw.hs[l + 1].dtype
+            slope = (fw.switches(l, dtype) if layer.leak == 0 else
+                     np.where(fw.hs[l + 1] > 0, dtype.type(1), dtype.type(layer.leak)))
             B, s, _ = ops.template_stats(fw.hs[l], g_h, fw.idxs[l], layer.kernel_size,
                                          padding=layer.padding, switches=slope, gram=False,
                                          backend=self.backend)
@@ -189,13 +198,18 @@ class Network:
                                          padding=layer.padding, switches=switches[l],
                                          gram=False, backend=self.backend)
             grads[f"W{l}"] += B
-            # the adjoint of render with respect to the code: correlate with the templates
-            # (identity switch, no pooling), read at the argmax positions, times the switch
-            zeros = np.zeros(layer.n_templates, g.dtype)
-            z, _ = ops.match_switch_pool(g, p[f"W{l}"], zeros, padding=layer.padding, pool=1,
-                                         leak=1.0, backend=self.backend)
-            g = z if layer.pool is None else _gather(z, fw.idxs[l])
-            g *= switches[l]
+            # the adjoint of render with respect to the code: correlate with the templates,
+            # read at the argmax positions, times the switch. A pooling layer matches at
+            # those positions only (1 / pool^2 of the plane, none where the switch is off);
+            # without pooling every position is read, and the dense matching is cheaper.
+            if layer.pool is None:
+                zeros = np.zeros(layer.n_templates, g.dtype)
+                g, _ = ops.match_switch_pool(g, p[f"W{l}"], zeros, padding=layer.padding,
+                                             pool=1, leak=1.0, backend=self.backend)
+                g *= switches[l]
+            else:
+                g = ops.match_at(g, p[f"W{l}"], fw.idxs[l], padding=layer.padding,
+                                 switches=switches[l], backend=self.backend)
             weight = nonneg_weights[l]
             if weight:
                 g += (2.0 * weight) * np.minimum(code, 0)
@@ -205,13 +219,6 @@ class Network:
 
     def zero_grads(self, p):
         return {name: np.zeros_like(p[name]) for name in trainable_names(self.n_layers)}
-
-
-def _gather(plane, idx):
-    """plane[n, k].flat[idx[n, k]] for every (n, k): the values at the argmax positions."""
-    n, k, ho, wo = plane.shape
-    base = (np.arange(n * k, dtype=np.intp) * (ho * wo)).reshape(n, k, 1, 1)
-    return plane.reshape(-1)[idx + base]
 
 
 def sumsq(a):
@@ -246,13 +253,17 @@ class LossWeights:
     reconstruction: float = 0.1
     entropy: float = 0.1
     nonnegativity: float = 0.01
+    kl: float = 0.0
+    consistency: float = 0.0
 
 
-def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True):
+def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True, targets=None):
     """The EG objective on one batch, its terms, and (need_grads) its gradients.
 
-    ``yidx`` (N,) holds class indices, -1 for unlabeled samples. Returns (loss, terms, grads,
-    forward) with ``terms`` a dict of the unweighted terms."""
+    ``yidx`` (N,) holds class indices, -1 for unlabeled samples. ``targets`` (N_U,
+    n_classes), for the consistency term, are class posteriors of the unlabeled samples seen
+    under another nuisance (held fixed). Returns (loss, terms, grads, forward) with ``terms``
+    a dict of the unweighted terms."""
     n = x.shape[0]
     fw = net.bottom_up(p, x)
     scores = fw.scores.astype(np.float64)
@@ -262,6 +273,23 @@ def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True):
     n_lab, n_unl = int(labeled.sum()), int(n - labeled.sum())
     xent = -logp[labeled, yidx[labeled]].sum() / max(n_lab, 1)
     entropy = -(prob[~labeled] * logp[~labeled]).sum() / max(n_unl, 1)
+    # KL(mean unlabeled prediction || uniform class prior): keeps the entropy term from
+    # collapsing the unlabeled samples onto a few classes
+    log_prior = -np.log(net.n_classes)
+    p_bar = prob[~labeled].mean(axis=0) if n_unl else np.full(net.n_classes, np.exp(log_prior))
+    log_ratio = np.log(np.maximum(p_bar, 1e-300)) - log_prior
+    kl = float((p_bar * log_ratio).sum())
+    # KL(targets || p): the class must not depend on the nuisance the targets were seen under
+    use_targets = targets is not None and n_unl and weights.consistency
+    if use_targets:
+        targets = np.asarray(targets, np.float64)
+        if targets.shape != (n_unl, net.n_classes):
+            raise ValueError(f"targets must have shape {(n_unl, net.n_classes)}, "
+                             f"got {targets.shape}")
+        t_log_t = np.where(targets > 0, targets * np.log(np.maximum(targets, 1e-300)), 0.0)
+        consistency = float((t_log_t - targets * logp[~labeled]).sum() / n_unl)
+    else:
+        consistency = 0.0
     classes = np.where(labeled, yidx, scores.argmax(axis=1))
     q = one_hot(classes, net.n_classes)
 
@@ -283,9 +311,11 @@ def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True):
             nonneg += sumsq(neg) / (n * size)
         nonneg_weights.append(weights.nonnegativity / (n * size))
     terms = {"xent": float(xent), "entropy": float(entropy),
-             "reconstruction": reconstruction, "nonnegativity": nonneg}
+             "reconstruction": reconstruction, "nonnegativity": nonneg, "kl": kl,
+             "consistency": consistency}
     loss = (weights.xent * terms["xent"] + weights.entropy * terms["entropy"]
-            + weights.reconstruction * reconstruction + weights.nonnegativity * nonneg)
+            + weights.reconstruction * reconstruction + weights.nonnegativity * nonneg
+            + weights.kl * kl + weights.consistency * consistency)
     if not need_grads:
         return loss, terms, None, fw
 
@@ -299,9 +329,30 @@ def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True):
         pu, lu = prob[~labeled], logp[~labeled]
         h = -(pu * lu).sum(axis=1, keepdims=True)
         g_scores[~labeled] += (weights.entropy / n_unl) * (-pu * (lu + h))
+    if n_unl and weights.kl:
+        # d KL / d s_nj = (1/N_U) p_nj (v_j - sum_c p_nc v_c), v = ln(p_bar / prior)
+        pu = prob[~labeled]
+        g_scores[~labeled] += (weights.kl / n_unl) * pu * (
+            log_ratio - (pu * log_ratio).sum(axis=1, keepdims=True))
+    if use_targets:
+        g_scores[~labeled] += (weights.consistency / n_unl) * (prob[~labeled] - targets)
     if g_scores.any():
         net.backprop_scores(p, fw, g_scores.astype(x.dtype), grads)
     if want_render:
         g_image = ((2.0 * weights.reconstruction / (n * image_size)) * residual).astype(x.dtype)
         net.backprop_render(p, fw, rs, switches, q, g_image, nonneg_weights, grads)
     return loss, terms, grads, fw
+
+
+def translate(x, shifts):
+    """Every image of x (N, C, H, W) moved by its (dy, dx) in ``shifts`` (N, 2) pixels, the
+    uncovered border filled with zeros: a draw of the translation nuisance."""
+    n, c, h, w = x.shape
+    t = int(np.abs(shifts).max()) if shifts.size else 0
+    if t == 0:
+        return x.copy()
+    padded = np.zeros((n, c, h + 2 * t, w + 2 * t), x.dtype)
+    padded[:, :, t:t + h, t:t + w] = x
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))
+    # moving the image by +dy reads the padded image from row t - dy
+    return np.ascontiguousarray(windows[np.arange(n), :, t - shifts[:, 0], t - shifts[:, 1]])

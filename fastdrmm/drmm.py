@@ -58,6 +58,16 @@ sign as written)::
          + entropy_weight        * (1/N_U) sum_{n unlabeled} -sum_c p_nc ln p_nc
          + reconstruction_weight * (1/N)   sum_n ||x_n - r_n[0]||^2 / D_0
          + nonnegativity_weight  * (1/N)   sum_n sum_{l=1..L} ||min(r_n[l], 0)||^2 / D_l
+         + kl_weight             * sum_c pbar_c ln(pbar_c * n_classes)
+         + consistency_weight    * (1/N_U) sum_{n unlabeled} sum_c t_nc ln(t_nc / p_nc)
+
+``pbar`` is the mean of the unlabeled p_n over the batch: the KL term is KL(pbar || uniform
+class prior), which keeps the entropy term from collapsing the unlabeled samples onto a few
+classes. With ``translation = t > 0`` every training image of a step is moved by a
+translation nuisance drawn uniformly from [-t, t]^2 pixels (zero fill) before the step (the
+DRMM's translation nuisance, sampled), and ``t_n`` is the class posterior of the unmoved image
+(computed first, held fixed): the consistency term is KL(t_n || p_n), the model's statement
+that the class does not depend on the nuisance.
 
 ``r_n`` is rendered top-down from the label (labeled) or the predicted class (unlabeled)
 with the latents inferred bottom-up (held fixed: they are piecewise constant in the
@@ -65,7 +75,7 @@ parameters), D_l the size of a code. The gradients come from the project's kerne
 the bottom-up pass the input gradient is :func:`fastdrmm.ops.render` and the template
 gradient :func:`fastdrmm.ops.template_stats`; through the top-down pass the template
 gradient is ``template_stats`` of the rendered code against the image gradient, and the code
-gradient a matching with the identity switch read at the argmax positions. ``class_scale``
+gradient :func:`fastdrmm.ops.match_at`, the matching read at the argmax positions. ``class_scale``
 stays fixed during EG. After EG the generative priors and noise variances are refitted from
 the E-step's choices on (at most 2,000) training samples, so that :meth:`DRMM.sample` works.
 
@@ -90,7 +100,8 @@ from threadpoolctl import threadpool_limits
 from . import _em, io, ops
 from ._validation import check_int as _check_int
 from ._validation import check_real as _check_real
-from ._network import LossWeights, Network, eg_loss_and_grads, softmax, trainable_names
+from ._network import (LossWeights, Network, eg_loss_and_grads, softmax, trainable_names,
+                       translate)
 from ._optim import SCHEDULES, Adam, learning_rate
 from .layers import Layer, resolve_layers
 
@@ -251,6 +262,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
     lr_schedule : {"cosine", "constant", "step"}, default "cosine"
     xent_weight, reconstruction_weight, entropy_weight, nonnegativity_weight : float
         The weights of the EG terms (defaults 1.0, 0.1, 0.1, 0.01).
+    kl_weight : float, default 0.0
+        The weight of the EG class-balance term on unlabeled samples (see the module
+        docstring).
     weight_decay : float, default 0.0
         L2 penalty on the layer templates added to their EG gradient.
     ridge : float, default 1e-3
@@ -306,7 +320,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
     def __init__(self, layers="conv-small", n_classes=10, *, algorithm="eg", max_iter=10,
                  batch_size=128, learning_rate=1e-3, lr_schedule="cosine", xent_weight=1.0,
                  reconstruction_weight=0.1, entropy_weight=0.1, nonnegativity_weight=0.01,
-                 weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
+                 kl_weight=0.0, consistency_weight=0.0, translation=0, weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
                  checkpoint=None, top="average"):
@@ -321,6 +335,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self.reconstruction_weight = reconstruction_weight
         self.entropy_weight = entropy_weight
         self.nonnegativity_weight = nonnegativity_weight
+        self.kl_weight = kl_weight
+        self.consistency_weight = consistency_weight
+        self.translation = translation
         self.weight_decay = weight_decay
         self.ridge = ridge
         self.bias = bias
@@ -351,7 +368,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
             xent=_check_real(self.xent_weight, "xent_weight"),
             reconstruction=_check_real(self.reconstruction_weight, "reconstruction_weight"),
             entropy=_check_real(self.entropy_weight, "entropy_weight"),
-            nonnegativity=_check_real(self.nonnegativity_weight, "nonnegativity_weight"))
+            nonnegativity=_check_real(self.nonnegativity_weight, "nonnegativity_weight"),
+            kl=_check_real(self.kl_weight, "kl_weight"),
+            consistency=_check_real(self.consistency_weight, "consistency_weight"))
+        _check_int(self.translation, "translation", 0)
         _check_real(self.weight_decay, "weight_decay")
         _check_real(self.ridge, "ridge", 0.0, open_low=True)
         _check_choice(self.bias, "bias", _BIASES)
@@ -972,6 +992,22 @@ class _Run:
         order = rng.permutation(self.train)
         return [order[i:i + bs] for i in range(0, order.size, bs)]
 
+    def _eg_inputs(self, rows):
+        """One step's input and consistency targets. With ``translation`` > 0 every image is
+        shifted by a translation nuisance drawn uniformly from [-t, t]^2 (seeded by the step);
+        the targets are the class posteriors of the unshifted unlabeled images."""
+        x = self.X[rows]
+        t = int(self.model.translation)
+        targets = None
+        unlabeled = self.yidx[rows] < 0
+        if self.weights.consistency and unlabeled.any():
+            fw = self.net.bottom_up(self.params, x[unlabeled])
+            targets = softmax(np.asarray(fw.scores, np.float64))
+        if t:
+            rng = np.random.default_rng([self.seed, 3, self.step])
+            x = translate(x, rng.integers(-t, t + 1, size=(x.shape[0], 2)))
+        return x, targets
+
     def eg_epoch(self, epoch, constant_rate=False):
         model = self.model
         steps = self._eg_steps(epoch)
@@ -983,8 +1019,10 @@ class _Run:
                 rows = np.sort(rows)
                 lr = (float(model.learning_rate) if constant_rate else learning_rate(
                     float(model.learning_rate), model.lr_schedule, self.step, total_steps))
-                loss, terms, grads, _ = eg_loss_and_grads(self.net, self.params, self.X[rows],
-                                                          self.yidx[rows], self.weights)
+                x, targets = self._eg_inputs(rows)
+                loss, terms, grads, _ = eg_loss_and_grads(self.net, self.params, x,
+                                                          self.yidx[rows], self.weights,
+                                                          targets=targets)
                 if not np.isfinite(loss):
                     raise FloatingPointError(
                         f"the EG loss became {loss} at step {self.step}; lower learning_rate")

@@ -1,4 +1,4 @@
-"""The four DRMM ops: validate, pick a backend, call it.
+"""The DRMM ops: validate, pick a backend, call it.
 
 Semantics (DESIGN.md section 2), for x (N,C,H,W), templates W (K,C,kh,kw), bias b (K,):
 
@@ -7,6 +7,10 @@ Semantics (DESIGN.md section 2), for x (N,C,H,W), templates W (K,C,kh,kw), bias 
   NaN; with ``leak == 0``, the plain ReLU, every z <= 0 including -inf gives 0); over each
   pooling window the max of y and the flat index ``i*Wo + j`` of its first row-major position
   (a NaN wins over every number, the first NaN over later ones).
+* ``match_at`` -- the matching read at given plane positions only: ``z`` (no bias, no switch)
+  at the flat index ``idx`` of each unit, times ``switches``, and exactly 0 where a switch is
+  0 (those units are not matched, so a NaN there does not leak out). For fixed latents it is
+  the adjoint of ``render`` with respect to the code: the code gradient of the top-down pass.
 * ``unpool`` -- scatter ``code * switches`` to ``idx`` in a zero (Ho, Wo) plane; collisions add.
 * ``render`` -- the top-down pass: the transposed correlation of the unpooled code with W,
   cropped by ``padding`` to (H, W). For fixed latents it is the adjoint of the matching.
@@ -27,7 +31,7 @@ import numpy as np
 from . import _backends
 from . import _validation as v
 
-__all__ = ["match_switch_pool", "unpool", "render", "template_stats"]
+__all__ = ["match_switch_pool", "match_at", "unpool", "render", "template_stats"]
 
 
 class _Inputs:
@@ -142,6 +146,49 @@ def match_switch_pool(x, templates, bias, *, padding=0, pool=2, stride=None, lea
     leak = v.check_leak(leak)
     return io.module.match_switch_pool(x, templates, bias, geometry.padding, geometry.pool,
                                        geometry.stride, leak)
+
+
+def match_at(x, templates, idx, *, padding=0, switches=None, backend="auto"):
+    """Template matching read at the positions ``idx`` only (the adjoint of ``render``).
+
+    ``z[n, k, p, q] = sum_{c,u,v} W[k,c,u,v] * xpad[n, c, i+u, j+v]`` with
+    ``(i, j) = divmod(idx[n, k, p, q], Wo)`` on the (Ho, Wo) plane of the matching, times
+    ``switches[n, k, p, q]`` where that is not 0; where it is 0 the result is exactly 0 and
+    the unit is not matched. No bias and no switch function: with ``idx`` from a max-pooling
+    of ``match_switch_pool`` this is the full matching gathered at the argmax positions, at
+    1 / pool^2 of its cost (less where switches are off).
+
+    Parameters
+    ----------
+    x : array (N, C, H, W), float32 or float64
+    templates : array (K, C, kh, kw); cast to x's dtype
+    idx : integer array (N, K, Hp, Wp) of flat positions in [0, Ho*Wo)
+    padding : int or (int, int), zero padding of x
+    switches : None or array (N, K, Hp, Wp), boolean or real
+
+    Returns
+    -------
+    z : (N, K, Hp, Wp), dtype of x
+    """
+    io = _Inputs(backend, (x, templates, idx, switches))
+    x = io.floating(x, "x", None, 4, "(N, C, H, W)")
+    dtype = np.dtype(x.dtype)
+    templates = io.floating(templates, "templates", dtype, 4, "(K, C, kh, kw)")
+    if templates.shape[1] != x.shape[1]:
+        raise ValueError(f"templates have {templates.shape[1]} channels but x has {x.shape[1]}")
+    if templates.shape[0] < 1:
+        raise ValueError("templates must hold at least one template (K >= 1)")
+    padding = v.pair(padding, "padding", minimum=0)
+    plane = v.plane_shape_of(x.shape[2:], templates.shape[2:], padding)
+    idx_obj = io.array(idx, "idx")
+    v.check_ndim(idx_obj, "idx", 4, "(N, K, Hp, Wp)")
+    shape = (x.shape[0], templates.shape[0], *idx_obj.shape[2:])
+    idx = io.index(idx_obj, shape, plane)
+    switches = io.switches(switches, shape, dtype)
+    backend_match_at = getattr(io.module, "match_at", None)
+    if backend_match_at is None:  # the host backends have it; the GPU backends not yet
+        raise NotImplementedError(f"match_at is not implemented on the backend {io.name!r}")
+    return backend_match_at(x, templates, idx, padding, switches)
 
 
 def unpool(code, idx, plane_shape, *, switches=None, backend="auto"):

@@ -4,6 +4,7 @@ persistence, checkpoints and resume, partial_fit, and argument checking."""
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from sklearn.exceptions import NotFittedError
 import fastdrmm
 from fastdrmm import DRMM, Layer, ops
 from fastdrmm import _em, drmm as drmm_module
-from fastdrmm._network import LossWeights, Network, eg_loss_and_grads, trainable_names
+from fastdrmm._network import (LossWeights, Network, eg_loss_and_grads, trainable_names,
+                               translate)
 from fastdrmm.layers import PRESETS, layer_shapes, resolve_layers
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -161,8 +163,8 @@ def test_sample_draws_latents_from_the_priors(rng):
 # EG gradients
 
 
-def _loss(net, p, X, y, weights):
-    return eg_loss_and_grads(net, p, X, y, weights, need_grads=False)[0]
+def _loss(net, p, X, y, weights, targets=None):
+    return eg_loss_and_grads(net, p, X, y, weights, need_grads=False, targets=targets)[0]
 
 
 @pytest.mark.parametrize("top", ["average", "full"])
@@ -177,9 +179,13 @@ def test_eg_gradients_match_finite_differences(layers, top, rng):
     for name in trainable_names(len(layers)):  # biases away from zero: no ties at the switch
         if name[0] == "b" or name == "beta":
             p[name] = p[name] + rng.standard_normal(p[name].shape) * 0.1
-    weights = LossWeights(xent=1.0, reconstruction=0.7, entropy=0.3, nonnegativity=0.5)
-    loss, terms, grads, _ = eg_loss_and_grads(net, p, X, y, weights)
-    assert all(terms[t] > 0 for t in ("xent", "entropy", "reconstruction", "nonnegativity"))
+    weights = LossWeights(xent=1.0, reconstruction=0.7, entropy=0.3, nonnegativity=0.5,
+                          kl=0.4, consistency=0.6)
+    targets = rng.dirichlet(np.ones(3), size=int((y < 0).sum()))  # posteriors of other views
+    loss, terms, grads, _ = eg_loss_and_grads(net, p, X, y, weights, targets=targets)
+    assert all(terms[t] > 0 for t in ("xent", "entropy", "reconstruction", "nonnegativity",
+                                      "kl", "consistency"))
+    _loss = functools.partial(globals()["_loss"], targets=targets)
     eps = 1e-6
     for name in trainable_names(len(layers)):
         g = grads[name]
@@ -199,6 +205,57 @@ def test_eg_gradients_match_finite_differences(layers, top, rng):
         plus[name], minus[name] = p[name] + eps * d, p[name] - eps * d
         fd = (_loss(net, plus, X, y, weights) - _loss(net, minus, X, y, weights)) / (2 * eps)
         assert np.sum(g * d) == pytest.approx(fd, rel=1e-5, abs=1e-8), name
+
+
+def test_kl_and_consistency_terms_are_what_the_docs_say(rng):
+    X, y = small_data(rng, n=10, unlabeled=0.5)
+    net = Network(SMALL, X.shape[1:], 3, backend="numpy")
+    p = DRMM(SMALL, 3, dtype="float64")._init_params(net, X.astype(np.float64), y, 2)
+    X = X.astype(np.float64)
+    unl = y < 0
+    targets = rng.dirichlet(np.ones(3), size=int(unl.sum()))
+    _, terms, _, fw = eg_loss_and_grads(net, p, X, y, LossWeights(kl=1, consistency=1),
+                                        need_grads=False, targets=targets)
+    prob = np.exp(fw.scores - fw.scores.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    p_bar = prob[unl].mean(0)
+    assert terms["kl"] == pytest.approx(np.sum(p_bar * np.log(p_bar * 3)))
+    kl_rows = np.sum(targets * (np.log(targets) - np.log(prob[unl])), axis=1)
+    assert terms["consistency"] == pytest.approx(kl_rows.mean())
+    # the targets are the posteriors themselves: nothing to pull, the term is zero
+    _, terms, _, _ = eg_loss_and_grads(net, p, X, y, LossWeights(consistency=1),
+                                       need_grads=False, targets=prob[unl])
+    assert terms["consistency"] == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        eg_loss_and_grads(net, p, X, y, LossWeights(consistency=1), targets=targets[:-1])
+
+
+def test_translate_moves_every_image_by_its_own_shift(rng):
+    X = rng.standard_normal((5, 2, 6, 7)).astype(np.float32)
+    shifts = np.array([[0, 0], [1, 0], [0, -2], [-1, 2], [2, 1]])
+    out = translate(X[:, :, :, ::-1], shifts)  # a non-contiguous input
+    src = X[:, :, :, ::-1]
+    for n, (dy, dx) in enumerate(shifts):
+        want = np.zeros_like(src[n])
+        ys, xs = slice(max(dy, 0), 6 + min(dy, 0)), slice(max(dx, 0), 7 + min(dx, 0))
+        yd, xd = slice(max(-dy, 0), 6 + min(-dy, 0)), slice(max(-dx, 0), 7 + min(-dx, 0))
+        want[:, ys, xs] = src[n][:, yd, xd]
+        np.testing.assert_array_equal(out[n], want)
+    assert out.dtype == X.dtype and out.flags.c_contiguous
+
+
+def test_translation_and_consistency_train_deterministically(rng):
+    X, y = small_data(rng, n=24, unlabeled=0.5)
+    kw = dict(max_iter=2, batch_size=8, random_state=3, validation_fraction=0, translation=1,
+              consistency_weight=1.0, kl_weight=0.5)
+    a = DRMM(SMALL, 3, **kw).fit(X, y)
+    b = DRMM(SMALL, 3, **kw).fit(X, y)
+    assert all(np.isfinite(r["consistency"]) for r in a.history_)
+    assert a.history_[-1]["consistency"] > 0
+    c = DRMM(SMALL, 3, **{**kw, "translation": 0}).fit(X, y)
+    for name, value in a.parameters_.items():
+        np.testing.assert_array_equal(value, b.parameters_[name], err_msg=name)
+    assert not np.array_equal(a.parameters_["W0"], c.parameters_["W0"])
 
 
 def test_eg_gradients_agree_between_backends(rng):
@@ -446,7 +503,9 @@ def test_bad_arguments_are_named(rng):
                       ({"lr_schedule": "warm"}, "lr_schedule"), ({"dtype": "int8"}, "dtype"),
                       ({"validation_fraction": 0.9}, "validation_fraction"),
                       ({"entropy_weight": -1}, "entropy_weight"), ({"init": "zeros"}, "init"),
-                      ({"layers": []}, "layers"), ({"bias": "learned"}, "bias")]:
+                      ({"layers": []}, "layers"), ({"bias": "learned"}, "bias"),
+                      ({"kl_weight": -0.5}, "kl_weight"), ({"translation": -1}, "translation"),
+                      ({"consistency_weight": "x"}, "consistency_weight")]:
         with pytest.raises((TypeError, ValueError), match=match):
             DRMM(**{"layers": SMALL, "n_classes": 3, **kw}).fit(X, y)
     model = DRMM(SMALL, 3, max_iter=0)

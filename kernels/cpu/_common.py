@@ -530,3 +530,94 @@ def gemm_tile(typingctx, acc, aofs, a, abase, aoff, b, boff, t0, t1, NV, P):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def dot_tile(typingctx, out, w, wofs, x, bases, woff, xoff, nsteps, P):
+    """``P`` dot products of one vector of weights with ``P`` vectors of data, in registers::
+
+        for p < P:
+            s = 0 (VL lanes)
+            for t in range(nsteps):                   # fixed order
+                s = fmuladd(w[wofs + woff[t] + l], x[bases[p] + xoff[t] + l], s)
+            out[p] = the lanes of s added pairwise (a fixed tree)
+
+    Each weight vector is loaded once for ``P`` FMAs. ``out``, ``w`` and ``x`` share a float
+    dtype; ``bases``, ``woff`` and ``xoff`` are 1-d int64 arrays; ``P`` is a compile-time
+    constant. No bounds checks.
+    """
+    if not isinstance(P, types.IntegerLiteral):
+        return None
+    npx = P.literal_value
+    dt = x.dtype
+    sig = types.void(out, w, wofs, x, bases, woff, xoff, nsteps, P)
+
+    def codegen(context, builder, signature, args):
+        out_, w_, wofs_, x_, bases_, woff_, xoff_, nsteps_, _ = args
+        aty = signature.args
+        elt = context.get_value_type(dt)
+        size = context.get_abi_sizeof(elt)
+        vl = VBYTES // size
+        vty = ir.VectorType(elt, vl)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        wofs_ = context.cast(builder, wofs_, aty[2], types.int64)
+        nsteps_ = context.cast(builder, nsteps_, aty[7], types.int64)
+        op = _data(context, builder, aty[0], out_)
+        wp = builder.gep(_data(context, builder, aty[1], w_), [wofs_], inbounds=True)
+        xp = _data(context, builder, aty[3], x_)
+        bp = _data(context, builder, aty[4], bases_)
+        wop = _data(context, builder, aty[5], woff_)
+        xop = _data(context, builder, aty[6], xoff_)
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+            "llvm.fmuladd.v%df%d" % (vl, 8 * size))
+
+        def vload(ptr, index):
+            vp = builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
+            return builder.load(vp, align=size)
+
+        starts = [builder.gep(xp, [builder.load(builder.gep(bp, [i64(p)], inbounds=True))],
+                              inbounds=True) for p in range(npx)]
+        zero = ir.Constant(vty, [0.0] * vl)
+        entry = builder.block
+        head = builder.append_basic_block("dot.head")
+        body = builder.append_basic_block("dot.body")
+        done = builder.append_basic_block("dot.done")
+        builder.branch(head)
+
+        builder.position_at_end(head)
+        t = builder.phi(i64)
+        t.add_incoming(i64(0), entry)
+        accs = []
+        for _p in range(npx):
+            phi = builder.phi(vty)
+            phi.add_incoming(zero, entry)
+            accs.append(phi)
+        builder.cbranch(builder.icmp_signed("<", t, nsteps_), body, done)
+
+        builder.position_at_end(body)
+        wv = vload(wp, builder.load(builder.gep(wop, [t], inbounds=True)))
+        ox = builder.load(builder.gep(xop, [t], inbounds=True))
+        updated = [builder.call(fmuladd, [wv, vload(starts[p], ox), accs[p]])
+                   for p in range(npx)]
+        tail = builder.block
+        t.add_incoming(builder.add(t, i64(1)), tail)
+        for phi, new in zip(accs, updated):
+            phi.add_incoming(new, tail)
+        builder.branch(head)
+
+        builder.position_at_end(done)
+        undef = ir.Constant(vty, ir.Undefined)
+        for p in range(npx):
+            s, width = accs[p], vl
+            while width > 1:  # add the upper half of the lanes onto the lower half
+                width //= 2
+                upper = builder.shuffle_vector(
+                    s, undef, ir.Constant(ir.VectorType(i32, vl),
+                                          [width + l if l < width else l for l in range(vl)]))
+                s = builder.fadd(s, upper)
+            builder.store(builder.extract_element(s, i32(0)),
+                          builder.gep(op, [i64(p)], inbounds=True))
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -24,9 +24,9 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds,
-                      conv_tile, lanes, num_chunks, pool_step)
+                      conv_tile, dot_tile, lanes, num_chunks, pool_step)
 
-__all__ = ["match_switch_pool"]
+__all__ = ["match_switch_pool", "match_at"]
 
 _TARGET_PIXELS = 192  # plane pixels per row group (per channel block) to amortise tile waste
 
@@ -251,3 +251,116 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
                   stride[0], stride[1], leak, wo, wp, wused, group, zrows,
                   num_chunks(n * len(k0)), h.reshape(n, k, hp * wp), idx.reshape(n, k, hp * wp))
     return h, idx
+
+
+# ------------------------------------------------------------------------------------------
+# match_at: the matching read at given positions (the code gradient of the top-down pass)
+#
+# Every unit (n, k, p) is one dot product of template k with the patch of sample n at its
+# position idx[n, k, p]: the positions differ per template (one argmax per channel), so no
+# two units share a patch and there is nothing to tile as in a convolution. The sample is
+# copied channel-last, which makes each patch row (kw * C values) contiguous, and the units
+# of one template are taken four at a time so that each template value loaded serves four
+# FMAs. Units whose switch is 0 are skipped: on a pooled ReLU layer that leaves about
+# 1/pool^2 x (fraction on) of the full-plane matching's work.
+
+_UNITS = 4  # units of one template per register block (dot_tile's P)
+
+
+@njit(inline="always")
+def _row_tails(w, xp, base, kh, row, rstride, vrow):
+    """The scalar rest of each patch row (row values, kept unpadded in w too) beyond its
+    whole vectors (vrow values)."""
+    acc = xp.dtype.type(0)
+    for u in range(kh):
+        for e in range(vrow, row):
+            acc += w[u * row + e] * xp[base + u * rstride + e]
+    return acc
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _match_at_kernel(x, wt, idx, sw, use_sw, ph, pw, kh, row, wo, wp, woff, xoff, vrow, group,
+                     nchunks, out):
+    n_, c_, hh, ww = x.shape
+    k_, hp = idx.shape[1], idx.shape[2] // wp
+    hpad, wpad = hh + 2 * ph, ww + 2 * pw
+    rstride = wpad * c_
+    nsteps = woff.shape[0]
+    span = group * wp
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, n_)
+        # the border stays zero; the slack after the plane is read by padded rows only
+        xp = np.zeros(hpad * wpad * c_ + vrow, dtype=x.dtype)
+        base = np.empty(span + _UNITS, dtype=np.int64)
+        slot = np.empty(span, dtype=np.int64)
+        dots = np.empty(_UNITS, dtype=x.dtype)
+        for n in range(lo, hi):
+            for c in range(c_):
+                for i in range(hh):
+                    dst = ((i + ph) * wpad + pw) * c_ + c
+                    for j in range(ww):
+                        xp[dst + j * c_] = x[n, c, i, j]
+            # a group of pooled rows at a time, every template over it: the patches of the
+            # group stay in L1 while the templates stream through
+            for g0 in range(0, hp, group):
+                g1 = min(g0 + group, hp)
+                for k in range(k_):
+                    w = wt[k]
+                    m = 0
+                    for e in range(g0 * wp, g1 * wp):
+                        if use_sw and sw[n, k, e] == 0:
+                            out[n, k, e] = 0
+                            continue
+                        f = idx[n, k, e]
+                        i = f // wo
+                        base[m] = (i * wpad + f - i * wo) * c_
+                        slot[m] = e
+                        m += 1
+                    for t in range(m, m + _UNITS):  # a partial last block reads a valid patch
+                        base[t] = 0
+                    for t in range(0, m, _UNITS):
+                        dot_tile(dots, w, 0, xp, base[t:], woff, xoff, nsteps, _UNITS)
+                        for e in range(min(_UNITS, m - t)):
+                            z = dots[e]
+                            if vrow < row:
+                                z += _row_tails(w, xp, base[t + e], kh, row, rstride, vrow)
+                            if use_sw:
+                                z *= sw[n, k, slot[t + e]]
+                            out[n, k, slot[t + e]] = z
+
+
+_L1_BYTES = 24 * 1024  # the patches of one group of rows: half of a 48 KiB L1
+
+
+def match_at(x, templates, idx, padding, switches):
+    n, c, hh, ww = x.shape
+    k, _, kh, kw = templates.shape
+    ph, pw = padding
+    ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
+    hp = idx.shape[2]
+    out = np.empty(idx.shape, dtype=x.dtype)
+    if out.size == 0:
+        return out
+    use_sw = switches is not None
+    sw = switches if use_sw else np.zeros((1, 1, 1, 1), dtype=x.dtype)
+    # one patch row is kw * C contiguous values of the channel-last sample. On finite data it
+    # is rounded up to whole vectors (zero weights times the next pixels' finite values);
+    # otherwise the rest of each row is added in scalar code, so a NaN or inf next to a patch
+    # cannot leak into it.
+    vl = lanes(x.dtype)
+    row = kw * c
+    vrow = -(-row // vl) * vl if np.isfinite(x).all() else row // vl * vl
+    wt = np.zeros((k, kh, vrow if vrow > row else row), dtype=x.dtype)
+    wt[:, :, :row] = templates.transpose(0, 2, 3, 1).reshape(k, kh, row)
+    uu, ee = np.meshgrid(np.arange(kh), np.arange(0, vrow, vl), indexing="ij")
+    woff = (uu * wt.shape[2] + ee).reshape(-1).astype(np.int64)
+    xoff = (uu * (ww + 2 * pw) * c + ee).reshape(-1).astype(np.int64)
+    # pooled rows per group: their patches (plane rows per pooled row, plus kh - 1) fit in L1
+    row_bytes = (ww + 2 * pw) * c * x.dtype.itemsize
+    per_row = -(-ho // hp)
+    group = max(1, min(hp, (_L1_BYTES // row_bytes - (kh - 1)) // per_row))
+    wp = idx.shape[3]
+    _match_at_kernel(x, wt.reshape(k, -1), idx.reshape(n, k, -1), sw.reshape(*sw.shape[:2], -1),
+                     use_sw, ph, pw, kh, row, wo, wp, woff, xoff, vrow, group,
+                     num_chunks(n), out.reshape(n, k, -1))
+    return out

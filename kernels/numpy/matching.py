@@ -64,3 +64,15 @@ def pool_argmax(y, pool, stride):
 def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
     z = correlate(x, templates, padding) + bias[None, :, None, None]
     return pool_argmax(switch(z, leak), pool, stride)
+
+
+def match_at(x, templates, idx, padding, switches):
+    """The matching read at the positions idx (no bias, identity switch), times switches;
+    exactly 0 where a switch is 0 (those units are not matched at all)."""
+    z = correlate(x, templates, padding)
+    n, k, ho, wo = z.shape
+    rows = np.arange(n * k, dtype=np.intp).reshape(n, k, 1, 1) * (ho * wo)
+    picked = z.reshape(-1)[idx.astype(np.intp) + rows]
+    if switches is None:
+        return picked
+    return np.multiply(picked, switches, out=np.zeros_like(picked), where=switches != 0)
