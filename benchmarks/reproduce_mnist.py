@@ -140,6 +140,7 @@ def resolve_schedule(schedule, time_budget):
 #: command-line options passed to DRMM under the same name (and recorded in the report)
 TRAINING_OPTIONS = ("algorithm", "batch_size", "learning_rate", "lr_schedule", "xent_weight",
                     "reconstruction_weight", "entropy_weight", "nonnegativity_weight",
+                    "kl_weight", "consistency_weight", "translation", "teacher_decay",
                     "weight_decay", "unlabeled_weight", "validation_fraction", "dtype", "top")
 
 
@@ -322,6 +323,14 @@ def build_parser():
     ap.add_argument("--reconstruction-weight", type=float, default=0.1)
     ap.add_argument("--entropy-weight", type=float, default=0.1)
     ap.add_argument("--nonnegativity-weight", type=float, default=0.01)
+    ap.add_argument("--kl-weight", type=float, default=0.0,
+                    help="class-balance term on unlabeled predictions (DRMM kl_weight)")
+    ap.add_argument("--consistency-weight", type=float, default=0.0,
+                    help="translation-consistency term (DRMM consistency_weight)")
+    ap.add_argument("--translation", type=int, default=0,
+                    help="max translation nuisance in pixels sampled per image and step")
+    ap.add_argument("--teacher-decay", type=float, default=0.0,
+                    help="moving-average decay of the consistency targets' parameters")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--unlabeled-weight", type=float, default=1.0, help="EM only")
     ap.add_argument("--validation-fraction", type=float, default=0.0,

@@ -23,14 +23,28 @@ def learning_rate(base, schedule, step, total_steps):
 
 
 class Adam:
-    """First and second moment estimates per parameter; ``step`` updates ``params`` in place."""
+    """First and second moment estimates per parameter; ``step`` updates ``params`` in place.
 
-    def __init__(self, params, names, beta1=0.9, beta2=0.999, eps=1e-8):
+    With ``average_decay`` d > 0 it also keeps an exponential moving average of the
+    parameters after every step, ``average = d * average + (1 - d) * params`` (started at the
+    initial parameters): a smoothed copy of the model that lags the noise of single steps."""
+
+    def __init__(self, params, names, beta1=0.9, beta2=0.999, eps=1e-8, average_decay=0.0):
         self.names = list(names)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.average_decay = float(average_decay)
         self.t = 0
         self.m = {n: np.zeros_like(params[n], dtype=np.float64) for n in self.names}
         self.v = {n: np.zeros_like(params[n], dtype=np.float64) for n in self.names}
+        self.average = ({n: np.array(params[n], np.float64) for n in self.names}
+                        if self.average_decay else None)
+
+    def averaged(self, params):
+        """``params`` with the trainable entries replaced by their moving average (in their
+        own dtypes); ``params`` itself when no average is kept."""
+        if self.average is None:
+            return params
+        return {**params, **{n: self.average[n].astype(params[n].dtype) for n in self.names}}
 
     def step(self, params, grads, lr, weight_decay=0.0):
         self.t += 1
@@ -47,17 +61,26 @@ class Adam:
             v += (1 - self.beta2) * g * g
             update = (lr / c1) * m / (np.sqrt(v / c2) + self.eps)
             params[n] = (params[n] - update).astype(params[n].dtype)
+            if self.average is not None:
+                avg = self.average[n]
+                avg *= self.average_decay
+                avg += (1 - self.average_decay) * params[n]
 
     def state_arrays(self):
         out = {}
         for n in self.names:
             out[f"adam.m.{n}"] = self.m[n]
             out[f"adam.v.{n}"] = self.v[n]
+            if self.average is not None:
+                out[f"adam.average.{n}"] = self.average[n]
         return out
 
     def load_state(self, arrays, t):
+        stores = [("m", self.m), ("v", self.v)]
+        if self.average is not None:
+            stores.append(("average", self.average))
         for n in self.names:
-            for kind, store in (("m", self.m), ("v", self.v)):
+            for kind, store in stores:
                 arr = arrays.get(f"adam.{kind}.{n}")
                 if arr is None or arr.shape != store[n].shape:
                     raise ValueError(f"checkpoint: optimizer state adam.{kind}.{n} is missing "

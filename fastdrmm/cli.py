@@ -32,7 +32,8 @@ from ._cli_data import (DATASETS, CLIError, check_input_file, check_output_path,
 DEFAULT_MODEL = "fastdrmm-model.npz"
 #: the EG loss weights: option -> DRMM parameter
 LOSS_WEIGHTS = {"xent": "xent_weight", "reconstruction": "reconstruction_weight",
-                "entropy": "entropy_weight", "nonnegativity": "nonnegativity_weight"}
+                "entropy": "entropy_weight", "nonnegativity": "nonnegativity_weight",
+                "kl": "kl_weight", "consistency": "consistency_weight"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,6 +73,13 @@ def _nonnegative_float(text):
     value = _number(text, float)
     if not (value >= 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _unit_interval(text):
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -158,6 +166,14 @@ def _add_train_parser(sub):
     for term, name in LOSS_WEIGHTS.items():
         p.add_argument(f"--{term}-weight", type=_nonnegative_float, metavar="W",
                        default=d[name], help=f"EG loss weight (default {d[name]})")
+    p.add_argument("--translation", type=_nonnegative_int, metavar="T",
+                   default=d["translation"],
+                   help="EG: move every training image by a random translation of up to T "
+                        f"pixels per step (default {d['translation']}: off)")
+    p.add_argument("--teacher-decay", type=_unit_interval, metavar="D",
+                   default=d["teacher_decay"],
+                   help="EG: the consistency targets come from a moving average of the "
+                        f"parameters with this decay per step (default {d['teacher_decay']})")
     p.add_argument("--validation-fraction", type=_validation_fraction, metavar="F",
                    default=d["validation_fraction"],
                    help="fraction of the labeled images held out to pick the best epoch "
@@ -445,6 +461,7 @@ def run_train(args, out=None):
                  batch_size=args.batch_size, learning_rate=args.learning_rate,
                  lr_schedule=args.lr_schedule,
                  **{name: getattr(args, f"{term}_weight") for term, name in LOSS_WEIGHTS.items()},
+                 translation=args.translation, teacher_decay=args.teacher_decay,
                  validation_fraction=args.validation_fraction, random_state=args.seed,
                  backend=args.backend, verbose=int(verbose), checkpoint=checkpoint)
     n_labeled = int(np.sum(y_fit >= 0))

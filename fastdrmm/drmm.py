@@ -66,8 +66,9 @@ class prior), which keeps the entropy term from collapsing the unlabeled samples
 classes. With ``translation = t > 0`` every training image of a step is moved by a
 translation nuisance drawn uniformly from [-t, t]^2 pixels (zero fill) before the step (the
 DRMM's translation nuisance, sampled), and ``t_n`` is the class posterior of the unmoved image
-(computed first, held fixed): the consistency term is KL(t_n || p_n), the model's statement
-that the class does not depend on the nuisance.
+(computed first, held fixed; with ``teacher_decay`` d > 0 under the moving average of the
+parameters, ``avg = d avg + (1 - d) params`` after every step): the consistency term is
+KL(t_n || p_n), the model's statement that the class does not depend on the nuisance.
 
 ``r_n`` is rendered top-down from the label (labeled) or the predicted class (unlabeled)
 with the latents inferred bottom-up (held fixed: they are piecewise constant in the
@@ -265,6 +266,15 @@ class DRMM(ClassifierMixin, BaseEstimator):
     kl_weight : float, default 0.0
         The weight of the EG class-balance term on unlabeled samples (see the module
         docstring).
+    consistency_weight : float, default 0.0
+        The weight of the EG translation-consistency term on unlabeled samples.
+    translation : int, default 0
+        EG moves every training image by a random translation of up to this many pixels
+        per step (0: off).
+    teacher_decay : float in [0, 1), default 0.0
+        With ``consistency_weight``: the targets come from an exponential moving average of
+        the parameters with this decay per step (a "mean teacher", e.g. 0.99), which lags the
+        model's own mistakes; 0 takes them from the current parameters.
     weight_decay : float, default 0.0
         L2 penalty on the layer templates added to their EG gradient.
     ridge : float, default 1e-3
@@ -320,7 +330,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
     def __init__(self, layers="conv-small", n_classes=10, *, algorithm="eg", max_iter=10,
                  batch_size=128, learning_rate=1e-3, lr_schedule="cosine", xent_weight=1.0,
                  reconstruction_weight=0.1, entropy_weight=0.1, nonnegativity_weight=0.01,
-                 kl_weight=0.0, consistency_weight=0.0, translation=0, weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
+                 kl_weight=0.0, consistency_weight=0.0, translation=0, teacher_decay=0.0,
+                 weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
                  checkpoint=None, top="average"):
@@ -338,6 +349,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self.kl_weight = kl_weight
         self.consistency_weight = consistency_weight
         self.translation = translation
+        self.teacher_decay = teacher_decay
         self.weight_decay = weight_decay
         self.ridge = ridge
         self.bias = bias
@@ -372,6 +384,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
             kl=_check_real(self.kl_weight, "kl_weight"),
             consistency=_check_real(self.consistency_weight, "consistency_weight"))
         _check_int(self.translation, "translation", 0)
+        if _check_real(self.teacher_decay, "teacher_decay", 0.0, 1.0) == 1.0:
+            raise ValueError("teacher_decay must be < 1 (1 would freeze the targets' model)")
         _check_real(self.weight_decay, "weight_decay")
         _check_real(self.ridge, "ridge", 0.0, open_low=True)
         _check_choice(self.bias, "bias", _BIASES)
@@ -521,6 +535,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self._finish(run)
         return self
 
+    def _optimizer(self, net, params):
+        return Adam(params, trainable_names(net.n_layers),
+                    average_decay=float(self.teacher_decay) if self.consistency_weight else 0.0)
+
     @_serial_blas
     def partial_fit(self, X, y=None):
         """One pass over (X, y): an EG epoch at the constant rate ``learning_rate`` with the
@@ -546,7 +564,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         run.params = params
         if self.algorithm == "eg":
             if state["optimizer"] is None:
-                state["optimizer"] = Adam(params, trainable_names(net.n_layers))
+                state["optimizer"] = self._optimizer(net, params)
             run.optimizer = state["optimizer"]
             run.eg_epoch(state["t"], constant_rate=True)
         else:
@@ -898,7 +916,7 @@ class _Run:
         self.converged = bool(state["converged"])
         self.best_params = state.get("best_params")
         if self.model.algorithm == "eg":
-            self.optimizer = Adam(self.params, trainable_names(self.net.n_layers))
+            self.optimizer = self.model._optimizer(self.net, self.params)
             self.optimizer.load_state(state["arrays"], state["adam_t"])
 
     def save_checkpoint(self):
@@ -928,7 +946,7 @@ class _Run:
     def loop(self):
         model = self.model
         if model.algorithm == "eg" and self.optimizer is None:
-            self.optimizer = Adam(self.params, trainable_names(self.net.n_layers))
+            self.optimizer = model._optimizer(self.net, self.params)
         while self.epoch < int(model.max_iter) and not self.converged:
             tic = time.perf_counter()
             if model.algorithm == "eg":
@@ -995,13 +1013,14 @@ class _Run:
     def _eg_inputs(self, rows):
         """One step's input and consistency targets. With ``translation`` > 0 every image is
         shifted by a translation nuisance drawn uniformly from [-t, t]^2 (seeded by the step);
-        the targets are the class posteriors of the unshifted unlabeled images."""
+        the targets are the class posteriors of the unshifted unlabeled images (under the
+        moving average of the parameters when ``teacher_decay`` > 0)."""
         x = self.X[rows]
         t = int(self.model.translation)
         targets = None
         unlabeled = self.yidx[rows] < 0
         if self.weights.consistency and unlabeled.any():
-            fw = self.net.bottom_up(self.params, x[unlabeled])
+            fw = self.net.bottom_up(self.optimizer.averaged(self.params), x[unlabeled])
             targets = softmax(np.asarray(fw.scores, np.float64))
         if t:
             rng = np.random.default_rng([self.seed, 3, self.step])

@@ -114,6 +114,20 @@ def test_train_writes_model_and_checkpoint_and_reports(trained):
     assert result["test_accuracy"] == pytest.approx(model.score(X[:100], y[:100]))
 
 
+def test_train_passes_the_semi_supervised_terms_to_the_model(tmp_path, capsys):
+    argv = list(TINY)
+    argv[argv.index("--epochs") + 1] = "1"
+    path = tmp_path / "semi.npz"
+    status, _, err = run_cli(capsys, *argv, "--out", path, "--test-limit", "0", "--kl-weight",
+                             "0.5", "--consistency-weight", "2", "--translation", "1",
+                             "--teacher-decay", "0.9")
+    assert status == 0, err
+    model = fastdrmm.load(path)
+    assert (model.kl_weight, model.consistency_weight, model.translation,
+            model.teacher_decay) == (0.5, 2.0, 1, 0.9)
+    assert model.history_[0]["consistency"] > 0 and model.history_[0]["kl"] >= 0
+
+
 def test_train_progress_lines_unless_quiet(tmp_path, capsys):
     argv = [a for a in TINY if a != "--quiet"]
     argv[argv.index("--epochs") + 1] = "1"
@@ -331,6 +345,8 @@ def test_layer_specs():
     (["train", "--validation-fraction", "0.9"], 2, ["must lie in [0, 0.5]"]),
     (["train", "--learning-rate", "-1"], 2, ["--learning-rate", "must be a finite number > 0"]),
     (["train", "--preset", "huge"], 2, ["invalid choice"]),
+    (["train", "--teacher-decay", "1"], 2, ["--teacher-decay", "must be in [0, 1)"]),
+    (["train", "--translation", "-2"], 2, ["--translation", "must be >= 0"]),
     (["reconstruct", "{model}"], 1, ["nothing to write"]),
     (["sample", "{model}", "--classes", "3,12", "--npy", "{tmp}/s.npy"], 1,
      ["--classes: 12 is not a class"]),

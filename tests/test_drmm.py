@@ -17,6 +17,7 @@ from fastdrmm import DRMM, Layer, ops
 from fastdrmm import _em, drmm as drmm_module
 from fastdrmm._network import (LossWeights, Network, eg_loss_and_grads, trainable_names,
                                translate)
+from fastdrmm._optim import Adam
 from fastdrmm.layers import PRESETS, layer_shapes, resolve_layers
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -253,9 +254,24 @@ def test_translation_and_consistency_train_deterministically(rng):
     assert all(np.isfinite(r["consistency"]) for r in a.history_)
     assert a.history_[-1]["consistency"] > 0
     c = DRMM(SMALL, 3, **{**kw, "translation": 0}).fit(X, y)
+    teacher = DRMM(SMALL, 3, **{**kw, "teacher_decay": 0.5}).fit(X, y)
     for name, value in a.parameters_.items():
         np.testing.assert_array_equal(value, b.parameters_[name], err_msg=name)
     assert not np.array_equal(a.parameters_["W0"], c.parameters_["W0"])
+    assert not np.array_equal(a.parameters_["W0"], teacher.parameters_["W0"])
+
+
+def test_adam_keeps_the_moving_average_of_the_parameters(rng):
+    params = {"w": rng.standard_normal(5).astype(np.float32), "other": np.ones(2)}
+    opt = Adam(params, ["w"], average_decay=0.75)
+    want = params["w"].astype(np.float64)
+    for _ in range(4):
+        opt.step(params, {"w": rng.standard_normal(5)}, 0.1)
+        want = 0.75 * want + 0.25 * params["w"]
+    averaged = opt.averaged(params)
+    np.testing.assert_allclose(averaged["w"], want.astype(np.float32), rtol=1e-6)
+    assert averaged["w"].dtype == np.float32 and averaged["other"] is params["other"]
+    assert Adam(params, ["w"]).averaged(params) is params
 
 
 def test_eg_gradients_agree_between_backends(rng):
@@ -431,10 +447,12 @@ def test_load_refuses_a_wrong_model(rng, tmp_path):
         fastdrmm.load(path)
 
 
+@pytest.mark.parametrize("semi", [{}, {"translation": 1, "consistency_weight": 1.0,
+                                       "teacher_decay": 0.9, "kl_weight": 0.3}])
 def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(rng, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, semi):
     X, y = small_data(rng, n=32, unlabeled=0.25)
-    settings = dict(max_iter=3, batch_size=8, random_state=1, validation_fraction=0.2)
+    settings = dict(max_iter=3, batch_size=8, random_state=1, validation_fraction=0.2, **semi)
     whole = DRMM(SMALL, 3, **settings).fit(X, y)
 
     ckpt = tmp_path / "run.ckpt"
@@ -505,7 +523,8 @@ def test_bad_arguments_are_named(rng):
                       ({"entropy_weight": -1}, "entropy_weight"), ({"init": "zeros"}, "init"),
                       ({"layers": []}, "layers"), ({"bias": "learned"}, "bias"),
                       ({"kl_weight": -0.5}, "kl_weight"), ({"translation": -1}, "translation"),
-                      ({"consistency_weight": "x"}, "consistency_weight")]:
+                      ({"consistency_weight": "x"}, "consistency_weight"),
+                      ({"teacher_decay": 1.0}, "teacher_decay")]:
         with pytest.raises((TypeError, ValueError), match=match):
             DRMM(**{"layers": SMALL, "n_classes": 3, **kw}).fit(X, y)
     model = DRMM(SMALL, 3, max_iter=0)
