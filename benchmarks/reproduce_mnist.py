@@ -165,7 +165,7 @@ def checkpoint_name(key, args, n_train):
     return f"{args.preset}-{args.algorithm}-{experiment_name(key)}-{digest}.fdz"
 
 
-def fit_by_epochs(params, X, y, max_epochs, share_s, checkpoint):
+def fit_by_epochs(params, X, y, max_epochs, share_s, checkpoint, callback=None):
     """``DRMM(**params, max_iter=k, checkpoint=checkpoint).fit(X, y, resume=True)`` for
     k = 1, 2, ...: stops after the epoch in which the training time reached ``share_s``
     (None: never), at ``max_epochs``, or when the model reports convergence.
@@ -185,7 +185,7 @@ def fit_by_epochs(params, X, y, max_epochs, share_s, checkpoint):
         model = DRMM(**params, max_iter=k, checkpoint=checkpoint)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(X, y, resume=True)
+            model.fit(X, y, resume=True, callback=callback)
         calls += 1
         elapsed = time.perf_counter() - tic
         if model.converged_ or (share_s is not None and elapsed >= share_s):
@@ -199,6 +199,14 @@ def run_experiment(key, args, X, y, X_test, y_test, share_s, checkpoint):
     y_train = y if n_labels is None else choose_labels(y, n_labels, args.seed)
     labeled = int(np.sum(y_train >= 0))
     params = model_params(args)
+    curve = [] if args.test_every_epoch else None
+
+    def track(snapshot, record):  # test error after every epoch: reported, never used to select
+        curve.append(100.0 * (1.0 - float(snapshot.score(X_test, y_test))))
+        print(f"reproduce_mnist.py: {experiment_name(key)} epoch {record['epoch']}: test error "
+              f"{curve[-1]:.2f} %", file=sys.stderr, flush=True)
+
+    callback = track if curve is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if share_s is None:  # one uninterrupted fit (resumes only an interrupted run)
@@ -206,11 +214,11 @@ def run_experiment(key, args, X, y, X_test, y_test, share_s, checkpoint):
 
             tic = time.perf_counter()
             model = DRMM(**params, max_iter=args.epochs, checkpoint=checkpoint)
-            model.fit(X, y_train, resume=True)
+            model.fit(X, y_train, resume=True, callback=callback)
             train_s, calls = time.perf_counter() - tic, 1
         else:
             model, train_s, calls = fit_by_epochs(params, X, y_train, args.epochs, share_s,
-                                                  checkpoint)
+                                                  checkpoint, callback)
     tic = time.perf_counter()
     accuracy = float(model.score(X_test, y_test))
     eval_s = time.perf_counter() - tic
@@ -228,6 +236,7 @@ def run_experiment(key, args, X, y, X_test, y_test, share_s, checkpoint):
         target_met=None if target is None else bool(error <= target),
         converged=bool(model.converged_), validation_score=model.validation_score_,
         best_iteration=int(model.best_iteration_), history=history,
+        test_error_by_epoch_pct=curve,
         warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught}))
 
 
@@ -347,6 +356,9 @@ def build_parser():
                     help="keep checkpoints here and resume from them when run again")
     ap.add_argument("--out", default=None, metavar="PATH",
                     help="write PATH.json and PATH.md (or only the one a .json/.md suffix names)")
+    ap.add_argument("--test-every-epoch", action="store_true",
+                    help="score the test set after every epoch (reported in the JSON and on "
+                         "stderr, never used to select; its time counts in the wall time)")
     ap.add_argument("--verbose", "-v", action="store_true",
                     help="DRMM progress bars and per-epoch lines")
     return ap

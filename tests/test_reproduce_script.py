@@ -75,6 +75,20 @@ def test_tiny_run_prints_the_table(reproduce, mnist, tmp_path):
         assert e["test_error_pct"] == pytest.approx(100 * (1 - e["test_accuracy"]))
         assert {"loss", "xent", "reconstruction"} <= set(e["history"][0])
     assert "entropy" in second["history"][0]
+    assert all(e["test_error_by_epoch_pct"] is None for e in report["experiments"])
+
+
+def test_test_error_after_every_epoch(reproduce, mnist, tmp_path):
+    """--test-every-epoch records one test error per epoch; the last is the table's."""
+    reproduce.main([*TINY, "--preset", "two-layer", "--epochs", "2", "--experiments", "semi-50",
+                    "--test-every-epoch", "--kl-weight", "1", "--consistency-weight", "1",
+                    "--translation", "2", "--out", str(tmp_path / "r.json")], out=io.StringIO())
+    (e,) = json.loads((tmp_path / "r.json").read_text())["experiments"]
+    curve = e["test_error_by_epoch_pct"]
+    assert len(curve) == 2 and curve[-1] == pytest.approx(e["test_error_pct"])
+    assert e["history"][-1]["consistency"] > 0
+    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert (settings["kl_weight"], settings["translation"]) == (1.0, 2)
 
 
 def test_time_budget_stops_after_the_epoch_that_exceeds_the_share(reproduce, mnist, tmp_path):
