@@ -2,9 +2,10 @@
 
 The dispatch knows nothing about a backend but its name, where its arrays live, the
 third-party package it needs (and the pip extra that installs it) and its module. Every
-backend module exposes the same four functions with the same (already validated) arguments:
+backend module exposes the same five functions with the same (already validated) arguments:
 
     match_switch_pool(x, templates, bias, padding, pool, stride, leak) -> (h, idx)
+    match_at(x, templates, idx, padding, switches) -> z
     unpool(code, idx, plane_shape, switches) -> u
     render(code, idx, templates, input_shape, padding, switches) -> r
     template_stats(x, code, idx, kernel_size, padding, switches, gram) -> (B, s, G)

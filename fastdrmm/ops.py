@@ -165,6 +165,7 @@ def match_at(x, templates, idx, *, padding=0, switches=None, backend="auto"):
     idx : integer array (N, K, Hp, Wp) of flat positions in [0, Ho*Wo)
     padding : int or (int, int), zero padding of x
     switches : None or array (N, K, Hp, Wp), boolean or real
+    backend : "auto", "numpy", "cpu", "numba-cuda" or "cupy" (every backend has it)
 
     Returns
     -------
@@ -185,10 +186,7 @@ def match_at(x, templates, idx, *, padding=0, switches=None, backend="auto"):
     shape = (x.shape[0], templates.shape[0], *idx_obj.shape[2:])
     idx = io.index(idx_obj, shape, plane)
     switches = io.switches(switches, shape, dtype)
-    backend_match_at = getattr(io.module, "match_at", None)
-    if backend_match_at is None:  # the host backends have it; the GPU backends not yet
-        raise NotImplementedError(f"match_at is not implemented on the backend {io.name!r}")
-    return backend_match_at(x, templates, idx, padding, switches)
+    return io.module.match_at(x, templates, idx, padding, switches)
 
 
 def unpool(code, idx, plane_shape, *, switches=None, backend="auto"):

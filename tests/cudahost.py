@@ -3,7 +3,7 @@ g++ into a shared library, cached per source hash, and launch them through ctype
 grid, block and arguments that the cupy backend computes (kernels/cuda/launch.py).
 
 ``HostDevice`` implements launch.py's device interface on NumPy arrays; ``backend(cfg)`` is a
-module-like object with the four backend functions, registered by the tests as a host
+module-like object with the five backend functions, registered by the tests as a host
 backend so that ``fastdrmm.ops`` validates the arguments exactly as for every backend.
 """
 
@@ -180,11 +180,12 @@ class RecordingDevice(HostDevice):
 
 
 def backend(dev):
-    """A backend module (the four functions) running launch.py's drivers on ``dev``."""
+    """A backend module (the five functions) running launch.py's drivers on ``dev``."""
     cfg = dev.cfg
     return types.SimpleNamespace(
         match_switch_pool=lambda x, t, b, padding, pool, stride, leak: launch.match_switch_pool(
             dev, x, t, b, padding, pool, stride, leak, cfg),
+        match_at=lambda x, t, idx, padding, sw: launch.match_at(dev, x, t, idx, padding, sw, cfg),
         unpool=lambda code, idx, plane, sw: launch.unpool(dev, code, idx, tuple(plane), sw, cfg),
         render=lambda code, idx, t, shape, padding, sw: launch.render(
             dev, code, idx, t, shape, padding, sw, cfg),

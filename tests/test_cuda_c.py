@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import cudahost
+import match_at_checks as mac
 import naive
 import nvrtc_compile_check
 from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
@@ -151,6 +152,54 @@ def test_render_is_the_adjoint_of_matching(backend, dtype, geom, run, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
+@pytest.mark.parametrize("switch_kind", mac.SWITCH_KINDS)
+def test_match_at_against_oracle(backend, dtype, geom, switch_kind, run, rng):
+    mac.check_geometry(run, rng, dtype, geom, switch_kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c, kw", mac.ROW_SHAPES)
+def test_match_at_any_positions_and_row_lengths(backend, dtype, c, kw, run, rng):
+    mac.check_any_positions(run, rng, dtype, c, kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c, kw", [(1, 5), (20, 3)])
+def test_match_at_nan_and_inf_stay_in_their_patches(backend, dtype, c, kw, run, rng):
+    mac.check_nan_and_inf(run, rng, dtype, c, kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_at_zeros_and_ties(backend, dtype, run, rng):
+    mac.check_zeros_and_ties(run, rng, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_at_non_contiguous_inputs(backend, dtype, run, rng):
+    mac.check_non_contiguous(run, rng, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", RENDER_GEOMETRIES[:4])
+def test_match_at_is_the_adjoint_of_render(backend, dtype, geom, run, rng):
+    mac.check_adjoint_of_render(run, rng, dtype, geom)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", [RENDER_GEOMETRIES[0], RENDER_GEOMETRIES[2]])
+def test_match_at_is_the_full_matching_gathered(backend, dtype, geom, run, rng):
+    mac.check_full_matching_gathered(run, rng, dtype, geom)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unpool_sums_collisions(backend, run):
     code = np.array([[[[1.0, 2.0, 4.0]]]])
     idx = np.array([[[[1, 1, 3]]]], dtype=np.int32)
@@ -171,6 +220,8 @@ def test_empty_batch(backend, dtype, run):
     big_b, s, big_g = run("template_stats", np.zeros((0, 2, 6, 6), dtype), code, idx, (3, 3))
     assert (big_b == 0).all() and (s == 0).all() and (big_g == 0).all()
     assert big_b.shape == (3, 2, 3, 3) and big_g.shape == (27, 27)
+    z = run("match_at", np.zeros((0, 2, 6, 6), dtype), np.ones((3, 2, 3, 3), dtype), idx)
+    assert z.shape == (0, 3, 2, 2) and z.dtype == dtype
 
 
 def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
@@ -194,8 +245,13 @@ def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
         rtol, atol = tol(dtype)
         np.testing.assert_allclose(r, naive.render(h, idx, t, (23, 19), 2), rtol=rtol,
                                    atol=atol * 10)
+        sw = (rng.random(h.shape) < 0.7).astype(dtype)  # 2*6*12*10 units: a partial last block
+        z = be.match_at(x, t, idx, (2, 2), sw)
+        np.testing.assert_allclose(z, mac.naive_match_at(x, t, idx, 2, sw), rtol=rtol,
+                                   atol=atol * 10)
     assert all(block == (256, 1, 1) for _, _, block in gpu.launches)
-    assert {"match_pool_tiled<float>", "render_tiled<double>"} <= {n for n, _, _ in gpu.launches}
+    assert {"match_pool_tiled<float>", "render_tiled<double>",
+            "match_at<float>"} <= {n for n, _, _ in gpu.launches}
 
 
 # ---------------------------------------------------------------- ThreadSanitizer
@@ -215,6 +271,8 @@ def test_tsan_finds_no_race_in_any_kernel(harness_lib, tsan_exe, rng):
         sw = (rng.random(h.shape) < 0.7).astype(dtype)
         be.render(h, idx, t, (9, 8), (1, 1), sw)
         be.template_stats(x, h, idx, (3, 2), (1, 1), sw, True)
+        be.match_at(x, t, idx, (1, 1), sw)
+        be.match_at(x, t, idx, (1, 1), None)
         x, t, b = random_layer(rng, dtype, 1, 1, 8, 8, 2, 6, 6)         # direct fallbacks
         h, idx = be.match_switch_pool(x, t, b, (0, 0), (2, 2), (2, 2), 0.0)
         be.render(h, idx, t, (8, 8), (0, 0), None)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import match_at_checks as mac
 import naive
 from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
                     check_match_nan_and_inf, check_match_ties, check_template_stats,
@@ -152,6 +153,9 @@ def test_empty_batch(dtype):
                                          backend=B)
     assert (host(big_b) == 0).all() and (host(s) == 0).all() and (host(big_g) == 0).all()
     assert big_g.shape == (27, 27) and big_b.dtype == dtype
+    z = ops.match_at(dev(np.zeros((0, 2, 6, 6), dtype)), dev(np.ones((3, 2, 3, 3), dtype)), idx,
+                     backend=B)
+    assert z.shape == (0, 3, 2, 2) and z.dtype == dtype
 
 
 # ------------------------------------------------------------------------- rendering
@@ -228,6 +232,75 @@ def test_nan_in_code_stays_local():
     r = host(ops.render(dev(code), dev(idx), dev(np.ones((1, 1, 2, 2))), (5, 5), backend=B))
     assert np.isnan(r[0, 0, :2, :2]).all()
     assert np.isfinite(r[0, 0, 2:, :]).all() and np.isfinite(r[0, 0, :, 2:]).all()
+
+
+# ------------------------------------------------------------------------- match_at
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
+@pytest.mark.parametrize("switch_kind", mac.SWITCH_KINDS)
+def test_match_at_matches_naive(dtype, geom, switch_kind, rng):
+    mac.check_geometry(device_run, rng, dtype, geom, switch_kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c, kw", mac.ROW_SHAPES)
+def test_match_at_any_positions_and_row_lengths(dtype, c, kw, rng):
+    mac.check_any_positions(device_run, rng, dtype, c, kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c, kw", [(1, 5), (20, 3)])
+def test_match_at_nan_and_inf_stay_in_their_patches(dtype, c, kw, rng):
+    mac.check_nan_and_inf(device_run, rng, dtype, c, kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_at_zeros_and_ties(dtype, rng):
+    mac.check_zeros_and_ties(device_run, rng, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gi", [0, 1, 6])
+def test_match_at_is_the_adjoint_of_render(dtype, gi, rng):
+    mac.check_adjoint_of_render(device_run, rng, dtype, RENDER_GEOMETRIES[gi])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gi", [0, 2])
+def test_match_at_is_the_full_matching_gathered(dtype, gi, rng):
+    mac.check_full_matching_gathered(device_run, rng, dtype, RENDER_GEOMETRIES[gi])
+
+
+@pytest.mark.parametrize("threads", [4, 64])
+def test_match_at_grid_stride_and_idle_threads(threads, rng, monkeypatch):
+    """Fewer threads in the (capped) grid than units, so threads loop; and more, so some
+    threads have no unit at all."""
+    monkeypatch.setitem(config.LAUNCH, "threads", threads)
+    geom = RENDER_GEOMETRIES[0]  # 2 * 4 * 4 * 4 = 128 units
+    units = 128
+    assert (threads * SMALL["max_blocks"] < units) == (threads == 4)
+    mac.check_geometry(device_run, rng, np.float64, geom, "real")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_at_non_contiguous_device_views(dtype, rng):
+    """Strided device views, a transposed template view, strided int64 idx and bool switches:
+    converted on the device (ascontiguousarray), equal to the contiguous call bit for bit."""
+    big = rng.standard_normal((3, 8, 20, 22)).astype(dtype)
+    t_host = rng.standard_normal((4, 3, 2, 3)).astype(dtype)
+    idx_big = rng.integers(0, 11 * 11, (2, 4, 5, 6)).astype(np.int64)
+    sw_big = rng.random((2, 4, 6, 6)) < 0.5
+    x = cuda.to_device(big)[::2, 1::3, ::2, 1::2]
+    templates = cuda.to_device(np.ascontiguousarray(t_host.transpose(0, 1, 3, 2)))
+    templates = templates.transpose((0, 1, 3, 2))
+    idx = cuda.to_device(idx_big)[:, :, ::2, ::2]
+    switches = cuda.to_device(sw_big)[:, :, ::2, 1::2]
+    assert not any(a.is_c_contiguous() for a in (x, templates, idx, switches))
+    got = host(ops.match_at(x, templates, idx, padding=1, switches=switches, backend=B))
+    xh, ih, sh = (big[::2, 1::3, ::2, 1::2], idx_big[:, :, ::2, ::2], sw_big[:, :, ::2, 1::2])
+    want = device_run("match_at", xh, t_host, ih, padding=1, switches=sh)
+    np.testing.assert_array_equal(got, want)
+    mac.check_match_at(device_run, dtype, xh, t_host, ih, 1, sh)
 
 
 # ------------------------------------------------------------------------- statistics
@@ -347,5 +420,5 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("match", "render",
                                                                           "unpool", "stats"))]
-    assert len(rows) == 7 * 2 * 2
+    assert len(rows) == 8 * 2 * 2
     assert all(line.split()[-1].startswith("0/0") for line in rows)

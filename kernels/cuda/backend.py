@@ -12,7 +12,7 @@ import numpy as np
 
 from . import launch, loader
 
-__all__ = ["match_switch_pool", "unpool", "render", "template_stats",
+__all__ = ["match_switch_pool", "match_at", "unpool", "render", "template_stats",
            "asarray", "ascontiguousarray", "index_range"]
 
 
@@ -60,6 +60,10 @@ _DEV = _Device()
 
 def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
     return launch.match_switch_pool(_DEV, x, templates, bias, padding, pool, stride, leak)
+
+
+def match_at(x, templates, idx, padding, switches):
+    return launch.match_at(_DEV, x, templates, idx, padding, switches)
 
 
 def unpool(code, idx, plane_shape, switches):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SOURCES = {
-    "matching.cu": ("match_pool_tiled", "match_pool_direct"),
+    "matching.cu": ("match_pool_tiled", "match_pool_direct", "match_at"),
     "rendering.cu": ("unpool_scatter", "render_tiled", "render_direct"),
     "statistics.cu": ("stats_b", "stats_s", "stats_g"),
 }
@@ -120,6 +120,24 @@ def match_switch_pool(dev, x, templates, bias, padding, pool, stride, leak, cfg=
         dev.launch(name_expression("match_pool_tiled", dtype), (_i(grid)[0], 1, 1),
                    (cfg.threads, 1, 1), (*args, *_i(tph, tpw, cchunk)))
     return out_h, out_idx
+
+
+def match_at(dev, x, templates, idx, padding, switches, cfg=GPU):
+    """The matching at the positions idx, times the switches: one thread per output unit."""
+    n, c, h, w = x.shape
+    k, _, kh, kw = templates.shape
+    wo = w + 2 * padding[1] - kw + 1
+    dtype = np.dtype(x.dtype)
+    out = dev.empty(idx.shape, dtype)
+    if out.size == 0:
+        return out
+    _i(x.size, templates.size, out.size)
+    has = switches is not None
+    args = (x, templates, idx, switches if has else x, out,  # x: a placeholder, never read
+            *_i(n, c, h, w, k, kh, kw, *padding, wo, idx.shape[2] * idx.shape[3], int(has)))
+    dev.launch(name_expression("match_at", dtype), (_blocks(out.size, cfg), 1, 1),
+               (cfg.threads, 1, 1), args)
+    return out
 
 
 def unpool(dev, code, idx, plane_shape, switches, cfg=GPU):

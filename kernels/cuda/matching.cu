@@ -131,3 +131,48 @@ __global__ void match_pool_direct(
     h[o] = best;
     idx[o] = where;
 }
+
+// The matching read at given positions, times the switches (fastdrmm.ops.match_at): one
+// thread per output unit o = ((n * K + k) * Hp + p) * Wp + q, flat position idx[o] = i*Wo + j.
+// One thread per unit rather than tiles or a warp per unit: every unit has its own position,
+// so units share no patch to stage in shared memory, and there are many of them (N*K*Hp*Wp)
+// so a unit's C*kh*kw taps need not be split over lanes (no shuffle reduction to pay).
+// Consecutive threads take consecutive units of one (n, k) plane: a warp loads one template
+// tap at a time (a broadcast) and nearby patches (neighbouring windows), served by L1.
+// A switched-off unit writes 0 without reading x, so a NaN or inf there cannot leak. Taps in
+// the padding multiply a zero, as in the reference. sw is not read when has_sw is 0.
+template <typename T>
+__global__ void match_at(
+    const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ idx,
+    const T* __restrict__ sw, T* __restrict__ out,
+    int N, int C, int H, int W, int K, int kh, int kw, int padh, int padw, int Wo,
+    int units_per_plane, int has_sw)
+{
+    const long long o = (long long)blockIdx.x * FD_THREADS + threadIdx.x;
+    if (o >= (long long)N * K * units_per_plane) return;
+    const T s = has_sw ? sw[o] : T(1);
+    if (s == T(0)) {
+        out[o] = T(0);
+        return;
+    }
+    const long long nk = o / units_per_plane;
+    const int k = (int)(nk % K);
+    const long long n = nk / K;
+    const int i = idx[o] / Wo, j = idx[o] % Wo;
+    const int ntap = kh * kw;
+    T acc = T(0);
+    for (int c = 0; c < C; ++c) {
+        const T* wc = w + ((long long)k * C + c) * ntap;
+        const T* xc = x + (n * C + c) * H * W;
+        for (int u = 0; u < kh; ++u) {
+            const int gi = i + u - padh;
+            const bool row_inside = gi >= 0 && gi < H;
+            for (int v = 0; v < kw; ++v) {
+                const int gj = j + v - padw;
+                const T xv = row_inside && gj >= 0 && gj < W ? xc[(long long)gi * W + gj] : T(0);
+                acc += wc[u * kw + v] * xv;
+            }
+        }
+    }
+    out[o] = acc * s;
+}

@@ -1,4 +1,4 @@
-"""The Numba CUDA backend (``backend="numba-cuda"``): numba.cuda kernels for the four ops.
+"""The Numba CUDA backend (``backend="numba-cuda"``): numba.cuda kernels for the five ops.
 
 Arrays in and out are numba device arrays (they carry ``__cuda_array_interface__``, so
 ``cupy.asarray``/``torch.as_tensor`` wrap the results without copies); inputs from other
@@ -10,9 +10,9 @@ stream. Launch sizes: ``fastdrmm.kernels.numba_cuda.config.LAUNCH``. Under the C
 """
 
 from .arrays import SIMULATOR, asarray, ascontiguousarray, index_range
-from .matching import match_switch_pool
+from .matching import match_at, match_switch_pool
 from .rendering import render, unpool
 from .statistics import template_stats
 
-__all__ = ["match_switch_pool", "unpool", "render", "template_stats", "asarray",
+__all__ = ["match_switch_pool", "match_at", "unpool", "render", "template_stats", "asarray",
            "ascontiguousarray", "index_range", "SIMULATOR"]

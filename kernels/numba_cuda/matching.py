@@ -14,6 +14,9 @@ pooled output, reading x and W from global memory.
 Semantics as the NumPy reference: y = z if z > 0 or z is NaN, else 0 (leak == 0, so -inf -> 0)
 or leak*z; a window candidate replaces the best iff best is not NaN and (v > best or v is NaN),
 scanning the window row-major; idx = i*Wo + j.
+
+match_at (the matching read at given positions, times the switches): one thread per output
+unit, see ``_match_at_source``.
 """
 
 import numpy as np
@@ -174,7 +177,58 @@ def _direct_source(dtype, cfg):
     return match_direct, sig
 
 
-KERNELS = {"match_tiled": _tiled_source, "match_direct": _direct_source}
+def _match_at_source(dtype, cfg):
+    """One thread per output unit (n, k, p, q), a grid-stride loop over the units.
+
+    Why not tiles or a warp per unit: every unit has its own position, so units share no
+    patch to stage, and there are many of them (N * K * Hp * Wp, hundreds of thousands for a
+    conv layer of a training batch: enough threads without splitting a unit's C*kh*kw taps
+    over lanes, which would add a shuffle reduction per unit). Consecutive threads take
+    consecutive units of one (n, k) plane, so a warp reads the same template tap at once (one
+    broadcast load) and nearby patches (argmax positions of neighbouring windows), which the
+    L1 cache serves. A switched-off unit writes 0 without reading x: a NaN there cannot leak.
+    Taps in the padding multiply a zero, as in the reference (an inf template tap gives NaN).
+    """
+    threads = cfg[0]
+    nbt = _common.nb_type(dtype)
+    zero, one = dtype.type(0), dtype.type(1)
+
+    def match_at_units(x, w, idx, sw, has_sw, out, C, H, W, K, kh, kw, ph, pw, Wo, P):
+        taps = kh * kw
+        for o in range(cuda.blockIdx.x * threads + cuda.threadIdx.x, out.size,
+                       cuda.gridDim.x * threads):
+            s = sw[o] if has_sw else one
+            if s == 0:
+                out[o] = zero
+                continue
+            nk = o // P
+            k = nk % K
+            n = nk // K
+            i = idx[o] // Wo
+            j = idx[o] - i * Wo
+            acc = zero
+            for c in range(C):
+                xb = (n * C + c) * H
+                wb = (k * C + c) * taps
+                for u in range(kh):
+                    xr = i + u - ph
+                    row_inside = xr >= 0 and xr < H
+                    for v in range(kw):
+                        xc = j + v - pw
+                        xv = zero
+                        if row_inside and xc >= 0 and xc < W:
+                            xv = x[(xb + xr) * W + xc]
+                        acc += w[wb + u * kw + v] * xv
+            out[o] = acc * s
+
+    i64 = types.int64
+    sig = types.void(nbt[::1], nbt[::1], types.int32[::1], nbt[::1], types.boolean, nbt[::1],
+                     *([i64] * 10))
+    return match_at_units, sig
+
+
+KERNELS = {"match_tiled": _tiled_source, "match_direct": _direct_source,
+           "match_at_units": _match_at_source}
 
 
 def plan(cfg, K, kh, kw, Hp, Wp, pool, stride):
@@ -233,3 +287,23 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
     kern[blocks, threads, stream](*args, c, hh, ww, k, *geo, kb, tph, tpw, zh, zw,
                                   tiles_h, tiles_w, kgroups)
     return h, idx
+
+
+def match_at(x, templates, idx, padding, switches):
+    n, c, hh, ww = (int(s) for s in x.shape)
+    k, _, kh, kw = (int(s) for s in templates.shape)
+    wo = ww + 2 * padding[1] - kw + 1
+    dtype = np.dtype(x.dtype)
+    stream = _common.stream_of(x, templates, idx, switches)
+    out = _common.empty(idx.shape, dtype, stream)
+    if out.size == 0:
+        return out
+    cfg = config.snapshot()
+    kern = _common.get_kernel(_match_at_source, dtype, cfg)
+    xflat = _common.flat(x)
+    sw = xflat if switches is None else _common.flat(switches)  # not read without switches
+    units_per_plane = int(idx.shape[2]) * int(idx.shape[3])
+    kern[_common.grid_for(out.size, cfg), cfg[0], stream](
+        xflat, _common.flat(templates), _common.flat(idx), sw, switches is not None,
+        _common.flat(out), c, hh, ww, k, kh, kw, padding[0], padding[1], wo, units_per_plane)
+    return out
