@@ -42,6 +42,18 @@ def test_larger_random_layer(backend, dtype, rng):
     assert_pooling_matches(*got, x, templates, bias, padding=(2, 2), pool=(2, 2), dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [9, 20, 40, 56, 100])
+@pytest.mark.parametrize("width", [30, 13])
+def test_every_register_tile(dtype, k, width, rng):
+    """Channel counts that give blocks of 1 to 4 vectors (float32 16 lanes, float64 8 on
+    AVX-512; 8 and 4 elsewhere), on rows wide enough for tiles of consecutive pixels (one
+    base register) and narrow enough for tiles that cross rows (a base per pixel)."""
+    x, templates, bias = random_layer(rng, dtype, 2, 3, 9, width, k, 3, 3)
+    got = ops.match_switch_pool(x, templates, bias, padding=1, pool=2, backend="cpu")
+    assert_pooling_matches(*got, x, templates, bias, padding=(1, 1), pool=(2, 2), dtype=dtype)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ties_take_the_first_position(backend, dtype, rng):
