@@ -141,6 +141,7 @@ def resolve_schedule(schedule, time_budget):
 TRAINING_OPTIONS = ("algorithm", "batch_size", "learning_rate", "lr_schedule", "xent_weight",
                     "reconstruction_weight", "entropy_weight", "nonnegativity_weight",
                     "kl_weight", "consistency_weight", "translation", "teacher_decay",
+                    "confidence_threshold",
                     "weight_decay", "unlabeled_weight", "validation_fraction", "dtype", "top")
 
 
@@ -340,6 +341,8 @@ def build_parser():
                     help="max translation nuisance in pixels sampled per image and step")
     ap.add_argument("--teacher-decay", type=float, default=0.0,
                     help="moving-average decay of the consistency targets' parameters")
+    ap.add_argument("--confidence-threshold", type=float, default=0.0,
+                    help="hard consistency targets where the posterior reaches this")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--unlabeled-weight", type=float, default=1.0, help="EM only")
     ap.add_argument("--validation-fraction", type=float, default=0.0,

@@ -262,8 +262,8 @@ def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True, targets=None):
 
     ``yidx`` (N,) holds class indices, -1 for unlabeled samples. ``targets`` (N_U,
     n_classes), for the consistency term, are class posteriors of the unlabeled samples seen
-    under another nuisance (held fixed). Returns (loss, terms, grads, forward) with ``terms``
-    a dict of the unweighted terms."""
+    under another nuisance (held fixed); a row of zeros leaves its sample out of the term.
+    Returns (loss, terms, grads, forward) with ``terms`` a dict of the unweighted terms."""
     n = x.shape[0]
     fw = net.bottom_up(p, x)
     scores = fw.scores.astype(np.float64)
@@ -335,7 +335,9 @@ def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True, targets=None):
         g_scores[~labeled] += (weights.kl / n_unl) * pu * (
             log_ratio - (pu * log_ratio).sum(axis=1, keepdims=True))
     if use_targets:
-        g_scores[~labeled] += (weights.consistency / n_unl) * (prob[~labeled] - targets)
+        # d KL(t || p) / d s = (sum_c t_c) p - t: p - t for a posterior, 0 for a zero row
+        mass = targets.sum(axis=1, keepdims=True)
+        g_scores[~labeled] += (weights.consistency / n_unl) * (mass * prob[~labeled] - targets)
     if g_scores.any():
         net.backprop_scores(p, fw, g_scores.astype(x.dtype), grads)
     if want_render:

@@ -174,6 +174,11 @@ def _add_train_parser(sub):
                    default=d["teacher_decay"],
                    help="EG: the consistency targets come from a moving average of the "
                         f"parameters with this decay per step (default {d['teacher_decay']})")
+    p.add_argument("--confidence-threshold", type=_unit_interval, metavar="TAU",
+                   default=d["confidence_threshold"],
+                   help="EG: consistency targets become the most probable class where its "
+                        "posterior is >= TAU, other samples are left out (default "
+                        f"{d['confidence_threshold']}: soft targets)")
     p.add_argument("--validation-fraction", type=_validation_fraction, metavar="F",
                    default=d["validation_fraction"],
                    help="fraction of the labeled images held out to pick the best epoch "
@@ -462,6 +467,7 @@ def run_train(args, out=None):
                  lr_schedule=args.lr_schedule,
                  **{name: getattr(args, f"{term}_weight") for term, name in LOSS_WEIGHTS.items()},
                  translation=args.translation, teacher_decay=args.teacher_decay,
+                 confidence_threshold=args.confidence_threshold,
                  validation_fraction=args.validation_fraction, random_state=args.seed,
                  backend=args.backend, verbose=int(verbose), checkpoint=checkpoint)
     n_labeled = int(np.sum(y_fit >= 0))

@@ -68,7 +68,9 @@ translation nuisance drawn uniformly from [-t, t]^2 pixels (zero fill) before th
 DRMM's translation nuisance, sampled), and ``t_n`` is the class posterior of the unmoved image
 (computed first, held fixed; with ``teacher_decay`` d > 0 under the moving average of the
 parameters, ``avg = d avg + (1 - d) params`` after every step): the consistency term is
-KL(t_n || p_n), the model's statement that the class does not depend on the nuisance.
+KL(t_n || p_n), the model's statement that the class does not depend on the nuisance. With
+``confidence_threshold`` tau > 0, t_n is one-hot on the most probable class where that
+class's posterior is >= tau, and 0 (the sample left out) elsewhere.
 
 ``r_n`` is rendered top-down from the label (labeled) or the predicted class (unlabeled)
 with the latents inferred bottom-up (held fixed: they are piecewise constant in the
@@ -275,6 +277,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
         With ``consistency_weight``: the targets come from an exponential moving average of
         the parameters with this decay per step (a "mean teacher", e.g. 0.99), which lags the
         model's own mistakes; 0 takes them from the current parameters.
+    confidence_threshold : float in [0, 1], default 0.0
+        With ``consistency_weight``: > 0 replaces each target by its most probable class
+        (the E-step's hard choice) where that class's posterior is at least this, and leaves
+        the other unlabeled samples out of the term; 0 keeps the soft posteriors.
     weight_decay : float, default 0.0
         L2 penalty on the layer templates added to their EG gradient.
     ridge : float, default 1e-3
@@ -331,7 +337,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
                  batch_size=128, learning_rate=1e-3, lr_schedule="cosine", xent_weight=1.0,
                  reconstruction_weight=0.1, entropy_weight=0.1, nonnegativity_weight=0.01,
                  kl_weight=0.0, consistency_weight=0.0, translation=0, teacher_decay=0.0,
-                 weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
+                 confidence_threshold=0.0, weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
                  checkpoint=None, top="average"):
@@ -350,6 +356,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self.consistency_weight = consistency_weight
         self.translation = translation
         self.teacher_decay = teacher_decay
+        self.confidence_threshold = confidence_threshold
         self.weight_decay = weight_decay
         self.ridge = ridge
         self.bias = bias
@@ -386,6 +393,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         _check_int(self.translation, "translation", 0)
         if _check_real(self.teacher_decay, "teacher_decay", 0.0, 1.0) == 1.0:
             raise ValueError("teacher_decay must be < 1 (1 would freeze the targets' model)")
+        _check_real(self.confidence_threshold, "confidence_threshold", 0.0, 1.0)
         _check_real(self.weight_decay, "weight_decay")
         _check_real(self.ridge, "ridge", 0.0, open_low=True)
         _check_choice(self.bias, "bias", _BIASES)
@@ -1022,6 +1030,12 @@ class _Run:
         if self.weights.consistency and unlabeled.any():
             fw = self.net.bottom_up(self.optimizer.averaged(self.params), x[unlabeled])
             targets = softmax(np.asarray(fw.scores, np.float64))
+            threshold = float(self.model.confidence_threshold)
+            if threshold:  # the E-step's class where it is confident, nothing elsewhere
+                best = targets.argmax(axis=1)
+                sure = targets[np.arange(best.size), best] >= threshold
+                targets = np.zeros_like(targets)
+                targets[np.flatnonzero(sure), best[sure]] = 1.0
         if t:
             rng = np.random.default_rng([self.seed, 3, self.step])
             x = translate(x, rng.integers(-t, t + 1, size=(x.shape[0], 2)))

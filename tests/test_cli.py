@@ -120,11 +120,11 @@ def test_train_passes_the_semi_supervised_terms_to_the_model(tmp_path, capsys):
     path = tmp_path / "semi.npz"
     status, _, err = run_cli(capsys, *argv, "--out", path, "--test-limit", "0", "--kl-weight",
                              "0.5", "--consistency-weight", "2", "--translation", "1",
-                             "--teacher-decay", "0.9")
+                             "--teacher-decay", "0.9", "--confidence-threshold", "0.2")
     assert status == 0, err
     model = fastdrmm.load(path)
     assert (model.kl_weight, model.consistency_weight, model.translation,
-            model.teacher_decay) == (0.5, 2.0, 1, 0.9)
+            model.teacher_decay, model.confidence_threshold) == (0.5, 2.0, 1, 0.9, 0.2)
     assert model.history_[0]["consistency"] > 0 and model.history_[0]["kl"] >= 0
 
 

@@ -183,6 +183,7 @@ def test_eg_gradients_match_finite_differences(layers, top, rng):
     weights = LossWeights(xent=1.0, reconstruction=0.7, entropy=0.3, nonnegativity=0.5,
                           kl=0.4, consistency=0.6)
     targets = rng.dirichlet(np.ones(3), size=int((y < 0).sum()))  # posteriors of other views
+    targets[-1] = 0  # a sample left out of the consistency term (confidence_threshold)
     loss, terms, grads, _ = eg_loss_and_grads(net, p, X, y, weights, targets=targets)
     assert all(terms[t] > 0 for t in ("xent", "entropy", "reconstruction", "nonnegativity",
                                       "kl", "consistency"))
@@ -227,6 +228,12 @@ def test_kl_and_consistency_terms_are_what_the_docs_say(rng):
     _, terms, _, _ = eg_loss_and_grads(net, p, X, y, LossWeights(consistency=1),
                                        need_grads=False, targets=prob[unl])
     assert terms["consistency"] == pytest.approx(0, abs=1e-12)
+    # hard targets (confidence_threshold): -ln p of the chosen class, zero rows left out
+    hard = np.zeros_like(targets)
+    hard[0, 2] = 1
+    _, terms, _, _ = eg_loss_and_grads(net, p, X, y, LossWeights(consistency=1),
+                                       need_grads=False, targets=hard)
+    assert terms["consistency"] == pytest.approx(-np.log(prob[unl][0, 2]) / unl.sum())
     with pytest.raises(ValueError, match="targets must have shape"):
         eg_loss_and_grads(net, p, X, y, LossWeights(consistency=1), targets=targets[:-1])
 
@@ -255,6 +262,11 @@ def test_translation_and_consistency_train_deterministically(rng):
     assert a.history_[-1]["consistency"] > 0
     c = DRMM(SMALL, 3, **{**kw, "translation": 0}).fit(X, y)
     teacher = DRMM(SMALL, 3, **{**kw, "teacher_decay": 0.5}).fit(X, y)
+    gated = DRMM(SMALL, 3, **{**kw, "confidence_threshold": 0.4}).fit(X, y)
+    assert not np.array_equal(a.parameters_["W0"], gated.parameters_["W0"])
+    # a threshold no posterior reaches leaves every sample out of the term
+    none = DRMM(SMALL, 3, **{**kw, "confidence_threshold": 1.0}).fit(X, y)
+    assert all(r["consistency"] == 0 for r in none.history_)
     for name, value in a.parameters_.items():
         np.testing.assert_array_equal(value, b.parameters_[name], err_msg=name)
     assert not np.array_equal(a.parameters_["W0"], c.parameters_["W0"])
@@ -524,7 +536,8 @@ def test_bad_arguments_are_named(rng):
                       ({"layers": []}, "layers"), ({"bias": "learned"}, "bias"),
                       ({"kl_weight": -0.5}, "kl_weight"), ({"translation": -1}, "translation"),
                       ({"consistency_weight": "x"}, "consistency_weight"),
-                      ({"teacher_decay": 1.0}, "teacher_decay")]:
+                      ({"teacher_decay": 1.0}, "teacher_decay"),
+                      ({"confidence_threshold": 1.5}, "confidence_threshold")]:
         with pytest.raises((TypeError, ValueError), match=match):
             DRMM(**{"layers": SMALL, "n_classes": 3, **kw}).fit(X, y)
     model = DRMM(SMALL, 3, max_iter=0)
