@@ -256,6 +256,15 @@ def _duration(seconds):
     return f"{seconds / 3600:.2f} h"
 
 
+def _few_label_terms(s):
+    """The few-labels EG settings that are on, as ", kl 1 / consistency 2 / ..." (or "")."""
+    parts = [f"{label} {s[key]:g}" for label, key in (
+        ("kl", "kl_weight"), ("consistency", "consistency_weight"),
+        ("translation", "translation"), ("teacher decay", "teacher_decay"),
+        ("confidence threshold", "confidence_threshold")) if s.get(key)]
+    return (" / " + " / ".join(parts)) if parts else ""
+
+
 def markdown(report):
     s = report["settings"]
     lines = [f"# DRMM on MNIST: {s['preset']}, {s['algorithm'].upper()}, seed {s['seed']}", "",
@@ -264,7 +273,8 @@ def markdown(report):
              f"<= {s['epochs']}, batch {s['batch_size']}, rate {s['learning_rate']:g} "
              f"({s['lr_schedule']}), weights xent {s['xent_weight']:g} / reconstruction "
              f"{s['reconstruction_weight']:g} / entropy {s['entropy_weight']:g} / "
-             f"non-negativity {s['nonnegativity_weight']:g}, validation fraction "
+             f"non-negativity {s['nonnegativity_weight']:g}" + _few_label_terms(s)
+             + ", validation fraction "
              f"{s['validation_fraction']:g}, time budget "
              + ("none" if s["time_budget_s"] is None else _duration(s["time_budget_s"]))
              + f"; {report['machine']['cpu_count']} CPUs", ""]

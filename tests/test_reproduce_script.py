@@ -87,6 +87,8 @@ def test_test_error_after_every_epoch(reproduce, mnist, tmp_path):
     curve = e["test_error_by_epoch_pct"]
     assert len(curve) == 2 and curve[-1] == pytest.approx(e["test_error_pct"])
     assert e["history"][-1]["consistency"] > 0
+    assert "non-negativity 0.01 / kl 1 / consistency 1 / translation 2, validation" in \
+        reproduce.markdown(json.loads((tmp_path / "r.json").read_text()))
     settings = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert (settings["kl_weight"], settings["translation"]) == (1.0, 2)
 
