@@ -12,7 +12,8 @@ def load(path):
 
     The file is fully checked first (format, version, every array's shape, dtype and sha256;
     see :mod:`fastdrmm.io`), so a corrupted or truncated file raises ValueError naming it.
-    The model runs on any backend (its ``backend`` parameter can be changed after loading).
+    The model runs on any of its backends (its ``backend`` parameter can be changed after
+    loading; both models compute on the host backends).
     A checkpoint loads as a model holding the checkpoint's best (else latest) parameters.
     """
     from .drmm import DRMM

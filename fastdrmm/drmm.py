@@ -110,6 +110,9 @@ from .layers import Layer, resolve_layers
 
 __all__ = ["DRMM"]
 
+#: the backends the model layer computes on (its arrays live on the host)
+_HOST_BACKENDS = ("auto", "cpu", "numpy")
+
 #: samples per batch of every inference pass (bounded memory whatever N is)
 INFERENCE_BATCH = 512
 #: samples used to refit the generative priors after EG
@@ -302,7 +305,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
     dtype : {"float32", "float64"}, default "float32"
         The working precision of the kernels (M-step solves are float64).
     backend : str, default "auto"
-        The :mod:`fastdrmm.ops` backend (host backends: "cpu", "numpy").
+        The :mod:`fastdrmm.ops` backend: "auto" (cpu), "cpu" or "numpy". The model keeps its
+        arrays on the host; the GPU backends serve :mod:`fastdrmm.ops` directly.
     random_state : None, int, RandomState or Generator
         Seeds initialisation, the validation split and the minibatch order; a fixed seed
         gives bit-identical results on the cpu backend.
@@ -407,6 +411,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
         _check_choice(self.dtype, "dtype", tuple(_DTYPES))
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a backend name, got {self.backend!r}")
+        if self.backend not in _HOST_BACKENDS:
+            raise ValueError(f"backend must be one of {_HOST_BACKENDS}, got {self.backend!r}: "
+                             "the model keeps its arrays on the host (the GPU backends are "
+                             "available through fastdrmm.ops)")
         _check_int(self.verbose, "verbose", 0)
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a path or None, got {self.checkpoint!r}")

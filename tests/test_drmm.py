@@ -537,7 +537,8 @@ def test_bad_arguments_are_named(rng):
                       ({"kl_weight": -0.5}, "kl_weight"), ({"translation": -1}, "translation"),
                       ({"consistency_weight": "x"}, "consistency_weight"),
                       ({"teacher_decay": 1.0}, "teacher_decay"),
-                      ({"confidence_threshold": 1.5}, "confidence_threshold")]:
+                      ({"confidence_threshold": 1.5}, "confidence_threshold"),
+                      ({"backend": "cupy"}, "backend"), ({"backend": "gpu"}, "backend")]:
         with pytest.raises((TypeError, ValueError), match=match):
             DRMM(**{"layers": SMALL, "n_classes": 3, **kw}).fit(X, y)
     model = DRMM(SMALL, 3, max_iter=0)
