@@ -112,6 +112,17 @@ class _Inputs:
         return self.floating(obj, "code", dtype, 4, "(N, K, Hp, Wp)")
 
 
+def _image_and_templates(io, x, templates):
+    """x (N, C, H, W) and templates (K >= 1, C, kh, kw) of x's dtype, checked together."""
+    x = io.floating(x, "x", None, 4, "(N, C, H, W)")
+    templates = io.floating(templates, "templates", np.dtype(x.dtype), 4, "(K, C, kh, kw)")
+    if templates.shape[1] != x.shape[1]:
+        raise ValueError(f"templates have {templates.shape[1]} channels but x has {x.shape[1]}")
+    if templates.shape[0] < 1:
+        raise ValueError("templates must hold at least one template (K >= 1)")
+    return x, templates
+
+
 def match_switch_pool(x, templates, bias, *, padding=0, pool=2, stride=None, leak=0.0,
                       backend="auto"):
     """Fused template matching + bias + switch + max-over-translation pooling.
@@ -132,13 +143,8 @@ def match_switch_pool(x, templates, bias, *, padding=0, pool=2, stride=None, lea
     idx : (N, K, Hp, Wp) int32 flat index ``i*Wo + j`` of each maximum in the (Ho, Wo) plane
     """
     io = _Inputs(backend, (x, templates, bias))
-    x = io.floating(x, "x", None, 4, "(N, C, H, W)")
+    x, templates = _image_and_templates(io, x, templates)
     dtype = np.dtype(x.dtype)
-    templates = io.floating(templates, "templates", dtype, 4, "(K, C, kh, kw)")
-    if templates.shape[1] != x.shape[1]:
-        raise ValueError(f"templates have {templates.shape[1]} channels but x has {x.shape[1]}")
-    if templates.shape[0] < 1:
-        raise ValueError("templates must hold at least one template (K >= 1)")
     bias = io.floating(bias, "bias", dtype)
     if bias.ndim != 1 or bias.shape[0] != templates.shape[0]:
         raise ValueError(f"bias must have shape ({templates.shape[0]},), got {tuple(bias.shape)}")
@@ -172,13 +178,8 @@ def match_at(x, templates, idx, *, padding=0, switches=None, backend="auto"):
     z : (N, K, Hp, Wp), dtype of x
     """
     io = _Inputs(backend, (x, templates, idx, switches))
-    x = io.floating(x, "x", None, 4, "(N, C, H, W)")
+    x, templates = _image_and_templates(io, x, templates)
     dtype = np.dtype(x.dtype)
-    templates = io.floating(templates, "templates", dtype, 4, "(K, C, kh, kw)")
-    if templates.shape[1] != x.shape[1]:
-        raise ValueError(f"templates have {templates.shape[1]} channels but x has {x.shape[1]}")
-    if templates.shape[0] < 1:
-        raise ValueError("templates must hold at least one template (K >= 1)")
     padding = v.pair(padding, "padding", minimum=0)
     plane = v.plane_shape_of(x.shape[2:], templates.shape[2:], padding)
     idx_obj = io.array(idx, "idx")
