@@ -20,7 +20,7 @@ scores). See :mod:`fastdrmm.drmm` for the model and the objectives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,17 +45,17 @@ class Forward:
     idxs: list
     f: np.ndarray
     scores: np.ndarray
+    _switch_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def switches(self, l, dtype):
         """a[l]: 1 where layer l's pooled unit is on (h > 0), else 0.
 
         Made once per layer and dtype and shared by every caller (the top-down pass and the
         ReLU slopes of the backward pass), so it must not be modified."""
-        cache = self.__dict__.setdefault("_switches", {})
         key = (l, np.dtype(dtype))
-        if key not in cache:
-            cache[key] = (self.hs[l + 1] > 0).astype(dtype)
-        return cache[key]
+        if key not in self._switch_cache:
+            self._switch_cache[key] = (self.hs[l + 1] > 0).astype(dtype)
+        return self._switch_cache[key]
 
 
 class Network:

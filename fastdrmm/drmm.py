@@ -341,7 +341,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
                  batch_size=128, learning_rate=1e-3, lr_schedule="cosine", xent_weight=1.0,
                  reconstruction_weight=0.1, entropy_weight=0.1, nonnegativity_weight=0.01,
                  kl_weight=0.0, consistency_weight=0.0, translation=0, teacher_decay=0.0,
-                 confidence_threshold=0.0, weight_decay=0.0, ridge=1e-3, bias="generative", unlabeled_weight=1.0,
+                 confidence_threshold=0.0, weight_decay=0.0, ridge=1e-3, bias="generative",
+                 unlabeled_weight=1.0,
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
                  checkpoint=None, top="average"):
