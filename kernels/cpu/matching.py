@@ -220,7 +220,33 @@ def _match_whole(xf, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, leak, nchunks, h
                         h[n0 + p, k0 + l] = zb[p * kbw + l]
 
 
-def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
+def match_switch_pool(x, templates, bias, padding, pool, stride, leak, algorithm="auto"):
+    """The fused op (see ``fastdrmm.ops.match_switch_pool``).
+
+    ``algorithm``: "direct" (this module's kernel), "winograd" (3x3 templates only, see
+    ``winograd``) or "auto": Winograd where ``winograd.applies``, else direct. Samples the
+    Winograd kernel flags (a non-finite z) are recomputed by the direct kernel.
+    """
+    if algorithm not in ("auto", "direct", "winograd"):
+        raise ValueError(f"algorithm must be 'auto', 'direct' or 'winograd', got {algorithm!r}")
+    if algorithm != "direct":
+        from . import winograd  # imports this module's pieces
+
+        if algorithm == "winograd" or winograd.applies(x, templates, bias):
+            if templates.shape[2:] != (3, 3):
+                raise ValueError("algorithm='winograd' needs 3x3 templates, got "
+                                 f"{templates.shape[2]}x{templates.shape[3]}")
+            h, idx, redo = winograd.match_switch_pool(x, templates, bias, padding, pool,
+                                                      stride, leak)
+            again = np.flatnonzero(redo)
+            if again.size:
+                h[again], idx[again] = _match_direct(x[again], templates, bias, padding, pool,
+                                                     stride, leak)
+            return h, idx
+    return _match_direct(x, templates, bias, padding, pool, stride, leak)
+
+
+def _match_direct(x, templates, bias, padding, pool, stride, leak):
     n, c, hh, ww = x.shape
     k, _, kh, kw = templates.shape
     ph, pw = padding

@@ -1,0 +1,352 @@
+"""3x3 template matching by Winograd's minimal filtering F(2x2, 3x3) (Numba CPU).
+
+Why
+---
+On the 3x3 layers with many channels the direct kernel (``matching._match_planes``) already
+runs at 60-85 % of the machine's sgemm rate, so it cannot get much faster by doing the same
+multiplications. F(2x2, 3x3) computes a 2x2 block of outputs from a 4x4 block of inputs with
+16 multiplications per (input channel, template) instead of 36: the correlation becomes 16
+independent matrix products, one per point of the 4x4 transform domain (Lavin & Gray, "Fast
+Algorithms for Convolutional Neural Networks", 2016)::
+
+    U[xi, c, k]    = (G g[k, c] G^T)[xi]           templates, once per call (float64, rounded)
+    V[xi, t, c]    = (B^T d[t, c] B)[xi]           the 4x4 input block of tile t
+    M[xi, t, k]    = sum_c V[xi, t, c] U[xi, c, k] (the products: ``conv_tile`` with the
+                                                    switch off, leak = 1)
+    z[t, k] (2x2)  = A^T M[:, t, k] A + bias[k]
+
+then the switch and the max-pooling exactly as in the direct kernel (same row buffer, same
+``_pool_group``), so only the rounding of z differs from it (a few ulps more; exact on
+integer data, where every intermediate is an integer or a half).
+
+Non-finite values: a NaN/inf pixel reaches in the transform domain exactly the outputs whose
+receptive field holds it (the supports of B and A are those of the 3x3 window), and every
+value computed from a non-finite one is non-finite, so z is non-finite exactly where the
+direct z is. But the kind can differ (inf - inf = NaN in the transforms where the direct sum
+has one inf), so any sample with a non-finite z is flagged and recomputed by the direct
+kernel; so is one whose transforms overflow. Non-finite templates or bias never come here.
+
+Layout and work split: as in the direct kernel, work items are (sample, channel block) pairs
+in contiguous chunks per thread. A thread copies each of its samples channel-last into a
+zero-padded buffer and transforms it whole (V, 16 x tiles x C), then for each channel block
+walks groups of tile rows: 16 products into a small M buffer, the output transform + bias +
+switch into the row buffer, pooling straight into ``h``/``idx``.
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ._common import NV_MAX, PARALLEL, PIX, PIX_MAX, VBYTES, _data, chunk_bounds, lanes, num_chunks
+from .matching import _blocks, _pix, _pool_group, _tile
+
+__all__ = ["applies", "match_switch_pool"]
+
+# G (4x3): the template transform of F(2x2, 3x3). B^T and A^T are written out in the kernel.
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+_MIN_CHANNELS = 16   # below this the transforms cost as much as the products they save
+_MAX_TILES = 48      # tiles per group: M stays small (16 x 48 x 64 floats = 192 KiB)
+
+
+def applies(x, templates, bias):
+    """Whether the Winograd kernel takes this call: 3x3 templates, enough input channels and
+    templates, finite templates and bias."""
+    k, c, kh, kw = templates.shape
+    return (kh == 3 and kw == 3 and c >= _MIN_CHANNELS and k >= _MIN_CHANNELS
+            and bool(np.isfinite(templates).all()) and bool(np.isfinite(bias).all()))
+
+
+def _transformed_templates(templates, vl, cpad):
+    """U = G g G^T (computed in float64), laid out per channel block as [xi][c][lanes],
+    channels padded with zeros to ``cpad``."""
+    k, c = templates.shape[:2]
+    u = np.einsum("ai,kcij,bj->abck", _G, templates.astype(np.float64), _G).reshape(16, c, k)
+    k0, nv, nvec = _blocks(k, vl)
+    kpad = nvec * vl
+    upad = np.zeros((16, cpad, kpad), dtype=np.float64)
+    upad[:, :c, :k] = u
+    parts, wofs = [], np.zeros(len(k0), dtype=np.int64)
+    pos = 0
+    for b in range(len(k0)):
+        width = nv[b] * vl
+        parts.append(upad[:, :, k0[b]:k0[b] + width].reshape(-1))
+        wofs[b] = pos
+        pos += 16 * cpad * width
+    return np.concatenate(parts).astype(templates.dtype), k0, nv, wofs, kpad
+
+
+def _vector_helpers(context, builder, dt):
+    """(vty, vload(ptr, index), vstore(val, ptr, index), splat(scalar)) for dtype ``dt``."""
+    elt = context.get_value_type(dt)
+    size = context.get_abi_sizeof(elt)
+    vl = VBYTES // size
+    vty = ir.VectorType(elt, vl)
+    i32 = ir.IntType(32)
+
+    def vptr(ptr, index):
+        return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
+
+    def vload(ptr, index):
+        return builder.load(vptr(ptr, index), align=size)
+
+    def vstore(val, ptr, index):
+        builder.store(val, vptr(ptr, index), align=size)
+
+    undef = ir.Constant(vty, ir.Undefined)
+    mask0 = ir.Constant(ir.VectorType(i32, vl), [0] * vl)
+
+    def splat(scalar):
+        return builder.shuffle_vector(builder.insert_element(undef, scalar, i32(0)), undef, mask0)
+
+    return vty, vload, vstore, splat
+
+
+@intrinsic
+def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs):
+    """One vector of channels of ``V = B^T d B`` for a 4x4 block of the channel-last sample::
+
+        d[i][j] = xp[base + i*rs + j*cs + l]             (l < VL lanes)
+        v[vofs + (4 i + j)*vs + l] = (B^T d B)[i][j]
+
+    with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. No bounds checks.
+    """
+    sig = types.void(xp, base, cs, rs, v, vofs, vs)
+
+    def codegen(context, builder, signature, args):
+        xp_, base_, cs_, rs_, v_, vofs_, vs_ = args
+        aty = signature.args
+        _, vload, vstore, _ = _vector_helpers(context, builder, xp.dtype)
+        i64 = ir.IntType(64)
+        base_, cs_, rs_ = (context.cast(builder, a, t, types.int64)
+                           for a, t in ((base_, aty[1]), (cs_, aty[2]), (rs_, aty[3])))
+        vofs_, vs_ = (context.cast(builder, a, t, types.int64)
+                      for a, t in ((vofs_, aty[5]), (vs_, aty[6])))
+        xptr = _data(context, builder, aty[0], xp_)
+        vptr = _data(context, builder, aty[4], v_)
+        d = [[vload(xptr, builder.add(base_, builder.add(builder.mul(rs_, i64(i)),
+                                                         builder.mul(cs_, i64(j)))))
+              for j in range(4)] for i in range(4)]
+        sub, add = builder.fsub, builder.fadd
+
+        def bt(a0, a1, a2, a3):  # B^T applied to a column (or B to a row)
+            return sub(a0, a2), add(a1, a2), sub(a2, a1), sub(a1, a3)
+
+        cols = [bt(d[0][j], d[1][j], d[2][j], d[3][j]) for j in range(4)]  # cols[j][i]
+        for i in range(4):
+            row = bt(*(cols[j][i] for j in range(4)))
+            for j in range(4):
+                vstore(row[j], vptr, builder.add(vofs_, builder.mul(vs_, i64(4 * i + j))))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def output_transform(typingctx, mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o10, o11):
+    """One vector of templates of ``z = A^T M A + bias``, switched, into the row buffer::
+
+        m[i][j] = mb[mofs + (4 i + j)*ms + l]            (l < VL lanes)
+        z[a][b] = (A^T m A)[a][b] + bias[bofs + l]
+        zb[o_ab + l] = switch(z[a][b])                   (as conv_tile's epilogue)
+
+    with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]. Returns whether any lane of any z is
+    non-finite. No bounds checks.
+    """
+    sig = types.boolean(mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o10, o11)
+
+    def codegen(context, builder, signature, args):
+        mb_, mofs_, ms_, b_, bofs_, leak_, zb_, *outs = args
+        aty = signature.args
+        dt = mb.dtype
+        vty, vload, vstore, splat = _vector_helpers(context, builder, dt)
+        i64 = ir.IntType(64)
+        mofs_, ms_ = (context.cast(builder, a, t, types.int64)
+                      for a, t in ((mofs_, aty[1]), (ms_, aty[2])))
+        bofs_ = context.cast(builder, bofs_, aty[4], types.int64)
+        outs = [context.cast(builder, o, t, types.int64) for o, t in zip(outs, aty[7:])]
+        leak_ = context.cast(builder, leak_, aty[5], dt)
+        mptr = _data(context, builder, aty[0], mb_)
+        bptr = _data(context, builder, aty[3], b_)
+        zptr = _data(context, builder, aty[6], zb_)
+        m = [[vload(mptr, builder.add(mofs_, builder.mul(ms_, i64(4 * i + j))))
+              for j in range(4)] for i in range(4)]
+        sub, add = builder.fsub, builder.fadd
+
+        def at(a0, a1, a2, a3):  # A^T applied to a column (or A to a row)
+            return add(add(a0, a1), a2), sub(sub(a1, a2), a3)
+
+        cols = [at(m[0][j], m[1][j], m[2][j], m[3][j]) for j in range(4)]  # cols[j][a]
+        bv = vload(bptr, bofs_)
+        zero = ir.Constant(vty, [0.0] * vty.count)
+        leakv = splat(leak_)
+        leak_zero = builder.fcmp_ordered("==", leak_, ir.Constant(leak_.type, 0.0))
+        bad = None
+        for a in range(2):
+            row = at(*(cols[j][a] for j in range(4)))
+            for b in range(2):
+                z = add(row[b], bv)
+                # z - z is 0 for a finite z and NaN otherwise
+                nonfinite = builder.fcmp_unordered("!=", sub(z, z), zero)
+                bad = nonfinite if bad is None else builder.or_(bad, nonfinite)
+                keep = builder.or_(builder.fcmp_ordered(">", z, zero),
+                                   builder.fcmp_unordered("uno", z, z))
+                other = builder.select(leak_zero, zero, builder.fmul(z, leakv))
+                vstore(builder.select(keep, z, other), zptr, outs[2 * a + b])
+        nbits = vty.count
+        mask = builder.bitcast(bad, ir.IntType(nbits))
+        return builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(nbits), 0))
+
+    return sig, codegen
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _match_winograd(x, u, uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw, sh, sw, leak,
+                    wo, wp, wused, th, tw, hrow, wrow, cpad, group, gtiles, nchunks, h, idx, redo):
+    n_, c_, hh, ww = x.shape
+    k_ = h.shape[1]
+    hp = h.shape[2] // wp
+    nb = blk_k0.shape[0]
+    nitems = n_ * nb
+    kbw_max = NV_MAX * vl
+    tiles = th * tw
+    wz = wused + 1              # row buffer: one spare column, one spare row above and below
+    # the 16 planes of V and M are one vector more than a multiple of 4 KiB apart at most:
+    # strides that are multiples of 4 KiB put all 16 in one L1 set (3x slower transforms)
+    vstride = tiles * cpad + vl
+    mstride = (gtiles + PIX_MAX) * kbw_max + vl
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, nitems)
+        # channel-last, channels padded with zeros to whole vectors
+        xp = np.zeros(hrow * wrow * cpad, dtype=x.dtype)
+        v = np.empty(16 * vstride, dtype=x.dtype)
+        mb = np.empty(16 * mstride, dtype=x.dtype)
+        zrows = (group - 1) * sh + poolh + 3
+        zb = np.empty(zrows * wz * kbw_max, dtype=x.dtype)
+        best = np.empty(group * wp * kbw_max, dtype=x.dtype)
+        barg = np.empty(group * wp * kbw_max, dtype=np.int32)
+        xb = np.empty(PIX_MAX, dtype=np.int64)
+        off = np.arange(cpad)
+        zero = np.zeros(kbw_max, dtype=x.dtype)
+        cur = -1
+        for item in range(lo, hi):
+            n = item // nb
+            b = item - n * nb
+            if n != cur:
+                # channel-last copy, stores contiguous (2x faster than loads contiguous)
+                for i in range(hh):
+                    for j in range(ww):
+                        dst = ((i + ph) * wrow + pw + j) * cpad
+                        for c in range(c_):
+                            xp[dst + c] = x[n, c, i, j]
+                for ti in range(th):
+                    for tj in range(tw):
+                        src = (2 * ti * wrow + 2 * tj) * cpad
+                        dst = (ti * tw + tj) * cpad
+                        for q in range(0, cpad, vl):
+                            input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
+                                            vstride)
+                cur = n
+            k0 = blk_k0[b]
+            nv = blk_nv[b]
+            kbw = nv * vl
+            kval = min(kbw, k_ - k0)
+            npx = _pix(nv)
+            bad = False
+            for g0 in range(0, hp, group):
+                g1 = min(g0 + group, hp)
+                r0 = g0 * sh
+                nrows = (g1 - 1 - g0) * sh + poolh
+                ti0 = r0 // 2
+                ti1 = (r0 + nrows + 1) // 2
+                t0 = ti0 * tw
+                nt = (ti1 - ti0) * tw
+                for xi in range(16):
+                    for f0 in range(0, nt, npx):
+                        for p in range(npx):
+                            xb[p] = xi * vstride + (t0 + min(f0 + p, nt - 1)) * cpad
+                        # the matching tile with a zero bias and the switch off (leak 1)
+                        _tile(nv, u, uofs_b[b] + xi * cpad * kbw, v, xb, off, zero, 0, mb,
+                              xi * mstride + f0 * kbw, kbw, 1.0)
+                # z rows r0 - 1 .. r0 + nrows go to buffer rows 0 .. nrows + 1
+                for j in range(nt):
+                    ti = ti0 + j // tw
+                    tj = j - (j // tw) * tw
+                    zr = 2 * ti - r0 + 1
+                    o00 = (zr * wz + 2 * tj) * kbw
+                    o10 = o00 + wz * kbw
+                    for q in range(0, kbw, vl):
+                        bad |= output_transform(mb, j * kbw + q, mstride, bpad, k0 + q, leak,
+                                                zb, o00 + q, o00 + kbw + q, o10 + q,
+                                                o10 + kbw + q)
+                _pool_group(zb, nv, kbw, g0, g1, r0 - 1, wz, wp, wo, sh, sw, poolh, poolw,
+                            best, barg)
+                ne = (g1 - g0) * wp
+                for l in range(kval):
+                    hrow_ = h[n, k0 + l]
+                    irow = idx[n, k0 + l]
+                    for e in range(ne):
+                        hrow_[g0 * wp + e] = best[e * kbw + l]
+                        irow[g0 * wp + e] = barg[e * kbw + l]
+            if bad:
+                redo[n] = 1
+
+
+def _group(hp, sh, poolh, tw, npx):
+    """Pooled rows per group: the fewest tile slots in all (a group's tiles are computed
+    ``npx`` at a time, the last few repeated), groups of at most _MAX_TILES tiles."""
+    best, best_slots = 1, None
+    for group in range(1, hp + 1):
+        slots, biggest = 0, 0
+        for g0 in range(0, hp, group):
+            r0 = g0 * sh
+            nrows = (min(g0 + group, hp) - 1 - g0) * sh + poolh
+            nt = ((r0 + nrows + 1) // 2 - r0 // 2) * tw
+            slots += -(-nt // npx) * npx
+            biggest = max(biggest, nt)
+        if group > 1 and biggest > _MAX_TILES:
+            break
+        if best_slots is None or slots < best_slots:
+            best, best_slots = group, slots
+    return best
+
+
+def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
+    """The Winograd version of ``matching.match_switch_pool`` for 3x3 templates.
+
+    Returns ``(h, idx, redo)``: ``redo`` flags the samples (int8, 1 = redo) whose z had a
+    non-finite value; the caller recomputes those with the direct kernel.
+    """
+    n, c, hh, ww = x.shape
+    k = templates.shape[0]
+    ph, pw = padding
+    ho, wo = hh + 2 * ph - 2, ww + 2 * pw - 2
+    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+    h = np.empty((n, k, hp, wp), dtype=x.dtype)
+    idx = np.empty((n, k, hp, wp), dtype=np.int32)
+    redo = np.zeros(n, dtype=np.int8)
+    if n == 0:
+        return h, idx, redo
+    vl = lanes(x.dtype)
+    cpad = -(-c // vl) * vl
+    u, k0, nv, uofs, kpad = _transformed_templates(templates, vl, cpad)
+    bpad = np.zeros(kpad, dtype=x.dtype)
+    bpad[:k] = bias
+    hused = (hp - 1) * stride[0] + pool[0]
+    wused = (wp - 1) * stride[1] + pool[1]
+    th, tw = -(-hused // 2), -(-wused // 2)
+    # the padded sample, grown to whole 4x4 blocks (tile rows/columns beyond the plane read
+    # zeros and write spare rows/columns of the row buffer)
+    hrow = max(hh + 2 * ph, 2 * th + 2)
+    wrow = max(ww + 2 * pw, 2 * tw + 2)
+    hrow += hrow % 2
+    group = _group(hp, stride[0], pool[0], tw, PIX[int(nv[0])])
+    gtiles = ((((group - 1) * stride[0] + pool[0] + 1) // 2) + 1) * tw
+    _match_winograd(x, u, uofs, bpad, k0, nv, vl, ph, pw, pool[0], pool[1], stride[0],
+                    stride[1], float(leak), wo, wp, wused, th, tw, hrow, wrow, cpad, group, gtiles,
+                    num_chunks(n * len(k0)), h.reshape(n, k, hp * wp),
+                    idx.reshape(n, k, hp * wp), redo)
+    return h, idx, redo

@@ -1,0 +1,192 @@
+"""The cpu backend's Winograd F(2x2, 3x3) matching kernel against the float64 oracles.
+
+``algorithm="winograd"`` forces the kernel on any 3x3 layer (the automatic choice takes it
+only for >= 16 channels and templates), so small layers can test every geometry.
+"""
+
+import functools
+
+import numba
+import numpy as np
+import pytest
+
+import naive
+from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
+                    check_match_nan_and_inf, random_layer)
+from fastdrmm.kernels.cpu import matching, winograd
+
+
+def _winograd(x, templates, bias, padding=0, pool=2, stride=None, leak=0.0):
+    padding = (padding, padding) if np.isscalar(padding) else tuple(padding)
+    pool = (pool, pool) if np.isscalar(pool) else tuple(pool)
+    stride = pool if stride is None else ((stride, stride) if np.isscalar(stride)
+                                          else tuple(stride))
+    return matching.match_switch_pool(x, templates, bias, padding, pool, stride, leak,
+                                      algorithm="winograd")
+
+
+# (N, C, H, W, K, kh, kw, padding, pool, stride, leak)
+GEOMETRIES = [
+    (2, 3, 9, 8, 4, 3, 3, 1, 2, None, 0.0),            # odd sizes: a half tile at the edge
+    (1, 1, 7, 7, 3, 3, 3, 0, 3, 1, 0.0),               # overlapping windows, odd row starts
+    (2, 2, 11, 10, 2, 3, 3, 2, 2, 3, 0.1),             # gaps between windows, leaky
+    (3, 2, 6, 9, 5, 3, 3, 0, (2, 3), (1, 2), -0.5),    # pairs, negative leak
+    (1, 4, 5, 5, 2, 3, 3, 0, 1, None, 1.0),            # identity switch, 3x3 plane
+    (2, 5, 3, 3, 7, 3, 3, 0, 1, None, 0.0),            # a 1x1 plane (one half-used tile)
+    (1, 3, 10, 7, 6, 3, 3, (2, 0), (3, 2), None, 0.0),  # asymmetric padding
+    (2, 17, 12, 13, 18, 3, 3, 1, 2, None, 0.0),         # channels not a whole vector
+    (1, 6, 30, 9, 5, 3, 3, 1, 1, None, 0.0),            # many groups of tile rows
+    (2, 4, 16, 16, 8, 3, 3, 2, 2, None, 0.0),           # conv-small layer 3 in miniature
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_matches_the_oracles(dtype, geom, rng):
+    check_match_geometry(_winograd, rng, dtype, geom)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [9, 20, 40, 56, 100])
+def test_every_register_tile(dtype, k, rng):
+    """Template counts giving channel blocks of 1 to 4 vectors (and a second block)."""
+    x, templates, bias = random_layer(rng, dtype, 2, 5, 11, 14, k, 3, 3)
+    got = _winograd(x, templates, bias, padding=1, pool=2)
+    assert_pooling_matches(*got, x, templates, bias, padding=(1, 1), pool=(2, 2), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_on_small_integers_ties_included(dtype, rng):
+    """With integer data every intermediate of the transforms is an integer or a half, so
+    the result is exact, and the many exact ties take the first position."""
+    x = rng.integers(-1, 2, size=(3, 4, 9, 10)).astype(dtype)
+    templates = rng.integers(-1, 2, size=(6, 4, 3, 3)).astype(dtype)
+    bias = rng.integers(-2, 3, size=6).astype(dtype)
+    for pool, stride, leak in [(2, None, 0.0), (3, 1, 0.0), (2, None, 0.5), (1, None, 0.0)]:
+        h, idx = _winograd(x, templates, bias, padding=1, pool=pool, stride=stride, leak=leak)
+        want_h, want_idx = naive.match_switch_pool(x.astype(np.float64),
+                                                   templates.astype(np.float64),
+                                                   bias.astype(np.float64), 1, pool, stride,
+                                                   leak)
+        np.testing.assert_array_equal(h, want_h.astype(dtype))
+        np.testing.assert_array_equal(idx, want_idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("leak", [0.0, 0.25])
+def test_nan_and_inf_are_redone_by_the_direct_kernel(dtype, leak, rng):
+    check_match_nan_and_inf(_winograd, rng, dtype, leak)
+
+
+def test_only_the_samples_with_non_finite_values_are_redone(rng):
+    x, templates, bias = random_layer(rng, np.float32, 4, 3, 9, 9, 5, 3, 3)
+    x[2, 1, 4, 4] = np.nan
+    x[3, 0, 0, 0] = -np.inf
+    geometry = ((1, 1), (2, 2), (2, 2), 0.0)
+    h, idx = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="winograd")
+    wh, widx, redo = winograd.match_switch_pool(x, templates, bias, *geometry)
+    dh, didx = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="direct")
+    np.testing.assert_array_equal(redo, [0, 0, 1, 1])
+    np.testing.assert_array_equal(h[:2], wh[:2])        # Winograd's own results kept ...
+    np.testing.assert_array_equal(idx[:2], widx[:2])
+    np.testing.assert_array_equal(h[2:], dh[2:])        # ... the others are the direct ones
+    np.testing.assert_array_equal(idx[2:], didx[2:])
+
+
+def test_overflow_in_the_transforms_is_redone():
+    """Finite inputs whose transforms overflow (3e38 - (-3e38)) while the direct sums do not:
+    every sample is redone, so the result is the direct kernel's, finite."""
+    rng = np.random.default_rng(5)
+    x, templates, bias = random_layer(rng, np.float32, 2, 2, 6, 6, 3, 3, 3)
+    x[:, :, 0, 0], x[:, :, 2, 0] = 3e38, -3e38
+    templates *= np.float32(1e-3)
+    geometry = ((0, 0), (2, 2), (2, 2), 0.0)
+    got = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="winograd")
+    want = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="direct")
+    assert np.isfinite(want[0]).all()
+    assert winograd.match_switch_pool(x, templates, bias, *geometry)[2].all()
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_a_nan_template_poisons_its_channel_only(rng):
+    x = rng.standard_normal((2, 3, 8, 8))
+    templates = rng.standard_normal((4, 3, 3, 3))
+    templates[1, 2, 0, 1] = np.nan
+    h, idx = _winograd(x, templates, np.zeros(4), padding=1, pool=2)
+    assert np.isfinite(h[:, [0, 2, 3]]).all() and np.isnan(h[:, 1]).all()
+    want_idx = naive.match_switch_pool(x, templates, np.zeros(4), 1, 2, None, 0.0)[1]
+    np.testing.assert_array_equal(idx[:, 1], want_idx[:, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(dtype, rng):
+    big = rng.standard_normal((4, 40, 20, 22)).astype(dtype)
+    x = big[::2, 1::2, ::2, 1::2]
+    templates = np.moveaxis(rng.standard_normal((20, 16, 3, 3)).astype(dtype), 0, 1)
+    bias = rng.standard_normal(32).astype(dtype)[::2]
+    assert not (x.flags.c_contiguous or templates.flags.c_contiguous or bias.flags.c_contiguous)
+    got = _winograd(x, templates, bias, padding=1)
+    want = _winograd(np.ascontiguousarray(x), np.ascontiguousarray(templates),
+                     np.ascontiguousarray(bias), padding=1)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_the_same_for_any_thread_count(rng):
+    x, templates, bias = random_layer(rng, np.float32, 5, 16, 14, 14, 40, 3, 3)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _winograd(x, templates, bias, padding=2)
+        numba.set_num_threads(before)
+        many = _winograd(x, templates, bias, padding=2)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one[0], many[0])
+    np.testing.assert_array_equal(one[1], many[1])
+
+
+def test_empty_batch():
+    h, idx = _winograd(np.zeros((0, 2, 6, 6), np.float32), np.ones((3, 2, 3, 3), np.float32),
+                       np.zeros(3, np.float32))
+    assert h.shape == idx.shape == (0, 3, 2, 2)
+
+
+def test_the_automatic_choice(rng):
+    """Winograd for 3x3 layers with >= 16 channels and templates and finite parameters."""
+    x, templates, bias = random_layer(rng, np.float32, 2, 16, 10, 10, 16, 3, 3)
+    assert winograd.applies(x, templates, bias)
+    auto = matching.match_switch_pool(x, templates, bias, (1, 1), (2, 2), (2, 2), 0.0)
+    forced = _winograd(x, templates, bias, padding=1)
+    np.testing.assert_array_equal(auto[0], forced[0])
+    np.testing.assert_array_equal(auto[1], forced[1])
+    assert not winograd.applies(x[:, :8], templates[:, :8], bias)       # too few channels
+    assert not winograd.applies(x, templates[:8], bias[:8])              # too few templates
+    assert not winograd.applies(x, np.zeros((16, 16, 5, 5)), bias)       # not 3x3
+    poisoned = templates.copy()
+    poisoned[0, 0, 0, 0] = np.inf
+    assert not winograd.applies(x, poisoned, bias)
+
+
+def test_bad_algorithm_arguments(rng):
+    x, templates, bias = random_layer(rng, np.float32, 1, 2, 6, 6, 2, 2, 2)
+    geometry = ((0, 0), (1, 1), (1, 1), 0.0)
+    with pytest.raises(ValueError, match="algorithm"):
+        matching.match_switch_pool(x, templates, bias, *geometry, algorithm="fft")
+    with pytest.raises(ValueError, match="3x3"):
+        matching.match_switch_pool(x, templates, bias, *geometry, algorithm="winograd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_agrees_with_the_direct_kernel_on_a_preset_layer(dtype, rng):
+    """conv-small's pooled 64-channel layer at a small batch: the two kernels differ by
+    rounding only."""
+    x, templates, bias = random_layer(rng, dtype, 3, 64, 14, 14, 64, 3, 3)
+    templates *= dtype(1 / 24)  # unit-scale z, as in a trained layer
+    run = functools.partial(matching.match_switch_pool, x, templates, bias, (2, 2), (2, 2),
+                            (2, 2), 0.0)
+    got, want = run(algorithm="winograd"), run(algorithm="direct")
+    assert_pooling_matches(*got, x, templates, bias, padding=(2, 2), pool=(2, 2), dtype=dtype)
+    rtol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(got[0], want[0], rtol=rtol, atol=rtol)
