@@ -12,7 +12,8 @@ import pytest
 
 import naive
 from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
-                    check_match_nan_and_inf, random_layer)
+                    check_match_nan_and_inf, check_unpool_and_render, host_runner, random_layer)
+from fastdrmm import ops
 from fastdrmm.kernels.cpu import matching, winograd
 
 
@@ -190,3 +191,79 @@ def test_agrees_with_the_direct_kernel_on_a_preset_layer(dtype, rng):
     assert_pooling_matches(*got, x, templates, bias, padding=(2, 2), pool=(2, 2), dtype=dtype)
     rtol = 1e-5 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(got[0], want[0], rtol=rtol, atol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# render: the transposed correlation of the unpooled code, by the same kernel
+
+# (N, C, H, W, K, kh, kw, padding, pool, stride)
+RENDER_GEOMETRIES = [
+    (2, 3, 9, 8, 4, 3, 3, 1, 2, None),        # odd sizes
+    (1, 2, 7, 7, 3, 3, 3, 0, 3, 1),           # overlapping windows: collisions add
+    (2, 2, 11, 10, 2, 3, 3, 2, 2, 3),         # gaps
+    (2, 17, 8, 9, 20, 3, 3, 1, 1, None),      # dense code, partial vectors
+    (3, 4, 6, 5, 40, 3, 3, (0, 2), (2, 1), None),
+    (2, 16, 14, 14, 16, 3, 3, 2, 2, None),    # conv-small layer 3 in miniature
+]
+
+
+@pytest.fixture
+def winograd_render(monkeypatch):
+    from fastdrmm.kernels.cpu import rendering
+
+    monkeypatch.setattr(rendering, "_WINOGRAD", True)
+    return rendering
+
+
+def _latents(rng, dtype, geom):
+    n, c, h, w, k, kh, kw, padding, pool, stride = geom
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    templates = rng.standard_normal((k, c, kh, kw)).astype(dtype)
+    _, idx = ops.match_switch_pool(x, templates, np.zeros(k, dtype), padding=padding, pool=pool,
+                                   stride=stride, backend="numpy")
+    code = rng.standard_normal(idx.shape).astype(dtype)
+    switches = rng.random(idx.shape) < 0.7
+    return templates, code, idx, switches
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
+@pytest.mark.parametrize("use_switches", [False, True])
+def test_render_matches_the_oracle(winograd_render, dtype, geom, use_switches, rng):
+    templates, code, idx, switches = _latents(rng, dtype, geom)
+    padding = (geom[7],) * 2 if np.isscalar(geom[7]) else geom[7]
+    assert winograd_render._use_winograd(code, templates, geom[2:4], padding)
+    check_unpool_and_render(host_runner("cpu"), dtype, geom, code, idx, templates,
+                            switches if use_switches else None)
+
+
+def test_render_non_finite_values_are_redone(winograd_render, rng):
+    """NaN/inf in the code (and 0 * inf from a template) land where the reference puts
+    them: the flagged samples are rendered again by the exact paths."""
+    geom = (3, 3, 8, 9, 4, 3, 3, 1, 2, None)
+    templates, code, idx, switches = _latents(rng, np.float64, geom)
+    code[0, 0, 0, 0] = np.nan
+    code[1, 1, -1, -1] = np.inf
+    inf_template = templates.copy()
+    inf_template[2, 1, 0, 2] = np.inf
+    for t in (templates, inf_template):
+        got = ops.render(code, idx, t, (8, 9), padding=1, switches=switches, backend="cpu")
+        want = ops.render(code, idx, t, (8, 9), padding=1, switches=switches, backend="numpy")
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
+
+
+def test_render_automatic_choice(rng):
+    """Pooled 3x3 layers with >= 16 channels both sides take the Winograd kernel; unpooled
+    ones, other template sizes and padding > 2 do not."""
+    from fastdrmm.kernels.cpu import rendering
+
+    t = np.zeros((16, 16, 3, 3), np.float32)
+    pooled, dense = np.zeros((1, 16, 4, 4), np.float32), np.zeros((1, 16, 8, 8), np.float32)
+    assert rendering._use_winograd(pooled, t, (8, 8), (1, 1))
+    assert not rendering._use_winograd(dense, t, (8, 8), (1, 1))
+    assert not rendering._use_winograd(pooled, t[:8], (8, 8), (1, 1))
+    assert not rendering._use_winograd(pooled, t, (6, 6), (3, 3))
+    assert not rendering._use_winograd(pooled, np.zeros((16, 16, 5, 5)), (12, 12), (1, 1))

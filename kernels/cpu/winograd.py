@@ -40,10 +40,10 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._common import NV_MAX, PARALLEL, PIX, PIX_MAX, VBYTES, _data, chunk_bounds, lanes, num_chunks
-from .matching import _blocks, _pix, _pool_group, _tile
+from ._common import GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, conv_tile, chunk_bounds, lanes, num_chunks
+from .matching import _blocks, _pool_group
 
-__all__ = ["applies", "match_switch_pool"]
+__all__ = ["applies", "match_switch_pool", "render_applies", "render"]
 
 # G (4x3): the template transform of F(2x2, 3x3). B^T and A^T are written out in the kernel.
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -203,10 +203,33 @@ def output_transform(typingctx, mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o1
     return sig, codegen
 
 
+@njit(inline="always")
+def _products(nv, u, uofs, v, xb, off, zero, mb, mofs, kbw):
+    """M for ``_gpix(nv)`` tiles = V U at one transform point: the matching tile with a zero
+    bias and the switch off (leak 1), on gemm_tile's tile sizes (NV = 2 with 12 pixels
+    spills, see _common)."""
+    if nv == 4:
+        conv_tile(u, uofs, v, xb, off, off.shape[0], zero, 0, mb, mofs, kbw, 1.0, 4, GPIX[4])
+    elif nv == 3:
+        conv_tile(u, uofs, v, xb, off, off.shape[0], zero, 0, mb, mofs, kbw, 1.0, 3, GPIX[3])
+    elif nv == 2:
+        conv_tile(u, uofs, v, xb, off, off.shape[0], zero, 0, mb, mofs, kbw, 1.0, 2, GPIX[2])
+    else:
+        conv_tile(u, uofs, v, xb, off, off.shape[0], zero, 0, mb, mofs, kbw, 1.0, 1, GPIX[1])
+
+
+@njit(inline="always")
+def _gpix(nv):
+    return GPIX[4] if nv == 4 else (GPIX[3] if nv == 3 else (GPIX[2] if nv == 2 else GPIX[1]))
+
+
 @njit(parallel=PARALLEL, cache=True)
-def _match_winograd(x, u, uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw, sh, sw, leak,
-                    wo, wp, wused, th, tw, hrow, wrow, cpad, group, gtiles, nchunks, h, idx, redo):
-    n_, c_, hh, ww = x.shape
+def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, hh, ww, u, uofs_b, bpad, blk_k0, blk_nv,
+                     vl, ph, pw, poolh, poolw, sh, sw, leak, wo, wp, wused, th, tw, hrow, wrow,
+                     cpad, group, gtiles, nchunks, h, idx, with_idx, redo):
+    """The input plane (hh x ww, C channels) is x itself, or with ``unpool`` the code x
+    (N, C, Hp, Wp) times ``src_sw`` (if ``use_sw``) added at its ``src_idx`` positions."""
+    n_, c_ = x.shape[:2]
     k_ = h.shape[1]
     hp = h.shape[2] // wp
     nb = blk_k0.shape[0]
@@ -236,12 +259,29 @@ def _match_winograd(x, u, uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw
             n = item // nb
             b = item - n * nb
             if n != cur:
-                # channel-last copy, stores contiguous (2x faster than loads contiguous)
-                for i in range(hh):
-                    for j in range(ww):
-                        dst = ((i + ph) * wrow + pw + j) * cpad
-                        for c in range(c_):
-                            xp[dst + c] = x[n, c, i, j]
+                if unpool:
+                    # unpool into the buffer: zero the plane, add the units in row-major
+                    # order per channel (collisions add up as in the reference)
+                    for i in range(hh):
+                        dst = ((i + ph) * wrow + pw) * cpad
+                        for e in range(ww * cpad):
+                            xp[dst + e] = 0
+                    for c in range(c_):
+                        for p in range(x.shape[2]):
+                            for q in range(x.shape[3]):
+                                val = x[n, c, p, q]
+                                if use_sw:
+                                    val = val * src_sw[n, c, p, q]
+                                f = src_idx[n, c, p, q]
+                                i = f // ww
+                                xp[((i + ph) * wrow + pw + f - i * ww) * cpad + c] += val
+                else:
+                    # channel-last copy, stores contiguous (2x faster than loads contiguous)
+                    for i in range(hh):
+                        for j in range(ww):
+                            dst = ((i + ph) * wrow + pw + j) * cpad
+                            for c in range(c_):
+                                xp[dst + c] = x[n, c, i, j]
                 for ti in range(th):
                     for tj in range(tw):
                         src = (2 * ti * wrow + 2 * tj) * cpad
@@ -254,7 +294,7 @@ def _match_winograd(x, u, uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw
             nv = blk_nv[b]
             kbw = nv * vl
             kval = min(kbw, k_ - k0)
-            npx = _pix(nv)
+            npx = _gpix(nv)
             bad = False
             for g0 in range(0, hp, group):
                 g1 = min(g0 + group, hp)
@@ -268,9 +308,8 @@ def _match_winograd(x, u, uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw
                     for f0 in range(0, nt, npx):
                         for p in range(npx):
                             xb[p] = xi * vstride + (t0 + min(f0 + p, nt - 1)) * cpad
-                        # the matching tile with a zero bias and the switch off (leak 1)
-                        _tile(nv, u, uofs_b[b] + xi * cpad * kbw, v, xb, off, zero, 0, mb,
-                              xi * mstride + f0 * kbw, kbw, 1.0)
+                        _products(nv, u, uofs_b[b] + xi * cpad * kbw, v, xb, off, zero, mb,
+                                  xi * mstride + f0 * kbw, kbw)
                 # z rows r0 - 1 .. r0 + nrows go to buffer rows 0 .. nrows + 1
                 for j in range(nt):
                     ti = ti0 + j // tw
@@ -287,10 +326,12 @@ def _match_winograd(x, u, uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw
                 ne = (g1 - g0) * wp
                 for l in range(kval):
                     hrow_ = h[n, k0 + l]
-                    irow = idx[n, k0 + l]
                     for e in range(ne):
                         hrow_[g0 * wp + e] = best[e * kbw + l]
-                        irow[g0 * wp + e] = barg[e * kbw + l]
+                    if with_idx:
+                        irow = idx[n, k0 + l]
+                        for e in range(ne):
+                            irow[g0 * wp + e] = barg[e * kbw + l]
             if bad:
                 redo[n] = 1
 
@@ -314,19 +355,17 @@ def _group(hp, sh, poolh, tw, npx):
     return best
 
 
-def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
-    """The Winograd version of ``matching.match_switch_pool`` for 3x3 templates.
-
-    Returns ``(h, idx, redo)``: ``redo`` flags the samples (int8, 1 = redo) whose z had a
-    non-finite value; the caller recomputes those with the direct kernel.
-    """
-    n, c, hh, ww = x.shape
+def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool, stride, leak,
+               with_idx):
+    """Run the kernel: returns (h, idx or None, redo)."""
+    n, c = x.shape[:2]
+    hh, ww = plane
     k = templates.shape[0]
     ph, pw = padding
     ho, wo = hh + 2 * ph - 2, ww + 2 * pw - 2
     hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
     h = np.empty((n, k, hp, wp), dtype=x.dtype)
-    idx = np.empty((n, k, hp, wp), dtype=np.int32)
+    idx = np.empty((n, k, hp, wp) if with_idx else (n, k, 0, 1), dtype=np.int32)
     redo = np.zeros(n, dtype=np.int8)
     if n == 0:
         return h, idx, redo
@@ -342,11 +381,52 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
     # zeros and write spare rows/columns of the row buffer)
     hrow = max(hh + 2 * ph, 2 * th + 2)
     wrow = max(ww + 2 * pw, 2 * tw + 2)
-    hrow += hrow % 2
-    group = _group(hp, stride[0], pool[0], tw, PIX[int(nv[0])])
+    group = _group(hp, stride[0], pool[0], tw, GPIX[int(nv[0])])
     gtiles = ((((group - 1) * stride[0] + pool[0] + 1) // 2) + 1) * tw
-    _match_winograd(x, u, uofs, bpad, k0, nv, vl, ph, pw, pool[0], pool[1], stride[0],
-                    stride[1], float(leak), wo, wp, wused, th, tw, hrow, wrow, cpad, group, gtiles,
-                    num_chunks(n * len(k0)), h.reshape(n, k, hp * wp),
-                    idx.reshape(n, k, hp * wp), redo)
-    return h, idx, redo
+    use_sw = src_sw is not None
+    if src_idx is None:
+        src_idx = np.zeros((1, 1, 1, 1), dtype=np.int32)
+    if not use_sw:
+        src_sw = np.zeros((1, 1, 1, 1), dtype=x.dtype)
+    _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, hh, ww, u, uofs, bpad, k0, nv, vl, ph,
+                     pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp, wused, th,
+                     tw, hrow, wrow, cpad, group, gtiles, num_chunks(n * len(k0)),
+                     h.reshape(n, k, hp * wp), idx.reshape(n, k, -1), with_idx, redo)
+    return h, (idx if with_idx else None), redo
+
+
+def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
+    """The Winograd version of ``matching.match_switch_pool`` for 3x3 templates.
+
+    Returns ``(h, idx, redo)``: ``redo`` flags the samples (int8, 1 = redo) whose z had a
+    non-finite value; the caller recomputes those with the direct kernel.
+    """
+    return _correlate(x, False, None, None, x.shape[2:], templates, bias, padding, pool,
+                      stride, leak, True)
+
+
+def render_applies(templates, padding, any_size=False):
+    """Whether ``render`` can take this call (3x3 templates, padding at most 2) and, unless
+    ``any_size``, pays off: >= 16 channels on both sides, finite templates."""
+    k, c, kh, kw = templates.shape
+    if kh != 3 or kw != 3 or max(padding) > 2:
+        return False
+    return any_size or (c >= _MIN_CHANNELS and k >= _MIN_CHANNELS
+                        and bool(np.isfinite(templates).all()))
+
+
+def render(code, idx, templates, input_shape, padding, switches):
+    """The top-down render (``rendering.render``) by Winograd: the transposed correlation of
+    the unpooled code is the correlation with the flipped, transposed templates at padding
+    2 - p, whose output plane is the input's, so nothing is cropped. The code is unpooled
+    (times the switches) straight into the kernel's channel-last buffer.
+
+    Returns ``(r, redo)``; the caller re-renders the flagged samples (a non-finite value).
+    """
+    ho = input_shape[0] + 2 * padding[0] - 2
+    wo = input_shape[1] + 2 * padding[1] - 2
+    flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    r, _, redo = _correlate(code, True, idx, switches, (ho, wo), flipped,
+                            np.zeros(flipped.shape[0], dtype=code.dtype),
+                            (2 - padding[0], 2 - padding[1]), (1, 1), (1, 1), 1.0, False)
+    return r, redo
