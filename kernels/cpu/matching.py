@@ -16,6 +16,9 @@ Design
   z is never stored beyond one block of one group of rows.
 * When the templates cover the whole (unpadded) input the plane is 1 x 1 and the matching is
   a matrix product: the micro-kernel then tiles over samples instead of pixels.
+* 3x3 layers with at least 16 channels and templates go to ``winograd`` instead (16
+  multiplications per 2x2 outputs instead of 36); this module's kernel redoes the samples
+  where that one meets a non-finite value.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ Design
   kw*C contiguous weights are added with one SIMD ``axpy`` into kw*C contiguous buffer
   entries. Only Hp*Wp units per channel are visited, never the whole unpooled plane. The
   buffer is then cropped by the padding and transposed into r (N, C, H, W).
+* Pooled 3x3 layers with at least 16 channels on both sides render by the Winograd kernel
+  (``winograd.render``); the paths below redo its flagged samples (non-finite values).
 * Exact IEEE semantics of the dense reference: skipping a zero unit drops terms ``0 * w``,
   which is exact only when every template entry is finite and the unit values are finite.
   When the templates hold inf/NaN, or a sample's values do, that sample is rendered densely

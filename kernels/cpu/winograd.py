@@ -26,6 +26,12 @@ direct z is. But the kind can differ (inf - inf = NaN in the transforms where th
 has one inf), so any sample with a non-finite z is flagged and recomputed by the direct
 kernel; so is one whose transforms overflow. Non-finite templates or bias never come here.
 
+The same kernel renders (``render``): the transposed correlation of the unpooled code is a
+correlation with the flipped, transposed templates, and the code is unpooled (times the
+switches) straight into the kernel's channel-last buffer; bias 0, leak 1 and pool 1 make the
+epilogue a copy. It is used on pooled layers, where the other render paths either scatter
+every unit or compute the dense correlation at full cost.
+
 Layout and work split: as in the direct kernel, work items are (sample, channel block) pairs
 in contiguous chunks per thread. A thread copies each of its samples channel-last into a
 zero-padded buffer and transforms it whole (V, 16 x tiles x C), then for each channel block
