@@ -38,6 +38,8 @@ GEOMETRIES = [
     (2, 17, 12, 13, 18, 3, 3, 1, 2, None, 0.0),         # channels not a whole vector
     (1, 6, 30, 9, 5, 3, 3, 1, 1, None, 0.0),            # many groups of tile rows
     (2, 4, 16, 16, 8, 3, 3, 2, 2, None, 0.0),           # conv-small layer 3 in miniature
+    (7, 16, 8, 8, 40, 3, 3, 0, 1, None, 0.0),           # small plane: samples tiled together
+    (7, 6, 6, 7, 20, 3, 3, 1, 2, None, 0.1),            # ... with pooling, 7 = 5 + 2 samples
 ]
 
 
@@ -146,6 +148,20 @@ def test_the_same_for_any_thread_count(rng):
         numba.set_num_threads(before)
     np.testing.assert_array_equal(one[0], many[0])
     np.testing.assert_array_equal(one[1], many[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_samples_tiled_together_give_the_same_bits(monkeypatch, dtype, rng):
+    """Each tile's products do not depend on which tiles share the micro-kernel call, so any
+    number of samples per work item gives the same result, bit for bit."""
+    x, templates, bias = random_layer(rng, dtype, 7, 16, 8, 8, 40, 3, 3)
+    results = []
+    for spi in (1, 2, 3, 5, 7):
+        monkeypatch.setattr(winograd, "_SPI", spi)
+        results.append(_winograd(x, templates, bias, pool=1))
+    for h, idx in results[1:]:
+        np.testing.assert_array_equal(h, results[0][0])
+        np.testing.assert_array_equal(idx, results[0][1])
 
 
 def test_empty_batch():

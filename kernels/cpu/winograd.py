@@ -46,15 +46,14 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._common import GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, conv_tile, chunk_bounds, lanes, num_chunks
+from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, chunk_bounds, conv_tile,
+                      lanes, num_chunks)
 from .matching import _blocks, _pool_group
 
 __all__ = ["applies", "match_switch_pool", "render_applies", "render"]
 
-# G (4x3): the template transform of F(2x2, 3x3). B^T and A^T are written out in the kernel.
-_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-
 _MIN_CHANNELS = 16   # below this the transforms cost as much as the products they save
+_SPI = None         # samples per item, forced (benchmarks); None: _samples_per_item
 _MAX_TILES = 48      # tiles per group: M stays small (16 x 48 x 64 floats = 192 KiB)
 
 
@@ -70,19 +69,26 @@ def _transformed_templates(templates, vl, cpad):
     """U = G g G^T (computed in float64), laid out per channel block as [xi][c][lanes],
     channels padded with zeros to ``cpad``."""
     k, c = templates.shape[:2]
-    u = np.einsum("ai,kcij,bj->abck", _G, templates.astype(np.float64), _G).reshape(16, c, k)
     k0, nv, nvec = _blocks(k, vl)
-    kpad = nvec * vl
-    upad = np.zeros((16, cpad, kpad), dtype=np.float64)
-    upad[:, :c, :k] = u
-    parts, wofs = [], np.zeros(len(k0), dtype=np.int64)
-    pos = 0
-    for b in range(len(k0)):
-        width = nv[b] * vl
-        parts.append(upad[:, :, k0[b]:k0[b] + width].reshape(-1))
-        wofs[b] = pos
-        pos += 16 * cpad * width
-    return np.concatenate(parts).astype(templates.dtype), k0, nv, wofs, kpad
+    widths = nv * vl
+    wofs = np.zeros(len(k0), dtype=np.int64)
+    wofs[1:] = np.cumsum(16 * cpad * widths)[:-1]
+    out = np.zeros(16 * cpad * nvec * vl, dtype=templates.dtype)
+    blocks = [out[wofs[b]:wofs[b] + 16 * cpad * widths[b]].reshape(16, cpad, widths[b])
+              for b in range(len(k0))]
+    # G's rows written out as whole-array operations, straight into the layout (np.einsum
+    # and an intermediate array took 1.4-4 ms for a 128 x 64 layer, a quarter of its matching)
+    g = np.ascontiguousarray(np.asarray(templates, np.float64).transpose(2, 3, 1, 0))  # 3,3,C,K
+
+    def apply_g(a0, a1, a2):
+        return a0, (a0 + a1 + a2) * 0.5, (a0 - a1 + a2) * 0.5, a2
+
+    for a, row in enumerate(apply_g(g[0], g[1], g[2])):          # row: (3, C, K)
+        for b, val in enumerate(apply_g(row[0], row[1], row[2])):
+            for blk, block in zip(k0, blocks):
+                part = val[:, blk:blk + block.shape[2]]
+                block[4 * a + b, :c, :part.shape[1]] = part
+    return out, k0, nv, wofs, nvec * vl
 
 
 def _vector_helpers(context, builder, dt):
@@ -230,31 +236,32 @@ def _gpix(nv):
 
 
 @njit(parallel=PARALLEL, cache=True)
-def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, hh, ww, u, uofs_b, bpad, blk_k0, blk_nv,
-                     vl, ph, pw, poolh, poolw, sh, sw, leak, wo, wp, wused, th, tw, hrow, wrow,
-                     cpad, group, gtiles, nchunks, h, idx, with_idx, redo):
+def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, place, hh, ww, u, uofs_b, bpad, blk_k0,
+                     blk_nv, vl, ph, pw, poolh, poolw, sh, sw, leak, wo, wp, wused, th, tw, hrow,
+                     wrow, cpad, group, gtiles, spi, nchunks, h, idx, with_idx, redo):
     """The input plane (hh x ww, C channels) is x itself, or with ``unpool`` the code x
-    (N, C, Hp, Wp) times ``src_sw`` (if ``use_sw``) added at its ``src_idx`` positions."""
+    (N, C, Hp, Wp) times ``src_sw`` (if ``use_sw``) added at its ``src_idx`` positions
+    (plane position f is buffer element ``place[f]``: a table, no integer division)."""
     n_, c_ = x.shape[:2]
     k_ = h.shape[1]
     hp = h.shape[2] // wp
     nb = blk_k0.shape[0]
-    nitems = n_ * nb
+    nitems = -(-n_ // spi) * nb
     kbw_max = NV_MAX * vl
     tiles = th * tw
     wz = wused + 1              # row buffer: one spare column, one spare row above and below
+    zsize = ((group - 1) * sh + poolh + 3) * wz * kbw_max
     # the 16 planes of V and M are one vector more than a multiple of 4 KiB apart at most:
     # strides that are multiples of 4 KiB put all 16 in one L1 set (3x slower transforms)
-    vstride = tiles * cpad + vl
-    mstride = (gtiles + PIX_MAX) * kbw_max + vl
+    vstride = spi * tiles * cpad + vl
+    mstride = (spi * gtiles + PIX_MAX) * kbw_max + vl
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, nitems)
         # channel-last, channels padded with zeros to whole vectors
         xp = np.zeros(hrow * wrow * cpad, dtype=x.dtype)
         v = np.empty(16 * vstride, dtype=x.dtype)
         mb = np.empty(16 * mstride, dtype=x.dtype)
-        zrows = (group - 1) * sh + poolh + 3
-        zb = np.empty(zrows * wz * kbw_max, dtype=x.dtype)
+        zb = np.empty(spi * zsize, dtype=x.dtype)
         best = np.empty(group * wp * kbw_max, dtype=x.dtype)
         barg = np.empty(group * wp * kbw_max, dtype=np.int32)
         xb = np.empty(PIX_MAX, dtype=np.int64)
@@ -262,46 +269,48 @@ def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, hh, ww, u, uofs_b, bpad
         zero = np.zeros(kbw_max, dtype=x.dtype)
         cur = -1
         for item in range(lo, hi):
-            n = item // nb
-            b = item - n * nb
-            if n != cur:
-                if unpool:
-                    # unpool into the buffer: zero the plane, add the units in row-major
-                    # order per channel (collisions add up as in the reference)
-                    for i in range(hh):
-                        dst = ((i + ph) * wrow + pw) * cpad
-                        for e in range(ww * cpad):
-                            xp[dst + e] = 0
-                    for c in range(c_):
-                        for p in range(x.shape[2]):
-                            for q in range(x.shape[3]):
-                                val = x[n, c, p, q]
-                                if use_sw:
-                                    val = val * src_sw[n, c, p, q]
-                                f = src_idx[n, c, p, q]
-                                i = f // ww
-                                xp[((i + ph) * wrow + pw + f - i * ww) * cpad + c] += val
-                else:
-                    # channel-last copy, stores contiguous (2x faster than loads contiguous)
-                    for i in range(hh):
-                        for j in range(ww):
-                            dst = ((i + ph) * wrow + pw + j) * cpad
-                            for c in range(c_):
-                                xp[dst + c] = x[n, c, i, j]
-                for ti in range(th):
-                    for tj in range(tw):
-                        src = (2 * ti * wrow + 2 * tj) * cpad
-                        dst = (ti * tw + tj) * cpad
-                        for q in range(0, cpad, vl):
-                            input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
-                                            vstride)
-                cur = n
+            sg = item // nb
+            b = item - sg * nb
+            n0 = sg * spi
+            ns = min(spi, n_ - n0)
+            if sg != cur:
+                for s in range(ns):
+                    n = n0 + s
+                    if unpool:
+                        # unpool into the buffer: zero the plane, add the units in row-major
+                        # order per channel (collisions add up as in the reference)
+                        for i in range(hh):
+                            dst = ((i + ph) * wrow + pw) * cpad
+                            for e in range(ww * cpad):
+                                xp[dst + e] = 0
+                        for c in range(c_):
+                            for p in range(x.shape[2]):
+                                for q in range(x.shape[3]):
+                                    val = x[n, c, p, q]
+                                    if use_sw:
+                                        val = val * src_sw[n, c, p, q]
+                                    xp[place[src_idx[n, c, p, q]] + c] += val
+                    else:
+                        # channel-last copy, stores contiguous (2x faster than loads
+                        # contiguous)
+                        for i in range(hh):
+                            for j in range(ww):
+                                dst = ((i + ph) * wrow + pw + j) * cpad
+                                for c in range(c_):
+                                    xp[dst + c] = x[n, c, i, j]
+                    for ti in range(th):
+                        for tj in range(tw):
+                            src = (2 * ti * wrow + 2 * tj) * cpad
+                            dst = ((s * th + ti) * tw + tj) * cpad
+                            for q in range(0, cpad, vl):
+                                input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
+                                                vstride)
+                cur = sg
             k0 = blk_k0[b]
             nv = blk_nv[b]
             kbw = nv * vl
             kval = min(kbw, k_ - k0)
             npx = _gpix(nv)
-            bad = False
             for g0 in range(0, hp, group):
                 g1 = min(g0 + group, hp)
                 r0 = g0 * sh
@@ -309,37 +318,42 @@ def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, hh, ww, u, uofs_b, bpad
                 ti0 = r0 // 2
                 ti1 = (r0 + nrows + 1) // 2
                 t0 = ti0 * tw
-                nt = (ti1 - ti0) * tw
+                nt = (ti1 - ti0) * tw   # tiles of one sample; the products run over ns * nt
                 for xi in range(16):
-                    for f0 in range(0, nt, npx):
+                    for f0 in range(0, ns * nt, npx):
                         for p in range(npx):
-                            xb[p] = xi * vstride + (t0 + min(f0 + p, nt - 1)) * cpad
+                            j = min(f0 + p, ns * nt - 1)
+                            s = j // nt
+                            xb[p] = xi * vstride + (s * tiles + t0 + j - s * nt) * cpad
                         _products(nv, u, uofs_b[b] + xi * cpad * kbw, v, xb, off, zero, mb,
                                   xi * mstride + f0 * kbw, kbw)
-                # z rows r0 - 1 .. r0 + nrows go to buffer rows 0 .. nrows + 1
-                for j in range(nt):
-                    ti = ti0 + j // tw
-                    tj = j - (j // tw) * tw
-                    zr = 2 * ti - r0 + 1
-                    o00 = (zr * wz + 2 * tj) * kbw
-                    o10 = o00 + wz * kbw
-                    for q in range(0, kbw, vl):
-                        bad |= output_transform(mb, j * kbw + q, mstride, bpad, k0 + q, leak,
-                                                zb, o00 + q, o00 + kbw + q, o10 + q,
-                                                o10 + kbw + q)
-                _pool_group(zb, nv, kbw, g0, g1, r0 - 1, wz, wp, wo, sh, sw, poolh, poolw,
-                            best, barg)
-                ne = (g1 - g0) * wp
-                for l in range(kval):
-                    hrow_ = h[n, k0 + l]
-                    for e in range(ne):
-                        hrow_[g0 * wp + e] = best[e * kbw + l]
-                    if with_idx:
-                        irow = idx[n, k0 + l]
+                for s in range(ns):
+                    # z rows r0 - 1 .. r0 + nrows go to buffer rows 0 .. nrows + 1
+                    bad = False
+                    for jj in range(nt):
+                        ti = ti0 + jj // tw
+                        tj = jj - (jj // tw) * tw
+                        zr = 2 * ti - r0 + 1
+                        o00 = s * zsize + (zr * wz + 2 * tj) * kbw
+                        o10 = o00 + wz * kbw
+                        j = s * nt + jj
+                        for q in range(0, kbw, vl):
+                            bad |= output_transform(mb, j * kbw + q, mstride, bpad, k0 + q,
+                                                    leak, zb, o00 + q, o00 + kbw + q, o10 + q,
+                                                    o10 + kbw + q)
+                    if bad:
+                        redo[n0 + s] = 1
+                    _pool_group(zb[s * zsize:], nv, kbw, g0, g1, r0 - 1, wz, wp, wo, sh, sw,
+                                poolh, poolw, best, barg)
+                    ne = (g1 - g0) * wp
+                    for l in range(kval):
+                        hrow_ = h[n0 + s, k0 + l]
                         for e in range(ne):
-                            irow[g0 * wp + e] = barg[e * kbw + l]
-            if bad:
-                redo[n] = 1
+                            hrow_[g0 * wp + e] = best[e * kbw + l]
+                        if with_idx:
+                            irow = idx[n0 + s, k0 + l]
+                            for e in range(ne):
+                                irow[g0 * wp + e] = barg[e * kbw + l]
 
 
 def _group(hp, sh, poolh, tw, npx):
@@ -358,6 +372,18 @@ def _group(hp, sh, poolh, tw, npx):
             break
         if best_slots is None or slots < best_slots:
             best, best_slots = group, slots
+    return best
+
+
+def _samples_per_item(tiles, npx):
+    """Samples of a small plane whose tiles go through the products together: the fewest
+    with the least slot waste, at most _MAX_TILES tiles in all (the 3x3 tiles of a 6x6 plane
+    fill 12 slots of 6 alone, 18 of 18 in pairs)."""
+    best, best_fill = 1, 0.0
+    for spi in range(1, _MAX_TILES // tiles + 1):
+        fill = spi * tiles / (-(-spi * tiles // npx) * npx)
+        if fill > best_fill + 1e-9:
+            best, best_fill = spi, fill
     return best
 
 
@@ -387,16 +413,26 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
     # zeros and write spare rows/columns of the row buffer)
     hrow = max(hh + 2 * ph, 2 * th + 2)
     wrow = max(ww + 2 * pw, 2 * tw + 2)
-    group = _group(hp, stride[0], pool[0], tw, GPIX[int(nv[0])])
+    npx = GPIX[int(nv[0])]
+    if th * tw < _MAX_TILES // 2:
+        # a small plane: one group, several samples' tiles through the products together
+        group, spi = hp, _SPI or _samples_per_item(th * tw, npx)
+    else:
+        group, spi = _group(hp, stride[0], pool[0], tw, npx), _SPI or 1
     gtiles = ((((group - 1) * stride[0] + pool[0] + 1) // 2) + 1) * tw
     use_sw = src_sw is not None
     if src_idx is None:
         src_idx = np.zeros((1, 1, 1, 1), dtype=np.int32)
+        place = np.zeros(1, dtype=np.int64)
+    else:
+        rows, cols = np.divmod(np.arange(hh * ww, dtype=np.int64), ww)
+        place = ((rows + ph) * wrow + pw + cols) * cpad
     if not use_sw:
         src_sw = np.zeros((1, 1, 1, 1), dtype=x.dtype)
-    _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, hh, ww, u, uofs, bpad, k0, nv, vl, ph,
-                     pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp, wused, th,
-                     tw, hrow, wrow, cpad, group, gtiles, num_chunks(n * len(k0)),
+    _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, place, hh, ww, u, uofs, bpad, k0, nv,
+                     vl, ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp,
+                     wused, th, tw, hrow, wrow, cpad, group, gtiles, spi,
+                     num_chunks(-(-n // spi) * len(k0)),
                      h.reshape(n, k, hp * wp), idx.reshape(n, k, -1), with_idx, redo)
     return h, (idx if with_idx else None), redo
 
