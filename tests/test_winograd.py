@@ -248,7 +248,7 @@ def _latents(rng, dtype, geom):
 def test_render_matches_the_oracle(winograd_render, dtype, geom, use_switches, rng):
     templates, code, idx, switches = _latents(rng, dtype, geom)
     padding = (geom[7],) * 2 if np.isscalar(geom[7]) else geom[7]
-    assert winograd_render._use_winograd(code, templates, geom[2:4], padding)
+    assert winograd_render._use_winograd(code, templates, padding)
     check_unpool_and_render(host_runner("cpu"), dtype, geom, code, idx, templates,
                             switches if use_switches else None)
 
@@ -271,15 +271,44 @@ def test_render_non_finite_values_are_redone(winograd_render, rng):
         np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
 
 
-def test_render_automatic_choice(rng):
-    """Pooled 3x3 layers with >= 16 channels both sides take the Winograd kernel; unpooled
-    ones, other template sizes and padding > 2 do not."""
+def test_render_automatic_choice():
+    """3x3 layers with >= 16 channels both sides and finite templates take the Winograd
+    kernel; fewer channels, other template sizes and padding > 2 do not."""
     from fastdrmm.kernels.cpu import rendering
 
     t = np.zeros((16, 16, 3, 3), np.float32)
-    pooled, dense = np.zeros((1, 16, 4, 4), np.float32), np.zeros((1, 16, 8, 8), np.float32)
-    assert rendering._use_winograd(pooled, t, (8, 8), (1, 1))
-    assert not rendering._use_winograd(dense, t, (8, 8), (1, 1))
-    assert not rendering._use_winograd(pooled, t[:8], (8, 8), (1, 1))
-    assert not rendering._use_winograd(pooled, t, (6, 6), (3, 3))
-    assert not rendering._use_winograd(pooled, np.zeros((16, 16, 5, 5)), (12, 12), (1, 1))
+    code = np.zeros((1, 16, 4, 4), np.float32)
+    assert rendering._use_winograd(code, t, (1, 1))
+    assert not rendering._use_winograd(code[:0], t, (1, 1))
+    assert not rendering._use_winograd(code, t[:8], (1, 1))
+    assert not rendering._use_winograd(code, t[:, :8], (1, 1))
+    assert not rendering._use_winograd(code, t, (3, 3))
+    assert not rendering._use_winograd(code, np.zeros((16, 16, 5, 5)), (1, 1))
+    assert not rendering._use_winograd(code, np.full((16, 16, 3, 3), np.inf), (1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_switches", [False, True])
+def test_render_dense_code_with_other_positions_is_redone(winograd_render, dtype,
+                                                          use_switches, rng):
+    """A dense code (one unit per plane position) normally has the identity as argmax
+    positions, and is copied, not scattered; where a sample's positions differ it is
+    rendered again by the exact paths. Sample 1 differs in one unit inside a register
+    block, sample 2 in one unit of the scalar rest (the last channel)."""
+    geom = (4, 20, 9, 11, 18, 3, 3, 1, 1, None)   # 18 = 16 + 2: a vector block and a tail
+    templates, code, idx, switches = _latents(rng, dtype, geom)
+    idx = idx.copy()
+    idx[1, 3, 0, 2] = 7          # a collision with position 7
+    idx[2, 17, 5, 4] = 0
+    got = ops.render(code, idx, templates, (9, 11), padding=1,
+                     switches=switches if use_switches else None, backend="cpu")
+    want = naive.render(code, idx, templates, (9, 11), 1, switches if use_switches else None)
+    rtol, atol = (2e-4, 2e-3) if dtype == np.float32 else (1e-10, 1e-9)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    from fastdrmm.kernels.cpu import winograd as w
+
+    flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    redo = w._correlate(code, True, idx, switches.astype(dtype) if use_switches else None,
+                        (9, 11), flipped, np.zeros(20, dtype), (1, 1), (1, 1), (1, 1), 1.0,
+                        False)[2]
+    np.testing.assert_array_equal(redo, [0, 1, 1, 0])

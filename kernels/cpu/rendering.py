@@ -12,8 +12,9 @@ Design
   kw*C contiguous weights are added with one SIMD ``axpy`` into kw*C contiguous buffer
   entries. Only Hp*Wp units per channel are visited, never the whole unpooled plane. The
   buffer is then cropped by the padding and transposed into r (N, C, H, W).
-* Pooled 3x3 layers with at least 16 channels on both sides render by the Winograd kernel
-  (``winograd.render``); the paths below redo its flagged samples (non-finite values).
+* 3x3 layers with at least 16 channels on both sides render by the Winograd kernel
+  (``winograd.render``); the paths below redo its flagged samples (non-finite values, or a
+  dense code whose argmax positions are not the identity).
 * Exact IEEE semantics of the dense reference: skipping a zero unit drops terms ``0 * w``,
   which is exact only when every template entry is finite and the unit values are finite.
   When the templates hold inf/NaN, or a sample's values do, that sample is rendered densely
@@ -347,7 +348,7 @@ _WINOGRAD = None  # None: by _use_winograd; True/False: force on (3x3 only) or o
 
 
 def render(code, idx, templates, input_shape, padding, switches):
-    if _use_winograd(code, templates, input_shape, padding):
+    if _use_winograd(code, templates, padding):
         from . import winograd  # imports matching, which this module imports too
 
         r, redo = winograd.render(code, idx, templates, input_shape, padding, switches)
@@ -359,20 +360,13 @@ def render(code, idx, templates, input_shape, padding, switches):
     return _render(code, idx, templates, input_shape, padding, switches)
 
 
-def _use_winograd(code, templates, input_shape, padding):
-    """Whether render takes the Winograd kernel: on pooled 3x3 layers (see
-    winograd.render_applies). On unpooled ones the GEMM path below was faster (measured:
-    l2 11.8 vs 15.1 ms, l4 9.5 vs 11.4 ms; the unpooling scatter costs the Winograd kernel
-    as much as its products save there)."""
+def _use_winograd(code, templates, padding):
+    """Whether render takes the Winograd kernel (see winograd.render_applies)."""
     from . import winograd
 
     if code.shape[0] == 0 or _WINOGRAD is False:
         return False
-    if _WINOGRAD:
-        return winograd.render_applies(templates, padding, any_size=True)
-    plane = [s + 2 * p - k + 1 for s, p, k in zip(input_shape, padding, templates.shape[2:])]
-    pooled = code.shape[2] * code.shape[3] < plane[0] * plane[1]
-    return pooled and winograd.render_applies(templates, padding)
+    return winograd.render_applies(templates, padding, any_size=bool(_WINOGRAD))
 
 
 def _render(code, idx, templates, input_shape, padding, switches):

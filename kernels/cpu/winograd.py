@@ -29,8 +29,9 @@ kernel; so is one whose transforms overflow. Non-finite templates or bias never 
 The same kernel renders (``render``): the transposed correlation of the unpooled code is a
 correlation with the flipped, transposed templates, and the code is unpooled (times the
 switches) straight into the kernel's channel-last buffer; bias 0, leak 1 and pool 1 make the
-epilogue a copy. It is used on pooled layers, where the other render paths either scatter
-every unit or compute the dense correlation at full cost.
+epilogue a copy. A dense code (an unpooled layer's) is copied by VL x VL register
+transposes (``transpose_in``), which also check that its argmax positions are the identity
+(a sample where they are not is flagged and redone).
 
 Layout and work split: as in the direct kernel, work items are (sample, channel block) pairs
 in contiguous chunks per thread. A thread copies each of its samples channel-last into a
@@ -157,6 +158,76 @@ def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs):
     return sig, codegen
 
 
+@intrinsic(prefer_literal=True)
+def transpose_in(typingctx, src, sofs, sstride, sw, ind, f0, dst, place, c0, USE_SW):
+    """One VL x VL block of a dense code into the channel-last buffer, checking its argmax
+    positions::
+
+        for channel i < VL, position q < VL:
+            val = src[sofs + i*sstride + q] (* sw[same] if USE_SW)
+            dst[place[f0 + q] + c0 + i] = val
+        returns whether any ind[sofs + i*sstride + q] != f0 + q
+
+    (VL rows loaded, transposed in registers by log2(VL) stages of block swaps, VL rows
+    stored.) ``src``, ``sw`` and ``dst`` share a float dtype, ``ind`` is int32, ``place``
+    int64; ``USE_SW`` is a compile-time constant. No bounds checks.
+    """
+    if not isinstance(USE_SW, types.IntegerLiteral):
+        return None
+    use_sw = bool(USE_SW.literal_value)
+    sig = types.boolean(src, sofs, sstride, sw, ind, f0, dst, place, c0, USE_SW)
+
+    def codegen(context, builder, signature, args):
+        src_, sofs_, sstr_, sw_, ind_, f0_, dst_, place_, c0_, _ = args
+        aty = signature.args
+        vty, vload, vstore, _ = _vector_helpers(context, builder, src.dtype)
+        vl = vty.count
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ity = ir.VectorType(i32, vl)
+        sofs_, sstr_, f0_, c0_ = (context.cast(builder, a, t, types.int64) for a, t in
+                                  ((sofs_, aty[1]), (sstr_, aty[2]), (f0_, aty[5]),
+                                   (c0_, aty[8])))
+        sp = _data(context, builder, aty[0], src_)
+        wp = _data(context, builder, aty[3], sw_)
+        ip = _data(context, builder, aty[4], ind_)
+        dp = _data(context, builder, aty[6], dst_)
+        pp = _data(context, builder, aty[7], place_)
+        f0v = builder.trunc(f0_, i32)
+        undef = ir.Constant(ity, ir.Undefined)
+        want = builder.add(builder.shuffle_vector(builder.insert_element(undef, f0v, i32(0)),
+                                                  undef, ir.Constant(ity, [0] * vl)),
+                           ir.Constant(ity, list(range(vl))))
+        rows, bad = [], None
+        for i in range(vl):
+            at = builder.add(sofs_, builder.mul(sstr_, i64(i)))
+            val = vload(sp, at)
+            if use_sw:
+                val = builder.fmul(val, vload(wp, at))
+            rows.append(val)
+            got = builder.load(builder.bitcast(builder.gep(ip, [at], inbounds=True),
+                                               ity.as_pointer()), align=4)
+            ne = builder.icmp_unsigned("!=", got, want)
+            bad = ne if bad is None else builder.or_(bad, ne)
+        width = 1
+        while width < vl:  # swap the off-diagonal width x width blocks
+            new = list(rows)
+            for i in range(vl):
+                if (i // width) % 2 == 0:
+                    j = i + width
+                    low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
+                    high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
+                    new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
+                    new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
+            rows, width = new, 2 * width
+        for q in range(vl):
+            where = builder.load(builder.gep(pp, [builder.add(f0_, i64(q))], inbounds=True))
+            vstore(rows[q], dp, builder.add(where, c0_))
+        mask = builder.bitcast(bad, ir.IntType(vl))
+        return builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(vl), 0))
+
+    return sig, codegen
+
+
 @intrinsic
 def output_transform(typingctx, mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o10, o11):
     """One vector of templates of ``z = A^T M A + bias``, switched, into the row buffer::
@@ -236,8 +307,8 @@ def _gpix(nv):
 
 
 @njit(parallel=PARALLEL, cache=True)
-def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, place, hh, ww, u, uofs_b, bpad, blk_k0,
-                     blk_nv, vl, ph, pw, poolh, poolw, sh, sw, leak, wo, wp, wused, th, tw, hrow,
+def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, xf, indf, swf, place, hh, ww, u,
+                     uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw, sh, sw, leak, wo, wp, wused, th, tw, hrow,
                      wrow, cpad, group, gtiles, spi, nchunks, h, idx, with_idx, redo):
     """The input plane (hh x ww, C channels) is x itself, or with ``unpool`` the code x
     (N, C, Hp, Wp) times ``src_sw`` (if ``use_sw``) added at its ``src_idx`` positions
@@ -246,6 +317,7 @@ def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, place, hh, ww, u, uofs_
     k_ = h.shape[1]
     hp = h.shape[2] // wp
     nb = blk_k0.shape[0]
+    dense = x.shape[2] * x.shape[3] == hh * ww
     nitems = -(-n_ // spi) * nb
     kbw_max = NV_MAX * vl
     tiles = th * tw
@@ -276,16 +348,44 @@ def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, place, hh, ww, u, uofs_
             if sg != cur:
                 for s in range(ns):
                     n = n0 + s
-                    if unpool:
+                    if unpool and dense:
+                        # a dense code whose argmax positions are the identity (checked,
+                        # else the sample is redone): a transposing copy, VL x VL blocks
+                        # in registers, the rest in scalar code
+                        plane = hh * ww
+                        fv = plane - plane % vl
+                        cv = c_ - c_ % vl
+                        mismatch = False
+                        for c0 in range(0, cv, vl):
+                            for f0 in range(0, fv, vl):
+                                so = (n * c_ + c0) * plane + f0
+                                if use_sw:
+                                    mismatch |= transpose_in(xf, so, plane, swf, indf, f0, xp,
+                                                             place, c0, 1)
+                                else:
+                                    mismatch |= transpose_in(xf, so, plane, swf, indf, f0, xp,
+                                                             place, c0, 0)
+                        for f in range(plane):  # the rest: channels >= cv, positions >= fv
+                            for c in range(cv if f < fv else 0, c_):
+                                val = xf[(n * c_ + c) * plane + f]
+                                if use_sw:
+                                    val = val * swf[(n * c_ + c) * plane + f]
+                                mismatch |= indf[(n * c_ + c) * plane + f] != f
+                                xp[place[f] + c] = val
+                        if mismatch:
+                            redo[n] = 1
+                    elif unpool:
                         # unpool into the buffer: zero the plane, add the units in row-major
-                        # order per channel (collisions add up as in the reference)
+                        # order per channel (collisions add up as in the reference); the
+                        # channel innermost, so the adds of one unit position are contiguous
+                        # where the code is dense
                         for i in range(hh):
                             dst = ((i + ph) * wrow + pw) * cpad
                             for e in range(ww * cpad):
                                 xp[dst + e] = 0
-                        for c in range(c_):
-                            for p in range(x.shape[2]):
-                                for q in range(x.shape[3]):
+                        for p in range(x.shape[2]):
+                            for q in range(x.shape[3]):
+                                for c in range(c_):
                                     val = x[n, c, p, q]
                                     if use_sw:
                                         val = val * src_sw[n, c, p, q]
@@ -424,13 +524,20 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
     if src_idx is None:
         src_idx = np.zeros((1, 1, 1, 1), dtype=np.int32)
         place = np.zeros(1, dtype=np.int64)
+        xf, indf, swf = np.zeros(1, x.dtype), np.zeros(1, np.int32), np.zeros(1, x.dtype)
     else:
+        # flat views for the transposing copy of a dense code (C-contiguous, as the ops
+        # layer passes them)
+        xf = np.ascontiguousarray(x).reshape(-1)
+        indf = np.ascontiguousarray(src_idx, dtype=np.int32).reshape(-1)
+        swf = (np.ascontiguousarray(src_sw, dtype=x.dtype).reshape(-1) if src_sw is not None
+               else np.zeros(1, x.dtype))
         rows, cols = np.divmod(np.arange(hh * ww, dtype=np.int64), ww)
         place = ((rows + ph) * wrow + pw + cols) * cpad
     if not use_sw:
         src_sw = np.zeros((1, 1, 1, 1), dtype=x.dtype)
-    _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, place, hh, ww, u, uofs, bpad, k0, nv,
-                     vl, ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp,
+    _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, xf, indf, swf, place, hh, ww, u, uofs,
+                     bpad, k0, nv, vl, ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp,
                      wused, th, tw, hrow, wrow, cpad, group, gtiles, spi,
                      num_chunks(-(-n // spi) * len(k0)),
                      h.reshape(n, k, hp * wp), idx.reshape(n, k, -1), with_idx, redo)
