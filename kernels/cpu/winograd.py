@@ -118,19 +118,38 @@ def _vector_helpers(context, builder, dt):
     return vty, vload, vstore, splat
 
 
-@intrinsic
-def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs):
+def any_non_finite(builder, vectors):
+    """(IR) An i1: whether any lane of any of the vectors is NaN or +-inf (v - v is 0 for a
+    finite v and NaN otherwise)."""
+    vty = vectors[0].type
+    zero = ir.Constant(vty, [0.0] * vty.count)
+    bad = None
+    for val in vectors:
+        ne = builder.fcmp_unordered("!=", builder.fsub(val, val), zero)
+        bad = ne if bad is None else builder.or_(bad, ne)
+    mask = builder.bitcast(bad, ir.IntType(vty.count))
+    return builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(vty.count), 0))
+
+
+@intrinsic(prefer_literal=True)
+def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs, CHECK):
     """One vector of channels of ``V = B^T d B`` for a 4x4 block of the channel-last sample::
 
         d[i][j] = xp[base + i*rs + j*cs + l]             (l < VL lanes)
         v[vofs + (4 i + j)*vs + l] = (B^T d B)[i][j]
 
-    with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. No bounds checks.
+    with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Returns, if the
+    compile-time constant ``CHECK`` is 1, whether any V is non-finite (every d appears in
+    some V with a coefficient +-1, so a non-finite d always shows), else False. No bounds
+    checks.
     """
-    sig = types.void(xp, base, cs, rs, v, vofs, vs)
+    if not isinstance(CHECK, types.IntegerLiteral):
+        return None
+    check = bool(CHECK.literal_value)
+    sig = types.boolean(xp, base, cs, rs, v, vofs, vs, CHECK)
 
     def codegen(context, builder, signature, args):
-        xp_, base_, cs_, rs_, v_, vofs_, vs_ = args
+        xp_, base_, cs_, rs_, v_, vofs_, vs_, _ = args
         aty = signature.args
         _, vload, vstore, _ = _vector_helpers(context, builder, xp.dtype)
         i64 = ir.IntType(64)
@@ -149,11 +168,13 @@ def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs):
             return sub(a0, a2), add(a1, a2), sub(a2, a1), sub(a1, a3)
 
         cols = [bt(d[0][j], d[1][j], d[2][j], d[3][j]) for j in range(4)]  # cols[j][i]
+        out = []
         for i in range(4):
             row = bt(*(cols[j][i] for j in range(4)))
             for j in range(4):
                 vstore(row[j], vptr, builder.add(vofs_, builder.mul(vs_, i64(4 * i + j))))
-        return context.get_dummy_value()
+            out.extend(row)
+        return any_non_finite(builder, out) if check else ir.Constant(ir.IntType(1), 0)
 
     return sig, codegen
 
@@ -267,21 +288,17 @@ def output_transform(typingctx, mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o1
         zero = ir.Constant(vty, [0.0] * vty.count)
         leakv = splat(leak_)
         leak_zero = builder.fcmp_ordered("==", leak_, ir.Constant(leak_.type, 0.0))
-        bad = None
+        zs = []
         for a in range(2):
             row = at(*(cols[j][a] for j in range(4)))
             for b in range(2):
                 z = add(row[b], bv)
-                # z - z is 0 for a finite z and NaN otherwise
-                nonfinite = builder.fcmp_unordered("!=", sub(z, z), zero)
-                bad = nonfinite if bad is None else builder.or_(bad, nonfinite)
+                zs.append(z)
                 keep = builder.or_(builder.fcmp_ordered(">", z, zero),
                                    builder.fcmp_unordered("uno", z, z))
                 other = builder.select(leak_zero, zero, builder.fmul(z, leakv))
                 vstore(builder.select(keep, z, other), zptr, outs[2 * a + b])
-        nbits = vty.count
-        mask = builder.bitcast(bad, ir.IntType(nbits))
-        return builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(nbits), 0))
+        return any_non_finite(builder, zs)
 
     return sig, codegen
 
@@ -404,7 +421,7 @@ def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, xf, indf, swf, place, h
                             dst = ((s * th + ti) * tw + tj) * cpad
                             for q in range(0, cpad, vl):
                                 input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
-                                                vstride)
+                                                vstride, 0)
                 cur = sg
             k0 = blk_k0[b]
             nv = blk_nv[b]
