@@ -12,7 +12,8 @@ import pytest
 
 import naive
 from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
-                    check_match_nan_and_inf, check_unpool_and_render, host_runner, random_layer)
+                    check_match_nan_and_inf, check_template_stats, check_unpool_and_render,
+                    host_runner, random_layer)
 from fastdrmm import ops
 from fastdrmm.kernels.cpu import matching, winograd
 
@@ -312,3 +313,93 @@ def test_render_dense_code_with_other_positions_is_redone(winograd_render, dtype
                         (9, 11), flipped, np.zeros(20, dtype), (1, 1), (1, 1), (1, 1), 1.0,
                         False)[2]
     np.testing.assert_array_equal(redo, [0, 1, 1, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# template_stats: B and s by F(3x3, 2x2), the same transforms turned around
+
+
+@pytest.fixture
+def winograd_stats(monkeypatch):
+    from fastdrmm.kernels.cpu import statistics
+
+    monkeypatch.setattr(statistics, "_WINOGRAD", True)
+    return statistics
+
+
+STATS_GEOMETRIES = RENDER_GEOMETRIES + [
+    (7, 16, 8, 8, 40, 3, 3, 0, 1, None),      # small plane: several samples per product call
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", STATS_GEOMETRIES)
+@pytest.mark.parametrize("use_switches", [False, True])
+def test_stats_match_the_oracle(winograd_stats, dtype, geom, use_switches, rng):
+    n, c, h, w = geom[:4]
+    templates, code, idx, switches = _latents(rng, dtype, geom)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    check_template_stats(host_runner("cpu"), dtype, geom, x, code, idx,
+                         switches if use_switches else None)
+
+
+def test_stats_the_same_for_any_thread_count(winograd_stats, rng):
+    geom = (9, 16, 10, 10, 20, 3, 3, 0, 1, None)
+    _, code, idx, switches = _latents(rng, np.float32, geom)
+    x = rng.standard_normal((9, 16, 10, 10)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = ops.template_stats(x, code, idx, (3, 3), switches=switches, gram=False,
+                                 backend="cpu")
+    finally:
+        numba.set_num_threads(before)
+    many = ops.template_stats(x, code, idx, (3, 3), switches=switches, gram=False,
+                              backend="cpu")
+    np.testing.assert_array_equal(one[0], many[0])
+    np.testing.assert_array_equal(one[1], many[1])
+
+
+@pytest.mark.parametrize("where", ["x", "code", "position"])
+def test_stats_left_out_samples_are_added_exactly(winograd_stats, where, rng):
+    """Samples with NaN/inf (in x or the code) or a dense code whose argmax positions are not
+    the identity are left out by the Winograd kernel and added by the exact ones: NaN and inf
+    land as in the numpy backend."""
+    from fastdrmm.kernels.cpu import winograd_stats as ws
+
+    geom = (4, 16, 8, 9, 18, 3, 3, 1, 1, None)
+    _, code, idx, switches = _latents(rng, np.float64, geom)
+    x = rng.standard_normal((4, 16, 8, 9))
+    code, idx = code.copy(), idx.copy()
+    if where == "x":
+        x[1, 2, 3, 4], x[2, 0, 0, 0] = np.nan, np.inf
+    elif where == "code":
+        code[1, 5, 2, 2], code[2, 17, 7, 8] = np.inf, -np.inf
+    else:
+        idx[1, 3, 0, 2] = 7
+        idx[2, 17, 5, 4] = 0
+    got = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, gram=False,
+                             backend="cpu")
+    want = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, gram=False,
+                              backend="numpy")   # the float64 reference: 0 * inf = NaN
+    for g, w in zip(got[:2], want[:2]):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+        np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
+        fin = np.isfinite(w)
+        np.testing.assert_allclose(g[fin], w[fin], rtol=1e-10, atol=1e-10)
+    redo = ws.template_stats_bs(x, code, idx, (1, 1), switches.astype(np.float64))[2]
+    np.testing.assert_array_equal(redo, [0, 1, 1, 0])
+
+
+def test_stats_automatic_choice():
+    """Unpooled 3x3 layers with >= 16 channels and templates; pooled ones keep the sparse
+    kernel."""
+    from fastdrmm.kernels.cpu import statistics
+
+    x = np.zeros((1, 16, 8, 8), np.float32)
+    dense, pooled = np.zeros((1, 16, 6, 6), np.float32), np.zeros((1, 16, 3, 3), np.float32)
+    assert statistics._use_winograd(x, dense, (3, 3), (0, 0))
+    assert not statistics._use_winograd(x, pooled, (3, 3), (0, 0))
+    assert not statistics._use_winograd(x[:, :8], dense, (3, 3), (0, 0))
+    assert not statistics._use_winograd(x, dense[:, :8], (3, 3), (0, 0))
+    assert not statistics._use_winograd(x, np.zeros((1, 16, 4, 4)), (5, 5), (0, 0))

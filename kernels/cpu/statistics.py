@@ -33,6 +33,9 @@ Design
   thread builds every sample's unpooled U and owns R[..., k, :] and G[k...] for its k), so
   there is no reduction and the result does not depend on the thread count. Finally the
   upper triangle is mirrored, so G is exactly symmetric like S S^T.
+* B and s of unpooled 3x3 layers with >= 16 channels and templates come from
+  ``winograd_stats`` (16 products per 2x2 positions instead of 36); the kernels here add the
+  share of the samples it leaves out (non-finite values, argmax positions not the identity).
 * Exact IEEE semantics of the dense reference: dropping zero terms is exact only for finite
   values. A sample whose x or unit values hold inf/NaN is accumulated densely for B (every
   plane position) and, if its unit values do, for G (every pixel, every pair of taps,
@@ -520,7 +523,26 @@ def _pix_of(nv):
     return GPIX[nv]
 
 
-def template_stats(x, code, idx, kernel_size, padding, switches, gram):
+_WINOGRAD = None  # None: by _use_winograd; True/False: force on (3x3 only) or off (tests)
+
+
+def _use_winograd(x, code, kernel_size, padding):
+    """B and s by Winograd on unpooled 3x3 layers with >= 16 channels and templates. On
+    pooled layers the sparse kernel wins (it skips the 3/4 zero units: measured l3 11.2 vs
+    15.4 ms, c128 46 vs 59 ms), on unpooled ones Winograd (l2 8.8 vs 11.6, l4 6.2 vs 8.4)."""
+    if _WINOGRAD is False or tuple(kernel_size) != (3, 3) or x.shape[0] == 0:
+        return False
+    if _WINOGRAD:
+        return True
+    from . import winograd_stats
+
+    plane = [s + 2 * p - 2 for s, p in zip(x.shape[2:], padding)]
+    dense = code.shape[2] * code.shape[3] == plane[0] * plane[1]
+    return dense and winograd_stats.applies(x, code, kernel_size)
+
+
+def _exact_bs(x, code, idx, kernel_size, padding, switches):
+    """B and s by the direct kernels (sparse or GEMM, by cost)."""
     n, c, hh, ww = x.shape
     k = code.shape[1]
     kh, kw = kernel_size
@@ -528,9 +550,6 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
     ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
     dtype = x.dtype
     taps = kh * kw
-    if n == 0:
-        big_g = np.zeros((k * taps, k * taps), dtype=dtype) if gram else None
-        return np.zeros((k, c, kh, kw), dtype=dtype), np.zeros(k, dtype=dtype), big_g
     use_sw, sw = _switch_args(code, switches)
 
     per_chunk = (k * taps * c + k) * np.dtype(dtype).itemsize
@@ -560,6 +579,34 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
             bsum.reshape(kh, kw, kp, cpad)[:, :, :k, :c].transpose(2, 3, 0, 1))
     else:
         big_b = np.ascontiguousarray(bsum.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))
+    return big_b, s
+
+
+def template_stats(x, code, idx, kernel_size, padding, switches, gram):
+    n, c, hh, ww = x.shape
+    k = code.shape[1]
+    kh, kw = kernel_size
+    ph, pw = padding
+    ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
+    dtype = x.dtype
+    taps = kh * kw
+    if n == 0:
+        big_g = np.zeros((k * taps, k * taps), dtype=dtype) if gram else None
+        return np.zeros((k, c, kh, kw), dtype=dtype), np.zeros(k, dtype=dtype), big_g
+    if _use_winograd(x, code, kernel_size, padding):
+        from . import winograd_stats  # imports rendering, which imports matching
+
+        big_b, s, redo = winograd_stats.template_stats_bs(x, code, idx, padding, switches)
+        again = np.flatnonzero(redo)
+        if again.size:  # the left-out samples' share, by the exact kernels
+            sub_b, sub_s = _exact_bs(x[again], code[again], idx[again], kernel_size, padding,
+                                     None if switches is None else switches[again])
+            with np.errstate(invalid="ignore", over="ignore"):
+                big_b += sub_b
+                s += sub_s
+    else:
+        big_b, s = _exact_bs(x, code, idx, kernel_size, padding, switches)
+    use_sw, sw = _switch_args(code, switches)
     if not gram:
         return big_b, s, None
 

@@ -1,0 +1,248 @@
+"""The template statistics B and s of 3x3 layers by Winograd's F(3x3, 2x2) (Numba CPU).
+
+B[k, c] (3x3) sums, over samples and plane positions, the unpooled code (times the switches)
+times the 3x3 window of the padded input there: a correlation of the input with the code.
+Over a 2x2 block of plane positions the nine sums are a minimal filtering F(3x3, 2x2), the
+transpose of the matching's F(2x2, 3x3) (Lavin & Gray 2016)::
+
+    V[xi, t, c] = (B^T d[t, c] B)[xi]       the input's 4x4 block of tile t (as in matching)
+    W[xi, t, k] = (A dy[t, k] A^T)[xi]      the code's 2x2 block, A = [[1,0],[1,1],[1,-1],[0,-1]]
+    M[xi, k, c] = sum_t W[xi, t, k] V[xi, t, c]      16 matrix products, reduced over tiles
+    B[k, c]     = G^T M[:, k, c] G                    once, in float64, at the end
+
+so 16 products per (tile, k, c) instead of 36. The reduction over samples runs in a fixed
+number of chunks whose partial M are added in order: the result does not depend on the
+thread count. A sample with a non-finite input, code or switch value (seen in V or W, where
+every value of the block shows up with a coefficient +-1) is left out and flagged; the caller
+computes its share with the exact kernels, so NaN/inf land where the reference puts them.
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes
+from .rendering import _gemm, _gpix
+from .matching import _blocks
+from .winograd import _vector_helpers, any_non_finite, input_transform, transpose_in
+
+__all__ = ["applies", "template_stats_bs"]
+
+_MIN_CHANNELS = 16
+_CHUNKS = 16          # fixed sample chunks (determinism), fewer for small batches
+_REDUCTION = 64       # tiles per product call at least, when samples are small
+
+
+def applies(x, code, kernel_size):
+    """3x3 templates with >= 16 input channels and >= 16 templates."""
+    return (tuple(kernel_size) == (3, 3) and x.shape[1] >= _MIN_CHANNELS
+            and code.shape[1] >= _MIN_CHANNELS)
+
+
+@intrinsic
+def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
+    """One vector of templates of ``W = A dy A^T`` for a 2x2 block of the channel-last code::
+
+        dy[i][j] = cb[base + i*rs + j*cs + l]            (i, j < 2; l < VL lanes)
+        w[wofs + (4 a + b)*ws + l] = (A dy A^T)[a][b]    A = [[1, 0], [1, 1], [1, -1], [0, -1]]
+
+    Returns whether any W is non-finite. No bounds checks.
+    """
+    sig = types.boolean(cb, base, cs, rs, w, wofs, ws)
+
+    def codegen(context, builder, signature, args):
+        cb_, base_, cs_, rs_, w_, wofs_, ws_ = args
+        aty = signature.args
+        _, vload, vstore, _ = _vector_helpers(context, builder, cb.dtype)
+        i64 = ir.IntType(64)
+        base_, cs_, rs_, wofs_, ws_ = (
+            context.cast(builder, a, t, types.int64)
+            for a, t in ((base_, aty[1]), (cs_, aty[2]), (rs_, aty[3]), (wofs_, aty[5]),
+                         (ws_, aty[6])))
+        cptr = _data(context, builder, aty[0], cb_)
+        wptr = _data(context, builder, aty[4], w_)
+        dy = [[vload(cptr, builder.add(base_, builder.add(builder.mul(rs_, i64(i)),
+                                                          builder.mul(cs_, i64(j)))))
+               for j in range(2)] for i in range(2)]
+
+        def a_times(a0, a1):  # A applied to a column (or A^T from the right to a row)
+            return a0, builder.fadd(a0, a1), builder.fsub(a0, a1), builder.fneg(a1)
+
+        cols = [a_times(dy[0][j], dy[1][j]) for j in range(2)]   # cols[j][a]
+        out = []
+        for a in range(4):
+            row = a_times(cols[0][a], cols[1][a])
+            for b in range(4):
+                vstore(row[b], wptr, builder.add(wofs_, builder.mul(ws_, i64(4 * a + b))))
+            out.extend(row)
+        return any_non_finite(builder, out)
+
+    return sig, codegen
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw, hrow, wrow, ccol,
+               cpad, kpad, blk_c0, blk_nv, vl, spi, nchunks, mpart, spart, redo):
+    n_, c_, hh, ww = x.shape
+    k_ = spart.shape[1]
+    tiles = th * tw
+    ngroups = -(-n_ // spi)
+    vstride = spi * tiles * cpad + vl
+    wstride = spi * tiles * kpad + vl
+    mrows = kpad + PIX_MAX       # rows of M per transform point; the last ones are scratch
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, ngroups)
+        xp = np.zeros(hrow * wrow * cpad, dtype=x.dtype)
+        cb = np.zeros(2 * th * ccol * kpad, dtype=x.dtype)
+        v = np.empty(16 * vstride, dtype=x.dtype)
+        w = np.empty(16 * wstride, dtype=x.dtype)
+        boff = np.empty(spi * tiles, dtype=np.int64)
+        aoff = np.empty(spi * tiles, dtype=np.int64)
+        abase = np.empty(PIX_MAX, dtype=np.int64)
+        aofs = np.empty(PIX_MAX, dtype=np.int64)
+        ssum = np.empty(kpad, dtype=x.dtype)
+        macc = mpart[chunk].reshape(-1)
+        sacc = spart[chunk]
+        for sg in range(lo, hi):
+            n0 = sg * spi
+            ns = min(spi, n_ - n0)
+            m = 0
+            for s in range(ns):
+                n = n0 + s
+                bad = False
+                for i in range(hh):  # channel-last copy of the input (border stays zero)
+                    for j in range(ww):
+                        dst = ((i + ph) * wrow + pw + j) * cpad
+                        for c in range(c_):
+                            xp[dst + c] = x[n, c, i, j]
+                for ti in range(th):
+                    for tj in range(tw):
+                        src = (2 * ti * wrow + 2 * tj) * cpad
+                        dst = ((s * th + ti) * tw + tj) * cpad
+                        for q in range(0, cpad, vl):
+                            bad |= input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
+                                                   vstride, 1)
+                # the unpooled code (times the switches), channel-last, zero beyond the plane
+                if dense:
+                    fv = plane - plane % vl
+                    kv = k_ - k_ % vl
+                    for k0 in range(0, kv, vl):
+                        for f0 in range(0, fv, vl):
+                            so = (n * k_ + k0) * plane + f0
+                            if use_sw:
+                                bad |= transpose_in(codef, so, plane, swf, indf, f0, cb, cplace,
+                                                    k0, 1)
+                            else:
+                                bad |= transpose_in(codef, so, plane, swf, indf, f0, cb, cplace,
+                                                    k0, 0)
+                    for f in range(plane):  # the rest: templates >= kv, positions >= fv
+                        for k in range(kv if f < fv else 0, k_):
+                            val = codef[(n * k_ + k) * plane + f]
+                            if use_sw:
+                                val = val * swf[(n * k_ + k) * plane + f]
+                            bad |= indf[(n * k_ + k) * plane + f] != f
+                            cb[cplace[f] + k] = val
+                else:
+                    for f in range(plane):
+                        for e in range(k_):
+                            cb[cplace[f] + e] = 0
+                    nunit = codef.shape[0] // n_ // k_
+                    for u in range(nunit):  # row-major unit order per template
+                        for k in range(k_):
+                            at = (n * k_ + k) * nunit + u
+                            val = codef[at]
+                            if use_sw:
+                                val = val * swf[at]
+                            cb[cplace[indf[at]] + k] += val
+                for e in range(kpad):
+                    ssum[e] = 0
+                for f in range(plane):
+                    base = cplace[f]
+                    for e in range(kpad):
+                        ssum[e] += cb[base + e]
+                for ti in range(th):
+                    for tj in range(tw):
+                        src = (2 * ti * ccol + 2 * tj) * kpad
+                        dst = ((s * th + ti) * tw + tj) * kpad
+                        for q in range(0, kpad, vl):
+                            bad |= code_transform(cb, src + q, kpad, ccol * kpad, w, dst + q,
+                                                  wstride)
+                if bad:
+                    redo[n] = 1
+                    continue
+                for e in range(k_):
+                    sacc[e] += ssum[e]
+                for t in range(tiles):
+                    boff[m] = (s * tiles + t) * cpad
+                    aoff[m] = (s * tiles + t) * kpad
+                    m += 1
+            if m == 0:
+                continue
+            for xi in range(16):
+                wb = w[xi * wstride:]
+                mb = macc[xi * mrows * cpad:]
+                for blk in range(blk_c0.shape[0]):
+                    c0 = blk_c0[blk]
+                    nv = blk_nv[blk]
+                    npx = _gpix(nv)
+                    vb = v[xi * vstride + c0:]
+                    for k0 in range(0, k_, npx):
+                        for p in range(npx):
+                            kk = k0 + p
+                            abase[p] = min(kk, k_ - 1)
+                            aofs[p] = (kk if kk < k_ else kpad + p) * cpad + c0
+                        _gemm(nv, mb, aofs, wb, abase, aoff, vb, boff, 0, m)
+
+
+def _g_transpose_both(m):
+    """G^T M G over the two leading 4-axes of m (4, 4, ...), in float64: (3, 3, ...)."""
+    def gt(a0, a1, a2, a3):
+        return a0 + 0.5 * (a1 + a2), 0.5 * (a1 - a2), 0.5 * (a1 + a2) + a3
+
+    rows = gt(m[0], m[1], m[2], m[3])                       # each (4, ...)
+    return np.stack([np.stack(gt(r[0], r[1], r[2], r[3])) for r in rows])
+
+
+def template_stats_bs(x, code, idx, padding, switches):
+    """B (K, C, 3, 3) and s (K,) by Winograd, and the flags (int8, 1 = left out) of the
+    samples whose share the caller must add with the exact kernels."""
+    n, c, hh, ww = x.shape
+    k = code.shape[1]
+    ph, pw = padding
+    ho, wo = hh + 2 * ph - 2, ww + 2 * pw - 2
+    dtype = x.dtype
+    vl = lanes(dtype)
+    cpad, kpad = -(-c // vl) * vl, -(-k // vl) * vl
+    th, tw = -(-ho // 2), -(-wo // 2)
+    hrow = max(hh + 2 * ph, 2 * th + 2)
+    wrow = max(ww + 2 * pw, 2 * tw + 2)
+    ccol = 2 * tw
+    hp, wp = code.shape[2:]
+    dense = hp * wp == ho * wo
+    rows, cols = np.divmod(np.arange(ho * wo, dtype=np.int64), wo)
+    cplace = (rows * ccol + cols) * kpad
+    spi = max(1, _REDUCTION // (th * tw))
+    ngroups = -(-n // spi)
+    nchunks = min(_CHUNKS, ngroups)
+    c0, nv, _ = _blocks(c, vl)
+    mpart = np.zeros((nchunks, 16, kpad + PIX_MAX, cpad), dtype=dtype)
+    spart = np.zeros((nchunks, k), dtype=dtype)
+    redo = np.zeros(n, dtype=np.int8)
+    codef = np.ascontiguousarray(code).reshape(-1)
+    indf = np.ascontiguousarray(idx, dtype=np.int32).reshape(-1)
+    use_sw = switches is not None
+    swf = (np.ascontiguousarray(switches, dtype=dtype).reshape(-1) if use_sw
+           else np.zeros(1, dtype))
+    _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, ho * wo, ph, pw, th, tw, hrow, wrow,
+               ccol, cpad, kpad, c0, nv, vl, spi, nchunks, mpart, spart, redo)
+    msum = mpart[0].astype(np.float64)
+    s = spart[0].astype(np.float64)
+    for i in range(1, nchunks):  # fixed order
+        msum += mpart[i]
+        s += spart[i]
+    m = msum[:, :k, :c].reshape(4, 4, k, c)
+    big_b = _g_transpose_both(m).transpose(2, 3, 0, 1)       # (K, C, 3, 3)
+    return np.ascontiguousarray(big_b, dtype=dtype), s.astype(dtype), redo
