@@ -185,6 +185,12 @@ def test_the_automatic_choice(rng):
     poisoned = templates.copy()
     poisoned[0, 0, 0, 0] = np.inf
     assert not winograd.applies(x, poisoned, bias)
+    # planes where the 2x2 blocks save products: 5x5 (9 blocks, 144 vs 225), not 1x1 or
+    # 1x7 (4 half-used blocks, 64 vs 63)
+    assert winograd.applies(x[:, :, :7, :7], templates, bias)
+    assert not winograd.applies(x[:, :, :3, :3], templates, bias)
+    assert not winograd.applies(x[:, :, :3, :9], templates, bias)
+    assert winograd.applies(x[:, :, :3, :9], templates, bias, padding=(1, 1))
 
 
 def test_bad_algorithm_arguments(rng):
@@ -249,7 +255,7 @@ def _latents(rng, dtype, geom):
 def test_render_matches_the_oracle(winograd_render, dtype, geom, use_switches, rng):
     templates, code, idx, switches = _latents(rng, dtype, geom)
     padding = (geom[7],) * 2 if np.isscalar(geom[7]) else geom[7]
-    assert winograd_render._use_winograd(code, templates, padding)
+    assert winograd_render._use_winograd(code, templates, geom[2:4], padding)
     check_unpool_and_render(host_runner("cpu"), dtype, geom, code, idx, templates,
                             switches if use_switches else None)
 
@@ -274,18 +280,22 @@ def test_render_non_finite_values_are_redone(winograd_render, rng):
 
 def test_render_automatic_choice():
     """3x3 layers with >= 16 channels both sides and finite templates take the Winograd
-    kernel; fewer channels, other template sizes and padding > 2 do not."""
+    kernel, dense codes only where it saves products; fewer channels, other template sizes
+    and padding > 2 do not."""
     from fastdrmm.kernels.cpu import rendering
 
     t = np.zeros((16, 16, 3, 3), np.float32)
-    code = np.zeros((1, 16, 4, 4), np.float32)
-    assert rendering._use_winograd(code, t, (1, 1))
-    assert not rendering._use_winograd(code[:0], t, (1, 1))
-    assert not rendering._use_winograd(code, t[:8], (1, 1))
-    assert not rendering._use_winograd(code, t[:, :8], (1, 1))
-    assert not rendering._use_winograd(code, t, (3, 3))
-    assert not rendering._use_winograd(code, np.zeros((16, 16, 5, 5)), (1, 1))
-    assert not rendering._use_winograd(code, np.full((16, 16, 3, 3), np.inf), (1, 1))
+    code = np.zeros((1, 16, 4, 4), np.float32)              # pooled: the plane is 8x8
+    assert rendering._use_winograd(code, t, (8, 8), (1, 1))
+    assert not rendering._use_winograd(code[:0], t, (8, 8), (1, 1))
+    assert not rendering._use_winograd(code, t[:8], (8, 8), (1, 1))
+    assert not rendering._use_winograd(code, t[:, :8], (8, 8), (1, 1))
+    assert not rendering._use_winograd(code, t, (4, 4), (3, 3))
+    assert not rendering._use_winograd(code, np.zeros((16, 16, 5, 5)), (10, 10), (1, 1))
+    assert not rendering._use_winograd(code, np.full((16, 16, 3, 3), np.inf), (8, 8), (1, 1))
+    # dense codes: 14x14 -> 16x16 saves products (1024 vs 1764), 5x5 -> 7x7 does not
+    assert rendering._use_winograd(np.zeros((1, 16, 14, 14)), t, (16, 16), (0, 0))
+    assert not rendering._use_winograd(np.zeros((1, 16, 5, 5)), t, (7, 7), (0, 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -403,3 +413,5 @@ def test_stats_automatic_choice():
     assert not statistics._use_winograd(x[:, :8], dense, (3, 3), (0, 0))
     assert not statistics._use_winograd(x, dense[:, :8], (3, 3), (0, 0))
     assert not statistics._use_winograd(x, np.zeros((1, 16, 4, 4)), (5, 5), (0, 0))
+    thin = np.zeros((1, 16, 3, 7), np.float32)                       # a 1x5 plane
+    assert not statistics._use_winograd(thin, np.zeros((1, 16, 1, 5)), (3, 3), (0, 0))

@@ -235,7 +235,7 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak, algorithm
     if algorithm != "direct":
         from . import winograd  # imports this module's pieces
 
-        if algorithm == "winograd" or winograd.applies(x, templates, bias):
+        if algorithm == "winograd" or winograd.applies(x, templates, bias, padding):
             if templates.shape[2:] != (3, 3):
                 raise ValueError("algorithm='winograd' needs 3x3 templates, got "
                                  f"{templates.shape[2]}x{templates.shape[3]}")

@@ -538,7 +538,7 @@ def _use_winograd(x, code, kernel_size, padding):
 
     plane = [s + 2 * p - 2 for s, p in zip(x.shape[2:], padding)]
     dense = code.shape[2] * code.shape[3] == plane[0] * plane[1]
-    return dense and winograd_stats.applies(x, code, kernel_size)
+    return dense and winograd_stats.applies(x, code, kernel_size, padding)
 
 
 def _exact_bs(x, code, idx, kernel_size, padding, switches):

@@ -58,11 +58,20 @@ _SPI = None         # samples per item, forced (benchmarks); None: _samples_per_
 _MAX_TILES = 48      # tiles per group: M stays small (16 x 48 x 64 floats = 192 KiB)
 
 
-def applies(x, templates, bias):
+def saves_products(plane):
+    """Whether 16 products per 2x2 block of the (ho, wo) plane are at most 0.9x the 9 per
+    position of the direct way (not so on tiny or thin planes: half-used blocks)."""
+    ho, wo = plane
+    return -(-ho // 2) * -(-wo // 2) * 16 <= 0.9 * 9 * ho * wo
+
+
+def applies(x, templates, bias, padding=(0, 0)):
     """Whether the Winograd kernel takes this call: 3x3 templates, enough input channels and
-    templates, finite templates and bias."""
+    templates, finite templates and bias, a plane where it saves products."""
     k, c, kh, kw = templates.shape
+    plane = (x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
     return (kh == 3 and kw == 3 and c >= _MIN_CHANNELS and k >= _MIN_CHANNELS
+            and saves_products(plane)
             and bool(np.isfinite(templates).all()) and bool(np.isfinite(bias).all()))
 
 

@@ -27,19 +27,22 @@ from numba.extending import intrinsic
 from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes
 from .rendering import _gemm, _gpix
 from .matching import _blocks
-from .winograd import _vector_helpers, any_non_finite, input_transform, transpose_in
+from .winograd import (_vector_helpers, any_non_finite, input_transform, saves_products,
+                       transpose_in)
 
 __all__ = ["applies", "template_stats_bs"]
 
 _MIN_CHANNELS = 16
-_CHUNKS = 16          # fixed sample chunks (determinism), fewer for small batches
+_CHUNKS = 4           # fixed sample chunks (determinism; each holds a partial M), fewer
 _REDUCTION = 64       # tiles per product call at least, when samples are small
 
 
-def applies(x, code, kernel_size):
-    """3x3 templates with >= 16 input channels and >= 16 templates."""
+def applies(x, code, kernel_size, padding=(0, 0)):
+    """3x3 templates with >= 16 input channels and >= 16 templates, on a plane where the
+    blocks save products (``winograd.saves_products``)."""
+    plane = (x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
     return (tuple(kernel_size) == (3, 3) and x.shape[1] >= _MIN_CHANNELS
-            and code.shape[1] >= _MIN_CHANNELS)
+            and code.shape[1] >= _MIN_CHANNELS and saves_products(plane))
 
 
 @intrinsic
