@@ -338,7 +338,7 @@ def winograd_stats(monkeypatch):
 
 
 STATS_GEOMETRIES = RENDER_GEOMETRIES + [
-    (7, 16, 8, 8, 40, 3, 3, 0, 1, None),      # small plane: several samples per product call
+    (5, 16, 6, 6, 20, 3, 3, 0, 1, None),      # small plane: several samples per product call
 ]
 
 
