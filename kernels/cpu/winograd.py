@@ -332,13 +332,70 @@ def _gpix(nv):
     return GPIX[4] if nv == 4 else (GPIX[3] if nv == 3 else (GPIX[2] if nv == 2 else GPIX[1]))
 
 
+@njit(inline="always")
+def copy_channel_last(x, n, ph, pw, wrow, cpad, xp):
+    """Sample n of x into the channel-last buffer (rows of ``wrow`` pixels of ``cpad``
+    channels) at offset (ph, pw); the border is left as it is. Stores contiguous, loads
+    strided: 2x faster than the other way round."""
+    _, c_, hh, ww = x.shape
+    for i in range(hh):
+        for j in range(ww):
+            dst = ((i + ph) * wrow + pw + j) * cpad
+            for c in range(c_):
+                xp[dst + c] = x[n, c, i, j]
+
+
+@njit(inline="always")
+def code_in(codef, indf, swf, use_sw, dense, n, k_, units, plane, vl, place, buf):
+    """The unpooled code of sample n, times the switches, into a channel-last buffer: plane
+    position f, template k at ``buf[place[f] + k]``. ``codef``, ``indf`` and ``swf`` are the
+    flat (N, K, units) code, positions and switches.
+
+    A dense code (units == plane) is copied by VL x VL register transposes, and the result
+    is whether its positions were not the identity (the caller redoes that sample). Otherwise
+    the plane is zeroed and the units are added in row-major order per template, so
+    collisions add up as in the reference; the result is False.
+    """
+    if dense:
+        fv = plane - plane % vl
+        kv = k_ - k_ % vl
+        mismatch = False
+        for k0 in range(0, kv, vl):
+            for f0 in range(0, fv, vl):
+                at = (n * k_ + k0) * plane + f0
+                if use_sw:
+                    mismatch |= transpose_in(codef, at, plane, swf, indf, f0, buf, place, k0, 1)
+                else:
+                    mismatch |= transpose_in(codef, at, plane, swf, indf, f0, buf, place, k0, 0)
+        for f in range(plane):  # the rest: templates >= kv, positions >= fv
+            for k in range(kv if f < fv else 0, k_):
+                at = (n * k_ + k) * plane + f
+                val = codef[at]
+                if use_sw:
+                    val = val * swf[at]
+                mismatch |= indf[at] != f
+                buf[place[f] + k] = val
+        return mismatch
+    for f in range(plane):
+        for k in range(k_):
+            buf[place[f] + k] = 0
+    for u in range(units):  # the template innermost: adds of one unit position contiguous
+        for k in range(k_):
+            at = (n * k_ + k) * units + u
+            val = codef[at]
+            if use_sw:
+                val = val * swf[at]
+            buf[place[indf[at]] + k] += val
+    return False
+
+
 @njit(parallel=PARALLEL, cache=True)
-def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, xf, indf, swf, place, hh, ww, u,
-                     uofs_b, bpad, blk_k0, blk_nv, vl, ph, pw, poolh, poolw, sh, sw, leak, wo, wp, wused, th, tw, hrow,
+def _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs_b, bpad, blk_k0,
+                     blk_nv, vl, ph, pw, poolh, poolw, sh, sw, leak, wo, wp, wused, th, tw, hrow,
                      wrow, cpad, group, gtiles, spi, nchunks, h, idx, with_idx, redo):
     """The input plane (hh x ww, C channels) is x itself, or with ``unpool`` the code x
-    (N, C, Hp, Wp) times ``src_sw`` (if ``use_sw``) added at its ``src_idx`` positions
-    (plane position f is buffer element ``place[f]``: a table, no integer division)."""
+    (N, C, Hp, Wp), flat in ``xf``, times the switches ``swf`` (if ``use_sw``) added at its
+    positions ``indf`` (plane position f is buffer element ``place[f]``: see ``code_in``)."""
     n_, c_ = x.shape[:2]
     k_ = h.shape[1]
     hp = h.shape[2] // wp
@@ -374,56 +431,12 @@ def _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, xf, indf, swf, place, h
             if sg != cur:
                 for s in range(ns):
                     n = n0 + s
-                    if unpool and dense:
-                        # a dense code whose argmax positions are the identity (checked,
-                        # else the sample is redone): a transposing copy, VL x VL blocks
-                        # in registers, the rest in scalar code
-                        plane = hh * ww
-                        fv = plane - plane % vl
-                        cv = c_ - c_ % vl
-                        mismatch = False
-                        for c0 in range(0, cv, vl):
-                            for f0 in range(0, fv, vl):
-                                so = (n * c_ + c0) * plane + f0
-                                if use_sw:
-                                    mismatch |= transpose_in(xf, so, plane, swf, indf, f0, xp,
-                                                             place, c0, 1)
-                                else:
-                                    mismatch |= transpose_in(xf, so, plane, swf, indf, f0, xp,
-                                                             place, c0, 0)
-                        for f in range(plane):  # the rest: channels >= cv, positions >= fv
-                            for c in range(cv if f < fv else 0, c_):
-                                val = xf[(n * c_ + c) * plane + f]
-                                if use_sw:
-                                    val = val * swf[(n * c_ + c) * plane + f]
-                                mismatch |= indf[(n * c_ + c) * plane + f] != f
-                                xp[place[f] + c] = val
-                        if mismatch:
+                    if unpool:
+                        if code_in(xf, indf, swf, use_sw, dense, n, c_, x.shape[2] * x.shape[3],
+                                   hh * ww, vl, place, xp):
                             redo[n] = 1
-                    elif unpool:
-                        # unpool into the buffer: zero the plane, add the units in row-major
-                        # order per channel (collisions add up as in the reference); the
-                        # channel innermost, so the adds of one unit position are contiguous
-                        # where the code is dense
-                        for i in range(hh):
-                            dst = ((i + ph) * wrow + pw) * cpad
-                            for e in range(ww * cpad):
-                                xp[dst + e] = 0
-                        for p in range(x.shape[2]):
-                            for q in range(x.shape[3]):
-                                for c in range(c_):
-                                    val = x[n, c, p, q]
-                                    if use_sw:
-                                        val = val * src_sw[n, c, p, q]
-                                    xp[place[src_idx[n, c, p, q]] + c] += val
                     else:
-                        # channel-last copy, stores contiguous (2x faster than loads
-                        # contiguous)
-                        for i in range(hh):
-                            for j in range(ww):
-                                dst = ((i + ph) * wrow + pw + j) * cpad
-                                for c in range(c_):
-                                    xp[dst + c] = x[n, c, i, j]
+                        copy_channel_last(x, n, ph, pw, wrow, cpad, xp)
                     for ti in range(th):
                         for tj in range(tw):
                             src = (2 * ti * wrow + 2 * tj) * cpad
@@ -548,23 +561,20 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
     gtiles = ((((group - 1) * stride[0] + pool[0] + 1) // 2) + 1) * tw
     use_sw = src_sw is not None
     if src_idx is None:
-        src_idx = np.zeros((1, 1, 1, 1), dtype=np.int32)
         place = np.zeros(1, dtype=np.int64)
         xf, indf, swf = np.zeros(1, x.dtype), np.zeros(1, np.int32), np.zeros(1, x.dtype)
     else:
-        # flat views for the transposing copy of a dense code (C-contiguous, as the ops
-        # layer passes them)
+        # flat views of the code, positions and switches (C-contiguous, as the ops layer
+        # passes them)
         xf = np.ascontiguousarray(x).reshape(-1)
         indf = np.ascontiguousarray(src_idx, dtype=np.int32).reshape(-1)
-        swf = (np.ascontiguousarray(src_sw, dtype=x.dtype).reshape(-1) if src_sw is not None
+        swf = (np.ascontiguousarray(src_sw, dtype=x.dtype).reshape(-1) if use_sw
                else np.zeros(1, x.dtype))
         rows, cols = np.divmod(np.arange(hh * ww, dtype=np.int64), ww)
         place = ((rows + ph) * wrow + pw + cols) * cpad
-    if not use_sw:
-        src_sw = np.zeros((1, 1, 1, 1), dtype=x.dtype)
-    _winograd_kernel(x, unpool, src_idx, src_sw, use_sw, xf, indf, swf, place, hh, ww, u, uofs,
-                     bpad, k0, nv, vl, ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp,
-                     wused, th, tw, hrow, wrow, cpad, group, gtiles, spi,
+    _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs, bpad, k0, nv, vl,
+                     ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp, wused,
+                     th, tw, hrow, wrow, cpad, group, gtiles, spi,
                      num_chunks(-(-n // spi) * len(k0)),
                      h.reshape(n, k, hp * wp), idx.reshape(n, k, -1), with_idx, redo)
     return h, (idx if with_idx else None), redo

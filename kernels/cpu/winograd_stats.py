@@ -27,8 +27,8 @@ from numba.extending import intrinsic
 from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes
 from .rendering import _gemm, _gpix
 from .matching import _blocks
-from .winograd import (_vector_helpers, any_non_finite, input_transform, saves_products,
-                       transpose_in)
+from .winograd import (_vector_helpers, any_non_finite, code_in, copy_channel_last,
+                       input_transform, saves_products)
 
 __all__ = ["applies", "template_stats_bs"]
 
@@ -89,7 +89,7 @@ def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
 @njit(parallel=PARALLEL, cache=True)
 def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw, hrow, wrow, ccol,
                cpad, kpad, blk_c0, blk_nv, vl, spi, nchunks, mpart, spart, redo):
-    n_, c_, hh, ww = x.shape
+    n_ = x.shape[0]
     k_ = spart.shape[1]
     tiles = th * tw
     ngroups = -(-n_ // spi)
@@ -116,11 +116,7 @@ def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw
             for s in range(ns):
                 n = n0 + s
                 bad = False
-                for i in range(hh):  # channel-last copy of the input (border stays zero)
-                    for j in range(ww):
-                        dst = ((i + ph) * wrow + pw + j) * cpad
-                        for c in range(c_):
-                            xp[dst + c] = x[n, c, i, j]
+                copy_channel_last(x, n, ph, pw, wrow, cpad, xp)  # the border stays zero
                 for ti in range(th):
                     for tj in range(tw):
                         src = (2 * ti * wrow + 2 * tj) * cpad
@@ -129,37 +125,8 @@ def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw
                             bad |= input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
                                                    vstride, 1)
                 # the unpooled code (times the switches), channel-last, zero beyond the plane
-                if dense:
-                    fv = plane - plane % vl
-                    kv = k_ - k_ % vl
-                    for k0 in range(0, kv, vl):
-                        for f0 in range(0, fv, vl):
-                            so = (n * k_ + k0) * plane + f0
-                            if use_sw:
-                                bad |= transpose_in(codef, so, plane, swf, indf, f0, cb, cplace,
-                                                    k0, 1)
-                            else:
-                                bad |= transpose_in(codef, so, plane, swf, indf, f0, cb, cplace,
-                                                    k0, 0)
-                    for f in range(plane):  # the rest: templates >= kv, positions >= fv
-                        for k in range(kv if f < fv else 0, k_):
-                            val = codef[(n * k_ + k) * plane + f]
-                            if use_sw:
-                                val = val * swf[(n * k_ + k) * plane + f]
-                            bad |= indf[(n * k_ + k) * plane + f] != f
-                            cb[cplace[f] + k] = val
-                else:
-                    for f in range(plane):
-                        for e in range(k_):
-                            cb[cplace[f] + e] = 0
-                    nunit = codef.shape[0] // n_ // k_
-                    for u in range(nunit):  # row-major unit order per template
-                        for k in range(k_):
-                            at = (n * k_ + k) * nunit + u
-                            val = codef[at]
-                            if use_sw:
-                                val = val * swf[at]
-                            cb[cplace[indf[at]] + k] += val
+                bad |= code_in(codef, indf, swf, use_sw, dense, n, k_,
+                               codef.shape[0] // n_ // k_, plane, vl, cplace, cb)
                 for e in range(kpad):
                     ssum[e] = 0
                 for f in range(plane):
