@@ -33,11 +33,14 @@ epilogue a copy. A dense code (an unpooled layer's) is copied by VL x VL registe
 transposes (``transpose_in``), which also check that its argmax positions are the identity
 (a sample where they are not is flagged and redone).
 
-Layout and work split: as in the direct kernel, work items are (sample, channel block) pairs
-in contiguous chunks per thread. A thread copies each of its samples channel-last into a
-zero-padded buffer and transforms it whole (V, 16 x tiles x C), then for each channel block
-walks groups of tile rows: 16 products into a small M buffer, the output transform + bias +
-switch into the row buffer, pooling straight into ``h``/``idx``.
+Layout and work split: as in the direct kernel, work items are (samples, channel block)
+pairs in contiguous chunks per thread (one sample per item, or several when the plane is
+small: their blocks then share the product calls). A thread copies each of its samples
+channel-last into a zero-padded buffer and transforms it whole (V, 16 x tiles x C), then for
+each channel block walks groups of tile rows: 16 products into a small M buffer, the output
+transform + bias + switch into the row buffer, pooling straight into ``h``/``idx``. The
+planes of V and M are one vector more than a multiple of 4 KiB apart (else all 16 streams of
+a block share one L1 set), and the micro-kernel runs on gemm_tile's tile sizes.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from .matching import _blocks, _pool_group
 __all__ = ["applies", "match_switch_pool", "render_applies", "render"]
 
 _MIN_CHANNELS = 16   # below this the transforms cost as much as the products they save
-_SPI = None         # samples per item, forced (benchmarks); None: _samples_per_item
+_SPI = None          # samples per item, forced (benchmarks, tests); None: chosen
 _MAX_TILES = 48      # tiles per group: M stays small (16 x 48 x 64 floats = 192 KiB)
 
 
