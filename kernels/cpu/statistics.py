@@ -606,9 +606,9 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
                 s += sub_s
     else:
         big_b, s = _exact_bs(x, code, idx, kernel_size, padding, switches)
-    use_sw, sw = _switch_args(code, switches)
     if not gram:
         return big_b, s, None
+    use_sw, sw = _switch_args(code, switches)
 
     vl = lanes(dtype)
     kpad = -(-k // vl) * vl

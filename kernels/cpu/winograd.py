@@ -349,6 +349,24 @@ def copy_channel_last(x, n, ph, pw, wrow, cpad, xp):
 
 
 @njit(inline="always")
+def transform_blocks(xp, wrow, cpad, th, tw, s, vl, v, vstride, check):
+    """V of every 4x4 block (th x tw blocks at stride 2) of the channel-last buffer into
+    sample slot ``s`` of v; with ``check``, whether any V is non-finite (else False)."""
+    bad = False
+    for ti in range(th):
+        for tj in range(tw):
+            src = (2 * ti * wrow + 2 * tj) * cpad
+            dst = ((s * th + ti) * tw + tj) * cpad
+            for q in range(0, cpad, vl):
+                if check:
+                    bad |= input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
+                                           vstride, 1)
+                else:
+                    input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q, vstride, 0)
+    return bad
+
+
+@njit(inline="always")
 def code_in(codef, indf, swf, use_sw, dense, n, k_, units, plane, vl, place, buf):
     """The unpooled code of sample n, times the switches, into a channel-last buffer: plane
     position f, template k at ``buf[place[f] + k]``. ``codef``, ``indf`` and ``swf`` are the
@@ -440,13 +458,7 @@ def _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs_b,
                             redo[n] = 1
                     else:
                         copy_channel_last(x, n, ph, pw, wrow, cpad, xp)
-                    for ti in range(th):
-                        for tj in range(tw):
-                            src = (2 * ti * wrow + 2 * tj) * cpad
-                            dst = ((s * th + ti) * tw + tj) * cpad
-                            for q in range(0, cpad, vl):
-                                input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
-                                                vstride, 0)
+                    transform_blocks(xp, wrow, cpad, th, tw, s, vl, v, vstride, False)
                 cur = sg
             k0 = blk_k0[b]
             nv = blk_nv[b]

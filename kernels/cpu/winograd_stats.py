@@ -28,7 +28,7 @@ from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes
 from .rendering import _gemm, _gpix
 from .matching import _blocks
 from .winograd import (_vector_helpers, any_non_finite, code_in, copy_channel_last,
-                       input_transform, saves_products)
+                       saves_products, transform_blocks)
 
 __all__ = ["applies", "template_stats_bs"]
 
@@ -117,13 +117,7 @@ def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw
                 n = n0 + s
                 bad = False
                 copy_channel_last(x, n, ph, pw, wrow, cpad, xp)  # the border stays zero
-                for ti in range(th):
-                    for tj in range(tw):
-                        src = (2 * ti * wrow + 2 * tj) * cpad
-                        dst = ((s * th + ti) * tw + tj) * cpad
-                        for q in range(0, cpad, vl):
-                            bad |= input_transform(xp, src + q, cpad, wrow * cpad, v, dst + q,
-                                                   vstride, 1)
+                bad |= transform_blocks(xp, wrow, cpad, th, tw, s, vl, v, vstride, True)
                 # the unpooled code (times the switches), channel-last, zero beyond the plane
                 bad |= code_in(codef, indf, swf, use_sw, dense, n, k_,
                                codef.shape[0] // n_ // k_, plane, vl, cplace, cb)
