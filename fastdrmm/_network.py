@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _elementwise as elementwise
 from . import ops
 from .layers import layer_shapes
 
@@ -54,7 +55,7 @@ class Forward:
         ReLU slopes of the backward pass), so it must not be modified."""
         key = (l, np.dtype(dtype))
         if key not in self._switch_cache:
-            self._switch_cache[key] = (self.hs[l + 1] > 0).astype(dtype)
+            self._switch_cache[key] = elementwise.step_mask(self.hs[l + 1], 0, dtype)
         return self._switch_cache[key]
 
 
@@ -177,7 +178,7 @@ class Network:
             # the switch's slope: 1 where the unit is on, else the leak (0: the ReLU's switch)
             dtype = fw.hs[l + 1].dtype
             slope = (fw.switches(l, dtype) if layer.leak == 0 else
-                     np.where(fw.hs[l + 1] > 0, dtype.type(1), dtype.type(layer.leak)))
+                     elementwise.step_mask(fw.hs[l + 1], layer.leak, dtype))
             B, s, _ = ops.template_stats(fw.hs[l], g_h, fw.idxs[l], layer.kernel_size,
                                          padding=layer.padding, switches=slope, gram=False,
                                          backend=self.backend)
@@ -206,13 +207,15 @@ class Network:
                 zeros = np.zeros(layer.n_templates, g.dtype)
                 g, _ = ops.match_switch_pool(g, p[f"W{l}"], zeros, padding=layer.padding,
                                              pool=1, leak=1.0, backend=self.backend)
-                g *= switches[l]
+                mask = switches[l]
             else:
                 g = ops.match_at(g, p[f"W{l}"], fw.idxs[l], padding=layer.padding,
                                  switches=switches[l], backend=self.backend)
+                mask = None
+            # the switch of a dense layer and the non-negativity penalty's gradient, in one pass
             weight = nonneg_weights[l]
-            if weight:
-                g += (2.0 * weight) * np.minimum(code, 0)
+            if weight or mask is not None:
+                elementwise.mask_add_negative(g, mask, code, 2.0 * weight)
         g_top = (g.sum(axis=(2, 3), dtype=np.float64) if self.top == "average"
                  else g.reshape(g.shape[0], -1))
         grads["mu"] += q.T @ g_top
@@ -223,8 +226,7 @@ class Network:
 
 def sumsq(a):
     """The sum of squares of an array, accumulated in float64."""
-    flat = np.ravel(a)
-    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    return elementwise.sum_squares(a)
 
 
 def one_hot(classes, n_classes, dtype=np.float64):
@@ -307,8 +309,7 @@ def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True, targets=None):
     for l in range(1, net.n_layers + 1):
         size = float(np.prod(net.code_shape(l - 1)))
         if want_render:
-            neg = np.minimum(rs[l], 0)
-            nonneg += sumsq(neg) / (n * size)
+            nonneg += elementwise.negative_sum_squares(rs[l]) / (n * size)
         nonneg_weights.append(weights.nonnegativity / (n * size))
     terms = {"xent": float(xent), "entropy": float(entropy),
              "reconstruction": reconstruction, "nonnegativity": nonneg, "kl": kl,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backends
+from . import _elementwise as elementwise
 from . import _validation as v
 
 __all__ = ["match_switch_pool", "match_at", "unpool", "render", "template_stats"]
@@ -88,7 +89,7 @@ class _Inputs:
         if self.device:
             low, high = self.module.index_range(idx)
         elif idx.size:
-            low, high = int(idx.min()), int(idx.max())
+            low, high = elementwise.index_range(idx)
         else:
             low, high = 0, 0
         if idx.size and (low < 0 or high >= size):

@@ -96,6 +96,25 @@ def render(code, idx, templates, input_shape, padding=0, switches=None):
 
 def template_stats(x, code, idx, kernel_size, padding=0, switches=None):
     """B, s and G, with G built column by column as D^T D of the explicit render map."""
+    big_b, s = template_bs(x, code, idx, kernel_size, padding, switches)
+    kh, kw = _pair(kernel_size)
+    ph, pw = _pair(padding)
+    k_ = code.shape[1]
+    h_, w_ = x.shape[2:]
+    # D: one column per tap (k, a, b): the single-channel image that a unit template paints.
+    cols = []
+    for k in range(k_):
+        for a in range(kh):
+            for b in range(kw):
+                unit = np.zeros((k_, 1, kh, kw))
+                unit[k, 0, a, b] = 1.0
+                cols.append(render(code, idx, unit, (h_, w_), (ph, pw), switches).reshape(-1))
+    d = np.stack(cols, axis=1)
+    return big_b, s, d.T @ d
+
+
+def template_bs(x, code, idx, kernel_size, padding=0, switches=None):
+    """B and s, term by term over the unpooled code (the padding's terms left out)."""
     x = np.asarray(x, dtype=np.float64)
     n_, c_, h_, w_ = x.shape
     kh, kw = _pair(kernel_size)
@@ -115,13 +134,4 @@ def template_stats(x, code, idx, kernel_size, padding=0, switches=None):
                                 if 0 <= y < h_ and 0 <= xx < w_:
                                     big_b[k, c, a, b] += u[n, k, i, j] * x[n, c, y, xx]
     s = u.sum(axis=(0, 2, 3))
-    # D: one column per tap (k, a, b): the single-channel image that a unit template paints.
-    cols = []
-    for k in range(k_):
-        for a in range(kh):
-            for b in range(kw):
-                unit = np.zeros((k_, 1, kh, kw))
-                unit[k, 0, a, b] = 1.0
-                cols.append(render(code, idx, unit, (h_, w_), (ph, pw), switches).reshape(-1))
-    d = np.stack(cols, axis=1)
-    return big_b, s, d.T @ d
+    return big_b, s

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import naive
-from checks import DTYPES, HOST_BACKENDS, check_template_stats, host_runner
+from checks import DTYPES, HOST_BACKENDS, check_template_stats, host_runner, tol
 from fastdrmm import ops
-from test_ops_render import GEMM_GEOMETRIES, GEOMETRIES, cpu_gemm, latents  # noqa: F401
+from test_ops_render import GEMM_GEOMETRIES, GEOMETRIES, latents
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -127,11 +127,35 @@ def test_nan_in_x_reaches_b_on_every_path(backend, rng):
         assert np.isnan(big_b).any(), plane
 
 
+@pytest.fixture(params=["sparse", "gemm", "kvec"])
+def cpu_stats_path(request, monkeypatch):
+    """Force one of the cpu backend's B kernels: sparse units, GEMM over C, or vectors over K."""
+    from fastdrmm.kernels.cpu import statistics
+
+    monkeypatch.setattr(statistics, "_GEMM", request.param == "gemm")
+    monkeypatch.setattr(statistics, "_KVEC", request.param == "kvec")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("geom", GEMM_GEOMETRIES)
-def test_cpu_stats_paths_match_naive(cpu_gemm, dtype, geom, rng):
+@pytest.mark.parametrize("geom", GEMM_GEOMETRIES + [
+    (2, 1, 14, 13, 32, 5, 5, 4, 2, None),  # like conv-small's first layer: C = 1, 5x5, pad 4
+    (2, 3, 12, 11, 21, 3, 3, 1, 2, None),  # RGB, K not a whole vector
+    (1, 7, 9, 9, 70, 2, 3, 0, 1, None),    # several template blocks, taps not a tile multiple
+])
+def test_cpu_stats_paths_match_naive(cpu_stats_path, dtype, geom, rng):
     x, templates, code, idx, switches = latents(rng, dtype, geom)
-    check_template_stats(host_runner("cpu"), dtype, geom, x, code, idx, switches)
+    if cpu_stats_path == "sparse" and geom in GEMM_GEOMETRIES:
+        # G too (one kernel whatever the B path), where the naive G is quick
+        check_template_stats(host_runner("cpu"), dtype, geom, x, code, idx, switches)
+    else:
+        big_b, s, _ = ops.template_stats(x, code, idx, (geom[5], geom[6]), padding=geom[7],
+                                         switches=switches, gram=False, backend="cpu")
+        want_b, want_s = naive.template_bs(x, code, idx, (geom[5], geom[6]), geom[7], switches)
+        rtol, atol = tol(dtype)
+        assert big_b.dtype == dtype and s.dtype == dtype
+        np.testing.assert_allclose(big_b, want_b, rtol=rtol, atol=atol * 10)
+        np.testing.assert_allclose(s, want_s, rtol=rtol, atol=atol * 10)
     a = ops.template_stats(x, code, idx, (geom[5], geom[6]), padding=geom[7],
                            switches=switches, gram=False, backend="cpu")
     b = ops.template_stats(x, code, idx, (geom[5], geom[6]), padding=geom[7],
@@ -140,18 +164,23 @@ def test_cpu_stats_paths_match_naive(cpu_gemm, dtype, geom, rng):
         np.testing.assert_array_equal(p, q)
 
 
-def test_cpu_stats_gemm_non_finite_like_numpy(monkeypatch, rng):
+@pytest.mark.parametrize("path", ["gemm", "kvec"])
+def test_cpu_stats_dense_paths_non_finite_like_numpy(monkeypatch, path, rng):
+    """The GEMM and k-vector kernels compute every (position, tap) term: 0 * inf = NaN as in
+    the reference."""
     from fastdrmm.kernels.cpu import statistics
 
-    monkeypatch.setattr(statistics, "_GEMM", True)
+    monkeypatch.setattr(statistics, "_GEMM", path == "gemm")
+    monkeypatch.setattr(statistics, "_KVEC", path == "kvec")
     x, _, code, idx, switches = latents(rng, np.float64, (3, 2, 7, 6, 3, 3, 3, 1, 1, None))
     x[1, 0, 2, 2] = np.nan
     x[2, 1, 0, 0] = np.inf
     code[0, 1, 1, 1] = np.inf
     got = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, gram=False,
                              backend="cpu")
-    want = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches, gram=False,
-                              backend="numpy")
+    with np.errstate(invalid="ignore"):  # the reference's own 0 * inf
+        want = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches,
+                                  gram=False, backend="numpy")
     for g, w in zip(got[:2], want[:2]):
         np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
         np.testing.assert_array_equal(np.isinf(g), np.isinf(w))

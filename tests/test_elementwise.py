@@ -1,0 +1,111 @@
+"""The element-wise glue kernels against the NumPy expressions they replace."""
+
+import numba
+import numpy as np
+import pytest
+
+from checks import DTYPES
+from fastdrmm import _elementwise
+from fastdrmm.kernels.cpu import elementwise
+
+SIZES = [1, 7, 16, 17, 1000, 12345]
+
+
+def special(rng, n, dtype):
+    """Random values with zeros, +-0, NaN and +-inf sprinkled in."""
+    a = rng.standard_normal(n).astype(dtype)
+    picks = rng.integers(0, n, size=min(n, 6))
+    a[picks] = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 0.0], dtype)[:picks.size]
+    return a
+
+
+@pytest.fixture(params=["kernels", "fallback"])
+def glue(request, monkeypatch):
+    """The dispatching module, through the Numba kernels or through the NumPy fallback."""
+    if request.param == "fallback":
+        monkeypatch.setattr(_elementwise, "_host_kernels", lambda *arrays: None)
+    return _elementwise
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_sum_squares(glue, dtype, n, rng):
+    a = rng.standard_normal(n).astype(dtype)
+    want = np.sum(a.astype(np.float64) ** 2)
+    assert glue.sum_squares(a) == pytest.approx(want, rel=1e-12)
+    neg = np.minimum(a, 0).astype(np.float64)
+    assert glue.negative_sum_squares(a) == pytest.approx(np.sum(neg ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_sum_squares_non_finite(glue, value, rng):
+    a = rng.standard_normal(33)
+    a[20] = value
+    np.testing.assert_equal(glue.sum_squares(a), np.sum(a ** 2))
+    np.testing.assert_equal(glue.negative_sum_squares(a), np.sum(np.minimum(a, 0) ** 2))
+    assert np.isfinite(glue.negative_sum_squares(a)) == (value == np.inf)
+
+
+def test_sum_squares_views_and_threads(rng):
+    a = rng.standard_normal((40, 30)).astype(np.float32)
+    view = a[::2, ::-3]
+    want = np.sum(view.astype(np.float64) ** 2)
+    assert elementwise.sum_squares(view) == pytest.approx(want, rel=1e-12)
+    bits = []
+    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+        numba.set_num_threads(threads)
+        bits.append((elementwise.sum_squares(a), elementwise.negative_sum_squares(a)))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert len(set(bits)) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("n", SIZES)
+def test_index_range(glue, dtype, n, rng):
+    idx = rng.integers(-50, 1000, size=n).astype(dtype)
+    assert glue.index_range(idx) == (idx.min(), idx.max())
+    grid = idx[:n - n % 4].reshape(-1, 2, 2)[:, ::-1]  # a view
+    if grid.size:
+        assert glue.index_range(grid) == (grid.min(), grid.max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("low", [0.0, 0.1])
+def test_step_mask(glue, dtype, low, rng):
+    h = special(rng, 1001, dtype).reshape(7, 11, 13)[:, ::2]
+    got = glue.step_mask(h, low, dtype)
+    assert got.dtype == dtype and got.shape == h.shape
+    np.testing.assert_array_equal(got, np.where(h > 0, 1, low).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("weight", [0.0, 0.25])
+@pytest.mark.parametrize("n", SIZES)
+def test_mask_add_negative(glue, dtype, use_mask, weight, n, rng):
+    g = special(rng, n, dtype)
+    code = special(rng, n, dtype)
+    mask = (rng.random(n) < 0.6).astype(dtype) if use_mask else None
+    want = g.copy()
+    with np.errstate(invalid="ignore"):
+        if use_mask:
+            want *= mask
+        if weight:
+            want += dtype(weight) * np.minimum(code, 0)
+        out = glue.mask_add_negative(g, mask, code, weight)
+    assert out is g
+    np.testing.assert_allclose(g, want, rtol=1e-6 if dtype == np.float32 else 1e-15)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(want))
+
+
+def test_mask_add_negative_reads_views_and_checks_sizes(rng):
+    g = rng.standard_normal((6, 5)).astype(np.float32)
+    code = rng.standard_normal((5, 6)).astype(np.float32).T  # a transposed view
+    mask = np.asfortranarray((rng.random((6, 5)) < 0.5).astype(np.float32))
+    want = g * mask + np.float32(0.5) * np.minimum(code, 0)
+    np.testing.assert_allclose(elementwise.mask_add_negative(g, mask, code, 0.5), want,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        elementwise.mask_add_negative(g.T, None, code, 0.5)
+    with pytest.raises(ValueError, match="size"):
+        elementwise.mask_add_negative(g, mask[:3], code, 0.5)
