@@ -134,19 +134,24 @@ GEMM_GEOMETRIES = GEOMETRIES + [
 ]
 
 
-@pytest.fixture(params=[False, True], ids=["gemm-off", "gemm-on"])
-def cpu_gemm(request, monkeypatch):
-    """Force the cpu backend's GEMM paths (render and template_stats B) on or off."""
-    from fastdrmm.kernels.cpu import rendering, statistics
+@pytest.fixture(params=["scatter-or-dense", "gemm", "dots"])
+def cpu_render_path(request, monkeypatch):
+    """Force one of the cpu backend's render paths (the scatter/dense choice by cost, the
+    GEMM, or the dot products over the templates)."""
+    from fastdrmm.kernels.cpu import rendering
 
-    monkeypatch.setattr(rendering, "_GEMM", request.param)
-    monkeypatch.setattr(statistics, "_GEMM", request.param)
+    monkeypatch.setattr(rendering, "_GEMM", request.param == "gemm")
+    monkeypatch.setattr(rendering, "_DOTS", request.param == "dots")
     return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("geom", GEMM_GEOMETRIES)
-def test_cpu_render_paths_match_naive(cpu_gemm, dtype, geom, rng):
+@pytest.mark.parametrize("geom", GEMM_GEOMETRIES + [
+    (2, 1, 14, 13, 32, 5, 5, 4, 2, None),  # like conv-small's first layer: C = 1, 5x5, pad 4
+    (2, 3, 12, 11, 21, 3, 3, 1, 2, None),  # RGB, K not a whole vector
+    (1, 2, 19, 9, 40, 2, 3, 0, 1, None),   # rows not a multiple of the pixel tiles
+])
+def test_cpu_render_paths_match_naive(cpu_render_path, dtype, geom, rng):
     x, templates, code, idx, switches = latents(rng, dtype, geom)
     check_unpool_and_render(host_runner("cpu"), dtype, geom, code, idx, templates, switches)
     r1 = ops.render(code, idx, templates, geom[2:4], padding=geom[7], switches=switches,
@@ -154,6 +159,37 @@ def test_cpu_render_paths_match_naive(cpu_gemm, dtype, geom, rng):
     r2 = ops.render(code, idx, templates, geom[2:4], padding=geom[7], switches=switches,
                     backend="cpu")
     np.testing.assert_array_equal(r1, r2)
+
+
+def test_cpu_render_dots_non_finite_code_like_numpy(monkeypatch, rng):
+    """The dot-product path computes every (position, tap) term of finite templates: NaN and
+    inf in the code spread where their taps land, as in the reference; non-finite templates
+    take another path."""
+    from fastdrmm.kernels.cpu import rendering
+
+    _, templates, code, idx, switches = latents(rng, np.float64, (2, 2, 9, 8, 3, 3, 2, 1, 2,
+                                                                  None))
+    code[0, 0, 0, 0] = np.nan
+    code[1, 1, -1, -1] = np.inf
+    code[1, 2, 0, 1] = -np.inf
+    want = ops.render(code, idx, templates, (9, 8), padding=1, switches=switches,
+                      backend="numpy")
+    monkeypatch.setattr(rendering, "_DOTS", True)
+    got = ops.render(code, idx, templates, (9, 8), padding=1, switches=switches,
+                     backend="cpu")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
+    templates[1, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="finite templates"):
+        ops.render(code, idx, templates, (9, 8), padding=1, switches=switches, backend="cpu")
+    monkeypatch.setattr(rendering, "_DOTS", None)  # the automatic choice falls back
+    got = ops.render(code, idx, templates, (9, 8), padding=1, switches=switches,
+                     backend="cpu")
+    want = ops.render(code, idx, templates, (9, 8), padding=1, switches=switches,
+                      backend="numpy")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
 
 
 @pytest.mark.parametrize("geom", [(2, 3, 6, 7, 4, 3, 3, 1, 1, None),

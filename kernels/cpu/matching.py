@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds,
-                      conv_tile, dot_tile, lanes, num_chunks, pool_step)
+                      conv_tile, dot_tile, lanes, num_chunks, place_table, pool_step)
 
 __all__ = ["match_switch_pool", "match_at"]
 
@@ -316,6 +316,7 @@ def _match_at_kernel(x, wt, idx, sw, use_sw, ph, pw, kh, row, wo, wp, woff, xoff
     rstride = wpad * c_
     nsteps = woff.shape[0]
     span = group * wp
+    place = place_table(hpad - kh + 1, wo, rstride, c_, 0)
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
         # the border stays zero; the slack after the plane is read by padded rows only
@@ -340,9 +341,7 @@ def _match_at_kernel(x, wt, idx, sw, use_sw, ph, pw, kh, row, wo, wp, woff, xoff
                         if use_sw and sw[n, k, e] == 0:
                             out[n, k, e] = 0
                             continue
-                        f = idx[n, k, e]
-                        i = f // wo
-                        base[m] = (i * wpad + f - i * wo) * c_
+                        base[m] = place[idx[n, k, e]]
                         slot[m] = e
                         m += 1
                     for t in range(m, m + _UNITS):  # a partial last block reads a valid patch

@@ -54,7 +54,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import (NL_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, gather_dots, lanes,
-                      num_chunks)
+                      num_chunks, place_table)
 from .matching import _blocks
 from .rendering import _gemm, _gpix, _switch_args, _unpool_sample, sample_finite, unit_value
 
@@ -73,6 +73,7 @@ def _stats_bs(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, vl, nchunks, bpa
     hpad, wpad = hh + 2 * ph, ww + 2 * pw
     run = kw * c_
     nrow = run // vl
+    place = place_table(ho, wo, wpad * c_, c_, 0)
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
         qoff = np.empty(hp * wp + 1, dtype=np.int64)
@@ -102,9 +103,7 @@ def _stats_bs(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, vl, nchunks, bpa
                         for q in range(wp):
                             val = unit_value(code, sw, use_sw, n, k, p, q)
                             sp[k] += val
-                            f = idx[n, k, p, q]
-                            i = f // wo
-                            qoff[cnt] = (i * wpad + f - i * wo) * c_
+                            qoff[cnt] = place[idx[n, k, p, q]]
                             qval[cnt] = val
                             cnt += val != 0
                     if run % vl == 0:
@@ -349,6 +348,7 @@ def _stats_gram(code, idx, sw, use_sw, kh, kw, ho, wo, vl, kpad, rc_lo, rc_hi, c
     taps = kh * kw
     nblk = blk_rc.shape[0]
     nvec = kpad // vl
+    place = place_table(ho, wo, wu * kpad, kpad, ((kh - 1) * wu + kw - 1) * kpad)
     for chunk in prange(nchunks):
         klo, khi = chunk_bounds(chunk, nchunks, k_)
         nown = khi - klo
@@ -369,10 +369,7 @@ def _stats_gram(code, idx, sw, use_sw, kh, kw, ho, wo, vl, kpad, rc_lo, rc_hi, c
             for k in range(k_):
                 for p in range(hp):
                     for q in range(wp):
-                        f = idx[n, k, p, q]
-                        i = f // wo
-                        j = f - i * wo
-                        upad[((i + kh - 1) * wu + j + kw - 1) * kpad + k] += unit_value(
+                        upad[place[idx[n, k, p, q]] + k] += unit_value(
                             code, sw, use_sw, n, k, p, q)
             for tile in range(tile_lo.shape[0]):
                 qi0, qi1, kind = tile_lo[tile], tile_hi[tile], tile_kind[tile]
