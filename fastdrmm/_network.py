@@ -143,7 +143,12 @@ class Network:
 
     def top_code(self, p, q, dtype):
         """r[L]: the class templates mixed by q (N, n_classes), on every top position."""
-        return self._to_top_plane(q @ p["mu"], dtype)
+        # in the code's dtype: a float64 product of the whole top code then cast back cost
+        # ~1.5 ms of a 120 ms conv-small step, for a sum of n_classes terms
+        mu = p["mu"]
+        if np.dtype(mu.dtype).itemsize < np.dtype(dtype).itemsize:
+            mu = mu.astype(dtype)
+        return self._to_top_plane(q.astype(mu.dtype, copy=False) @ mu, dtype)
 
     def render_down(self, p, top, idxs, switches, stop=0):
         """[r[stop], ..., r[L]] rendered from r[L] = top with the given latents."""
