@@ -11,9 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 
+_KERNEL_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64,
+                                                  np.uint8, np.uint16, np.uint32, np.bool_))
+
+
 def _host_kernels(*arrays):
-    """The Numba kernels when every array is a NumPy array and Numba imports, else None."""
-    if not all(isinstance(a, np.ndarray) for a in arrays if a is not None):
+    """The Numba kernels when every array is a NumPy array of a type they take (float32/64,
+    integers that fit int64, bool) and Numba imports, else None."""
+    if not all(isinstance(a, np.ndarray) and a.dtype in _KERNEL_DTYPES
+               for a in arrays if a is not None):
         return None
     try:
         from .kernels.cpu import elementwise

@@ -109,3 +109,13 @@ def test_mask_add_negative_reads_views_and_checks_sizes(rng):
         elementwise.mask_add_negative(g.T, None, code, 0.5)
     with pytest.raises(ValueError, match="size"):
         elementwise.mask_add_negative(g, mask[:3], code, 0.5)
+
+
+def test_other_dtypes_take_the_numpy_expressions():
+    """Types the kernels do not take (uint64 beyond int64, float16) still give exact answers."""
+    big = np.array([2**63 + 5, 3, 2**64 - 1], np.uint64)
+    assert _elementwise.index_range(big) == (3, 2**64 - 1)
+    half = np.array([1.5, -2.0, 0.25], np.float16)
+    assert _elementwise.sum_squares(half) == pytest.approx(6.3125)
+    assert _elementwise.negative_sum_squares(half) == pytest.approx(4.0)
+    np.testing.assert_array_equal(_elementwise.step_mask(half, 0, np.float32), [1, 0, 1])

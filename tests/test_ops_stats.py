@@ -142,6 +142,7 @@ def cpu_stats_path(request, monkeypatch):
     (2, 1, 14, 13, 32, 5, 5, 4, 2, None),  # like conv-small's first layer: C = 1, 5x5, pad 4
     (2, 3, 12, 11, 21, 3, 3, 1, 2, None),  # RGB, K not a whole vector
     (1, 7, 9, 9, 70, 2, 3, 0, 1, None),    # several template blocks, taps not a tile multiple
+    (2, 1, 10, 10, 100, 3, 3, 1, 2, None),  # template blocks with different tile sizes
 ])
 def test_cpu_stats_paths_match_naive(cpu_stats_path, dtype, geom, rng):
     x, templates, code, idx, switches = latents(rng, dtype, geom)

@@ -330,6 +330,20 @@ def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo,
 
 
 @njit(inline="always")
+def unpool_bordered(code, idx, sw, use_sw, n, place, ho, wo, kh, kw, wu, kpad, u):
+    """Sample n unpooled channel-last, ``u[place[f] + k]`` (collisions summed in unit order),
+    in a buffer whose zero border of (kh-1, kw-1) is left as it is."""
+    _, k_, hp, wp = code.shape
+    for i in range(ho):
+        row = ((i + kh - 1) * wu + kw - 1) * kpad
+        u[row:row + wo * kpad] = 0
+    for k in range(k_):
+        for p in range(hp):
+            for q in range(wp):
+                u[place[idx[n, k, p, q]] + k] += unit_value(code, sw, use_sw, n, k, p, q)
+
+
+@njit(inline="always")
 def _dots(npx, out, w, wofs, u, bases, woff, xoff, nsteps):
     if npx == 8:
         dot_tile(out, w, wofs, u, bases, woff, xoff, nsteps, 8)
@@ -375,13 +389,7 @@ def _render_dots_kernel(code, idx, sw, use_sw, wl, kpad, vl, ho, wo, ph, pw, kh,
         u = np.zeros(hu * wu * kpad, dtype=r.dtype)  # the border stays zero
         bases = np.empty(8, dtype=np.int64)
         for n in range(lo, hi):
-            for i in range(ho):
-                row = ((i + kh - 1) * wu + kw - 1) * kpad
-                u[row:row + wo * kpad] = 0
-            for k in range(k_):
-                for p in range(hp):
-                    for q in range(wp):
-                        u[place[idx[n, k, p, q]] + k] += unit_value(code, sw, use_sw, n, k, p, q)
+            unpool_bordered(code, idx, sw, use_sw, n, place, ho, wo, kh, kw, wu, kpad, u)
             for c in range(c_):
                 wofs = c * nsteps * vl
                 for y in range(hh):

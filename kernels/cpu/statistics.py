@@ -56,7 +56,8 @@ from numba import njit, prange
 from ._common import (NL_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, gather_dots, lanes,
                       num_chunks, place_table)
 from .matching import _blocks
-from .rendering import _gemm, _gpix, _switch_args, _unpool_sample, sample_finite, unit_value
+from .rendering import (_gemm, _gpix, _switch_args, _unpool_sample, sample_finite, unit_value,
+                        unpool_bordered)
 
 __all__ = ["template_stats"]
 
@@ -174,10 +175,7 @@ def _stats_bs_gemm(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kp, cpad, b
             for s in range(ns):
                 n = g0 + s
                 _unpool_sample(code, idx, sw, use_sw, n, npos, u, s * kplane)
-                for k in range(k_):
-                    for p in range(hp):
-                        for q in range(wp):
-                            sp[k] += unit_value(code, sw, use_sw, n, k, p, q)
+                add_unit_sums(code, sw, use_sw, n, sp)
                 for i in range(hh):
                     for j in range(ww):
                         dst = s * xplane + ((i + ph) * wpad + j + pw) * cpad
@@ -243,10 +241,7 @@ def _stats_bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kpad, blk_k
             for s in range(ns):
                 n = g0 + s
                 _unpool_cl(code, idx, sw, use_sw, n, kpad, u[s * npos * kpad:(s + 1) * npos * kpad])
-                for k in range(k_):
-                    for p in range(hp):
-                        for q in range(wp):
-                            sp[k] += unit_value(code, sw, use_sw, n, k, p, q)
+                add_unit_sums(code, sw, use_sw, n, sp)
                 for c in range(c_):
                     for i in range(hh):
                         dst = s * xplane + (c * hpad + i + ph) * wpad + pw
@@ -264,7 +259,9 @@ def _stats_bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kpad, blk_k
                     nv = blk_nv[blk]
                     npx = _gpix(nv)
                     usrc = u[k0:]
-                    for tap0 in range(0, ntap_pad, npx):
+                    # up to this block's last whole tile, which ends within ntap_pad (the
+                    # largest over the blocks; blocks of other widths have other tiles)
+                    for tap0 in range(0, ntap, npx):
                         for p in range(npx):
                             tap = tap0 + p
                             if tap < ntap:
@@ -276,6 +273,16 @@ def _stats_bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kpad, blk_k
                                 abase[p] = 0  # scratch tap: reads anything valid
                             bo[p] = tap * kpad + k0
                         _gemm(nv, bp, bo, xg, abase, aoff, usrc, boff, t0, t1)
+
+
+@njit(inline="always")
+def add_unit_sums(code, sw, use_sw, n, sp):
+    """sp[k] += the unit values (code times switches) of sample n and template k, in order."""
+    _, k_, hp, wp = code.shape
+    for k in range(k_):
+        for p in range(hp):
+            for q in range(wp):
+                sp[k] += unit_value(code, sw, use_sw, n, k, p, q)
 
 
 @njit(inline="always")
@@ -363,14 +370,7 @@ def _stats_gram(code, idx, sw, use_sw, kh, kw, ho, wo, vl, kpad, rc_lo, rc_hi, c
                 if chunk == 0:
                     vbad[n] = True
                 continue
-            for i in range(ho):
-                row = ((i + kh - 1) * wu + kw - 1) * kpad
-                upad[row:row + wo * kpad] = 0
-            for k in range(k_):
-                for p in range(hp):
-                    for q in range(wp):
-                        upad[place[idx[n, k, p, q]] + k] += unit_value(
-                            code, sw, use_sw, n, k, p, q)
+            unpool_bordered(code, idx, sw, use_sw, n, place, ho, wo, kh, kw, wu, kpad, upad)
             for tile in range(tile_lo.shape[0]):
                 qi0, qi1, kind = tile_lo[tile], tile_hi[tile], tile_kind[tile]
                 # non-zero U[k, Q] of every (block, k) in this tile, in row-major order;
