@@ -14,6 +14,14 @@ def tol(dtype):
     return (2e-4, 2e-4) if np.dtype(dtype) == np.float32 else (1e-10, 1e-10)
 
 
+def assert_same_non_finite(got, want, tol):
+    """NaN and inf exactly where the reference has them, the finite entries within tol."""
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=tol, atol=tol)
+
+
 def switched_plane(x, templates, bias, padding, leak):
     """y on the whole (Ho, Wo) plane, in float64."""
     x = np.asarray(x, np.float64)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from checks import DTYPES, HOST_BACKENDS, check_unpool_and_render, host_runner
+from checks import (DTYPES, HOST_BACKENDS, assert_same_non_finite, check_unpool_and_render,
+                    host_runner)
 from fastdrmm import ops
 
 # (N, C, H, W, K, kh, kw, padding, pool, stride)
@@ -177,10 +178,7 @@ def test_cpu_render_dots_non_finite_code_like_numpy(monkeypatch, rng):
     monkeypatch.setattr(rendering, "_DOTS", True)
     got = ops.render(code, idx, templates, (9, 8), padding=1, switches=switches,
                      backend="cpu")
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
-    fin = np.isfinite(want)
-    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
+    assert_same_non_finite(got, want, 1e-12)
     templates[1, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="finite templates"):
         ops.render(code, idx, templates, (9, 8), padding=1, switches=switches, backend="cpu")
@@ -210,7 +208,4 @@ def test_cpu_render_gemm_non_finite_like_numpy(monkeypatch, geom, rng):
         got = ops.render(code, idx, t, (h, w), padding=padding, switches=switches, backend="cpu")
         want = ops.render(code, idx, t, (h, w), padding=padding, switches=switches,
                           backend="numpy")
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
-        fin = np.isfinite(want)
-        np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
+        assert_same_non_finite(got, want, 1e-12)

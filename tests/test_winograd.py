@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import naive
-from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
+from checks import (DTYPES, assert_pooling_matches, assert_same_non_finite, check_match_geometry,
                     check_match_nan_and_inf, check_template_stats, check_unpool_and_render,
                     host_runner, random_layer)
 from fastdrmm import ops
@@ -272,10 +272,7 @@ def test_render_non_finite_values_are_redone(winograd_render, rng):
     for t in (templates, inf_template):
         got = ops.render(code, idx, t, (8, 9), padding=1, switches=switches, backend="cpu")
         want = ops.render(code, idx, t, (8, 9), padding=1, switches=switches, backend="numpy")
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
-        fin = np.isfinite(want)
-        np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
+        assert_same_non_finite(got, want, 1e-12)
 
 
 def test_render_automatic_choice():
@@ -394,10 +391,7 @@ def test_stats_left_out_samples_are_added_exactly(winograd_stats, where, rng):
         want = ops.template_stats(x, code, idx, (3, 3), padding=1, switches=switches,
                                   gram=False, backend="numpy")
     for g, w in zip(got[:2], want[:2]):
-        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
-        np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
-        fin = np.isfinite(w)
-        np.testing.assert_allclose(g[fin], w[fin], rtol=1e-10, atol=1e-10)
+        assert_same_non_finite(g, w, 1e-10)
     redo = ws.template_stats_bs(x, code, idx, (1, 1), switches.astype(np.float64))[2]
     np.testing.assert_array_equal(redo, [0, 1, 1, 0])
 
