@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from ._network import sumsq
+from ._elementwise import sum_squares
 
 _LOG_2PI = float(np.log(2 * np.pi))
 #: probabilities are kept in [PROB_FLOOR, 1 - PROB_FLOOR] so that every log is finite
@@ -117,7 +117,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True):
         B, G = np.asarray(B, np.float64), np.asarray(G, np.float64)
         stats.B[l] = B if stats.B[l] is None else stats.B[l] + B
         stats.G[l] = G if stats.G[l] is None else stats.G[l] + G
-        stats.TT[l] += sumsq(target)
+        stats.TT[l] += sum_squares(target)
         on = switches[l]
         if stats.patches[l] is None:
             rng = np.random.default_rng([n, l, layer.n_templates])

@@ -229,11 +229,6 @@ class Network:
         return {name: np.zeros_like(p[name]) for name in trainable_names(self.n_layers)}
 
 
-def sumsq(a):
-    """The sum of squares of an array, accumulated in float64."""
-    return elementwise.sum_squares(a)
-
-
 def one_hot(classes, n_classes, dtype=np.float64):
     q = np.zeros((classes.shape[0], n_classes), dtype)
     q[np.arange(classes.shape[0]), classes] = 1
@@ -307,7 +302,7 @@ def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True, targets=None):
         rs, switches = [np.zeros_like(x)] + [None] * net.n_layers, None
     image_size = x[0].size
     residual = rs[0] - x
-    reconstruction = sumsq(residual) / (
+    reconstruction = elementwise.sum_squares(residual) / (
         n * image_size)
     nonneg = 0.0
     nonneg_weights = []
