@@ -113,7 +113,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True):
             target, code = target * root, code * root
         B, _, G = ops.template_stats(target, code, fw.idxs[l], layer.kernel_size,
                                      padding=layer.padding, switches=switches[l], gram=True,
-                                     backend=net.backend)
+                                     check_idx=False, backend=net.backend)
         B, G = np.asarray(B, np.float64), np.asarray(G, np.float64)
         stats.B[l] = B if stats.B[l] is None else stats.B[l] + B
         stats.G[l] = G if stats.G[l] is None else stats.G[l] + G

@@ -151,13 +151,14 @@ class Network:
         return self._to_top_plane(q.astype(mu.dtype, copy=False) @ mu, dtype)
 
     def render_down(self, p, top, idxs, switches, stop=0):
-        """[r[stop], ..., r[L]] rendered from r[L] = top with the given latents."""
+        """[r[stop], ..., r[L]] rendered from r[L] = top with the given latents (positions
+        from this network's bottom-up pass or drawn on its planes: not checked again)."""
         rs = [top]
         for l in range(self.n_layers - 1, stop - 1, -1):
             layer = self.layers[l]
             rs.append(ops.render(rs[-1], idxs[l], p[f"W{l}"], self.shapes[l].input_hw,
                                  padding=layer.padding, switches=switches[l],
-                                 backend=self.backend))
+                                 check_idx=False, backend=self.backend))
         return rs[::-1]
 
     def top_down(self, p, fw, q):
@@ -186,12 +187,13 @@ class Network:
                      elementwise.step_mask(fw.hs[l + 1], layer.leak, dtype))
             B, s, _ = ops.template_stats(fw.hs[l], g_h, fw.idxs[l], layer.kernel_size,
                                          padding=layer.padding, switches=slope, gram=False,
-                                         backend=self.backend)
+                                         check_idx=False, backend=self.backend)
             grads[f"W{l}"] += B
             grads[f"b{l}"] += s
             if l:
                 g_h = ops.render(g_h, fw.idxs[l], p[f"W{l}"], self.shapes[l].input_hw,
-                                 padding=layer.padding, switches=slope, backend=self.backend)
+                                 padding=layer.padding, switches=slope, check_idx=False,
+                                 backend=self.backend)
 
     def backprop_render(self, p, fw, rs, switches, q, g_image, nonneg_weights, grads):
         """Add d(loss)/d(params) through the top-down pass, for d(loss)/d(r[0]) = g_image plus
@@ -202,7 +204,7 @@ class Network:
             code = rs[l + 1]
             B, _, _ = ops.template_stats(g, code, fw.idxs[l], layer.kernel_size,
                                          padding=layer.padding, switches=switches[l],
-                                         gram=False, backend=self.backend)
+                                         gram=False, check_idx=False, backend=self.backend)
             grads[f"W{l}"] += B
             # the adjoint of render with respect to the code: correlate with the templates,
             # read at the argmax positions, times the switch. A pooling layer matches at
@@ -215,7 +217,7 @@ class Network:
                 mask = switches[l]
             else:
                 g = ops.match_at(g, p[f"W{l}"], fw.idxs[l], padding=layer.padding,
-                                 switches=switches[l], backend=self.backend)
+                                 switches=switches[l], check_idx=False, backend=self.backend)
                 mask = None
             # the switch of a dense layer and the non-negativity penalty's gradient, in one pass
             weight = nonneg_weights[l]
@@ -259,13 +261,24 @@ class LossWeights:
     consistency: float = 0.0
 
 
-def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True, targets=None):
+def eg_loss_and_grads(net, p, x, yidx, weights, need_grads=True, targets=None, buffers=None):
     """The EG objective on one batch, its terms, and (need_grads) its gradients.
 
     ``yidx`` (N,) holds class indices, -1 for unlabeled samples. ``targets`` (N_U,
     n_classes), for the consistency term, are class posteriors of the unlabeled samples seen
     under another nuisance (held fixed); a row of zeros leaves its sample out of the term.
-    Returns (loss, terms, grads, forward) with ``terms`` a dict of the unweighted terms."""
+    Returns (loss, terms, grads, forward) with ``terms`` a dict of the unweighted terms.
+
+    ``buffers`` (a :class:`fastdrmm.kernels.buffers.StepBuffers`): the step's intermediates
+    reuse the previous step's memory; ``forward`` is then valid until the next step with the
+    same buffers (``grads`` are always fresh arrays)."""
+    if buffers is None:
+        return _eg_loss_and_grads(net, p, x, yidx, weights, need_grads, targets)
+    with buffers.step():
+        return _eg_loss_and_grads(net, p, x, yidx, weights, need_grads, targets)
+
+
+def _eg_loss_and_grads(net, p, x, yidx, weights, need_grads, targets):
     n = x.shape[0]
     fw = net.bottom_up(p, x)
     scores = fw.scores.astype(np.float64)

@@ -106,6 +106,7 @@ from ._validation import check_real as _check_real
 from ._network import (LossWeights, Network, eg_loss_and_grads, softmax, trainable_names,
                        translate)
 from ._optim import SCHEDULES, Adam, learning_rate
+from .kernels.buffers import StepBuffers
 from .layers import Layer, resolve_layers
 
 __all__ = ["DRMM"]
@@ -907,6 +908,8 @@ class _Run:
         self.validation_size = int(val.size)
         self.params = None
         self.optimizer = None
+        # the EG steps' intermediates reuse one step's memory (see kernels/buffers.py)
+        self.step_buffers = StepBuffers()
         self.epoch = 0
         self.step = 0
         self.history = []
@@ -1064,7 +1067,8 @@ class _Run:
                 x, targets = self._eg_inputs(rows)
                 loss, terms, grads, _ = eg_loss_and_grads(self.net, self.params, x,
                                                           self.yidx[rows], self.weights,
-                                                          targets=targets)
+                                                          targets=targets,
+                                                          buffers=self.step_buffers)
                 if not np.isfinite(loss):
                     raise FloatingPointError(
                         f"the EG loss became {loss} at step {self.step}; lower learning_rate")

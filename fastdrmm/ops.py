@@ -78,14 +78,21 @@ class _Inputs:
             raise TypeError(f"{argname} must hold floating-point data, got dtype {arr.dtype}")
         return self.contiguous(arr, dtype)
 
-    def index(self, obj, shape, plane):
+    def index(self, obj, shape, plane, check=True):
         idx = self.array(obj, "idx")
         if np.dtype(idx.dtype).kind not in "iu":
             raise TypeError(f"idx must hold integers, got dtype {idx.dtype}")
         if tuple(idx.shape) != tuple(shape):
             raise ValueError(f"idx must have shape {tuple(shape)}, got {tuple(idx.shape)}")
+        if not isinstance(check, (bool, np.bool_)):
+            raise TypeError(f"check_idx must be True or False, got {check!r}")
         idx = self.contiguous(idx, np.int32) if idx.dtype.itemsize <= 4 else idx
         size = plane[0] * plane[1]
+        if not check and idx.dtype.itemsize <= 4:
+            # the caller vouches for the positions (its own match_switch_pool's, on this
+            # plane): the range pass reads the whole array, 0.1-0.3 ms a call on conv-small.
+            # Wider integers are checked anyway: they are narrowed to int32 next.
+            return self.contiguous(idx, np.int32)
         if self.device:
             low, high = self.module.index_range(idx)
         elif idx.size:
@@ -155,7 +162,7 @@ def match_switch_pool(x, templates, bias, *, padding=0, pool=2, stride=None, lea
                                        geometry.stride, leak)
 
 
-def match_at(x, templates, idx, *, padding=0, switches=None, backend="auto"):
+def match_at(x, templates, idx, *, padding=0, switches=None, check_idx=True, backend="auto"):
     """Template matching read at the positions ``idx`` only (the adjoint of ``render``).
 
     ``z[n, k, p, q] = sum_{c,u,v} W[k,c,u,v] * xpad[n, c, i+u, j+v]`` with
@@ -172,6 +179,10 @@ def match_at(x, templates, idx, *, padding=0, switches=None, backend="auto"):
     idx : integer array (N, K, Hp, Wp) of flat positions in [0, Ho*Wo)
     padding : int or (int, int), zero padding of x
     switches : None or array (N, K, Hp, Wp), boolean or real
+    check_idx : bool
+        False skips the pass that checks every position lies on the plane, for positions
+        that come straight from ``match_switch_pool`` on the same plane (as in a training
+        step). int32 (or narrower) positions outside the plane are then undefined behaviour.
     backend : "auto", "numpy", "cpu", "numba-cuda" or "cupy" (every backend has it)
 
     Returns
@@ -186,29 +197,32 @@ def match_at(x, templates, idx, *, padding=0, switches=None, backend="auto"):
     idx_obj = io.array(idx, "idx")
     v.check_ndim(idx_obj, "idx", 4, "(N, K, Hp, Wp)")
     shape = (x.shape[0], templates.shape[0], *idx_obj.shape[2:])
-    idx = io.index(idx_obj, shape, plane)
+    idx = io.index(idx_obj, shape, plane, check_idx)
     switches = io.switches(switches, shape, dtype)
     return io.module.match_at(x, templates, idx, padding, switches)
 
 
-def unpool(code, idx, plane_shape, *, switches=None, backend="auto"):
+def unpool(code, idx, plane_shape, *, switches=None, check_idx=True, backend="auto"):
     """Scatter ``code`` (times ``switches``) to the positions ``idx`` of a zero plane.
 
     Returns U of shape (N, K, Ho, Wo) with ``plane_shape = (Ho, Wo)``; entries that several
-    windows send to one position (overlapping windows) add up.
+    windows send to one position (overlapping windows) add up. ``check_idx``: see
+    ``match_at``.
     """
     io = _Inputs(backend, (code, idx, switches))
     code = io.code(code)
     plane = v.pair(plane_shape, "plane_shape", minimum=1)
-    idx = io.index(idx, code.shape, plane)
+    idx = io.index(idx, code.shape, plane, check_idx)
     switches = io.switches(switches, code.shape, code.dtype)
     return io.module.unpool(code, idx, plane, switches)
 
 
-def render(code, idx, templates, input_shape, *, padding=0, switches=None, backend="auto"):
+def render(code, idx, templates, input_shape, *, padding=0, switches=None, check_idx=True,
+           backend="auto"):
     """Top-down rendering: unpool the code, transposed-correlate with the templates, crop.
 
     Returns r of shape (N, C, H, W) with ``input_shape = (H, W)``, dtype of ``code``.
+    ``check_idx``: see ``match_at``.
     """
     io = _Inputs(backend, (code, idx, templates, switches))
     code = io.code(code)
@@ -220,17 +234,17 @@ def render(code, idx, templates, input_shape, *, padding=0, switches=None, backe
     input_shape = v.pair(input_shape, "input_shape", minimum=1)
     padding = v.pair(padding, "padding", minimum=0)
     plane = v.plane_shape_of(input_shape, templates.shape[2:], padding)
-    idx = io.index(idx, code.shape, plane)
+    idx = io.index(idx, code.shape, plane, check_idx)
     switches = io.switches(switches, code.shape, code.dtype)
     return io.module.render(code, idx, templates, input_shape, padding, switches)
 
 
 def template_stats(x, code, idx, kernel_size, *, padding=0, switches=None, gram=True,
-                   backend="auto"):
+                   check_idx=True, backend="auto"):
     """M-step statistics of the templates: B, s and (``gram=True``) the Gram matrix G.
 
     ``code`` is cast to the dtype of x. Returns B (K, C, kh, kw), s (K,) and
-    G (K*kh*kw, K*kh*kw) or None, in x's dtype.
+    G (K*kh*kw, K*kh*kw) or None, in x's dtype. ``check_idx``: see ``match_at``.
     """
     io = _Inputs(backend, (x, code, idx, switches))
     x = io.floating(x, "x", None, 4, "(N, C, H, W)")
@@ -241,7 +255,7 @@ def template_stats(x, code, idx, kernel_size, *, padding=0, switches=None, gram=
     kernel_size = v.pair(kernel_size, "kernel_size", minimum=1)
     padding = v.pair(padding, "padding", minimum=0)
     plane = v.plane_shape_of(x.shape[2:], kernel_size, padding)
-    idx = io.index(idx, code.shape, plane)
+    idx = io.index(idx, code.shape, plane, check_idx)
     switches = io.switches(switches, code.shape, dtype)
     if not isinstance(gram, (bool, np.bool_)):
         raise TypeError(f"gram must be True or False, got {gram!r}")

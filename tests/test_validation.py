@@ -53,6 +53,12 @@ CODE, IDX = ops.match_switch_pool(X, W, B, backend="numpy")  # (2, 4, 3, 3) on a
     (lambda b: ops.template_stats(X, CODE, IDX, (5, 5), backend=b), ValueError, "idx out of range"),
     (lambda b: ops.template_stats(X.astype(np.int8), CODE, IDX, (3, 3), backend=b), TypeError,
      "x must be float"),
+    (lambda b: ops.render(CODE, IDX, W, (8, 8), check_idx=0, backend=b), TypeError, "check_idx"),
+    # wider positions are narrowed to int32, so they are checked even when told not to
+    (lambda b: ops.match_at(X, W, IDX.astype(np.int64) + 2**32, check_idx=False, backend=b),
+     ValueError, "idx out of range"),
+    (lambda b: ops.unpool(CODE, IDX.astype(np.int64) - 2**33, (6, 6), check_idx=False,
+                          backend=b), ValueError, "idx out of range"),
 ])
 def test_errors_name_the_argument(backend, call, error, words):
     with pytest.raises(error, match=words):
@@ -69,3 +75,35 @@ def test_bad_input_never_reaches_a_kernel(monkeypatch):
     monkeypatch.setattr(backend_module, "match_switch_pool", explode)
     with pytest.raises(ValueError):
         ops.match_switch_pool(X, W, B[:3], backend="numpy")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_unchecked_positions_give_the_checked_results(backend):
+    """check_idx=False only skips the range pass: valid positions give the same arrays."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 9, 9))
+    templates = rng.standard_normal((4, 3, 3, 3))
+    code, idx = ops.match_switch_pool(x, templates, np.zeros(4), backend=backend)
+    switches = code > 0
+    calls = [
+        lambda **kw: ops.match_at(x, templates, idx, switches=switches, backend=backend, **kw),
+        lambda **kw: ops.unpool(code, idx, (7, 7), switches=switches, backend=backend, **kw),
+        lambda **kw: ops.render(code, idx, templates, (9, 9), switches=switches,
+                                backend=backend, **kw),
+        lambda **kw: ops.template_stats(x, code, idx, (3, 3), switches=switches,
+                                        backend=backend, **kw)[0],
+    ]
+    for call in calls:
+        np.testing.assert_array_equal(call(check_idx=False), call())
+
+
+def test_unchecked_positions_skip_the_range_pass(monkeypatch):
+    from fastdrmm import _elementwise
+
+    def explode(idx):
+        raise AssertionError("range pass run")
+
+    monkeypatch.setattr(_elementwise, "index_range", explode)
+    ops.render(CODE, IDX, W, (8, 8), check_idx=False, backend="cpu")
+    with pytest.raises(AssertionError, match="range pass"):
+        ops.render(CODE, IDX, W, (8, 8), backend="cpu")

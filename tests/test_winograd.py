@@ -323,6 +323,100 @@ def test_render_dense_code_with_other_positions_is_redone(winograd_render, dtype
 
 
 # ---------------------------------------------------------------------------------------------
+# match_at: the whole plane by the same kernel, read at the given positions
+
+
+def _winograd_match_at(x, templates, idx, padding=0, switches=None):
+    """``ops.match_at``'s conversions, then the cpu kernel with Winograd forced."""
+    x = np.ascontiguousarray(x)
+    templates = np.ascontiguousarray(templates, x.dtype)
+    padding = (padding, padding) if np.isscalar(padding) else tuple(padding)
+    switches = None if switches is None else np.ascontiguousarray(switches, x.dtype)
+    return matching.match_at(x, templates, np.ascontiguousarray(idx, np.int32), padding,
+                             switches, algorithm="winograd")
+
+
+def _match_at_runner(name, *args, **kwargs):
+    assert name == "match_at"
+    return _winograd_match_at(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
+@pytest.mark.parametrize("switch_kind", ["none", "bool", "real"])
+def test_match_at_matches_the_oracle(dtype, geom, switch_kind, rng):
+    from match_at_checks import check_geometry
+
+    check_geometry(_match_at_runner, rng, dtype, geom, switch_kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [3, 20])
+def test_match_at_any_positions(dtype, c, rng):
+    """Positions anywhere on the plane (not in any window), repeated, the plane's corners."""
+    from match_at_checks import check_any_positions
+
+    check_any_positions(_match_at_runner, rng, dtype, c, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_at_non_finite_values_are_redone(dtype, rng):
+    """A NaN or inf anywhere on a sample's plane sends the sample to the unit-by-unit kernel:
+    poisoned exactly where the switch is on and the patch holds it, 0 where it is off."""
+    from match_at_checks import check_nan_and_inf
+
+    check_nan_and_inf(_match_at_runner, rng, dtype, 20, 3)
+    x = rng.standard_normal((3, 16, 6, 7)).astype(dtype)
+    x[1, 5, 0, 6] = np.inf
+    templates = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
+    idx = np.zeros((3, 16, 1, 1), np.int32)   # the unit reads a position far from the inf
+    _, redo = winograd.match_at(x, templates, idx, (1, 1), None)
+    np.testing.assert_array_equal(redo, [0, 1, 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_at_agrees_with_the_unit_kernel(dtype, rng):
+    """conv-small's pooled 64-channel layer at a small batch, its real argmax positions: the
+    two kernels differ by rounding only; exactly on small integers, and exactly 0 (not -0)
+    where a switch is off."""
+    x, templates, bias = random_layer(rng, dtype, 3, 64, 14, 14, 64, 3, 3)
+    _, idx = matching.match_switch_pool(x, templates, bias, (2, 2), (2, 2), (2, 2), 0.0)
+    switches = (rng.random(idx.shape) < 0.8).astype(dtype)
+    run = functools.partial(matching.match_at, x, templates, idx, (2, 2), switches)
+    rtol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(run(algorithm="winograd"), run(algorithm="units"), rtol=rtol,
+                               atol=rtol * float(np.abs(run(algorithm="units")).max()))
+    x = rng.integers(-3, 4, x.shape).astype(dtype)
+    templates = rng.integers(-3, 4, templates.shape).astype(dtype)
+    got = matching.match_at(x, templates, idx, (2, 2), switches, algorithm="winograd")
+    want = matching.match_at(x, templates, idx, (2, 2), switches, algorithm="units")
+    np.testing.assert_array_equal(got, want)
+    off = switches == 0
+    assert (got[off] == 0).all() and not np.signbit(got[off]).any()
+
+
+def test_match_at_automatic_choice(rng):
+    """Winograd where enough of the plane is read, on layers where it applies."""
+    x, templates, bias = random_layer(rng, np.float32, 2, 16, 10, 10, 16, 3, 3)
+    plane_units = 2 * 16 * 10 * 10          # padding 1: a 10 x 10 plane
+    assert winograd.match_at_applies(x, templates, (1, 1), plane_units // 4)
+    assert not winograd.match_at_applies(x, templates, (1, 1), plane_units // 10)
+    assert not winograd.match_at_applies(x[:, :8], templates[:, :8], (1, 1), plane_units)
+    poisoned = templates.copy()
+    poisoned[0, 0, 0, 0] = np.nan
+    assert not winograd.match_at_applies(x, poisoned, (1, 1), plane_units)
+
+
+def test_match_at_bad_algorithm_arguments(rng):
+    x, templates, bias = random_layer(rng, np.float32, 1, 2, 6, 6, 2, 2, 2)
+    idx = np.zeros((1, 2, 2, 2), np.int32)
+    with pytest.raises(ValueError, match="algorithm"):
+        matching.match_at(x, templates, idx, (0, 0), None, algorithm="fft")
+    with pytest.raises(ValueError, match="3x3"):
+        matching.match_at(x, templates, idx, (0, 0), None, algorithm="winograd")
+
+
+# ---------------------------------------------------------------------------------------------
 # template_stats: B and s by F(3x3, 2x2), the same transforms turned around
 
 

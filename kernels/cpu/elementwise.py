@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import buffers
 from ._common import PARALLEL, chunk_bounds
 
 __all__ = ["sum_squares", "negative_sum_squares", "index_range", "step_mask",
@@ -120,7 +121,7 @@ def step_mask(h, low, dtype):
     """An array of ``dtype`` and h's shape: 1 where h > 0, else ``low`` (0: the switches;
     the leak: the slope of a leaky switch)."""
     h = np.ascontiguousarray(h)
-    out = np.empty(h.shape, dtype=dtype)
+    out = buffers.empty(h.shape, dtype)
     _step_mask(h.reshape(-1), out.dtype.type(low), out.reshape(-1))
     return out
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import buffers
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds,
                       conv_tile, dot_tile, lanes, num_chunks, place_table, pool_step)
 
@@ -256,7 +257,7 @@ def _match_direct(x, templates, bias, padding, pool, stride, leak):
     ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
     hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
     dtype = x.dtype
-    h = np.empty((n, k, hp, wp), dtype=dtype)
+    h = buffers.empty((n, k, hp, wp), dtype)
     if n == 0:
         return h, np.empty((n, k, hp, wp), dtype=np.int32)
     vl = lanes(dtype)
@@ -268,7 +269,7 @@ def _match_direct(x, templates, bias, padding, pool, stride, leak):
         _match_whole(x.reshape(-1), wr, wofs, bpad, off, k0, nv, vl, leak,
                      num_chunks(-(-n // PIX_MAX)), h.reshape(n, k))
         return h, np.zeros((n, k, hp, wp), dtype=np.int32)
-    idx = np.empty((n, k, hp, wp), dtype=np.int32)
+    idx = buffers.empty((n, k, hp, wp), np.int32)
     hpad, wpad = hh + 2 * ph, ww + 2 * pw
     cc, uu, vv = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")
     off = (cc * hpad * wpad + uu * wpad + vv).reshape(-1).astype(np.int64)
@@ -360,13 +361,44 @@ def _match_at_kernel(x, wt, idx, sw, use_sw, ph, pw, kh, row, wo, wp, woff, xoff
 _L1_BYTES = 24 * 1024  # the patches of one group of rows: half of a 48 KiB L1
 
 
-def match_at(x, templates, idx, padding, switches):
+def match_at(x, templates, idx, padding, switches, algorithm="auto"):
+    """The matching read at ``idx`` (see ``fastdrmm.ops.match_at``).
+
+    ``algorithm``: "units" (this module's kernel: one dot product per unit whose switch is
+    on), "winograd" (3x3 templates only: the whole plane, then read; see ``winograd``) or
+    "auto": Winograd where ``winograd.match_at_applies`` (enough of the plane is read), else
+    units. Samples the Winograd kernel flags (a non-finite value) are redone unit by unit.
+    """
+    if algorithm not in ("auto", "units", "winograd"):
+        raise ValueError(f"algorithm must be 'auto', 'units' or 'winograd', got {algorithm!r}")
+    if algorithm != "units" and templates.shape[2:] == (3, 3) and idx.size:
+        from . import winograd
+
+        if algorithm == "auto":
+            on = idx.size if switches is None else np.count_nonzero(switches)
+            use = winograd.match_at_applies(x, templates, padding, on)
+        else:
+            use = True
+        if use:
+            out, redo = winograd.match_at(x, templates, idx, padding, switches)
+            again = np.flatnonzero(redo)
+            if again.size:
+                out[again] = _match_at_units(x[again], templates, idx[again], padding,
+                                             None if switches is None else switches[again])
+            return out
+    elif algorithm == "winograd" and templates.shape[2:] != (3, 3):
+        raise ValueError("algorithm='winograd' needs 3x3 templates, got "
+                         f"{templates.shape[2]}x{templates.shape[3]}")
+    return _match_at_units(x, templates, idx, padding, switches)
+
+
+def _match_at_units(x, templates, idx, padding, switches):
     n, c, hh, ww = x.shape
     k, _, kh, kw = templates.shape
     ph, pw = padding
     ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
     hp = idx.shape[2]
-    out = np.empty(idx.shape, dtype=x.dtype)
+    out = buffers.empty(idx.shape, x.dtype)
     if out.size == 0:
         return out
     use_sw = switches is not None

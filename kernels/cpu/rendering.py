@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import buffers
 from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, dot_tile, gemm_tile,
                       lanes, num_chunks, place_table)
 from .matching import _blocks, _pix, _relayout, _tile
@@ -60,7 +61,7 @@ def _unpool_kernel(code, idx, sw, use_sw, u):
 def unpool(code, idx, plane_shape, switches):
     n, k = code.shape[:2]
     ho, wo = plane_shape
-    u = np.empty((n, k, ho * wo), dtype=code.dtype)
+    u = buffers.empty((n, k, ho * wo), code.dtype)
     if n * k:
         use_sw, sw = _switch_args(code, switches)
         _unpool_kernel(code, idx, sw, use_sw, u)
@@ -485,7 +486,7 @@ def _render(code, idx, templates, input_shape, padding, switches):
     hh, ww = input_shape
     ph, pw = padding
     ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
-    r = np.empty((n, c, hh, ww), dtype=code.dtype)
+    r = buffers.empty((n, c, hh, ww), code.dtype)
     if n == 0:
         return r
     use_sw, sw = _switch_args(code, switches)

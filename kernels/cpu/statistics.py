@@ -53,6 +53,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .. import buffers
 from ._common import (NL_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, gather_dots, lanes,
                       num_chunks, place_table)
 from .matching import _blocks
@@ -591,7 +592,7 @@ def _bs_gemm(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, nch):
     # rows of u: k padded to whole tiles of every block's tile size
     kp = max(-(-k // _pix_of(int(v))) * _pix_of(int(v)) for v in nv)
     group = max(1, min(-(-n // nch), _GEMM_POSITIONS // (ho * wo)))
-    bpart = np.empty((nch, kh * kw * kp * cpad), dtype=x.dtype)
+    bpart = buffers.empty((nch, kh * kw * kp * cpad), x.dtype)
     spart = np.empty((nch, k), dtype=x.dtype)
     _stats_bs_gemm(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kp, cpad, c0, nv, group,
                    nch, bpart, spart)
@@ -607,7 +608,7 @@ def _bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, nch):
     ntap = c * kh * kw
     ntap_pad = max(-(-ntap // _pix_of(int(v))) * _pix_of(int(v)) for v in nv)
     group = max(1, min(-(-n // nch), _KVEC_SAMPLE_POSITIONS // (ho * wo)))
-    bpart = np.empty((nch, ntap_pad * kpad), dtype=x.dtype)
+    bpart = buffers.empty((nch, ntap_pad * kpad), x.dtype)
     spart = np.empty((nch, k), dtype=x.dtype)
     _stats_bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kpad, k0, nv, ntap_pad,
                    group, nch, bpart, spart)
@@ -672,7 +673,7 @@ def _exact_bs(x, code, idx, kernel_size, padding, switches):
     elif use_gemm:
         bpart, spart, kp, cpad = _bs_gemm(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, nch)
     else:
-        bpart = np.empty((nch, k * taps * c), dtype=dtype)
+        bpart = buffers.empty((nch, k * taps * c), dtype)
         spart = np.empty((nch, k), dtype=dtype)
         _stats_bs(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, lanes(dtype), nch, bpart,
                   spart)

@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .. import buffers
 from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes
 from .rendering import _gemm, _gpix
 from .matching import _blocks
@@ -192,7 +193,7 @@ def template_stats_bs(x, code, idx, padding, switches):
     ngroups = -(-n // spi)
     nchunks = min(_CHUNKS, ngroups)
     c0, nv, _ = _blocks(c, vl)
-    mpart = np.zeros((nchunks, 16, kpad + PIX_MAX, cpad), dtype=dtype)
+    mpart = buffers.zeros((nchunks, 16, kpad + PIX_MAX, cpad), dtype)
     spart = np.zeros((nchunks, k), dtype=dtype)
     redo = np.zeros(n, dtype=np.int8)
     codef = np.ascontiguousarray(code).reshape(-1)
