@@ -639,6 +639,7 @@ def run_drmm_steps(args, torch):
     from threadpoolctl import threadpool_limits
 
     from fastdrmm._network import LossWeights, eg_loss_and_grads
+    from fastdrmm.kernels.buffers import StepBuffers
 
     weights = LossWeights()
     tol = DRMM_STEP_TOLERANCE[args.dtype]
@@ -658,13 +659,18 @@ def run_drmm_steps(args, torch):
             net, params = drmm_setup(preset, X, y, args.seed, args.dtype, args.drmm_top)
             scale = float(params["class_scale"])
 
-            def fd(s):
-                # as DRMM's methods do: the model's small products on a serial BLAS, whose
-                # spinning pool would otherwise take the cores from the Numba kernels
-                with threadpool_limits(limits=1, user_api="blas"):
-                    return eg_loss_and_grads(net, params, s[0], s[1], weights)
+            step_buffers = StepBuffers()
 
-            first, t_fd, out_fd = timed(fd, sets, args.repeats, args.warmup)
+            def fd(s, buffers=step_buffers):
+                # as DRMM's training does: the model's small products on a serial BLAS, whose
+                # spinning pool would otherwise take the cores from the Numba kernels, and the
+                # step's intermediates in the memory of the step before
+                with threadpool_limits(limits=1, user_api="blas"):
+                    return eg_loss_and_grads(net, params, s[0], s[1], weights,
+                                             buffers=buffers)
+
+            first, t_fd, _ = timed(fd, sets, args.repeats, args.warmup)
+            out_fd = fd(sets[0], buffers=None)  # for the check: its own arrays
             row = dict(preset=preset, top=args.drmm_top, batch=n, labeled=n_lab,
                        dtype=args.dtype, data=source, fastdrmm_ms=t_fd * 1e3,
                        first_call_ms=first * 1e3,

@@ -61,7 +61,7 @@ __all__ = ["applies", "match_switch_pool", "match_at_applies", "match_at", "rend
 _MIN_CHANNELS = 16   # below this the transforms cost as much as the products they save
 _SPI = None          # samples per item, forced (benchmarks, tests); None: chosen
 _MAX_TILES = 48      # tiles per group: M stays small (16 x 48 x 64 floats = 192 KiB)
-_MATCH_AT_SHARE = 0.15  # match_at: the least share of the plane's units worth a whole plane
+_MATCH_AT_SHARE = 0.05  # match_at: the least share of the plane's units worth a whole plane
 
 
 def saves_products(plane):
@@ -84,27 +84,50 @@ def applies(x, templates, bias, padding=(0, 0)):
 def _transformed_templates(templates, vl, cpad):
     """U = G g G^T (computed in float64), laid out per channel block as [xi][c][lanes],
     channels padded with zeros to ``cpad``."""
-    k, c = templates.shape[:2]
+    k = templates.shape[0]
     k0, nv, nvec = _blocks(k, vl)
     widths = nv * vl
     wofs = np.zeros(len(k0), dtype=np.int64)
     wofs[1:] = np.cumsum(16 * cpad * widths)[:-1]
-    out = np.zeros(16 * cpad * nvec * vl, dtype=templates.dtype)
-    blocks = [out[wofs[b]:wofs[b] + 16 * cpad * widths[b]].reshape(16, cpad, widths[b])
-              for b in range(len(k0))]
-    # G's rows written out as whole-array operations, straight into the layout (np.einsum
-    # and an intermediate array took 1.4-4 ms for a 128 x 64 layer, a quarter of its matching)
-    g = np.ascontiguousarray(np.asarray(templates, np.float64).transpose(2, 3, 1, 0))  # 3,3,C,K
-
-    def apply_g(a0, a1, a2):
-        return a0, (a0 + a1 + a2) * 0.5, (a0 - a1 + a2) * 0.5, a2
-
-    for a, row in enumerate(apply_g(g[0], g[1], g[2])):          # row: (3, C, K)
-        for b, val in enumerate(apply_g(row[0], row[1], row[2])):
-            for blk, block in zip(k0, blocks):
-                part = val[:, blk:blk + block.shape[2]]
-                block[4 * a + b, :c, :part.shape[1]] = part
+    out = buffers.zeros(16 * cpad * nvec * vl, templates.dtype)
+    # a compiled loop: the same float64 operations as whole-array NumPy ones, which took
+    # ~0.45 ms a call in Python overhead (11 calls, 5 ms of a conv-small EG step)
+    _transform_templates(templates, k0, widths, wofs, cpad, out)
     return out, k0, nv, wofs, nvec * vl
+
+
+@njit(cache=True)
+def _transform_templates(templates, blk_k0, widths, wofs, cpad, out):
+    """out[wofs[b] + (xi * cpad + c) * widths[b] + k - k0] = (G g[k, c] G^T)[xi] (float64
+    arithmetic, rounded once) for template k of block b (first template k0). One channel of
+    a block at a time, so that the 16 rows it writes are contiguous."""
+    k_, c_ = templates.shape[:2]
+    t = np.empty((4, 3), dtype=np.float64)
+    u = np.empty((16, widths.max()), dtype=out.dtype)
+    for b in range(blk_k0.shape[0]):
+        k0, w, base = blk_k0[b], widths[b], wofs[b]
+        kw = min(w, k_ - k0)
+        for c in range(c_):
+            for j in range(kw):
+                k = k0 + j
+                for v in range(3):       # G along the rows
+                    a0 = np.float64(templates[k, c, 0, v])
+                    a1 = np.float64(templates[k, c, 1, v])
+                    a2 = np.float64(templates[k, c, 2, v])
+                    t[0, v] = a0
+                    t[1, v] = (a0 + a1 + a2) * 0.5
+                    t[2, v] = (a0 - a1 + a2) * 0.5
+                    t[3, v] = a2
+                for a in range(4):       # then along the columns
+                    a0, a1, a2 = t[a, 0], t[a, 1], t[a, 2]
+                    u[4 * a, j] = a0
+                    u[4 * a + 1, j] = (a0 + a1 + a2) * 0.5
+                    u[4 * a + 2, j] = (a0 - a1 + a2) * 0.5
+                    u[4 * a + 3, j] = a2
+            for xi in range(16):
+                at = base + (xi * cpad + c) * w
+                for j in range(kw):
+                    out[at + j] = u[xi, j]
 
 
 def _vector_helpers(context, builder, dt):
@@ -650,9 +673,10 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
 def match_at_applies(x, templates, padding, units_on):
     """Whether ``match_at`` pays off: where ``applies`` (3x3, >= 16 channels and templates,
     finite templates, a plane where Winograd saves products) and the units to read are at
-    least 15 % of the plane (the whole plane by Winograd cost ~0.15x as much per position as
-    the unit-by-unit kernel per unit: 5.3 vs 8.2 ms for 94 % of a 2x2-pooled plane, l3 at
-    batch 128)."""
+    least 5 % of the plane. The unit-by-unit kernel has a large fixed cost (conv-small's
+    layer 3 at batch 128, ms, units vs Winograd, by the share of a 2x2-pooled code switched
+    on: 5 %: 4.8 vs 6.6, 10 %: 5.9 vs 7.6, 25 %: 7.8 vs 7.3, 50 %: 10.3 vs 8.8, 94 %: 11.1 vs
+    6.7; a trained model has about half on)."""
     n, k = x.shape[0], templates.shape[0]
     plane = (x.shape[2] + 2 * padding[0] - 2) * (x.shape[3] + 2 * padding[1] - 2)
     return (units_on >= _MATCH_AT_SHARE * n * k * plane
