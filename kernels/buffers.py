@@ -42,8 +42,12 @@ class StepBuffers:
     """Buffers reused, in call order, by every ``step()`` scope of one loop.
 
     A slot keeps its buffer while what the step asks of it fits (the same shapes every step,
-    or a smaller last batch); a larger request replaces it. The buffers live as long as this
-    object: drop it (or call :meth:`clear`) to give the memory back.
+    or a smaller last batch); a larger request replaces it. Where a step's allocations depend
+    on its data (a kernel chosen by the share of switches on, a sample redone), later slots
+    can be replaced, and each slot keeps the largest size it has served: the memory held is
+    then somewhat more than one step's. The buffers live as long as this object: drop it (or
+    call :meth:`clear`) to give the memory back. One object serves one loop in one thread at
+    a time (the slot counter is the object's).
     """
 
     def __init__(self):
