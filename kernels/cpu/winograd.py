@@ -426,13 +426,16 @@ def code_in(codef, indf, swf, use_sw, dense, n, k_, units, plane, vl, place, buf
     for f in range(plane):
         for k in range(k_):
             buf[place[f] + k] = 0
-    for u in range(units):  # the template innermost: adds of one unit position contiguous
-        for k in range(k_):
-            at = (n * k_ + k) * units + u
-            val = codef[at]
+    # one template at a time: the code, positions and switches read contiguously (the
+    # buffer, 16-64 KiB, takes the scattered adds from L1/L2); per template the units still
+    # add in row-major order, so collisions sum as in the reference
+    for k in range(k_):
+        at0 = (n * k_ + k) * units
+        for u in range(units):
+            val = codef[at0 + u]
             if use_sw:
-                val = val * swf[at]
-            buf[place[indf[at]] + k] += val
+                val = val * swf[at0 + u]
+            buf[place[indf[at0 + u]] + k] += val
     return False
 
 
