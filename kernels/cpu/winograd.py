@@ -654,12 +654,17 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
         gplace = np.zeros(1, dtype=np.int64)
         gidx, gsw = np.zeros((1, 1, 1), np.int32), np.zeros((1, 1, 1), x.dtype)
         hv = h.reshape(n, k, hp * wp)
+    # a 1x1 window's argmax is its own position: the identity, written as whole rows here
+    # rather than element by element from the kernel's pooling (0.8 -> 0.3 ms, l2 at N = 128)
+    identity = with_idx and pool == (1, 1) and stride == (1, 1)
     _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs, bpad, k0, nv, vl,
                      ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp, wused,
                      th, tw, hrow, wrow, cpad, group, gtiles, spi,
                      num_chunks(-(-n // spi) * len(k0)),
-                     hv, idx.reshape(n, k, -1), with_idx, redo,
+                     hv, idx.reshape(n, k, -1), with_idx and not identity, redo,
                      gather, gidx, gsw, use_gsw, gplace)
+    if identity:
+        idx.reshape(n * k, hp * wp)[:] = np.arange(hp * wp, dtype=np.int32)
     return h, (idx if with_idx else None), redo
 
 
