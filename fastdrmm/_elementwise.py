@@ -56,17 +56,19 @@ def step_mask(h, low, dtype):
     return np.where(h > 0, 1, low).astype(dtype)
 
 
-def mask_add_negative(g, mask, code, weight):
+def mask_add_negative(g, mask, code, weight, code_sum=False):
     """In place on the C-contiguous ``g``: ``g = g * mask + weight * min(code, 0)`` (mask
-    None: no factor); returns g."""
+    None: no factor); returns g, or with ``code_sum`` ``(g, negative_sum_squares(code))``
+    (on the host from the same pass over code)."""
     kernels = _host_kernels(g, mask, code)
     if kernels is not None:
-        return kernels.mask_add_negative(g, mask, code, weight)
+        return kernels.mask_add_negative(g, mask, code, weight, code_sum)
+    total = negative_sum_squares(code) if code_sum else None
     if mask is not None:
         g *= mask
     if weight:
         g += weight * np.minimum(code, 0)
-    return g
+    return (g, total) if code_sum else g
 
 
 def index_range(idx):

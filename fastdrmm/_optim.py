@@ -22,6 +22,21 @@ def learning_rate(base, schedule, step, total_steps):
     raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
+def _update_kernels():
+    """The compiled element-wise kernels, or None where Numba does not import."""
+    try:
+        from .kernels.cpu import elementwise
+    except ImportError:
+        return None
+    return elementwise
+
+
+def _host_arrays(*arrays):
+    """Whether every array given is a contiguous float32/float64 NumPy array (None: absent)."""
+    return all(a is None or (isinstance(a, np.ndarray) and a.flags.c_contiguous
+                             and a.dtype in (np.float32, np.float64)) for a in arrays)
+
+
 class Adam:
     """First and second moment estimates per parameter; ``step`` updates ``params`` in place.
 
@@ -50,19 +65,28 @@ class Adam:
         self.t += 1
         c1 = 1 - self.beta1 ** self.t
         c2 = 1 - self.beta2 ** self.t
+        kernels = _update_kernels()
         for n in self.names:
-            g = np.asarray(grads[n], np.float64)
-            if weight_decay and n.startswith("W"):
-                g = g + weight_decay * params[n]
+            decay = weight_decay if n.startswith("W") else 0.0
             m, v = self.m[n], self.v[n]
+            avg = None if self.average is None else self.average[n]
+            if kernels is not None and _host_arrays(params[n], grads[n], m, v, avg):
+                # one pass per parameter, the same bits as the expressions below (which
+                # made ~10 temporaries each: ~2 ms of a conv-small EG step, serial)
+                params[n] = kernels.adam_update(params[n], grads[n], m, v, self.beta1,
+                                                self.beta2, lr / c1, c2, self.eps, decay,
+                                                avg, self.average_decay)
+                continue
+            g = np.asarray(grads[n], np.float64)
+            if decay:
+                g = g + decay * params[n]
             m *= self.beta1
             m += (1 - self.beta1) * g
             v *= self.beta2
             v += (1 - self.beta2) * g * g
             update = (lr / c1) * m / (np.sqrt(v / c2) + self.eps)
             params[n] = (params[n] - update).astype(params[n].dtype)
-            if self.average is not None:
-                avg = self.average[n]
+            if avg is not None:
                 avg *= self.average_decay
                 avg += (1 - self.average_decay) * params[n]
 

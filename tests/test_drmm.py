@@ -286,6 +286,40 @@ def test_adam_keeps_the_moving_average_of_the_parameters(rng):
     assert Adam(params, ["w"]).averaged(params) is params
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay, average_decay", [(0.0, 0.0), (1e-2, 0.9)])
+def test_adam_compiled_update_matches_the_numpy_expressions_bit_for_bit(
+        rng, monkeypatch, dtype, weight_decay, average_decay):
+    from fastdrmm import _optim
+
+    shapes = {"W0": (3, 2, 3, 3), "b0": (3,), "mu": (4, 5), "frozen": (2,)}
+    start = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
+    names = ["W0", "b0", "mu"]
+    runs = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(_optim, "_update_kernels", lambda: None)
+        params = {n: a.copy() for n, a in start.items()}
+        opt = Adam(params, names, average_decay=average_decay)
+        grads_rng = np.random.default_rng(7)
+        for step in range(6):
+            grads = {n: grads_rng.standard_normal(shapes[n]).astype(dtype) for n in names}
+            grads["b0"][0] = 0.0  # a zero gradient: v stays 0 there
+            opt.step(params, grads, 1e-2 * (step + 1), weight_decay=weight_decay)
+        runs.append((params, opt))
+    (p1, o1), (p2, o2) = runs
+    for n in shapes:
+        assert p1[n].dtype == dtype
+        np.testing.assert_array_equal(p1[n], p2[n], err_msg=n)
+    for n in names:
+        np.testing.assert_array_equal(o1.m[n], o2.m[n], err_msg=n)
+        np.testing.assert_array_equal(o1.v[n], o2.v[n], err_msg=n)
+        if average_decay:
+            np.testing.assert_array_equal(o1.average[n], o2.average[n], err_msg=n)
+    assert not np.array_equal(p1["W0"], start["W0"]) and np.array_equal(p1["frozen"],
+                                                                          start["frozen"])
+
+
 def test_eg_gradients_agree_between_backends(rng):
     X, y = small_data(rng, n=8, unlabeled=0.4)
     net64 = Network(SMALL, X.shape[1:], 3, backend="numpy")

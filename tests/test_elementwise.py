@@ -98,6 +98,33 @@ def test_mask_add_negative(glue, dtype, use_mask, weight, n, rng):
     np.testing.assert_array_equal(np.isnan(g), np.isnan(want))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("weight", [0.0, 0.25])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("finite", [True, False])
+def test_mask_add_negative_code_sum_is_negative_sum_squares(glue, dtype, use_mask, weight, n,
+                                                            finite, rng):
+    """The sum from the update's pass is negative_sum_squares(code), bit for bit, and the
+    update is the one without it."""
+    g = special(rng, n, dtype)
+    code = rng.standard_normal(n).astype(dtype) if finite else special(rng, n, dtype)
+    mask = (rng.random(n) < 0.6).astype(dtype) if use_mask else None
+    with np.errstate(invalid="ignore"):  # inf * 0 and inf - inf, as in the kernels
+        want_g = glue.mask_add_negative(g.copy(), mask, code, weight)
+        want_sum = glue.negative_sum_squares(code)
+        out, total = glue.mask_add_negative(g, mask, code, weight, code_sum=True)
+    assert out is g and isinstance(total, float)
+    np.testing.assert_array_equal(g, want_g)
+    if finite or not np.isnan(want_sum):
+        assert total == want_sum
+    else:
+        assert np.isnan(total)
+    # and it is the float64 sum it claims to be
+    want = float(np.sum(np.minimum(code.astype(np.float64), 0) ** 2))
+    assert total == pytest.approx(want, rel=1e-12, nan_ok=True)
+
+
 def test_mask_add_negative_reads_views_and_checks_sizes(rng):
     g = rng.standard_normal((6, 5)).astype(np.float32)
     code = rng.standard_normal((5, 6)).astype(np.float32).T  # a transposed view
@@ -109,6 +136,18 @@ def test_mask_add_negative_reads_views_and_checks_sizes(rng):
         elementwise.mask_add_negative(g.T, None, code, 0.5)
     with pytest.raises(ValueError, match="size"):
         elementwise.mask_add_negative(g, mask[:3], code, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, np.int32, np.bool_])
+@pytest.mark.parametrize("n", [0] + SIZES)
+def test_count_nonzero(dtype, n, rng):
+    """As np.count_nonzero: NaN and inf count, +-0 do not; views are read as they are."""
+    a = (rng.random(n) < 0.3) if dtype == np.bool_ else (
+        special(rng, n, dtype) if n and np.dtype(dtype).kind == "f"
+        else rng.integers(-2, 3, n).astype(dtype))
+    assert elementwise.count_nonzero(a) == np.count_nonzero(a)
+    grid = np.repeat(a[:, None], 3, axis=1)[::2, ::-1]  # a strided view
+    assert elementwise.count_nonzero(grid) == np.count_nonzero(grid)
 
 
 def test_other_dtypes_take_the_numpy_expressions():

@@ -9,14 +9,16 @@ replace (``np.minimum(v, 0)`` is NaN for a NaN ``v``; ``v > 0`` is False).
 
 from __future__ import annotations
 
+import llvmlite.ir as ir
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import PARALLEL, chunk_bounds
+from ._common import PARALLEL, _data, chunk_bounds
 
 __all__ = ["sum_squares", "negative_sum_squares", "index_range", "step_mask",
-           "mask_add_negative"]
+           "mask_add_negative", "count_nonzero", "adam_update"]
 
 _CHUNKS = 16  # fixed, so the sums are the same bits for any number of threads
 _UNROLL = 8  # independent float64 accumulators: the adds do not wait on each other
@@ -28,38 +30,87 @@ def _negative(v, zero):
     return zero if v >= 0 else v
 
 
+@intrinsic
+def _square_lanes(typingctx, part, body, negative_only, acc):
+    """``acc[j] = sum over i < body, i % 8 == j of v_i**2`` in float64, with v_i =
+    float64(part[i]) (``min(v_i, 0)``, NaN kept, with ``negative_only``): eight accumulators
+    as one <8 x double> vector, so each lane adds in index order exactly as a scalar
+    accumulator would (a multiply then an add, no fusing). Numba leaves the SLP vectoriser
+    off, so the same eight scalar accumulators written in Python ran at ~1 element a cycle.
+    ``body`` must be a multiple of 8; no bounds checks."""
+    sig = types.void(part, body, negative_only, acc)
+
+    def codegen(context, builder, signature, args):
+        part_, body_, neg_, acc_ = args
+        aty = signature.args
+        elt = context.get_value_type(part.dtype)
+        f64 = ir.DoubleType()
+        i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+        vin, vty = ir.VectorType(elt, 8), ir.VectorType(f64, 8)
+        size = context.get_abi_sizeof(elt)
+        body_ = context.cast(builder, body_, aty[1], types.int64)
+        neg_ = context.cast(builder, neg_, aty[2], types.boolean)
+        neg_ = builder.trunc(neg_, i1) if neg_.type != i1 else neg_
+        pp = _data(context, builder, aty[0], part_)
+        ap = builder.bitcast(_data(context, builder, aty[3], acc_), vty.as_pointer())
+        zero = ir.Constant(vty, [0.0] * 8)
+        undef = ir.Constant(ir.VectorType(i1, 8), ir.Undefined)
+        negv = builder.shuffle_vector(builder.insert_element(undef, neg_, i32(0)), undef,
+                                      ir.Constant(ir.VectorType(i32, 8), [0] * 8))
+        pre = builder.block
+        head = builder.append_basic_block("squares.head")
+        blk = builder.append_basic_block("squares.body")
+        out = builder.append_basic_block("squares.out")
+        builder.branch(head)
+        builder.position_at_end(head)
+        i = builder.phi(i64)
+        s = builder.phi(vty)
+        i.add_incoming(i64(0), pre)
+        s.add_incoming(zero, pre)
+        builder.cbranch(builder.icmp_signed("<", i, body_), blk, out)
+        builder.position_at_end(blk)
+        v = builder.load(builder.bitcast(builder.gep(pp, [i], inbounds=True), vin.as_pointer()),
+                         align=size)
+        if elt != f64:
+            v = builder.fpext(v, vty)
+        # min(v, 0) as _negative: 0 where v >= 0, v otherwise (NaN too)
+        drop = builder.and_(negv, builder.fcmp_ordered(">=", v, zero))
+        v = builder.select(drop, zero, v)
+        s_next = builder.fadd(s, builder.fmul(v, v))
+        i.add_incoming(builder.add(i, i64(8)), blk)
+        s.add_incoming(s_next, blk)
+        builder.branch(head)
+        builder.position_at_end(out)
+        builder.store(s, ap, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _chunk_sum_squares(part, negative_only):
+    """sum(part**2) (of min(part, 0) with ``negative_only``) in float64, by 8 independent
+    accumulators (element i in accumulator i % 8, the tail in the first), added pairwise at
+    the end: the one order every sum of squares here uses."""
+    body = part.shape[0] // _UNROLL * _UNROLL
+    acc = np.empty(_UNROLL, dtype=np.float64)
+    _square_lanes(part, body, negative_only, acc)
+    s0 = acc[0]
+    for i in range(body, part.shape[0]):
+        v = np.float64(part[i])
+        if negative_only:
+            v = _negative(v, 0.0)
+        s0 += v * v
+    return ((s0 + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
 @njit(parallel=PARALLEL, cache=True)
 def _sum_squares(flat, negative_only, out):
     nchunks = out.shape[0]
     for ch in prange(nchunks):
         lo, hi = chunk_bounds(ch, nchunks, flat.shape[0])
-        part = flat[lo:hi]  # indices from 0: no wrap-around test, the loop vectorises
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-        body = part.shape[0] // _UNROLL * _UNROLL
-        for i in range(0, body, _UNROLL):
-            v0, v1 = np.float64(part[i]), np.float64(part[i + 1])
-            v2, v3 = np.float64(part[i + 2]), np.float64(part[i + 3])
-            v4, v5 = np.float64(part[i + 4]), np.float64(part[i + 5])
-            v6, v7 = np.float64(part[i + 6]), np.float64(part[i + 7])
-            if negative_only:
-                v0, v1, v2, v3 = (_negative(v0, 0.0), _negative(v1, 0.0),
-                                  _negative(v2, 0.0), _negative(v3, 0.0))
-                v4, v5, v6, v7 = (_negative(v4, 0.0), _negative(v5, 0.0),
-                                  _negative(v6, 0.0), _negative(v7, 0.0))
-            s0 += v0 * v0
-            s1 += v1 * v1
-            s2 += v2 * v2
-            s3 += v3 * v3
-            s4 += v4 * v4
-            s5 += v5 * v5
-            s6 += v6 * v6
-            s7 += v7 * v7
-        for i in range(body, part.shape[0]):
-            v = np.float64(part[i])
-            if negative_only:
-                v = _negative(v, 0.0)
-            s0 += v * v
-        out[ch] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+        # indices from 0: no wrap-around test, the loop vectorises
+        out[ch] = _chunk_sum_squares(flat[lo:hi], negative_only)
 
 
 def _reduce(flat, negative_only):
@@ -127,13 +178,17 @@ def step_mask(h, low, dtype):
 
 
 @njit(parallel=PARALLEL, cache=True)
-def _mask_add_negative(g, mask, use_mask, code, use_code, weight):
+def _mask_add_negative(g, mask, use_mask, code, use_code, weight, sums, want_sums):
     nchunks = _CHUNKS
     w = g.dtype.type(weight)
     zero = code.dtype.type(0)
     for ch in prange(nchunks):
         lo, hi = chunk_bounds(ch, nchunks, g.shape[0])
         gp = g[lo:hi]
+        if want_sums:
+            # the chunks and order of negative_sum_squares, so the same bits; the chunk of
+            # code is then in cache for the update below
+            sums[ch] = _chunk_sum_squares(code[lo:hi], True)
         if use_mask and use_code:
             mp, cp = mask[lo:hi], code[lo:hi]
             for i in range(gp.shape[0]):
@@ -148,9 +203,11 @@ def _mask_add_negative(g, mask, use_mask, code, use_code, weight):
                 gp[i] = gp[i] + w * _negative(cp[i], zero)
 
 
-def mask_add_negative(g, mask, code, weight):
+def mask_add_negative(g, mask, code, weight, code_sum=False):
     """In place: ``g = g * mask + weight * min(code, 0)`` (``mask`` None: no factor; weight
-    0: no term, so a non-finite code does not reach g through 0 * inf).
+    0: no term, so a non-finite code does not reach g through 0 * inf). Returns g, or with
+    ``code_sum`` ``(g, negative_sum_squares(code))`` from the same pass over code (the
+    same bits).
 
     ``g`` must be C-contiguous; ``mask`` and ``code`` are read with g's shape."""
     if not g.flags.c_contiguous:
@@ -158,10 +215,87 @@ def mask_add_negative(g, mask, code, weight):
     flat = g.reshape(-1)
     placeholder = np.zeros(1, dtype=g.dtype)
     use_mask, use_code = mask is not None, bool(weight)
+    if code_sum and code is None:
+        raise ValueError("code_sum needs code")
     mask = np.ascontiguousarray(mask, dtype=g.dtype).reshape(-1) if use_mask else placeholder
-    code = np.ascontiguousarray(code, dtype=g.dtype).reshape(-1) if use_code else placeholder
-    if (use_mask and mask.shape[0] != flat.shape[0]) or (use_code and
+    read_code = use_code or code_sum
+    code = np.ascontiguousarray(code, dtype=g.dtype).reshape(-1) if read_code else placeholder
+    if (use_mask and mask.shape[0] != flat.shape[0]) or (read_code and
                                                         code.shape[0] != flat.shape[0]):
         raise ValueError("mask and code must have g's size")
-    _mask_add_negative(flat, mask, use_mask, code, use_code, float(weight))
-    return g
+    sums = np.empty(_CHUNKS if code_sum else 1, dtype=np.float64)
+    _mask_add_negative(flat, mask, use_mask, code, use_code, float(weight), sums,
+                       bool(code_sum))
+    if not code_sum:
+        return g
+    total = 0.0
+    for part in sums:  # chunk order, as _reduce
+        total += part
+    return g, float(total)
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _count_nonzero(flat, out):
+    nchunks = out.shape[0]
+    for ch in prange(nchunks):
+        lo, hi = chunk_bounds(ch, nchunks, flat.shape[0])
+        part = flat[lo:hi]
+        count = 0
+        for i in range(part.shape[0]):
+            count += part[i] != 0   # NaN counts, -0.0 does not: as np.count_nonzero
+        out[ch] = count
+
+
+def count_nonzero(a):
+    """``np.count_nonzero(a)`` on both cores (NumPy's is one pass on one: ~0.4 ms for a
+    conv-small code at batch 128, where the kernels choose a path by it)."""
+    flat = np.ascontiguousarray(a).reshape(-1)
+    if flat.dtype == np.bool_:
+        flat = flat.view(np.uint8)
+    out = np.empty(_CHUNKS, dtype=np.int64)
+    _count_nonzero(flat, out)
+    return int(out.sum())
+
+@njit(parallel=PARALLEL, cache=True)
+def _adam_update(param, grad, m, v, new, use_decay, decay, beta1, beta2, step, denom_scale, eps,
+                 avg, avg_decay, avg_rest, use_avg):
+    """One Adam update of one parameter array (flat), written into ``new``: the NumPy
+    expressions of :meth:`fastdrmm._optim.Adam.step` element by element, in their order and
+    precisions, so the bits are the same (``decay`` and ``avg_rest`` are in the parameter's
+    dtype, as NumPy's scalar promotion makes them there). Two divisions and a square root
+    per element (~14 cycles scalar): on both cores."""
+    nchunks = _CHUNKS
+    for ch in prange(nchunks):
+        lo, hi = chunk_bounds(ch, nchunks, param.shape[0])
+        for i in range(lo, hi):
+            g = np.float64(grad[i])
+            if use_decay:
+                g = g + np.float64(decay * param[i])
+            mi = m[i] * beta1
+            mi = mi + (1 - beta1) * g
+            vi = v[i] * beta2
+            vi = vi + (1 - beta2) * g * g
+            m[i] = mi
+            v[i] = vi
+            new[i] = np.float64(param[i]) - step * mi / (np.sqrt(vi / denom_scale) + eps)
+            if use_avg:
+                avg[i] = avg[i] * avg_decay + np.float64(avg_rest * new[i])
+
+
+def adam_update(param, grad, m, v, beta1, beta2, step, denom_scale, eps, weight_decay=0.0,
+                average=None, average_decay=0.0):
+    """The Adam update of one parameter: ``m`` and ``v`` (float64, param's shape) in place,
+    returns the new parameter (a fresh array of param's dtype); with ``average``, also
+    ``average = average_decay * average + (1 - average_decay) * new`` in place.
+
+    ``step`` is lr / (1 - beta1^t), ``denom_scale`` 1 - beta2^t."""
+    shape, dtype = param.shape, param.dtype
+    flat = np.ascontiguousarray(param).reshape(-1)
+    new = np.empty(shape, dtype)
+    use_avg = average is not None
+    _adam_update(flat, np.ascontiguousarray(grad).reshape(-1), m.reshape(-1), v.reshape(-1),
+                 new.reshape(-1), bool(weight_decay), dtype.type(weight_decay), float(beta1), float(beta2),
+                 float(step), float(denom_scale), float(eps),
+                 average.reshape(-1) if use_avg else np.zeros(1), float(average_decay),
+                 dtype.type(1 - average_decay), use_avg)
+    return new

@@ -23,10 +23,13 @@ Design
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
 from .. import buffers
+from .elementwise import count_nonzero
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds,
                       conv_tile, dot_tile, lanes, num_chunks, place_table, pool_step)
 
@@ -35,8 +38,11 @@ __all__ = ["match_switch_pool", "match_at"]
 _TARGET_PIXELS = 192  # plane pixels per row group (per channel block) to amortise tile waste
 
 
+@functools.lru_cache(maxsize=256)
 def _blocks(k, vl):
-    """Split ceil(k / vl) vectors of channels into near-equal blocks of at most NV_MAX."""
+    """Split ceil(k / vl) vectors of channels into near-equal blocks of at most NV_MAX.
+
+    Cached (~20 calls a training step): the arrays are shared, read them only."""
     nvec = -(-k // vl)
     nblk = -(-nvec // NV_MAX)
     sizes = [nvec // nblk + (1 if i < nvec % nblk else 0) for i in range(nblk)]
@@ -375,7 +381,7 @@ def match_at(x, templates, idx, padding, switches, algorithm="auto"):
         from . import winograd
 
         if algorithm == "auto":
-            on = idx.size if switches is None else np.count_nonzero(switches)
+            on = idx.size if switches is None else count_nonzero(switches)
             use = winograd.match_at_applies(x, templates, padding, on)
         else:
             use = True

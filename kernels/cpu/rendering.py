@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import buffers
+from .elementwise import count_nonzero
 from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, dot_tile, gemm_tile,
                       lanes, num_chunks, place_table)
 from .matching import _blocks, _pix, _relayout, _tile
@@ -502,7 +503,7 @@ def _render(code, idx, templates, input_shape, padding, switches):
     # dense correlation (every plane position, SIMD over output channels) or scatter from the
     # non-zero units (SIMD over kw*C): pick the cheaper
     dense = n * hh * ww * k * -(-c // vl) * kh * kw * _DENSE_VS_SCATTER
-    scatter = np.count_nonzero(code) * kh * -(-(kw * c) // vl)
+    scatter = count_nonzero(code) * kh * -(-(kw * c) // vl)
     # the GEMM path: every plane position with every tap (no border, exact for any values)
     gemm = n * ho * wo * kh * kw * k * -(-c // vl) * _DENSE_VS_SCATTER
     if _GEMM is not None:

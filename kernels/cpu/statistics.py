@@ -54,6 +54,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import buffers
+from .elementwise import count_nonzero
 from ._common import (NL_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, gather_dots, lanes,
                       num_chunks, place_table)
 from .matching import _blocks
@@ -664,7 +665,7 @@ def _exact_bs(x, code, idx, kernel_size, padding, switches):
     else:
         # sparse: one vector FMA per unit, row and vector of kw*C; GEMM: every plane position
         # with every tap, templates padded to whole tiles, measured ~3x cheaper per FMA
-        sparse = np.count_nonzero(code) * kh * -(-(kw * c) // vl)
+        sparse = count_nonzero(code) * kh * -(-(kw * c) // vl)
         gemm = n * ho * wo * taps * (k + 8) * nvec * _GEMM_VS_SPARSE
         use_gemm = gemm < sparse
     if use_kvec:

@@ -45,6 +45,8 @@ a block share one L1 set), and the micro-kernel runs on gemm_tile's tile sizes.
 
 from __future__ import annotations
 
+import functools
+
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
@@ -96,38 +98,42 @@ def _transformed_templates(templates, vl, cpad):
     return out, k0, nv, wofs, nvec * vl
 
 
-@njit(cache=True)
+@njit(parallel=PARALLEL, cache=True)
 def _transform_templates(templates, blk_k0, widths, wofs, cpad, out):
     """out[wofs[b] + (xi * cpad + c) * widths[b] + k - k0] = (G g[k, c] G^T)[xi] (float64
-    arithmetic, rounded once) for template k of block b (first template k0). One channel of
-    a block at a time, so that the 16 rows it writes are contiguous."""
+    arithmetic, rounded once) for template k of block b (first template k0). One (block,
+    channel) pair at a time, so that the 16 rows it writes are contiguous; the pairs on both
+    cores (11 calls a conv-small training step, ~0.1 ms each on one)."""
     k_, c_ = templates.shape[:2]
-    t = np.empty((4, 3), dtype=np.float64)
-    u = np.empty((16, widths.max()), dtype=out.dtype)
-    for b in range(blk_k0.shape[0]):
+    nb = blk_k0.shape[0]
+    wmax = widths.max()
+    for item in prange(nb * c_):
+        b = item // c_
+        c = item - b * c_
+        t = np.empty((4, 3), dtype=np.float64)
+        u = np.empty((16, wmax), dtype=out.dtype)
         k0, w, base = blk_k0[b], widths[b], wofs[b]
         kw = min(w, k_ - k0)
-        for c in range(c_):
+        for j in range(kw):
+            k = k0 + j
+            for v in range(3):       # G along the rows
+                a0 = np.float64(templates[k, c, 0, v])
+                a1 = np.float64(templates[k, c, 1, v])
+                a2 = np.float64(templates[k, c, 2, v])
+                t[0, v] = a0
+                t[1, v] = (a0 + a1 + a2) * 0.5
+                t[2, v] = (a0 - a1 + a2) * 0.5
+                t[3, v] = a2
+            for a in range(4):       # then along the columns
+                a0, a1, a2 = t[a, 0], t[a, 1], t[a, 2]
+                u[4 * a, j] = a0
+                u[4 * a + 1, j] = (a0 + a1 + a2) * 0.5
+                u[4 * a + 2, j] = (a0 - a1 + a2) * 0.5
+                u[4 * a + 3, j] = a2
+        for xi in range(16):
+            at = base + (xi * cpad + c) * w
             for j in range(kw):
-                k = k0 + j
-                for v in range(3):       # G along the rows
-                    a0 = np.float64(templates[k, c, 0, v])
-                    a1 = np.float64(templates[k, c, 1, v])
-                    a2 = np.float64(templates[k, c, 2, v])
-                    t[0, v] = a0
-                    t[1, v] = (a0 + a1 + a2) * 0.5
-                    t[2, v] = (a0 - a1 + a2) * 0.5
-                    t[3, v] = a2
-                for a in range(4):       # then along the columns
-                    a0, a1, a2 = t[a, 0], t[a, 1], t[a, 2]
-                    u[4 * a, j] = a0
-                    u[4 * a + 1, j] = (a0 + a1 + a2) * 0.5
-                    u[4 * a + 2, j] = (a0 - a1 + a2) * 0.5
-                    u[4 * a + 3, j] = a2
-            for xi in range(16):
-                at = base + (xi * cpad + c) * w
-                for j in range(kw):
-                    out[at + j] = u[xi, j]
+                out[at + j] = u[xi, j]
 
 
 def _vector_helpers(context, builder, dt):
@@ -560,9 +566,11 @@ def _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs_b,
                                 irow[g0 * wp + e] = barg[e * kbw + l]
 
 
+@functools.lru_cache(maxsize=256)
 def _group(hp, sh, poolh, tw, npx):
     """Pooled rows per group: the fewest tile slots in all (a group's tiles are computed
-    ``npx`` at a time, the last few repeated), groups of at most _MAX_TILES tiles."""
+    ``npx`` at a time, the last few repeated), groups of at most _MAX_TILES tiles. Cached:
+    a search in Python, ~60 us a call, 7 calls a conv-small training step."""
     best, best_slots = 1, None
     for group in range(1, hp + 1):
         slots, biggest = 0, 0
@@ -654,8 +662,8 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
         gplace = np.zeros(1, dtype=np.int64)
         gidx, gsw = np.zeros((1, 1, 1), np.int32), np.zeros((1, 1, 1), x.dtype)
         hv = h.reshape(n, k, hp * wp)
-    # a 1x1 window's argmax is its own position: the identity, written as whole rows here
-    # rather than element by element from the kernel's pooling (0.8 -> 0.3 ms, l2 at N = 128)
+    # a 1x1 window's argmax is its own position: the identity, written as whole rows after
+    # the kernel rather than element by element from its pooling (0.8 -> 0.3 ms, l2, N = 128)
     identity = with_idx and pool == (1, 1) and stride == (1, 1)
     _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs, bpad, k0, nv, vl,
                      ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp, wused,
@@ -664,8 +672,19 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
                      hv, idx.reshape(n, k, -1), with_idx and not identity, redo,
                      gather, gidx, gsw, use_gsw, gplace)
     if identity:
-        idx.reshape(n * k, hp * wp)[:] = np.arange(hp * wp, dtype=np.int32)
+        _identity_rows(idx.reshape(n * k, hp * wp))
     return h, (idx if with_idx else None), redo
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _identity_rows(idx):
+    """idx[r, e] = e: the positions of a 1x1 window, on both cores (a NumPy broadcast of
+    ``arange`` wrote them on one: 0.7 ms of the 6.4 MB of l2's idx at N = 128)."""
+    rows, cols = idx.shape
+    for r in prange(rows):
+        row = idx[r]
+        for e in range(cols):
+            row[e] = e
 
 
 def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
