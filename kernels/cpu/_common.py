@@ -633,3 +633,90 @@ def dot_tile(typingctx, out, w, wofs, x, bases, woff, xoff, nsteps, P):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def transpose_out(typingctx, src, sofs, place, pofs, pscale, dst, dofs, dstride, VL):
+    """One VL x VL block from a channel-last buffer to channel-first rows::
+
+        for position q < VL, channel i < VL:
+            dst[dofs + i*dstride + q] = src[sofs + place[pofs + q]*pscale + i]
+
+    (VL vectors loaded, one per position, transposed in registers by log2(VL) stages of
+    block swaps, VL vectors stored, one per channel.) ``src`` and ``dst`` share a dtype
+    (float, or int32 for positions), ``place`` is int64; ``VL`` (a power of two) is a
+    compile-time constant. No bounds checks.
+    """
+    if not isinstance(VL, types.IntegerLiteral):
+        return None
+    vl = VL.literal_value
+    sig = types.void(src, sofs, place, pofs, pscale, dst, dofs, dstride, VL)
+
+    def codegen(context, builder, signature, args):
+        src_, sofs_, place_, pofs_, pscale_, dst_, dofs_, dstride_, _ = args
+        aty = signature.args
+        elt = context.get_value_type(src.dtype)
+        size = context.get_abi_sizeof(elt)
+        vty = ir.VectorType(elt, vl)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ity = ir.VectorType(i32, vl)
+        sofs_, pofs_, pscale_, dofs_, dstride_ = (
+            context.cast(builder, a, t, types.int64) for a, t in
+            ((sofs_, aty[1]), (pofs_, aty[3]), (pscale_, aty[4]), (dofs_, aty[6]),
+             (dstride_, aty[7])))
+        sp = _data(context, builder, aty[0], src_)
+        pp = _data(context, builder, aty[2], place_)
+        dp = _data(context, builder, aty[5], dst_)
+
+        def vptr(ptr, index):
+            return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
+
+        rows = []
+        for q in range(vl):
+            where = builder.load(builder.gep(pp, [builder.add(pofs_, i64(q))], inbounds=True))
+            at = builder.add(sofs_, builder.mul(where, pscale_))
+            rows.append(builder.load(vptr(sp, at), align=size))
+        width = 1
+        while width < vl:  # swap the off-diagonal width x width blocks
+            new = list(rows)
+            for i in range(vl):
+                if (i // width) % 2 == 0:
+                    j = i + width
+                    low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
+                    high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
+                    new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
+                    new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
+            rows, width = new, 2 * width
+        for i in range(vl):
+            at = builder.add(dofs_, builder.mul(dstride_, i64(i)))
+            builder.store(rows[i], vptr(dp, at), align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride):
+    """``dst[dofs + l*dstride + e] = src[sofs + place[e]*pscale + l]`` for e < ne, l < nval:
+    a block's channel-last results (``vl`` lanes a vector) into channel-first rows, by
+    register transposes where whole vl x vl blocks fit, element by element at the edges
+    (~4x fewer instructions than the element-by-element copy it replaces)."""
+    # the lanes of float32 and float64 vectors (AVX2: 8, 4; AVX-512: 16, 8)
+    lv = nval - nval % vl if vl >= 4 else 0
+    ev = ne - ne % vl if vl >= 4 else 0
+    for l0 in range(0, lv, vl):
+        for e0 in range(0, ev, vl):
+            if vl == 16:
+                transpose_out(src, sofs + l0, place, e0, pscale, dst,
+                              dofs + l0 * dstride + e0, dstride, 16)
+            elif vl == 8:
+                transpose_out(src, sofs + l0, place, e0, pscale, dst,
+                              dofs + l0 * dstride + e0, dstride, 8)
+            else:
+                transpose_out(src, sofs + l0, place, e0, pscale, dst,
+                              dofs + l0 * dstride + e0, dstride, 4)
+    for l in range(nval):
+        e_lo = ev if l < lv else 0
+        row = dofs + l * dstride
+        for e in range(e_lo, ne):
+            dst[row + e] = src[sofs + place[e] * pscale + l]
