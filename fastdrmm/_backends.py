@@ -22,6 +22,8 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 ENV_VAR = "FASTDRMM_BACKEND"
 
 
@@ -100,6 +102,8 @@ def array_location(arr):
     Numba device arrays also count (``__cuda_ndarray__``): under the CUDA simulator
     (``NUMBA_ENABLE_CUDASIM=1``) they wrap host memory and have no CUDA array interface.
     """
+    if type(arr) is np.ndarray:  # the common case, without the attribute probes below
+        return "host"
     if hasattr(arr, "__cuda_array_interface__") or getattr(arr, "__cuda_ndarray__", False) is True:
         return "device"
     dev = getattr(arr, "__dlpack_device__", None)
