@@ -62,6 +62,7 @@ __all__ = ["applies", "match_switch_pool", "match_at_applies", "match_at", "rend
 
 _MIN_CHANNELS = 16   # below this the transforms cost as much as the products they save
 _SPI = None          # samples per item, forced (benchmarks, tests); None: chosen
+_TRANSFORM_CHUNKS = 8  # template transform: work chunks (scratch each)
 _MAX_TILES = 48      # tiles per group: M stays small (16 x 48 x 64 floats = 192 KiB)
 _MATCH_AT_SHARE = 0.05  # match_at: the least share of the plane's units worth a whole plane
 
@@ -108,33 +109,47 @@ def _transform_templates(templates, blk_k0, widths, wofs, cpad, out):
     k_, c_ = templates.shape[:2]
     nb = blk_k0.shape[0]
     wmax = widths.max()
-    for item in prange(nb * cpad):
-        b = item // cpad
-        c = item - b * cpad
+    nitems = nb * cpad
+    nchunks = min(nitems, _TRANSFORM_CHUNKS)
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, nitems)
+        # scratch per chunk, not per item: a (block, channel) pair is ~1 us of work
         t = np.empty((4, 3), dtype=np.float64)
-        u = np.zeros((16, wmax), dtype=out.dtype)
-        k0, w, base = blk_k0[b], widths[b], wofs[b]
-        kw = min(w, k_ - k0) if c < c_ else 0
-        for j in range(kw):
-            k = k0 + j
-            for v in range(3):       # G along the rows
-                a0 = np.float64(templates[k, c, 0, v])
-                a1 = np.float64(templates[k, c, 1, v])
-                a2 = np.float64(templates[k, c, 2, v])
-                t[0, v] = a0
-                t[1, v] = (a0 + a1 + a2) * 0.5
-                t[2, v] = (a0 - a1 + a2) * 0.5
-                t[3, v] = a2
-            for a in range(4):       # then along the columns
-                a0, a1, a2 = t[a, 0], t[a, 1], t[a, 2]
-                u[4 * a, j] = a0
-                u[4 * a + 1, j] = (a0 + a1 + a2) * 0.5
-                u[4 * a + 2, j] = (a0 - a1 + a2) * 0.5
-                u[4 * a + 3, j] = a2
-        for xi in range(16):
-            at = base + (xi * cpad + c) * w
-            for j in range(w):
-                out[at + j] = u[xi, j]
+        u = np.empty((16, wmax), dtype=out.dtype)
+        for item in range(lo, hi):
+            _transform_pair(templates, blk_k0, widths, wofs, cpad, item // cpad,
+                            item % cpad, t, u, out)
+
+
+@njit(inline="always")
+def _transform_pair(templates, blk_k0, widths, wofs, cpad, b, c, t, u, out):
+    """The 16 rows of channel c of block b (see ``_transform_templates``)."""
+    k_, c_ = templates.shape[:2]
+    k0, w, base = blk_k0[b], widths[b], wofs[b]
+    kw = min(w, k_ - k0) if c < c_ else 0
+    for xi in range(16):
+        for j in range(kw, w):
+            u[xi, j] = 0
+    for j in range(kw):
+        k = k0 + j
+        for v in range(3):       # G along the rows
+            a0 = np.float64(templates[k, c, 0, v])
+            a1 = np.float64(templates[k, c, 1, v])
+            a2 = np.float64(templates[k, c, 2, v])
+            t[0, v] = a0
+            t[1, v] = (a0 + a1 + a2) * 0.5
+            t[2, v] = (a0 - a1 + a2) * 0.5
+            t[3, v] = a2
+        for a in range(4):       # then along the columns
+            a0, a1, a2 = t[a, 0], t[a, 1], t[a, 2]
+            u[4 * a, j] = a0
+            u[4 * a + 1, j] = (a0 + a1 + a2) * 0.5
+            u[4 * a + 2, j] = (a0 - a1 + a2) * 0.5
+            u[4 * a + 3, j] = a2
+    for xi in range(16):
+        at = base + (xi * cpad + c) * w
+        for j in range(w):
+            out[at + j] = u[xi, j]
 
 
 def _vector_helpers(context, builder, dt):
