@@ -63,6 +63,8 @@ def mask_add_negative(g, mask, code, weight, code_sum=False):
     kernels = _host_kernels(g, mask, code)
     if kernels is not None:
         return kernels.mask_add_negative(g, mask, code, weight, code_sum)
+    if code_sum and code is None:
+        raise ValueError("code_sum needs code")
     total = negative_sum_squares(code) if code_sum else None
     if mask is not None:
         g *= mask

@@ -31,10 +31,15 @@ def _update_kernels():
     return elementwise
 
 
-def _host_arrays(*arrays):
-    """Whether every array given is a contiguous float32/float64 NumPy array (None: absent)."""
-    return all(a is None or (isinstance(a, np.ndarray) and a.flags.c_contiguous
-                             and a.dtype in (np.float32, np.float64)) for a in arrays)
+def _compiled_update_takes(param, grad, m, v, average):
+    """Whether the compiled update takes these arrays: contiguous NumPy arrays of one size,
+    the parameter and gradient float32/float64, the moments (and average) float64 as
+    ``Adam`` keeps them (its bits match the NumPy expressions only then)."""
+    arrays = [a for a in (param, grad, m, v, average) if a is not None]
+    return (all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.size == param.size
+                for a in arrays)
+            and param.dtype in (np.float32, np.float64) and grad.dtype in (np.float32, np.float64)
+            and all(a.dtype == np.float64 for a in (m, v, average) if a is not None))
 
 
 class Adam:
@@ -70,7 +75,7 @@ class Adam:
             decay = weight_decay if n.startswith("W") else 0.0
             m, v = self.m[n], self.v[n]
             avg = None if self.average is None else self.average[n]
-            if kernels is not None and _host_arrays(params[n], grads[n], m, v, avg):
+            if kernels is not None and _compiled_update_takes(params[n], grads[n], m, v, avg):
                 # one pass per parameter, the same bits as the expressions below (which
                 # made ~10 temporaries each: ~2 ms of a conv-small EG step, serial)
                 params[n] = kernels.adam_update(params[n], grads[n], m, v, self.beta1,

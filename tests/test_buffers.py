@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from fastdrmm import DRMM
+from fastdrmm import DRMM, Layer
 from fastdrmm._network import LossWeights, Network, eg_loss_and_grads
 from fastdrmm.kernels import buffers
 from fastdrmm.kernels.buffers import StepBuffers
@@ -108,6 +108,32 @@ def test_eg_steps_with_buffers_are_bit_identical(backend, every_size, rng):
         assert got[0] == want[0] and got[1] == want[1]
         for name in want[2]:
             np.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
+    assert bufs.nbytes > 0
+
+
+# Winograd-sized layers (>= 16 channels and templates, 3x3): the dense one and the pooled one
+# take the Winograd matching, render and B, with K and C of 20 padded to whole vectors
+WIDE = [Layer(20, 3, padding=1, pool=2), Layer(20, 3), Layer(20, 3, padding=1, pool=2)]
+
+
+def test_poisoned_buffers_do_not_reach_a_winograd_step(every_size, rng):
+    """Every slot filled with NaN bit patterns between steps: a kernel that relied on a fresh
+    (zeroed) buffer, for its partial sums or the padding of its transformed templates, would
+    carry NaN or garbage into the next step."""
+    X = rng.random((16, 1, 20, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    net = Network(WIDE, X.shape[1:], 3, backend="cpu")
+    p = DRMM(WIDE, 3)._init_params(net, X, y, 1)
+    weights = LossWeights(nonnegativity=0.05)
+    bufs = StepBuffers()
+    for rows in (slice(0, 8), slice(8, 16), slice(0, 8)):
+        want = eg_loss_and_grads(net, p, X[rows], y[rows], weights)
+        got = eg_loss_and_grads(net, p, X[rows], y[rows], weights, buffers=bufs)
+        assert got[0] == want[0] and got[1] == want[1]
+        for name in want[2]:
+            np.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
+        for slot in bufs._slots:
+            slot.fill(0xFF)  # NaN in every float, -1 in every int32
     assert bufs.nbytes > 0
 
 

@@ -295,9 +295,19 @@ def test_adam_compiled_update_matches_the_numpy_expressions_bit_for_bit(
     shapes = {"W0": (3, 2, 3, 3), "b0": (3,), "mu": (4, 5), "frozen": (2,)}
     start = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
     names = ["W0", "b0", "mu"]
+    from fastdrmm.kernels.cpu import elementwise
+
+    real, calls = elementwise.adam_update, []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(elementwise, "adam_update", spy)
     runs = []
     for compiled in (True, False):
         if not compiled:
+            assert len(calls) == 6 * len(names)  # the compiled update did run
             monkeypatch.setattr(_optim, "_update_kernels", lambda: None)
         params = {n: a.copy() for n, a in start.items()}
         opt = Adam(params, names, average_decay=average_decay)
@@ -308,6 +318,7 @@ def test_adam_compiled_update_matches_the_numpy_expressions_bit_for_bit(
             opt.step(params, grads, 1e-2 * (step + 1), weight_decay=weight_decay)
         runs.append((params, opt))
     (p1, o1), (p2, o2) = runs
+    assert len(calls) == 6 * len(names)  # and the NumPy expressions ran the second time
     for n in shapes:
         assert p1[n].dtype == dtype
         np.testing.assert_array_equal(p1[n], p2[n], err_msg=n)

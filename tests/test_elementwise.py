@@ -37,6 +37,21 @@ def test_sum_squares(glue, dtype, n, rng):
     assert glue.negative_sum_squares(a) == pytest.approx(np.sum(neg ** 2), rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.uint64, np.bool_])
+@pytest.mark.parametrize("n", SIZES)
+def test_sum_squares_of_integers_and_bools(glue, dtype, n, rng):
+    """Every element converted to float64 first, as np.float64(value) does."""
+    if dtype == np.bool_:
+        a = rng.random(n) < 0.4
+    else:
+        info = np.iinfo(dtype)
+        a = rng.integers(max(info.min, -2**40), min(info.max, 2**40), n, dtype=dtype)
+    wide = a.astype(np.float64)
+    assert glue.sum_squares(a) == pytest.approx(np.sum(wide ** 2), rel=1e-12)
+    assert glue.negative_sum_squares(a) == pytest.approx(np.sum(np.minimum(wide, 0) ** 2),
+                                                         rel=1e-12)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_sum_squares_non_finite(glue, value, rng):
     a = rng.standard_normal(33)

@@ -14,7 +14,7 @@ def _copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
-@pytest.mark.parametrize("vl", [2, 4, 8, 16])
+@pytest.mark.parametrize("vl", [2, 4, 8, 16, 32])
 @pytest.mark.parametrize("ne, nval", [(1, 1), (7, 5), (8, 8), (16, 8), (19, 13), (40, 33)])
 def test_copy_out_is_the_element_by_element_transpose(dtype, vl, ne, nval, rng):
     """Whole vl x vl blocks by register transposes, the rest element by element: every

@@ -433,6 +433,41 @@ STATS_GEOMETRIES = RENDER_GEOMETRIES + [
 ]
 
 
+def _finish_in_numpy(mpart, spart, k, c):
+    """The partial sums added in chunk order in float64, then G^T M G by whole-array
+    expressions: the reduction the compiled ``_finish`` replaces."""
+    msum = mpart[0].astype(np.float64)
+    s = spart[0].astype(np.float64)
+    for i in range(1, mpart.shape[0]):
+        msum += mpart[i]
+        s += spart[i]
+    m = msum[:, :k, :c].reshape(4, 4, k, c)
+
+    def gt(a0, a1, a2, a3):
+        return a0 + 0.5 * (a1 + a2), 0.5 * (a1 - a2), 0.5 * (a1 + a2) + a3
+
+    rows = gt(m[0], m[1], m[2], m[3])
+    big_b = np.stack([np.stack(gt(r[0], r[1], r[2], r[3])) for r in rows])
+    return big_b.transpose(2, 3, 0, 1).astype(mpart.dtype), s.astype(mpart.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nch, k, c", [(1, 3, 5), (4, 20, 17), (3, 64, 32)])
+def test_stats_finish_is_the_numpy_reduction_bit_for_bit(dtype, nch, k, c, rng):
+    from fastdrmm.kernels.cpu import winograd_stats
+
+    mpart = (rng.standard_normal((nch, 16, k + 9, c + 3)) * 10.0 ** rng.integers(
+        -3, 4, (nch, 16, k + 9, c + 3))).astype(dtype)
+    spart = rng.standard_normal((nch, k)).astype(dtype)
+    mpart[0, 5, 1, 2] = np.nan
+    big_b = np.empty((k, c, 3, 3), dtype)
+    s = np.empty(k, dtype)
+    winograd_stats._finish(mpart, spart, big_b, s)
+    want_b, want_s = _finish_in_numpy(mpart, spart, k, c)
+    np.testing.assert_array_equal(big_b, want_b)
+    np.testing.assert_array_equal(s, want_s)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", STATS_GEOMETRIES)
 @pytest.mark.parametrize("use_switches", [False, True])

@@ -37,7 +37,6 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
 
-
 def _has_avx512():
     """Whether Numba's compilation target has AVX-512F (honours NUMBA_CPU_NAME/FEATURES)."""
     if numba.config.CPU_FEATURES:
@@ -647,7 +646,7 @@ def transpose_out(typingctx, src, sofs, place, pofs, pscale, dst, dofs, dstride,
     (float, or int32 for positions), ``place`` is int64; ``VL`` (a power of two) is a
     compile-time constant. No bounds checks.
     """
-    if not isinstance(VL, types.IntegerLiteral):
+    if not isinstance(VL, types.IntegerLiteral) or src.dtype != dst.dtype:
         return None
     vl = VL.literal_value
     sig = types.void(src, sofs, place, pofs, pscale, dst, dofs, dstride, VL)
@@ -701,9 +700,11 @@ def copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride):
     a block's channel-last results (``vl`` lanes a vector) into channel-first rows, by
     register transposes where whole vl x vl blocks fit, element by element at the edges
     (~4x fewer instructions than the element-by-element copy it replaces)."""
-    # the lanes of float32 and float64 vectors (AVX2: 8, 4; AVX-512: 16, 8)
-    lv = nval - nval % vl if vl >= 4 else 0
-    ev = ne - ne % vl if vl >= 4 else 0
+    # the lanes of float32 and float64 vectors (AVX2: 8, 4; AVX-512: 16, 8); any other
+    # width is copied element by element
+    blocked = vl == 4 or vl == 8 or vl == 16
+    lv = nval - nval % vl if blocked else 0
+    ev = ne - ne % vl if blocked else 0
     for l0 in range(0, lv, vl):
         for e0 in range(0, ev, vl):
             if vl == 16:
@@ -712,7 +713,7 @@ def copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride):
             elif vl == 8:
                 transpose_out(src, sofs + l0, place, e0, pscale, dst,
                               dofs + l0 * dstride + e0, dstride, 8)
-            else:
+            elif vl == 4:
                 transpose_out(src, sofs + l0, place, e0, pscale, dst,
                               dofs + l0 * dstride + e0, dstride, 4)
     for l in range(nval):

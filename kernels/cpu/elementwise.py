@@ -43,7 +43,8 @@ def _square_lanes(typingctx, part, body, negative_only, acc):
     def codegen(context, builder, signature, args):
         part_, body_, neg_, acc_ = args
         aty = signature.args
-        elt = context.get_value_type(part.dtype)
+        dt = part.dtype
+        elt = context.get_data_type(dt)  # as stored: a bool is a byte
         f64 = ir.DoubleType()
         i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
         vin, vty = ir.VectorType(elt, 8), ir.VectorType(f64, 8)
@@ -71,8 +72,13 @@ def _square_lanes(typingctx, part, body, negative_only, acc):
         builder.position_at_end(blk)
         v = builder.load(builder.bitcast(builder.gep(pp, [i], inbounds=True), vin.as_pointer()),
                          align=size)
-        if elt != f64:
-            v = builder.fpext(v, vty)
+        # to float64 as np.float64(element) does
+        if isinstance(dt, types.Float):
+            v = builder.fpext(v, vty) if elt != f64 else v
+        elif isinstance(dt, types.Integer) and dt.signed:
+            v = builder.sitofp(v, vty)
+        else:  # unsigned integers and bools (0 or 1)
+            v = builder.uitofp(v, vty)
         # min(v, 0) as _negative: 0 where v >= 0, v otherwise (NaN too)
         drop = builder.and_(negv, builder.fcmp_ordered(">=", v, zero))
         v = builder.select(drop, zero, v)
@@ -207,7 +213,7 @@ def mask_add_negative(g, mask, code, weight, code_sum=False):
     """In place: ``g = g * mask + weight * min(code, 0)`` (``mask`` None: no factor; weight
     0: no term, so a non-finite code does not reach g through 0 * inf). Returns g, or with
     ``code_sum`` ``(g, negative_sum_squares(code))`` from the same pass over code (the
-    same bits).
+    same bits where code has g's dtype; otherwise of code cast to g's dtype).
 
     ``g`` must be C-contiguous; ``mask`` and ``code`` are read with g's shape."""
     if not g.flags.c_contiguous:
@@ -256,6 +262,7 @@ def count_nonzero(a):
     _count_nonzero(flat, out)
     return int(out.sum())
 
+
 @njit(parallel=PARALLEL, cache=True)
 def _adam_update(param, grad, m, v, new, use_decay, decay, beta1, beta2, step, denom_scale, eps,
                  avg, avg_decay, avg_rest, use_avg):
@@ -294,8 +301,8 @@ def adam_update(param, grad, m, v, beta1, beta2, step, denom_scale, eps, weight_
     new = np.empty(shape, dtype)
     use_avg = average is not None
     _adam_update(flat, np.ascontiguousarray(grad).reshape(-1), m.reshape(-1), v.reshape(-1),
-                 new.reshape(-1), bool(weight_decay), dtype.type(weight_decay), float(beta1), float(beta2),
-                 float(step), float(denom_scale), float(eps),
+                 new.reshape(-1), bool(weight_decay), dtype.type(weight_decay), float(beta1),
+                 float(beta2), float(step), float(denom_scale), float(eps),
                  average.reshape(-1) if use_avg else np.zeros(1), float(average_decay),
                  dtype.type(1 - average_decay), use_avg)
     return new

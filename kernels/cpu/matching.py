@@ -29,9 +29,9 @@ import numpy as np
 from numba import njit, prange
 
 from .. import buffers
-from .elementwise import count_nonzero
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds, conv_tile,
                       copy_out, dot_tile, lanes, num_chunks, place_table, pool_step)
+from .elementwise import count_nonzero
 
 __all__ = ["match_switch_pool", "match_at"]
 

@@ -33,9 +33,9 @@ import numpy as np
 from numba import njit, prange
 
 from .. import buffers
-from .elementwise import count_nonzero
 from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, dot_tile, gemm_tile,
                       lanes, num_chunks, place_table)
+from .elementwise import count_nonzero
 from .matching import _blocks, _pix, _relayout, _tile
 
 __all__ = ["unpool", "render"]

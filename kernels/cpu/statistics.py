@@ -54,9 +54,9 @@ import numpy as np
 from numba import njit, prange
 
 from .. import buffers
-from .elementwise import count_nonzero
 from ._common import (NL_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, gather_dots, lanes,
                       num_chunks, place_table)
+from .elementwise import count_nonzero
 from .matching import _blocks
 from .rendering import (_gemm, _gpix, _switch_args, _unpool_sample, sample_finite, unit_value,
                         unpool_bordered)

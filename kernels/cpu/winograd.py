@@ -16,8 +16,10 @@ Algorithms for Convolutional Neural Networks", 2016)::
     z[t, k] (2x2)  = A^T M[:, t, k] A + bias[k]
 
 then the switch and the max-pooling exactly as in the direct kernel (same row buffer, same
-``_pool_group``), so only the rounding of z differs from it (a few ulps more; exact on
-integer data, where every intermediate is an integer or a half).
+``_pool_group``; a 1x1 window has nothing to pool and goes straight from the row buffer), so
+only the rounding of z differs from it (a few ulps more; exact on integer data, where every
+intermediate is an integer or a half). The results go to h and idx by register transposes
+(``_common.copy_out``).
 
 Non-finite values: a NaN/inf pixel reaches in the transform domain exactly the outputs whose
 receptive field holds it (the supports of B and A are those of the 3x3 window), and every
@@ -106,7 +108,6 @@ def _transform_templates(templates, blk_k0, widths, wofs, cpad, out):
     padding (templates past K, channels past C). One (block, channel) pair at a time, so that
     the 16 rows it writes are contiguous; the pairs on both cores (11 calls a conv-small
     training step, ~0.1 ms each on one)."""
-    k_, c_ = templates.shape[:2]
     nb = blk_k0.shape[0]
     wmax = widths.max()
     nitems = nb * cpad
@@ -690,7 +691,7 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
         gidx, gsw = np.zeros((1, 1, 1), np.int32), np.zeros((1, 1, 1), x.dtype)
         hv = h.reshape(n, k, hp * wp)
     # a 1x1 window's argmax is its own position: the identity, written as whole rows after
-    # the kernel rather than element by element from its pooling (0.8 -> 0.3 ms, l2, N = 128)
+    # the kernel rather than element by element from its pooling
     identity = with_idx and pool == (1, 1) and stride == (1, 1)
     _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs, bpad, k0, nv, vl,
                      ph, pw, pool[0], pool[1], stride[0], stride[1], float(leak), wo, wp, wused,
@@ -706,7 +707,8 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
 @njit(parallel=PARALLEL, cache=True)
 def _identity_rows(idx):
     """idx[r, e] = e: the positions of a 1x1 window, on both cores (a NumPy broadcast of
-    ``arange`` wrote them on one: 0.7 ms of the 6.4 MB of l2's idx at N = 128)."""
+    ``arange`` wrote them on one: 0.7 ms in the step for the 6.4 MB of l2's idx at N = 128,
+    ~0.25 ms this way)."""
     rows, cols = idx.shape
     for r in prange(rows):
         row = idx[r]
