@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastdrmm.kernels.cpu._common import copy_in, copy_out
+from fastdrmm.kernels.cpu._common import copy_out
 
 
 @njit
@@ -32,28 +32,3 @@ def test_copy_out_is_the_element_by_element_transpose(dtype, vl, ne, nval, rng):
             want[dofs + l * dstride + e] = src[sofs + place[e] * pscale + l]
     _copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride)
     np.testing.assert_array_equal(dst, want)
-
-
-@njit
-def _copy_in(x, n, i, ph, pw, wrow, cpad, vl, xp):
-    copy_in(x, n, i, ph, pw, wrow, cpad, vl, xp)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("vl", [2, 4, 8, 16, 32])
-@pytest.mark.parametrize("c, w", [(1, 1), (5, 7), (8, 8), (16, 16), (20, 14), (33, 19)])
-def test_copy_in_is_the_element_by_element_transpose(dtype, vl, c, w, rng):
-    """A row of a channel-first sample into a channel-last buffer: whole vl x vl blocks by
-    register transposes, the edges element by element; the border is left as it is."""
-    n_, h, ph, pw = 3, 4, 1, 2
-    x = rng.standard_normal((n_, c, h, w)).astype(dtype)
-    cpad = c + 3
-    wrow = w + pw + 2
-    xp = np.full((h + 2 * ph) * wrow * cpad, -7, dtype=dtype)
-    want = xp.copy()
-    for i in (0, h - 1):
-        for j in range(w):
-            for ch in range(c):
-                want[((i + ph) * wrow + pw + j) * cpad + ch] = x[1, ch, i, j]
-        _copy_in(x, 1, i, ph, pw, wrow, cpad, vl, xp)
-    np.testing.assert_array_equal(xp, want)

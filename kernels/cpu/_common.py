@@ -657,7 +657,8 @@ def transpose_out(typingctx, src, sofs, place, pofs, pscale, dst, dofs, dstride,
         elt = context.get_value_type(src.dtype)
         size = context.get_abi_sizeof(elt)
         vty = ir.VectorType(elt, vl)
-        i64 = ir.IntType(64)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ity = ir.VectorType(i32, vl)
         sofs_, pofs_, pscale_, dofs_, dstride_ = (
             context.cast(builder, a, t, types.int64) for a, t in
             ((sofs_, aty[1]), (pofs_, aty[3]), (pscale_, aty[4]), (dofs_, aty[6]),
@@ -674,7 +675,17 @@ def transpose_out(typingctx, src, sofs, place, pofs, pscale, dst, dofs, dstride,
             where = builder.load(builder.gep(pp, [builder.add(pofs_, i64(q))], inbounds=True))
             at = builder.add(sofs_, builder.mul(where, pscale_))
             rows.append(builder.load(vptr(sp, at), align=size))
-        rows = _transpose_block(builder, rows, vl)
+        width = 1
+        while width < vl:  # swap the off-diagonal width x width blocks
+            new = list(rows)
+            for i in range(vl):
+                if (i // width) % 2 == 0:
+                    j = i + width
+                    low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
+                    high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
+                    new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
+                    new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
+            rows, width = new, 2 * width
         for i in range(vl):
             at = builder.add(dofs_, builder.mul(dstride_, i64(i)))
             builder.store(rows[i], vptr(dp, at), align=size)
@@ -710,91 +721,3 @@ def copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride):
         row = dofs + l * dstride
         for e in range(e_lo, ne):
             dst[row + e] = src[sofs + place[e] * pscale + l]
-
-
-@intrinsic(prefer_literal=True)
-def transpose_rows_in(typingctx, src, sofs, sstride, dst, dofs, dstep, VL):
-    """One VL x VL block from channel-first rows to a channel-last buffer::
-
-        for channel i < VL, position q < VL:
-            dst[dofs + q*dstep + i] = src[sofs + i*sstride + q]
-
-    (VL rows loaded, transposed in registers, VL vectors stored.) ``src`` and ``dst`` share
-    a dtype; ``VL`` (a power of two) is a compile-time constant. No bounds checks.
-    """
-    if not isinstance(VL, types.IntegerLiteral) or src.dtype != dst.dtype:
-        return None
-    vl = VL.literal_value
-    sig = types.void(src, sofs, sstride, dst, dofs, dstep, VL)
-
-    def codegen(context, builder, signature, args):
-        src_, sofs_, sstride_, dst_, dofs_, dstep_, _ = args
-        aty = signature.args
-        elt = context.get_value_type(src.dtype)
-        size = context.get_abi_sizeof(elt)
-        vty = ir.VectorType(elt, vl)
-        i64 = ir.IntType(64)
-        sofs_, sstride_, dofs_, dstep_ = (
-            context.cast(builder, a, t, types.int64) for a, t in
-            ((sofs_, aty[1]), (sstride_, aty[2]), (dofs_, aty[4]), (dstep_, aty[5])))
-        sp = _data(context, builder, aty[0], src_)
-        dp = _data(context, builder, aty[3], dst_)
-
-        def vptr(ptr, index):
-            return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
-
-        rows = [builder.load(vptr(sp, builder.add(sofs_, builder.mul(sstride_, i64(i)))),
-                             align=size) for i in range(vl)]
-        for q, col in enumerate(_transpose_block(builder, rows, vl)):
-            builder.store(col, vptr(dp, builder.add(dofs_, builder.mul(dstep_, i64(q)))),
-                          align=size)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-def _transpose_block(builder, rows, vl):
-    """(IR) The VL x VL transpose of VL vectors: log2(VL) stages of block swaps."""
-    ity = ir.VectorType(ir.IntType(32), vl)
-    width = 1
-    while width < vl:  # swap the off-diagonal width x width blocks
-        new = list(rows)
-        for i in range(vl):
-            if (i // width) % 2 == 0:
-                j = i + width
-                low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
-                high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
-                new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
-                new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
-        rows, width = new, 2 * width
-    return rows
-
-
-@njit(inline="always")
-def copy_in(x, n, i, ph, pw, wrow, cpad, vl, xp):
-    """Row i of sample n of the C-contiguous x (N, C, H, W) into the channel-last buffer
-    (rows of ``wrow`` pixels of ``cpad`` channels) at offset (ph, pw)::
-
-        xp[((i + ph) * wrow + pw + j) * cpad + c] = x[n, c, i, j]
-
-    by register transposes where whole vl x vl blocks fit (contiguous loads and stores),
-    element by element at the edges."""
-    _, c_, hh, ww = x.shape
-    xf = x.reshape(x.size)
-    blocked = vl == 4 or vl == 8 or vl == 16
-    cv = c_ - c_ % vl if blocked else 0
-    jv = ww - ww % vl if blocked else 0
-    row0 = ((i + ph) * wrow + pw) * cpad
-    for c0 in range(0, cv, vl):
-        src = ((n * c_ + c0) * hh + i) * ww
-        for j0 in range(0, jv, vl):
-            if vl == 16:
-                transpose_rows_in(xf, src + j0, hh * ww, xp, row0 + j0 * cpad + c0, cpad, 16)
-            elif vl == 8:
-                transpose_rows_in(xf, src + j0, hh * ww, xp, row0 + j0 * cpad + c0, cpad, 8)
-            elif vl == 4:
-                transpose_rows_in(xf, src + j0, hh * ww, xp, row0 + j0 * cpad + c0, cpad, 4)
-    for j in range(ww):
-        dst = row0 + j * cpad
-        for c in range(cv if j < jv else 0, c_):
-            xp[dst + c] = x[n, c, i, j]

@@ -55,8 +55,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, _transpose_block,
-                      chunk_bounds, conv_tile, copy_in, copy_out, lanes, num_chunks)
+from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, chunk_bounds, conv_tile,
+                      copy_out, lanes, num_chunks)
 from .matching import _blocks, _pool_group
 
 __all__ = ["applies", "match_switch_pool", "match_at_applies", "match_at", "render_applies",
@@ -290,7 +290,17 @@ def transpose_in(typingctx, src, sofs, sstride, sw, ind, f0, dst, place, c0, USE
                                                ity.as_pointer()), align=4)
             ne = builder.icmp_unsigned("!=", got, want)
             bad = ne if bad is None else builder.or_(bad, ne)
-        rows = _transpose_block(builder, rows, vl)
+        width = 1
+        while width < vl:  # swap the off-diagonal width x width blocks
+            new = list(rows)
+            for i in range(vl):
+                if (i // width) % 2 == 0:
+                    j = i + width
+                    low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
+                    high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
+                    new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
+                    new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
+            rows, width = new, 2 * width
         for q in range(vl):
             where = builder.load(builder.gep(pp, [builder.add(f0_, i64(q))], inbounds=True))
             vstore(rows[q], dp, builder.add(where, c0_))
@@ -375,13 +385,16 @@ def _gpix(nv):
 
 
 @njit(inline="always")
-def copy_channel_last(x, n, ph, pw, wrow, cpad, vl, xp):
-    """Sample n of the C-contiguous x into the channel-last buffer (rows of ``wrow`` pixels
-    of ``cpad`` channels) at offset (ph, pw); the border is left as it is. By vl x vl
-    register transposes (``_common.copy_in``): element by element, with strided loads, it
-    took 0.5-1 ms of each 3x3 matching at N = 128."""
-    for i in range(x.shape[2]):
-        copy_in(x, n, i, ph, pw, wrow, cpad, vl, xp)
+def copy_channel_last(x, n, ph, pw, wrow, cpad, xp):
+    """Sample n of x into the channel-last buffer (rows of ``wrow`` pixels of ``cpad``
+    channels) at offset (ph, pw); the border is left as it is. Stores contiguous, loads
+    strided: 2x faster than the other way round."""
+    _, c_, hh, ww = x.shape
+    for i in range(hh):
+        for j in range(ww):
+            dst = ((i + ph) * wrow + pw + j) * cpad
+            for c in range(c_):
+                xp[dst + c] = x[n, c, i, j]
 
 
 @njit(inline="always")
@@ -512,7 +525,7 @@ def _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs_b,
                                    hh * ww, vl, place, xp):
                             redo[n] = 1
                     else:
-                        copy_channel_last(x, n, ph, pw, wrow, cpad, vl, xp)
+                        copy_channel_last(x, n, ph, pw, wrow, cpad, xp)
                     transform_blocks(xp, wrow, cpad, th, tw, s, vl, v, vstride, False)
                 cur = sg
             k0 = blk_k0[b]
@@ -618,7 +631,6 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
                with_idx, gather_idx=None, gather_sw=None):
     """Run the kernel: returns (h, idx or None, redo). With ``gather_idx`` (pool and stride 1)
     h has its shape: z read at those plane positions, times ``gather_sw`` (if given)."""
-    x = np.ascontiguousarray(x)  # the kernel reads it flat
     n, c = x.shape[:2]
     hh, ww = plane
     k = templates.shape[0]

@@ -121,7 +121,7 @@ def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw
             for s in range(ns):
                 n = n0 + s
                 bad = False
-                copy_channel_last(x, n, ph, pw, wrow, cpad, vl, xp)  # border stays 0
+                copy_channel_last(x, n, ph, pw, wrow, cpad, xp)  # the border stays zero
                 bad |= transform_blocks(xp, wrow, cpad, th, tw, s, vl, v, vstride, True)
                 # the unpooled code (times the switches), channel-last, zero beyond the plane
                 bad |= code_in(codef, indf, swf, use_sw, dense, n, k_,
@@ -210,7 +210,6 @@ def _finish(mpart, spart, big_b, s):
 def template_stats_bs(x, code, idx, padding, switches):
     """B (K, C, 3, 3) and s (K,) by Winograd, and the flags (int8, 1 = left out) of the
     samples whose share the caller must add with the exact kernels."""
-    x = np.ascontiguousarray(x)  # the kernel reads it flat
     n, c, hh, ww = x.shape
     k = code.shape[1]
     ph, pw = padding
