@@ -634,6 +634,23 @@ def dot_tile(typingctx, out, w, wofs, x, bases, woff, xoff, nsteps, P):
     return sig, codegen
 
 
+def transpose_block(builder, rows, vl):
+    """(IR) The VL x VL transpose of VL vectors: log2(VL) stages of block swaps."""
+    ity = ir.VectorType(ir.IntType(32), vl)
+    width = 1
+    while width < vl:  # swap the off-diagonal width x width blocks
+        new = list(rows)
+        for i in range(vl):
+            if (i // width) % 2 == 0:
+                j = i + width
+                low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
+                high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
+                new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
+                new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
+        rows, width = new, 2 * width
+    return rows
+
+
 @intrinsic(prefer_literal=True)
 def transpose_out(typingctx, src, sofs, place, pofs, pscale, dst, dofs, dstride, VL):
     """One VL x VL block from a channel-last buffer to channel-first rows::
@@ -657,8 +674,7 @@ def transpose_out(typingctx, src, sofs, place, pofs, pscale, dst, dofs, dstride,
         elt = context.get_value_type(src.dtype)
         size = context.get_abi_sizeof(elt)
         vty = ir.VectorType(elt, vl)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        ity = ir.VectorType(i32, vl)
+        i64 = ir.IntType(64)
         sofs_, pofs_, pscale_, dofs_, dstride_ = (
             context.cast(builder, a, t, types.int64) for a, t in
             ((sofs_, aty[1]), (pofs_, aty[3]), (pscale_, aty[4]), (dofs_, aty[6]),
@@ -675,17 +691,7 @@ def transpose_out(typingctx, src, sofs, place, pofs, pscale, dst, dofs, dstride,
             where = builder.load(builder.gep(pp, [builder.add(pofs_, i64(q))], inbounds=True))
             at = builder.add(sofs_, builder.mul(where, pscale_))
             rows.append(builder.load(vptr(sp, at), align=size))
-        width = 1
-        while width < vl:  # swap the off-diagonal width x width blocks
-            new = list(rows)
-            for i in range(vl):
-                if (i // width) % 2 == 0:
-                    j = i + width
-                    low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
-                    high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
-                    new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
-                    new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
-            rows, width = new, 2 * width
+        rows = transpose_block(builder, rows, vl)
         for i in range(vl):
             at = builder.add(dofs_, builder.mul(dstride_, i64(i)))
             builder.store(rows[i], vptr(dp, at), align=size)

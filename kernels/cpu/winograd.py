@@ -56,7 +56,7 @@ from numba.extending import intrinsic
 
 from .. import buffers
 from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, chunk_bounds, conv_tile,
-                      copy_out, lanes, num_chunks)
+                      copy_out, lanes, num_chunks, transpose_block)
 from .matching import _blocks, _pool_group
 
 __all__ = ["applies", "match_switch_pool", "match_at_applies", "match_at", "render_applies",
@@ -290,17 +290,7 @@ def transpose_in(typingctx, src, sofs, sstride, sw, ind, f0, dst, place, c0, USE
                                                ity.as_pointer()), align=4)
             ne = builder.icmp_unsigned("!=", got, want)
             bad = ne if bad is None else builder.or_(bad, ne)
-        width = 1
-        while width < vl:  # swap the off-diagonal width x width blocks
-            new = list(rows)
-            for i in range(vl):
-                if (i // width) % 2 == 0:
-                    j = i + width
-                    low = [l if (l // width) % 2 == 0 else vl + l - width for l in range(vl)]
-                    high = [l + width if (l // width) % 2 == 0 else vl + l for l in range(vl)]
-                    new[i] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, low))
-                    new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
-            rows, width = new, 2 * width
+        rows = transpose_block(builder, rows, vl)
         for q in range(vl):
             where = builder.load(builder.gep(pp, [builder.add(f0_, i64(q))], inbounds=True))
             vstore(rows[q], dp, builder.add(where, c0_))
