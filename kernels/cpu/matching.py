@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from .. import buffers
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds, conv_tile,
-                      copy_out, dot_tile, lanes, num_chunks, place_table, pool_step)
+                      dot_tile, lanes, num_chunks, place_table, pool_step)
 from .elementwise import count_nonzero
 
 __all__ = ["match_switch_pool", "match_at"]
@@ -151,10 +151,6 @@ def _match_planes(x, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, ph, pw, poolh, p
     nitems = n_ * nb
     kbw_max = NV_MAX * vl
     plane = hpad * wpad
-    hpw = hp * wp
-    hf = h.reshape(h.size)
-    idxf = idx.reshape(idx.size)
-    eplace = np.arange(group * wp)   # pooled unit e of a group: best[e * kbw:]
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, nitems)
         xp = np.zeros(c_ * plane, dtype=x.dtype)
@@ -198,11 +194,15 @@ def _match_planes(x, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, ph, pw, poolh, p
                     _tile(nv, wr, wofs, xp, xb, off, bpad, k0, zb, f0 * kbw, kbw, leak)
                 _pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best,
                             barg)
-                # channel-major copy-out by register transposes: contiguous runs per channel
+                # channel-major copy-out: contiguous runs per channel (register transposes,
+                # as in the Winograd kernel, made layer 1 at N = 256 slower: 7.9 -> 10.6 ms)
                 ne = (g1 - g0) * wp
-                hbase = (n * k_ + k0) * hpw + g0 * wp
-                copy_out(best, 0, eplace, kbw, ne, kval, vl, hf, hbase, hpw)
-                copy_out(barg, 0, eplace, kbw, ne, kval, vl, idxf, hbase, hpw)
+                for l in range(kval):
+                    hrow = h[n, k0 + l]
+                    irow = idx[n, k0 + l]
+                    for e in range(ne):
+                        hrow[g0 * wp + e] = best[e * kbw + l]
+                        irow[g0 * wp + e] = barg[e * kbw + l]
 
 
 @njit(parallel=PARALLEL, cache=True)
