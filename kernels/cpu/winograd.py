@@ -481,11 +481,8 @@ def _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs_b,
     mstride = (spi * gtiles + PIX_MAX) * kbw_max + vl
     hpw = hp * wp
     hf = h.reshape(h.size)
-    idxf = idx.reshape(idx.size)
     unpooled = poolh == 1 and poolw == 1 and sh == 1 and sw == 1
-    # pooled unit e of a group: best[e * kbw:]; z of a 1x1 window: the row buffer's pixel
-    # zplace[e] (rows from r0 - 1, wz wide)
-    eplace = np.arange(group * wp)
+    # z of a 1x1 window: the row buffer's pixel zplace[e] (rows from r0 - 1, wz wide)
     zplace = np.empty(group * wp, dtype=np.int64)
     for e in range(group * wp):
         zplace[e] = (e // wp + 1) * wz + e % wp
@@ -570,18 +567,24 @@ def _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs_b,
                                 for e in range(src.shape[0]):
                                     dst[e] = zs[gplace[src[e]] * kbw + l]
                         continue
-                    # into h's rows (channel-first) by register transposes
                     ne = (g1 - g0) * wp
-                    hbase = ((n0 + s) * k_ + k0) * hpw + g0 * wp
                     if unpooled and not with_idx:
-                        # a 1x1 window: z straight from the row buffer (pixel zplace[e])
+                        # a 1x1 window: z straight from the row buffer (pixel zplace[e]) into
+                        # h's rows (channel-first), by register transposes
+                        hbase = ((n0 + s) * k_ + k0) * hpw + g0 * wp
                         copy_out(zb, s * zsize, zplace, kbw, ne, kval, vl, hf, hbase, hpw)
                         continue
                     _pool_group(zb[s * zsize:], nv, kbw, g0, g1, r0 - 1, wz, wp, wo, sh, sw,
                                 poolh, poolw, best, barg)
-                    copy_out(best, 0, eplace, kbw, ne, kval, vl, hf, hbase, hpw)
-                    if with_idx:
-                        copy_out(barg, 0, eplace, kbw, ne, kval, vl, idxf, hbase, hpw)
+                    # pooled: element by element (the transposes measured no faster here)
+                    for l in range(kval):
+                        hrow_ = h[n0 + s, k0 + l]
+                        for e in range(ne):
+                            hrow_[g0 * wp + e] = best[e * kbw + l]
+                        if with_idx:
+                            irow = idx[n0 + s, k0 + l]
+                            for e in range(ne):
+                                irow[g0 * wp + e] = barg[e * kbw + l]
 
 
 @functools.lru_cache(maxsize=256)
