@@ -705,7 +705,8 @@ def copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride):
     """``dst[dofs + l*dstride + e] = src[sofs + place[e]*pscale + l]`` for e < ne, l < nval:
     a block's channel-last results (``vl`` lanes a vector) into channel-first rows, by
     register transposes where whole vl x vl blocks fit, element by element at the edges
-    (~4x fewer instructions than the element-by-element copy it replaces)."""
+    (~4x fewer instructions than copying element by element; faster from the Winograd row
+    buffer, slower from the direct kernel's pooled rows: see benchmarks/NOTES.md)."""
     # the lanes of float32 and float64 vectors (AVX2: 8, 4; AVX-512: 16, 8); any other
     # width is copied element by element
     blocked = vl == 4 or vl == 8 or vl == 16

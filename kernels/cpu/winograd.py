@@ -18,8 +18,9 @@ Algorithms for Convolutional Neural Networks", 2016)::
 then the switch and the max-pooling exactly as in the direct kernel (same row buffer, same
 ``_pool_group``; a 1x1 window has nothing to pool and goes straight from the row buffer), so
 only the rounding of z differs from it (a few ulps more; exact on integer data, where every
-intermediate is an integer or a half). The results go to h and idx by register transposes
-(``_common.copy_out``).
+intermediate is an integer or a half). A 1x1 window's z goes to h by register transposes
+(``_common.copy_out``); pooled results are copied out element by element (the transposes
+measured no faster there).
 
 Non-finite values: a NaN/inf pixel reaches in the transform domain exactly the outputs whose
 receptive field holds it (the supports of B and A are those of the 3x3 window), and every
