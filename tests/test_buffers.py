@@ -98,8 +98,15 @@ def test_eg_steps_with_buffers_are_bit_identical(backend, every_size, rng):
     slot: the same loss, terms and gradients, bit for bit, as without buffers (nothing a step
     reads was overwritten by the step itself or left over from the one before)."""
     X, y = small_data(rng, n=16, unlabeled=0.3)
-    net = Network(SMALL, X.shape[1:], 3, backend=backend)
-    p = DRMM(SMALL, 3)._init_params(net, X, y, 1)
+    _assert_buffered_steps_are_fresh_steps(SMALL, backend, X, y, poison=False)
+
+
+def _assert_buffered_steps_are_fresh_steps(layers, backend, X, y, poison):
+    """Batches 0-7, 8-15, 0-7 in turn through one StepBuffers: loss, terms and gradients
+    equal, bit for bit, to steps without buffers; with ``poison`` every slot is filled with
+    NaN bit patterns (-1 in int32) between steps."""
+    net = Network(layers, X.shape[1:], 3, backend=backend)
+    p = DRMM(layers, 3)._init_params(net, X, y, 1)
     weights = LossWeights(nonnegativity=0.05)
     bufs = StepBuffers()
     for rows in (slice(0, 8), slice(8, 16), slice(0, 8)):
@@ -108,6 +115,9 @@ def test_eg_steps_with_buffers_are_bit_identical(backend, every_size, rng):
         assert got[0] == want[0] and got[1] == want[1]
         for name in want[2]:
             np.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
+        if poison:
+            for slot in bufs._slots:
+                slot.fill(0xFF)
     assert bufs.nbytes > 0
 
 
@@ -122,19 +132,7 @@ def test_poisoned_buffers_do_not_reach_a_winograd_step(every_size, rng):
     carry NaN or garbage into the next step."""
     X = rng.random((16, 1, 20, 20)).astype(np.float32)
     y = rng.integers(0, 3, 16)
-    net = Network(WIDE, X.shape[1:], 3, backend="cpu")
-    p = DRMM(WIDE, 3)._init_params(net, X, y, 1)
-    weights = LossWeights(nonnegativity=0.05)
-    bufs = StepBuffers()
-    for rows in (slice(0, 8), slice(8, 16), slice(0, 8)):
-        want = eg_loss_and_grads(net, p, X[rows], y[rows], weights)
-        got = eg_loss_and_grads(net, p, X[rows], y[rows], weights, buffers=bufs)
-        assert got[0] == want[0] and got[1] == want[1]
-        for name in want[2]:
-            np.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
-        for slot in bufs._slots:
-            slot.fill(0xFF)  # NaN in every float, -1 in every int32
-    assert bufs.nbytes > 0
+    _assert_buffered_steps_are_fresh_steps(WIDE, "cpu", X, y, poison=True)
 
 
 def test_fit_with_buffers_every_size_is_the_fit_without(every_size, monkeypatch, rng):
