@@ -29,13 +29,25 @@ from math import prod
 
 import numpy as np
 
-__all__ = ["StepBuffers", "empty", "zeros"]
+__all__ = ["StepBuffers", "aligned_zeros", "empty", "zeros"]
 
 #: allocations below this many bytes come from the heap's free lists (no page faults):
 #: they are not worth a slot
 MIN_BYTES = 1 << 16
 
+#: every buffer starts on a 64-byte boundary (a cache line, an AVX-512 register): NumPy's
+#: allocator gives 16 bytes, and the kernels' full-vector loads and stores at a whole number
+#: of vectors from an output's start would then each touch two cache lines
+ALIGN = 64
+
 _ACTIVE = contextvars.ContextVar("fastdrmm_step_buffers", default=None)
+
+
+def _aligned_bytes(nbytes):
+    """``nbytes`` uninitialised bytes starting on an ``ALIGN``-byte boundary."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip:skip + nbytes]
 
 
 class StepBuffers:
@@ -72,16 +84,16 @@ class StepBuffers:
         shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
         nbytes = prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES:
-            return np.empty(shape, dtype)
+            return _fresh(shape, dtype)
         i = self._next
         self._next += 1
         if i == len(self._slots):
             self._slots.append(None)
         buf = self._slots[i]
         if buf is None or buf.nbytes < nbytes:
-            # raw bytes, so one slot serves any dtype (NumPy's allocations are aligned for
-            # every dtype, and each view starts at the buffer's first byte)
-            buf = np.empty(nbytes, dtype=np.uint8)
+            # raw bytes, so one slot serves any dtype (each view starts at the buffer's
+            # first byte, which is aligned for every dtype)
+            buf = _aligned_bytes(nbytes)
             self._slots[i] = buf
         return buf[:nbytes].view(dtype).reshape(shape)
 
@@ -102,18 +114,32 @@ def active():
 
 
 def empty(shape, dtype):
-    """An uninitialised array: the next buffer of the active scope, else ``np.empty``."""
+    """An uninitialised array: the next buffer of the active scope, else a fresh one; either
+    way its data start on an ``ALIGN``-byte boundary."""
     buffers = _ACTIVE.get()
     if buffers is None:
-        return np.empty(shape, dtype)
+        return _fresh(shape, dtype)
     return buffers.empty(shape, dtype)
 
 
+def aligned_zeros(shape, dtype):
+    """A fresh zero-filled array starting on an ``ALIGN``-byte boundary, never from a scope
+    (the kernels' re-laid-out templates: small, read by full-vector loads)."""
+    out = _fresh(shape, dtype)
+    out.fill(0)
+    return out
+
+
+def _fresh(shape, dtype):
+    """A new array of ``shape`` starting on an ``ALIGN``-byte boundary."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+    return _aligned_bytes(prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+
 def zeros(shape, dtype):
-    """A zero-filled array: the next buffer of the active scope, else ``np.zeros``."""
-    buffers = _ACTIVE.get()
-    if buffers is None:
-        return np.zeros(shape, dtype)
-    out = buffers.empty(shape, dtype)
+    """A zero-filled array: the next buffer of the active scope, else a fresh one (aligned
+    as :func:`empty`'s)."""
+    out = empty(shape, dtype)
     out.fill(0)
     return out

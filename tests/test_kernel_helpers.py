@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastdrmm.kernels.cpu._common import copy_out
+from fastdrmm.kernels.cpu._common import VBYTES, copy_out, vector_empty, vector_zeros
 
 
 @njit
@@ -32,3 +32,31 @@ def test_copy_out_is_the_element_by_element_transpose(dtype, vl, ne, nval, rng):
             want[dofs + l * dstride + e] = src[sofs + place[e] * pscale + l]
     _copy_out(src, sofs, place, pscale, ne, nval, vl, dst, dofs, dstride)
     np.testing.assert_array_equal(dst, want)
+
+
+@njit
+def _scratch(n, like, zeroed):
+    """Many scratch arrays, as the kernels make them: their addresses, lengths and sums."""
+    addresses = np.empty(40, dtype=np.int64)
+    lengths = np.empty(40, dtype=np.int64)
+    sums = np.empty(40, dtype=np.float64)
+    for i in range(40):
+        a = vector_zeros(n + i, like.dtype) if zeroed else vector_empty(n + i, like.dtype)
+        if not zeroed:
+            a[:] = 1
+        addresses[i] = a.ctypes.data
+        lengths[i] = a.shape[0]
+        sums[i] = a.sum()
+    return addresses, lengths, sums
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+@pytest.mark.parametrize("zeroed", [False, True])
+def test_kernel_scratch_starts_on_a_vector_boundary(dtype, zeroed):
+    """Numba aligns its arrays to 32 bytes only; the kernels' scratch must start on a whole
+    vector (64 bytes with AVX-512), else every full-vector load may span two cache lines."""
+    n = 37
+    addresses, lengths, sums = _scratch(n, np.zeros(1, dtype), zeroed)
+    assert (addresses % VBYTES == 0).all()
+    np.testing.assert_array_equal(lengths, n + np.arange(40))
+    np.testing.assert_array_equal(sums, 0 if zeroed else lengths)

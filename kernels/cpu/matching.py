@@ -30,7 +30,8 @@ from numba import njit, prange
 
 from .. import buffers
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds, conv_tile,
-                      dot_tile, lanes, num_chunks, place_table, pool_step)
+                      dot_tile, lanes, num_chunks, place_table, pool_step, vector_empty,
+                      vector_zeros)
 from .elementwise import count_nonzero
 
 __all__ = ["match_switch_pool", "match_at"]
@@ -60,16 +61,15 @@ def _relayout(templates, bias, vl):
     taps = c * kh * kw
     wk = np.zeros((kpad, taps), dtype=templates.dtype)
     wk[:k] = templates.reshape(k, taps)
-    parts = []
+    wr = buffers.aligned_zeros(taps * kpad, templates.dtype)
     wofs = np.zeros(len(k0), dtype=np.int64)
     pos = 0
     for b in range(len(k0)):
         width = nv[b] * vl
-        parts.append(np.ascontiguousarray(wk[k0[b]:k0[b] + width].T).reshape(-1))
+        wr[pos:pos + taps * width].reshape(taps, width)[...] = wk[k0[b]:k0[b] + width].T
         wofs[b] = pos
         pos += taps * width
-    wr = np.concatenate(parts) if parts else np.zeros(0, templates.dtype)
-    bpad = np.zeros(kpad, dtype=bias.dtype)
+    bpad = buffers.aligned_zeros(kpad, bias.dtype)
     bpad[:k] = bias
     return wr, bpad, k0, nv, wofs
 
@@ -153,10 +153,10 @@ def _match_planes(x, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, ph, pw, poolh, p
     plane = hpad * wpad
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, nitems)
-        xp = np.zeros(c_ * plane, dtype=x.dtype)
-        zb = np.empty(zrows * kbw_max, dtype=x.dtype)
-        best = np.empty(group * wp * kbw_max, dtype=x.dtype)
-        barg = np.empty(group * wp * kbw_max, dtype=np.int32)
+        xp = vector_zeros(c_ * plane, x.dtype)
+        zb = vector_empty(zrows * kbw_max, x.dtype)
+        best = vector_empty(group * wp * kbw_max, x.dtype)
+        barg = vector_empty(group * wp * kbw_max, np.int32)
         xb = np.empty(PIX_MAX, dtype=np.int64)
         cur = -1
         for item in range(lo, hi):
@@ -214,7 +214,7 @@ def _match_whole(xf, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, leak, nchunks, h
     kbw_max = NV_MAX * vl
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
-        zb = np.empty(PIX_MAX * kbw_max, dtype=xf.dtype)
+        zb = vector_empty(PIX_MAX * kbw_max, xf.dtype)
         xb = np.empty(PIX_MAX, dtype=np.int64)
         for b in range(nb):
             k0 = blk_k0[b]
@@ -328,10 +328,10 @@ def _match_at_kernel(x, wt, idx, sw, use_sw, ph, pw, kh, row, wo, wp, woff, xoff
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
         # the border stays zero; the slack after the plane is read by padded rows only
-        xp = np.zeros(hpad * wpad * c_ + vrow, dtype=x.dtype)
+        xp = vector_zeros(hpad * wpad * c_ + vrow, x.dtype)
         base = np.empty(span + _UNITS, dtype=np.int64)
         slot = np.empty(span, dtype=np.int64)
-        dots = np.empty(_UNITS, dtype=x.dtype)
+        dots = vector_empty(_UNITS, x.dtype)
         for n in range(lo, hi):
             for c in range(c_):
                 for i in range(hh):
@@ -417,7 +417,7 @@ def _match_at_units(x, templates, idx, padding, switches):
     vl = lanes(x.dtype)
     row = kw * c
     vrow = -(-row // vl) * vl if np.isfinite(x).all() else row // vl * vl
-    wt = np.zeros((k, kh, vrow if vrow > row else row), dtype=x.dtype)
+    wt = buffers.aligned_zeros((k, kh, vrow if vrow > row else row), x.dtype)
     wt[:, :, :row] = templates.transpose(0, 2, 3, 1).reshape(k, kh, row)
     uu, ee = np.meshgrid(np.arange(kh), np.arange(0, vrow, vl), indexing="ij")
     woff = (uu * wt.shape[2] + ee).reshape(-1).astype(np.int64)

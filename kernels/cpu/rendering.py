@@ -34,7 +34,7 @@ from numba import njit, prange
 
 from .. import buffers
 from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, dot_tile, gemm_tile,
-                      lanes, num_chunks, place_table)
+                      lanes, num_chunks, place_table, vector_empty, vector_zeros)
 from .elementwise import count_nonzero
 from .matching import _blocks, _pix, _relayout, _tile
 
@@ -108,8 +108,8 @@ def _render_kernel(code, idx, sw, use_sw, wr, w_finite, ho, wo, ph, pw, nchunks,
     place = place_table(ho, wo, wpad * c_, c_, 0)
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
-        buf = np.empty(hpad * wpad * c_, dtype=r.dtype)
-        dense_u = np.empty(ho * wo, dtype=r.dtype)
+        buf = vector_empty(hpad * wpad * c_, r.dtype)
+        dense_u = vector_empty(ho * wo, r.dtype)
         for n in range(lo, hi):
             buf[:] = 0
             if w_finite and sample_finite(code, sw, use_sw, n):
@@ -163,8 +163,8 @@ def _render_conv_kernel(code, idx, sw, use_sw, wr, wofs_b, bzero, off, blk_c0, b
     place = place_table(ho, wo, wu, 1, (kh - 1) * wu + kw - 1)
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
-        upad = np.zeros(k_ * plane, dtype=r.dtype)
-        zb = np.empty((npix + PIX_MAX) * kbw_max, dtype=r.dtype)
+        upad = vector_zeros(k_ * plane, r.dtype)
+        zb = vector_empty((npix + PIX_MAX) * kbw_max, r.dtype)
         xb = np.empty(PIX_MAX, dtype=np.int64)
         for n in range(lo, hi):
             for k in range(k_):
@@ -286,8 +286,8 @@ def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo,
     nb = blk_c0.shape[0]
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
-        u = np.zeros((group + 1) * kplane, dtype=r.dtype)  # the last sample slot stays zero
-        out = np.empty((group + 1) * opl, dtype=r.dtype)  # the last one is scratch
+        u = vector_zeros((group + 1) * kplane, r.dtype)  # the last sample slot stays zero
+        out = vector_empty((group + 1) * opl, r.dtype)  # the last one is scratch
         aoff = np.empty(k_, dtype=np.int64)
         boff = np.empty(k_, dtype=np.int64)
         for k in range(k_):
@@ -388,7 +388,7 @@ def _render_dots_kernel(code, idx, sw, use_sw, wl, kpad, vl, ho, wo, ph, pw, kh,
     rf = r.reshape(n_ * c_ * hh * ww)
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
-        u = np.zeros(hu * wu * kpad, dtype=r.dtype)  # the border stays zero
+        u = vector_zeros(hu * wu * kpad, r.dtype)  # the border stays zero
         bases = np.empty(8, dtype=np.int64)
         for n in range(lo, hi):
             unpool_bordered(code, idx, sw, use_sw, n, place, ho, wo, kh, kw, wu, kpad, u)
@@ -411,7 +411,7 @@ def _render_dots(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
     n, c = r.shape[:2]
     k, _, kh, kw = templates.shape
     kpad = -(-k // vl) * vl
-    wl = np.zeros((c, kh, kw, kpad), dtype=r.dtype)
+    wl = buffers.aligned_zeros((c, kh, kw, kpad), r.dtype)
     wl[..., :k] = templates.transpose(1, 2, 3, 0)
     _render_dots_kernel(code, idx, sw, use_sw, wl.reshape(-1), kpad, vl, ho, wo, ph, pw, kh, kw,
                         num_chunks(n), r)
@@ -429,7 +429,7 @@ def _render_gemm(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
     k, _, kh, kw = templates.shape
     c0, nv, nvec = _blocks(c, vl)
     cpad = nvec * vl
-    wt = np.zeros((kh, kw, k, cpad), dtype=r.dtype)
+    wt = buffers.aligned_zeros((kh, kw, k, cpad), r.dtype)
     wt[..., :c] = templates.transpose(2, 3, 0, 1)
     group = max(1, min(-(-n // num_chunks(n)), _GEMM_POSITIONS // (ho * wo)))
     _render_gemm_kernel(code, idx, sw, use_sw, wt.reshape(-1), c0, nv, cpad, ho, wo, hh, ww, ph,
@@ -516,7 +516,7 @@ def _render(code, idx, templates, input_shape, padding, switches):
     if w_finite and dense < scatter:
         flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         wr, _, c0, nv, wofs = _relayout(flipped, np.zeros(c, dtype=code.dtype), vl)
-        bzero = np.zeros(-(-c // vl) * vl, dtype=code.dtype)
+        bzero = buffers.aligned_zeros(-(-c // vl) * vl, code.dtype)
         hu, wu = ho + 2 * (kh - 1), wo + 2 * (kw - 1)
         kk, aa, bb = np.meshgrid(np.arange(k), np.arange(kh), np.arange(kw), indexing="ij")
         off = (kk * hu * wu + aa * wu + bb).reshape(-1).astype(np.int64)

@@ -55,7 +55,7 @@ from numba import njit, prange
 
 from .. import buffers
 from ._common import (NL_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, gather_dots, lanes,
-                      num_chunks, place_table)
+                      num_chunks, place_table, vector_empty, vector_zeros)
 from .elementwise import count_nonzero
 from .matching import _blocks
 from .rendering import (_gemm, _gpix, _switch_args, _unpool_sample, sample_finite, unit_value,
@@ -85,8 +85,8 @@ def _stats_bs(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, vl, nchunks, bpa
         sp = spart[chunk]
         bp[:] = 0
         sp[:] = 0
-        xcl = np.zeros(hpad * wpad * c_, dtype=x.dtype)  # the border stays zero
-        dense_u = np.empty(ho * wo, dtype=x.dtype)
+        xcl = vector_zeros(hpad * wpad * c_, x.dtype)  # the border stays zero
+        dense_u = vector_empty(ho * wo, x.dtype)
         for n in range(lo, hi):
             finite = True
             for i in range(hh):
@@ -165,8 +165,8 @@ def _stats_bs_gemm(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kp, cpad, b
         sp = spart[chunk]
         bp[:] = 0
         sp[:] = 0
-        u = np.zeros(group * kplane, dtype=x.dtype)  # rows k >= K stay zero
-        xcl = np.zeros(group * xplane, dtype=x.dtype)  # border and channel padding stay zero
+        u = vector_zeros(group * kplane, x.dtype)  # rows k >= K stay zero
+        xcl = vector_zeros(group * xplane, x.dtype)  # border and channel padding stay zero
         aoff = np.empty(group * npos, dtype=np.int64)
         boff = np.empty(group * npos, dtype=np.int64)
         abase = np.empty(PIX_MAX, dtype=np.int64)
@@ -231,8 +231,8 @@ def _stats_bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kpad, blk_k
         sp = spart[chunk]
         bp[:] = 0
         sp[:] = 0
-        u = np.empty(group * npos * kpad, dtype=x.dtype)
-        xg = np.zeros(group * xplane, dtype=x.dtype)  # the border stays zero
+        u = vector_empty(group * npos * kpad, x.dtype)
+        xg = vector_zeros(group * xplane, x.dtype)  # the border stays zero
         aoff = np.empty(group * npos, dtype=np.int64)
         boff = np.empty(group * npos, dtype=np.int64)
         abase = np.empty(PIX_MAX, dtype=np.int64)
@@ -361,7 +361,7 @@ def _stats_gram(code, idx, sw, use_sw, kh, kw, ho, wo, vl, kpad, rc_lo, rc_hi, c
     for chunk in prange(nchunks):
         klo, khi = chunk_bounds(chunk, nchunks, k_)
         nown = khi - klo
-        upad = np.zeros(hu * wu * kpad, dtype=code.dtype)
+        upad = vector_zeros(hu * wu * kpad, code.dtype)
         cap = nown * (tile_cap + nblk)
         qoff = np.empty(cap, dtype=np.int64)
         qval = np.empty(cap, dtype=code.dtype)
@@ -464,8 +464,8 @@ def _stats_dense_gram(code, idx, sw, use_sw, kh, kw, ph, pw, hh, ww, ho, wo, kpa
     m = k_ * taps
     for chunk in prange(nchunks):
         klo, khi = chunk_bounds(chunk, nchunks, k_)
-        ucl = np.empty(ho * wo * kpad, dtype=code.dtype)
-        svec = np.empty(m, dtype=code.dtype)
+        ucl = vector_empty(ho * wo * kpad, code.dtype)
+        svec = vector_empty(m, code.dtype)
         for n in range(n_):
             if not vbad[n]:
                 continue
@@ -724,7 +724,7 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
 
     vl = lanes(dtype)
     kpad = -(-k // vl) * vl
-    gacc = np.zeros(k * taps * taps * kpad, dtype=dtype)
+    gacc = buffers.aligned_zeros(k * taps * taps * kpad, dtype)
     plan = _gram_plan(ho, wo, hh, ww, kh, kw, ph, pw, k, kpad, dtype)
     vbad = np.zeros(n, dtype=np.bool_)
     if plan is None:  # no plane position paints the image: G = 0, but find bad samples
@@ -733,7 +733,7 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
     else:
         (rc_lo, rc_hi, cc_lo, cc_hi, blk_rc, blk_cc, blk_off, blk_row, blk_pos, blk_tiled,
          dir_pos, dir_rc, dir_cc, tile_lo, tile_hi, tile_kind, tile_cap, rsize) = plan
-        racc = np.zeros(rsize + kpad, dtype=dtype)
+        racc = buffers.aligned_zeros(rsize + kpad, dtype)
         _stats_gram(code, idx, sw, use_sw, kh, kw, ho, wo, vl, kpad, rc_lo, rc_hi, cc_lo, cc_hi,
                     blk_rc, blk_cc, blk_off, blk_row, blk_pos, blk_tiled, dir_pos, dir_rc,
                     dir_cc, tile_lo, tile_hi, tile_kind, tile_cap, vbad, num_chunks(k), racc,

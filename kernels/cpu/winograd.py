@@ -57,7 +57,7 @@ from numba.extending import intrinsic
 
 from .. import buffers
 from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, chunk_bounds, conv_tile,
-                      copy_out, lanes, num_chunks, transpose_block)
+                      copy_out, lanes, num_chunks, transpose_block, vector_empty, vector_zeros)
 from .matching import _blocks, _pool_group
 
 __all__ = ["applies", "match_switch_pool", "match_at_applies", "match_at", "render_applies",
@@ -490,15 +490,15 @@ def _winograd_kernel(x, unpool, use_sw, xf, indf, swf, place, hh, ww, u, uofs_b,
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, nitems)
         # channel-last, channels padded with zeros to whole vectors
-        xp = np.zeros(hrow * wrow * cpad, dtype=x.dtype)
-        v = np.empty(16 * vstride, dtype=x.dtype)
-        mb = np.empty(16 * mstride, dtype=x.dtype)
-        zb = np.empty(spi * zsize, dtype=x.dtype)
-        best = np.empty(group * wp * kbw_max, dtype=x.dtype)
-        barg = np.empty(group * wp * kbw_max, dtype=np.int32)
+        xp = vector_zeros(hrow * wrow * cpad, x.dtype)
+        v = vector_empty(16 * vstride, x.dtype)
+        mb = vector_empty(16 * mstride, x.dtype)
+        zb = vector_empty(spi * zsize, x.dtype)
+        best = vector_empty(group * wp * kbw_max, x.dtype)
+        barg = vector_empty(group * wp * kbw_max, np.int32)
         xb = np.empty(PIX_MAX, dtype=np.int64)
         off = np.arange(cpad)
-        zero = np.zeros(kbw_max, dtype=x.dtype)
+        zero = vector_zeros(kbw_max, x.dtype)
         cur = -1
         for item in range(lo, hi):
             sg = item // nb
@@ -640,7 +640,7 @@ def _correlate(x, unpool, src_idx, src_sw, plane, templates, bias, padding, pool
     vl = lanes(x.dtype)
     cpad = -(-c // vl) * vl
     u, k0, nv, uofs, kpad = _transformed_templates(templates, vl, cpad)
-    bpad = np.zeros(kpad, dtype=x.dtype)
+    bpad = buffers.aligned_zeros(kpad, x.dtype)
     bpad[:k] = bias
     hused = (hp - 1) * stride[0] + pool[0]
     wused = (wp - 1) * stride[1] + pool[1]

@@ -25,7 +25,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes
+from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes, vector_empty, vector_zeros
 from .rendering import _gemm, _gpix
 from .matching import _blocks
 from .winograd import (_vector_helpers, any_non_finite, code_in, copy_channel_last,
@@ -99,15 +99,15 @@ def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw
     mrows = kpad + PIX_MAX       # rows of M per transform point; the last ones are scratch
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, ngroups)
-        xp = np.zeros(hrow * wrow * cpad, dtype=x.dtype)
-        cb = np.zeros(2 * th * ccol * kpad, dtype=x.dtype)
-        v = np.empty(16 * vstride, dtype=x.dtype)
-        w = np.empty(16 * wstride, dtype=x.dtype)
+        xp = vector_zeros(hrow * wrow * cpad, x.dtype)
+        cb = vector_zeros(2 * th * ccol * kpad, x.dtype)
+        v = vector_empty(16 * vstride, x.dtype)
+        w = vector_empty(16 * wstride, x.dtype)
         boff = np.empty(spi * tiles, dtype=np.int64)
         aoff = np.empty(spi * tiles, dtype=np.int64)
         abase = np.empty(PIX_MAX, dtype=np.int64)
         aofs = np.empty(PIX_MAX, dtype=np.int64)
-        ssum = np.empty(kpad, dtype=x.dtype)
+        ssum = vector_empty(kpad, x.dtype)
         macc = mpart[chunk].reshape(-1)
         sacc = spart[chunk]
         # zeroed here, by the chunk's thread: a serial fill of the 4 partial M took ~0.9 ms
