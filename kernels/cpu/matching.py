@@ -32,6 +32,7 @@ from .. import buffers
 from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds, conv_tile,
                       dot_tile, lanes, num_chunks, place_table, pool_step, vector_empty,
                       vector_zeros)
+from . import pooled_rows
 from .elementwise import count_nonzero
 
 __all__ = ["match_switch_pool", "match_at"]
@@ -257,6 +258,9 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak, algorithm
     return _match_direct(x, templates, bias, padding, pool, stride, leak)
 
 
+_POOLED_ROWS = None  # None: where pooled_rows.applies; True: any 2x2/2 pooling; False: off
+
+
 def _match_direct(x, templates, bias, padding, pool, stride, leak):
     n, c, hh, ww = x.shape
     k, _, kh, kw = templates.shape
@@ -276,6 +280,9 @@ def _match_direct(x, templates, bias, padding, pool, stride, leak):
         _match_whole(x.reshape(-1), wr, wofs, bpad, off, k0, nv, vl, leak,
                      num_chunks(-(-n // PIX_MAX)), h.reshape(n, k))
         return h, np.zeros((n, k, hp, wp), dtype=np.int32)
+    if _POOLED_ROWS is not False and pooled_rows.applies(c, pool, stride, wp, dtype,
+                                                         any_shape=bool(_POOLED_ROWS)):
+        return pooled_rows.match_switch_pool(x, templates, bias, padding, leak)
     idx = buffers.empty((n, k, hp, wp), np.int32)
     hpad, wpad = hh + 2 * ph, ww + 2 * pw
     cc, uu, vv = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")

@@ -1,0 +1,283 @@
+"""Matching for few input channels with 2x2 pooling: vectors over pooled columns (Numba CPU).
+
+Why
+---
+The direct kernel (``matching._match_planes``) puts templates in the vector lanes and pixels
+in the register tile. With one input channel (MNIST's first layer: 1 -> 32, 5x5, pool 2) that
+leaves a switched plane of K channel-last values per pixel to pool and then to copy out
+element by element into the channel-first h and idx, which cost more than the products:
+layer 1 at batch 256 took ~7.5 ms for 0.42 GFLOP (~55 GFLOP/s, a sixth of the matmul rate).
+
+Here the lanes are VL consecutive pooled columns of one pooled row, and the register tile
+is NT templates x the 4 positions of the 2x2 window (4 NT accumulators)::
+
+    z[k, 2p + r, 2q + s] = bias[k] + sum_t w[k, t] xpad[c_t, 2p + r + a_t, 2q + s + b_t]
+
+For a fixed window position (r, s) and tap t, the VL values over q are every other column of
+one padded row, so the padded sample is stored split into its even and odd columns
+(``xs[c][column parity][row][column // 2]``) and each is one contiguous vector load. Per tap
+a step loads the 4 vectors and NT broadcast weights and does 4 NT fused multiply-adds. The
+epilogue switches the 4 NT vectors, max-pools the 4 window positions in row-major order with
+the reference's NaN rule, and stores VL pooled values and VL positions per template straight
+into the rows of h and idx: nothing to pool or copy out afterwards.
+
+The arithmetic is the direct kernel's, term for term: each z starts from the bias and adds
+the taps in the same (channel, row, column) order with ``llvm.fmuladd``; the switch and the
+pooling comparisons are ``conv_tile``'s and ``pool_step``'s. So h and idx are bit-for-bit
+those of the direct kernel, for any values (NaN and inf included).
+
+When: 2x2 windows at stride 2, fewer input channels than a vector has lanes (more channels
+favour the direct kernel's vectors over templates), and at least two thirds of the lanes of
+the pooled row's vectors in use.
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .. import buffers
+from ._common import (PARALLEL, VBYTES, _data, chunk_bounds, lanes, num_chunks, vector_empty,
+                      vector_zeros)
+
+__all__ = ["applies", "match_switch_pool"]
+
+# templates per register tile: 4 NT accumulators + 4 loads + NT broadcasts in the registers
+NT = 4 if VBYTES == 64 else 2
+
+
+def applies(c, pool, stride, wp, dtype, any_shape=False):
+    """Whether this kernel takes a matching: 2x2 windows at stride 2 and, unless
+    ``any_shape`` (tests), fewer channels than lanes and at least 2/3 of the lanes of each
+    pooled row's vectors in use."""
+    if tuple(pool) != (2, 2) or tuple(stride) != (2, 2) or wp <= 0:
+        return False
+    vl = lanes(dtype)
+    return any_shape or (c < vl and 3 * wp >= 2 * (-(-wp // vl) * vl))
+
+
+@intrinsic(prefer_literal=True)
+def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, hofs, hstride,
+               idx, flat0, wo, NT_):
+    """``NT`` templates x VL pooled columns of one pooled row, switched and 2x2-pooled::
+
+        for j < NT, window position e = 2 r + s < 4, lane l < VL:
+            acc = bias[bofs + j]
+            for t in range(ntaps):                          # fixed order
+                acc = fmuladd(w[wofs + t*NT + j], xs[xbase + toff[4 t + e] + l], acc)
+            z_e = acc if (acc > 0 or acc is NaN) else (0 if leak == 0 else leak * acc)
+        h[hofs + j*hstride + l]   = the first maximum of z_0..z_3 (a NaN wins and sticks)
+        idx[hofs + j*hstride + l] = flat0 + r*wo + s + 2 l   of that maximum
+
+    ``xs``, ``w``, ``bias`` and ``h`` share a float dtype; ``toff`` is int64, ``idx`` int32;
+    ``NT`` is a compile-time constant. No bounds checks.
+    """
+    if not isinstance(NT_, types.IntegerLiteral):
+        return None
+    nt = NT_.literal_value
+    dt = xs.dtype
+    sig = types.void(xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, hofs, hstride, idx,
+                     flat0, wo, NT_)
+
+    def codegen(context, builder, signature, args):
+        (xs_, xbase_, toff_, ntaps_, w_, wofs_, b_, bofs_, leak_, h_, hofs_, hstr_, idx_,
+         flat0_, wo_, _) = args
+        aty = signature.args
+        elt = context.get_value_type(dt)
+        size = context.get_abi_sizeof(elt)
+        vl = VBYTES // size
+        vty = ir.VectorType(elt, vl)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ity = ir.VectorType(i32, vl)
+
+        def as_i64(val, ty):
+            return context.cast(builder, val, ty, types.int64)
+
+        xbase_, ntaps_ = as_i64(xbase_, aty[1]), as_i64(ntaps_, aty[3])
+        wofs_, bofs_ = as_i64(wofs_, aty[5]), as_i64(bofs_, aty[7])
+        hofs_, hstr_ = as_i64(hofs_, aty[10]), as_i64(hstr_, aty[11])
+        flat0_ = context.cast(builder, flat0_, aty[13], types.int32)
+        wo_ = context.cast(builder, wo_, aty[14], types.int32)
+        leak_ = context.cast(builder, leak_, aty[8], dt)
+        xp = _data(context, builder, aty[0], xs_)
+        tp = _data(context, builder, aty[2], toff_)
+        wp_ = _data(context, builder, aty[4], w_)
+        bp = _data(context, builder, aty[6], b_)
+        hp_ = _data(context, builder, aty[9], h_)
+        ip = _data(context, builder, aty[12], idx_)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             "llvm.fmuladd.v%df%d" % (vl, 8 * size))
+        undef = ir.Constant(vty, ir.Undefined)
+        mask0 = ir.Constant(ity, [0] * vl)
+
+        def splat(val):
+            return builder.shuffle_vector(builder.insert_element(undef, val, i32(0)), undef,
+                                          mask0)
+
+        def vptr(ptr, index):
+            return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
+
+        init = [splat(builder.load(builder.gep(bp, [builder.add(bofs_, i64(j))],
+                                               inbounds=True))) for j in range(nt)]
+        entry = builder.block
+        head = builder.append_basic_block("p2.head")
+        body = builder.append_basic_block("p2.body")
+        done = builder.append_basic_block("p2.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        t = builder.phi(i64)
+        t.add_incoming(i64(0), entry)
+        accs = []
+        for j in range(nt):
+            for e in range(4):
+                phi = builder.phi(vty)
+                phi.add_incoming(init[j], entry)
+                accs.append(phi)
+        builder.cbranch(builder.icmp_signed("<", t, ntaps_), body, done)
+        builder.position_at_end(body)
+        t4 = builder.mul(t, i64(4))
+        xv = []
+        for e in range(4):
+            off = builder.load(builder.gep(tp, [builder.add(t4, i64(e))], inbounds=True))
+            xv.append(builder.load(vptr(xp, builder.add(xbase_, off)), align=size))
+        wrow = builder.add(wofs_, builder.mul(t, i64(nt)))
+        new = []
+        for j in range(nt):
+            wv = splat(builder.load(builder.gep(wp_, [builder.add(wrow, i64(j))], inbounds=True)))
+            for e in range(4):
+                new.append(builder.call(fma, [wv, xv[e], accs[4 * j + e]]))
+        t_next = builder.add(t, i64(1))
+        t.add_incoming(t_next, body)
+        for phi, val in zip(accs, new):
+            phi.add_incoming(val, body)
+        builder.branch(head)
+
+        builder.position_at_end(done)
+        zero = ir.Constant(vty, [0.0] * vl)
+        leakv = splat(leak_)
+        leak_zero = builder.fcmp_ordered("==", leak_, ir.Constant(leak_.type, 0.0))
+        lane2 = ir.Constant(ity, [2 * l for l in range(vl)])
+        base = builder.add(splat_int(builder, flat0_, ity), lane2)
+        flats = []
+        for r in range(2):
+            for s in range(2):
+                shift = builder.add(builder.mul(wo_, i32(r)), i32(s))
+                flats.append(builder.add(base, splat_int(builder, shift, ity)))
+        for j in range(nt):
+            best = arg = None
+            for e in range(4):
+                z = accs[4 * j + e]
+                keep = builder.or_(builder.fcmp_ordered(">", z, zero),
+                                   builder.fcmp_unordered("uno", z, z))
+                other = builder.select(leak_zero, zero, builder.fmul(z, leakv))
+                v = builder.select(keep, z, other)
+                if best is None:
+                    best, arg = v, flats[e]
+                    continue
+                take = builder.and_(builder.fcmp_ordered("==", best, best),
+                                    builder.or_(builder.fcmp_ordered(">", v, best),
+                                                builder.fcmp_unordered("uno", v, v)))
+                best = builder.select(take, v, best)
+                arg = builder.select(take, flats[e], arg)
+            at = builder.add(hofs_, builder.mul(hstr_, i64(j)))
+            builder.store(best, vptr(hp_, at), align=size)
+            builder.store(arg, builder.bitcast(builder.gep(ip, [at], inbounds=True),
+                                               ity.as_pointer()), align=4)
+
+    return sig, codegen
+
+
+def splat_int(builder, val, ity):
+    """(IR) ``val`` in every lane of the integer vector type ``ity``."""
+    undef = ir.Constant(ity, ir.Undefined)
+    i32 = ir.IntType(32)
+    return builder.shuffle_vector(builder.insert_element(undef, val, i32(0)), undef,
+                                  ir.Constant(ity, [0] * ity.count))
+
+
+@njit(inline="always")
+def _tile(xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, hofs, hstride, idx, flat0, wo):
+    pool2_tile(xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, hofs, hstride, idx, flat0,
+               wo, NT)
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _match_pool2(x, wt, bpad, toff, ph, pw, hpad, w2, leak, wo, vl, nchunks, h, idx):
+    """h and idx (flat (N, K, hp, wp) views) of every sample, one chunk of samples each."""
+    n_, c_, hh, ww = x.shape
+    k_, hp, wp = h.shape[1], h.shape[2], h.shape[3]
+    ntaps = toff.shape[0] // 4
+    hf = h.reshape(-1)
+    idf = idx.reshape(-1)
+    plane = hp * wp
+    for chunk in prange(nchunks):
+        lo, hi = chunk_bounds(chunk, nchunks, n_)
+        # even and odd columns of the padded sample; the border and the slack stay zero
+        xs = vector_zeros(c_ * 2 * hpad * w2, x.dtype)
+        th = vector_empty(NT * vl, x.dtype)     # a tile that does not fit h: its edges
+        ti = vector_empty(NT * vl, np.int32)
+        for n in range(lo, hi):
+            for c in range(c_):
+                for i in range(hh):
+                    row = (c * 2 * hpad + i + ph) * w2
+                    for j in range(ww):
+                        jj = j + pw
+                        xs[row + (jj & 1) * hpad * w2 + (jj >> 1)] = x[n, c, i, j]
+            for k0 in range(0, k_, NT):
+                nk = min(NT, k_ - k0)
+                for p in range(hp):
+                    for q0 in range(0, wp, vl):
+                        xbase = 2 * p * w2 + q0
+                        flat0 = 2 * p * wo + 2 * q0
+                        at = ((n * k_ + k0) * hp + p) * wp + q0
+                        nq = min(vl, wp - q0)
+                        if nk == NT and nq == vl:
+                            _tile(xs, xbase, toff, ntaps, wt, k0 * ntaps, bpad, k0, leak, hf,
+                                  at, plane, idf, flat0, wo)
+                        else:
+                            _tile(xs, xbase, toff, ntaps, wt, k0 * ntaps, bpad, k0, leak, th,
+                                  0, vl, ti, flat0, wo)
+                            for j in range(nk):
+                                for l in range(nq):
+                                    hf[at + j * plane + l] = th[j * vl + l]
+                                    idf[at + j * plane + l] = ti[j * vl + l]
+
+
+def match_switch_pool(x, templates, bias, padding, leak):
+    """h and idx of the fused op for 2x2 windows at stride 2 (see ``applies``)."""
+    n, c, hh, ww = x.shape
+    k, _, kh, kw = templates.shape
+    ph, pw = padding
+    hpad, wpad = hh + 2 * ph, ww + 2 * pw
+    ho, wo = hpad - kh + 1, wpad - kw + 1
+    hp, wp = ho // 2, wo // 2
+    dtype = x.dtype
+    vl = lanes(dtype)
+    h = buffers.empty((n, k, hp, wp), dtype)
+    idx = buffers.empty((n, k, hp, wp), np.int32)
+    if n == 0 or hp == 0 or wp == 0:
+        return h, idx
+    # half-width rows: every vector of a pooled row (the last one past wp included) and every
+    # column shift b // 2 of a tap stay inside the row
+    w2 = max((wpad + 1) // 2, -(-wp // vl) * vl + kw // 2 + 1)
+    taps = c * kh * kw
+    kpad = -(-k // NT) * NT
+    # weights [block of NT templates][tap (c, a, b)][template in the block]
+    wk = np.zeros((kpad, taps), dtype=dtype)
+    wk[:k] = templates.reshape(k, taps)
+    wt = buffers.aligned_zeros(kpad * taps, dtype)
+    wt[:] = wk.reshape(kpad // NT, NT, taps).transpose(0, 2, 1).reshape(-1)
+    bpad = buffers.aligned_zeros(kpad, dtype)
+    bpad[:k] = bias
+    # toff[4 t + 2 r + s]: where window position (r, s) of tap t = (c, a, b) reads, relative
+    # to the pooled row's first even-column element
+    cc, aa, bb, rr, ss = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), np.arange(2),
+                                     np.arange(2), indexing="ij")
+    col = ss + bb
+    toff = (((cc * 2 + (col & 1)) * hpad + rr + aa) * w2 + (col >> 1)).reshape(-1)
+    _match_pool2(x, wt, bpad, toff.astype(np.int64), ph, pw, hpad, w2, float(leak), wo, vl,
+                 num_chunks(n), h, idx)
+    return h, idx

@@ -1,0 +1,137 @@
+"""The pooled-rows matching kernel (few channels, 2x2 windows at stride 2): bit for bit the
+direct kernel's h and idx, and the float64 oracle's."""
+
+import numpy as np
+import pytest
+
+from checks import DTYPES, assert_pooling_matches, random_layer
+from fastdrmm import ops
+from fastdrmm.kernels.cpu import matching, pooled_rows
+from fastdrmm.kernels.cpu._common import lanes
+
+
+def both_kernels(monkeypatch, x, templates, bias, padding, leak):
+    """(h, idx) of the pooled-rows kernel and of the direct kernel, and a spy's count of
+    pooled-rows calls (so a test cannot pass by never running it)."""
+    calls = []
+    real = pooled_rows.match_switch_pool
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(pooled_rows, "match_switch_pool", spy)
+    monkeypatch.setattr(matching, "_POOLED_ROWS", True)
+    rows = ops.match_switch_pool(x, templates, bias, padding=padding, pool=2, leak=leak,
+                                 backend="cpu")
+    assert calls, "the pooled-rows kernel did not run"
+    monkeypatch.setattr(matching, "_POOLED_ROWS", False)
+    direct = ops.match_switch_pool(x, templates, bias, padding=padding, pool=2, leak=leak,
+                                   backend="cpu")
+    assert len(calls) == 1
+    return rows, direct
+
+
+def assert_same_bits(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8))
+
+
+# (N, C, H, W, K, kh, kw, padding): pooled widths below, at and past one vector (float32 16,
+# float64 8 lanes on AVX-512), odd planes (a row and a column left over), K not a multiple
+# of the register tile's templates
+GEOMETRIES = [
+    (3, 1, 28, 28, 32, 5, 5, 4),      # conv-small's layer 1: 16 x 16 pooled, one vector
+    (2, 1, 9, 9, 5, 3, 3, 1),         # 4 x 4 pooled
+    (2, 3, 32, 32, 7, 3, 3, 1),       # cifar-like, 16 x 16
+    (2, 2, 23, 45, 3, 2, 3, (0, 2)),  # 11 x 23 pooled: a vector and a tail; odd plane
+    (1, 1, 12, 70, 9, 1, 1, 0),       # 1x1 templates, 35 pooled columns
+    (2, 4, 10, 19, 1, 4, 2, (1, 0)),  # one template
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("leak", [0.0, 0.1, -0.5])
+def test_same_bits_as_the_direct_kernel_and_the_oracle(monkeypatch, dtype, geom, leak, rng):
+    n, c, hh, ww, k, kh, kw, padding = geom
+    x, templates, bias = random_layer(rng, dtype, n, c, hh, ww, k, kh, kw)
+    rows, direct = both_kernels(monkeypatch, x, templates, bias, padding, leak)
+    assert_same_bits(rows, direct)
+    pads = (padding, padding) if np.isscalar(padding) else padding
+    assert_pooling_matches(*rows, x, templates, bias, padding=pads, pool=(2, 2), leak=leak,
+                           dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("leak", [0.0, 0.2])
+def test_nan_and_inf(monkeypatch, dtype, leak, rng):
+    """NaN and +-inf pixels and a NaN template: the same NaN/inf placement and first-NaN
+    positions as the direct kernel, bit for bit."""
+    x, templates, bias = random_layer(rng, dtype, 3, 2, 20, 37, 6, 3, 3)
+    x[0, 1, 7, 8] = np.nan
+    x[0, 0, 7, 9] = np.nan
+    x[1, 0, 0, 30] = np.inf
+    x[1, 1, 19, 0] = -np.inf
+    x[2, 0, 5, 5] = np.inf
+    x[2, 1, 5, 6] = -np.inf          # inf - inf: NaN
+    templates[4, 1, 2, 2] = np.nan
+    rows, direct = both_kernels(monkeypatch, x, templates, bias, 1, leak)
+    assert np.isnan(rows[0]).any() and np.isinf(rows[0]).any()
+    assert_same_bits(rows, direct)
+    assert_pooling_matches(*rows, x, templates, bias, padding=(1, 1), pool=(2, 2), leak=leak,
+                           dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_take_the_first_position(monkeypatch, dtype, rng):
+    """Exact ties (zero templates: z = bias everywhere; integer data) keep the first window
+    position in row-major order."""
+    x = rng.integers(-3, 4, size=(2, 1, 14, 40)).astype(dtype)
+    templates = np.zeros((5, 1, 3, 3), dtype)
+    templates[3] = rng.integers(-2, 3, size=(1, 3, 3))
+    bias = np.array([0.5, -0.25, 0.0, 0.0, 1.0], dtype)
+    for leak in (0.0, 0.5):
+        rows, direct = both_kernels(monkeypatch, x, templates, bias, 1, leak)
+        assert_same_bits(rows, direct)
+        h, idx = rows
+        wo = 40
+        first = (2 * np.arange(7)[:, None] * wo + 2 * np.arange(20)[None, :])
+        for kk in (0, 1, 2, 4):      # every window all equal
+            np.testing.assert_array_equal(idx[:, kk], np.broadcast_to(first, idx[:, kk].shape))
+        assert_pooling_matches(h, idx, x, templates, bias, padding=(1, 1), pool=(2, 2),
+                               leak=leak, dtype=dtype)
+
+
+def test_non_contiguous_input(monkeypatch, rng):
+    x, templates, bias = random_layer(rng, np.float32, 4, 2, 24, 60, 5, 3, 3)
+    view = x[::2, :, :, ::2]
+    rows, direct = both_kernels(monkeypatch, view, templates, bias, 1, 0.0)
+    assert_same_bits(rows, direct)
+    rows_c, _ = both_kernels(monkeypatch, np.ascontiguousarray(view), templates, bias, 1, 0.0)
+    assert_same_bits(rows, rows_c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_where_it_applies(dtype):
+    vl = lanes(dtype)
+    assert pooled_rows.applies(1, (2, 2), (2, 2), vl, dtype)
+    assert pooled_rows.applies(vl - 1, (2, 2), (2, 2), 2 * vl, dtype)
+    assert not pooled_rows.applies(vl, (2, 2), (2, 2), vl, dtype)        # channels: direct
+    assert not pooled_rows.applies(1, (2, 2), (2, 2), vl // 2, dtype)    # half the lanes idle
+    assert not pooled_rows.applies(1, (3, 3), (3, 3), vl, dtype)
+    assert not pooled_rows.applies(1, (2, 2), (1, 1), vl, dtype)
+    assert not pooled_rows.applies(1, (2, 2), (2, 2), 0, dtype)
+    assert pooled_rows.applies(vl, (2, 2), (2, 2), 1, dtype, any_shape=True)
+
+
+def test_conv_small_layer_one_takes_it(monkeypatch, rng):
+    """The default dispatch sends MNIST's first layer here."""
+    calls = []
+    real = pooled_rows.match_switch_pool
+    monkeypatch.setattr(pooled_rows, "match_switch_pool",
+                        lambda *a: calls.append(1) or real(*a))
+    x, templates, bias = random_layer(rng, np.float32, 2, 1, 28, 28, 32, 5, 5)
+    ops.match_switch_pool(x, templates, bias, padding=4, pool=2, backend="cpu")
+    assert calls
