@@ -33,8 +33,8 @@ import numpy as np
 from numba import njit, prange
 
 from .. import buffers
-from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, dot_tile, gemm_tile,
-                      lanes, num_chunks, place_table, vector_empty, vector_zeros)
+from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, copy_out, dot_tile,
+                      gemm_tile, lanes, num_chunks, place_table, vector_empty, vector_zeros)
 from .elementwise import count_nonzero
 from .matching import _blocks, _pix, _relayout, _tile
 
@@ -264,7 +264,7 @@ def _tap_rect(size_plane, size_img, pad, a):
 
 @njit(parallel=PARALLEL, cache=True)
 def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo, hh, ww, ph, pw,
-                        kh, kw, group, nchunks, r):
+                        kh, kw, group, vl, nchunks, r):
     """Render as small GEMMs: ``out[(i+a, j+b), :] += U[:, i, j] . W[:, :, a, b]``, cropped.
 
     A group of samples is unpooled (``u[s, k, (i, j)]``, collisions summed in unit order; a
@@ -284,6 +284,8 @@ def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo,
     opl = hu * wu * cpad  # one sample of the uncropped output
     kplane = k_ * npos
     nb = blk_c0.shape[0]
+    crop = place_table(hh, ww, wu, 1, ph * wu + pw)  # image pixel -> position in out
+    rf = r.reshape(-1)
     for chunk in prange(nchunks):
         lo, hi = chunk_bounds(chunk, nchunks, n_)
         u = vector_zeros((group + 1) * kplane, r.dtype)  # the last sample slot stays zero
@@ -321,14 +323,10 @@ def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo,
                         for b in range(kw):
                             _gemm(nv, out[(a * wu + b) * cpad + c0:], po, u, pa, aoff,
                                   wt[(a * kw + b) * k_ * cpad + c0:], boff, 0, k_)
+            # the crop, channel-last -> channel-first, by register transposes
             for s in range(ns):
-                n = g0 + s
-                for c in range(c_):
-                    dst = r[n, c]
-                    for y in range(hh):
-                        src = s * opl + ((y + ph) * wu + pw) * cpad + c
-                        for x in range(ww):
-                            dst[y * ww + x] = out[src + x * cpad]
+                copy_out(out, s * opl, crop, cpad, hh * ww, c_, vl, rf, (g0 + s) * c_ * hh * ww,
+                         hh * ww)
 
 
 @njit(inline="always")
@@ -433,7 +431,7 @@ def _render_gemm(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
     wt[..., :c] = templates.transpose(2, 3, 0, 1)
     group = max(1, min(-(-n // num_chunks(n)), _GEMM_POSITIONS // (ho * wo)))
     _render_gemm_kernel(code, idx, sw, use_sw, wt.reshape(-1), c0, nv, cpad, ho, wo, hh, ww, ph,
-                        pw, kh, kw, group, num_chunks(n), r.reshape(n, c, hh * ww))
+                        pw, kh, kw, group, vl, num_chunks(n), r.reshape(n, c, hh * ww))
 
 
 # Measured cost of one vector FMA of the dense conv_tile path relative to one vector update of
