@@ -28,7 +28,7 @@ from .. import buffers
 from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes, vector_empty, vector_zeros
 from .rendering import _gemm, _gpix
 from .matching import _blocks
-from .winograd import (_vector_helpers, any_non_finite, code_in, copy_channel_last,
+from .winograd import (_vector_helpers, any_non_finite, code_in, input_in,
                        saves_products, transform_blocks)
 
 __all__ = ["applies", "template_stats_bs"]
@@ -88,9 +88,9 @@ def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
 
 
 @njit(parallel=PARALLEL, cache=True)
-def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw, hrow, wrow, ccol,
-               cpad, kpad, blk_c0, blk_nv, vl, spi, nchunks, mpart, spart, redo):
-    n_ = x.shape[0]
+def _bs_kernel(x, xf, xplace, codef, indf, swf, use_sw, dense, cplace, plane, th, tw, hrow, wrow,
+               ccol, cpad, kpad, blk_c0, blk_nv, vl, spi, nchunks, mpart, spart, redo):
+    n_, c_ = x.shape[:2]
     k_ = spart.shape[1]
     tiles = th * tw
     ngroups = -(-n_ // spi)
@@ -121,7 +121,8 @@ def _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, plane, ph, pw, th, tw
             for s in range(ns):
                 n = n0 + s
                 bad = False
-                copy_channel_last(x, n, ph, pw, wrow, cpad, xp)  # the border stays zero
+                # the border stays zero
+                input_in(xf, n, c_, x.shape[2] * x.shape[3], vl, xplace, xp)
                 bad |= transform_blocks(xp, wrow, cpad, th, tw, s, vl, v, vstride, True)
                 # the unpooled code (times the switches), channel-last, zero beyond the plane
                 bad |= code_in(codef, indf, swf, use_sw, dense, n, k_,
@@ -237,7 +238,10 @@ def template_stats_bs(x, code, idx, padding, switches):
     use_sw = switches is not None
     swf = (np.ascontiguousarray(switches, dtype=dtype).reshape(-1) if use_sw
            else np.zeros(1, dtype))
-    _bs_kernel(x, codef, indf, swf, use_sw, dense, cplace, ho * wo, ph, pw, th, tw, hrow, wrow,
+    xf = np.ascontiguousarray(x).reshape(-1)
+    rows, cols = np.divmod(np.arange(hh * ww, dtype=np.int64), ww)
+    xplace = ((rows + ph) * wrow + pw + cols) * cpad
+    _bs_kernel(x, xf, xplace, codef, indf, swf, use_sw, dense, cplace, ho * wo, th, tw, hrow, wrow,
                ccol, cpad, kpad, c0, nv, vl, spi, nchunks, mpart, spart, redo)
     big_b = buffers.empty((k, c, 3, 3), dtype)
     s = np.empty(k, dtype=dtype)
