@@ -242,8 +242,8 @@ def _stats_bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, kpad, blk_k
             m = 0
             for s in range(ns):
                 n = g0 + s
-                _unpool_cl(code, idx, sw, use_sw, n, kpad, u[s * npos * kpad:(s + 1) * npos * kpad])
-                add_unit_sums(code, sw, use_sw, n, sp)
+                _unpool_cl_sums(code, idx, sw, use_sw, n, kpad,
+                                u[s * npos * kpad:(s + 1) * npos * kpad], sp)
                 for c in range(c_):
                     for i in range(hh):
                         dst = s * xplane + (c * hpad + i + ph) * wpad + pw
@@ -285,6 +285,22 @@ def add_unit_sums(code, sw, use_sw, n, sp):
         for p in range(hp):
             for q in range(wp):
                 sp[k] += unit_value(code, sw, use_sw, n, k, p, q)
+
+
+@njit(inline="always")
+def _unpool_cl_sums(code, idx, sw, use_sw, n, kpad, ucl, sp):
+    """``_unpool_cl`` and ``add_unit_sums`` in one pass over the units (the same additions
+    in the same order)."""
+    _, k_, hp, wp = code.shape
+    ucl[:] = 0
+    for k in range(k_):
+        sk = sp[k]
+        for p in range(hp):
+            for q in range(wp):
+                val = unit_value(code, sw, use_sw, n, k, p, q)
+                ucl[idx[n, k, p, q] * kpad + k] += val
+                sk += val
+        sp[k] = sk
 
 
 @njit(inline="always")
