@@ -104,13 +104,20 @@ def test_ties_take_the_first_position(monkeypatch, dtype, rng):
                                leak=leak, dtype=dtype)
 
 
-def test_non_contiguous_input(monkeypatch, rng):
-    x, templates, bias = random_layer(rng, np.float32, 4, 2, 24, 60, 5, 3, 3)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_input(monkeypatch, dtype, rng):
+    """A strided x straight into the kernels (the ops layer would have made it contiguous):
+    the same bits as the direct kernel and as the contiguous copy."""
+    x, templates, bias = random_layer(rng, dtype, 4, 2, 24, 60, 5, 3, 3)
     view = x[::2, :, :, ::2]
-    rows, direct = both_kernels(monkeypatch, view, templates, bias, 1, 0.0)
-    assert_same_bits(rows, direct)
-    rows_c, _ = both_kernels(monkeypatch, np.ascontiguousarray(view), templates, bias, 1, 0.0)
-    assert_same_bits(rows, rows_c)
+    assert not view.flags.c_contiguous
+    got = {}
+    for force, data in ((True, view), (False, view), (True, np.ascontiguousarray(view))):
+        monkeypatch.setattr(matching, "_POOLED_ROWS", force)
+        got[force, data is view] = matching.match_switch_pool(data, templates, bias, (1, 1),
+                                                              (2, 2), (2, 2), 0.0)
+    assert_same_bits(got[True, True], got[False, True])
+    assert_same_bits(got[True, True], got[True, False])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -268,6 +268,9 @@ def _match_direct(x, templates, bias, padding, pool, stride, leak):
     ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
     hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
     dtype = x.dtype
+    if n and _POOLED_ROWS is not False and pooled_rows.applies(c, pool, stride, wp, dtype,
+                                                               any_shape=bool(_POOLED_ROWS)):
+        return pooled_rows.match_switch_pool(x, templates, bias, padding, leak)
     h = buffers.empty((n, k, hp, wp), dtype)
     if n == 0:
         return h, np.empty((n, k, hp, wp), dtype=np.int32)
@@ -280,9 +283,6 @@ def _match_direct(x, templates, bias, padding, pool, stride, leak):
         _match_whole(x.reshape(-1), wr, wofs, bpad, off, k0, nv, vl, leak,
                      num_chunks(-(-n // PIX_MAX)), h.reshape(n, k))
         return h, np.zeros((n, k, hp, wp), dtype=np.int32)
-    if _POOLED_ROWS is not False and pooled_rows.applies(c, pool, stride, wp, dtype,
-                                                         any_shape=bool(_POOLED_ROWS)):
-        return pooled_rows.match_switch_pool(x, templates, bias, padding, leak)
     idx = buffers.empty((n, k, hp, wp), np.int32)
     hpad, wpad = hh + 2 * ph, ww + 2 * pw
     cc, uu, vv = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")
