@@ -132,6 +132,64 @@ def _data(context, builder, aryty, ary):
     return make_array(aryty)(context, builder, ary).data
 
 
+def vector_helpers(context, builder, dt):
+    """(IR) (vty, vload(ptr, index), vstore(val, ptr, index), splat(scalar)) for dtype
+    ``dt``: the vector type of VBYTES and full-vector loads and stores at element offsets."""
+    elt = context.get_value_type(dt)
+    size = context.get_abi_sizeof(elt)
+    vl = VBYTES // size
+    vty = ir.VectorType(elt, vl)
+    i32 = ir.IntType(32)
+
+    def vptr(ptr, index):
+        return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
+
+    def vload(ptr, index):
+        return builder.load(vptr(ptr, index), align=size)
+
+    def vstore(val, ptr, index):
+        builder.store(val, vptr(ptr, index), align=size)
+
+    undef = ir.Constant(vty, ir.Undefined)
+    mask0 = ir.Constant(ir.VectorType(i32, vl), [0] * vl)
+
+    def splat(scalar):
+        return builder.shuffle_vector(builder.insert_element(undef, scalar, i32(0)), undef, mask0)
+
+    return vty, vload, vstore, splat
+
+
+def counted_loop(builder, name, start, stop, step, init, body):
+    """(IR) ``for t in range(start, stop, step)`` over i64 (``step`` a positive int) with
+    loop-carried values: ``body(t, values)`` emits one iteration at the builder and returns
+    the next values (the types of ``init``). Leaves the builder after the loop and returns
+    (the values after the loop, the final t)."""
+    i64 = ir.IntType(64)
+    entry = builder.block
+    head = builder.append_basic_block(name + ".head")
+    blk = builder.append_basic_block(name + ".body")
+    done = builder.append_basic_block(name + ".done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    t = builder.phi(i64)
+    t.add_incoming(start, entry)
+    carried = []
+    for val in init:
+        phi = builder.phi(val.type)
+        phi.add_incoming(val, entry)
+        carried.append(phi)
+    builder.cbranch(builder.icmp_signed("<", t, stop), blk, done)
+    builder.position_at_end(blk)
+    new = body(t, carried)
+    latch = builder.block  # the body may have added blocks
+    t.add_incoming(builder.add(t, i64(step)), latch)
+    for phi, val in zip(carried, new):
+        phi.add_incoming(val, latch)
+    builder.branch(head)
+    builder.position_at_end(done)
+    return carried, t
+
+
 @intrinsic(prefer_literal=True)
 def conv_tile(typingctx, w, wofs, x, xb, off, ntaps, bias, bofs, z, zofs, zstride, leak, NV, P):
     """Register-blocked matching of ``P`` pixels against ``NV`` vectors of templates.
@@ -196,39 +254,19 @@ def conv_tile(typingctx, w, wofs, x, xb, off, ntaps, bias, bofs, z, zofs, zstrid
         bases = [builder.load(builder.gep(xbp, [i64(p)], inbounds=True)) for p in range(npx)]
         init = [vload(bp, builder.add(bofs_, i64(v * vl))) for v in range(nv)]
 
-        entry = builder.block
-        head = builder.append_basic_block("tile.head")
-        body = builder.append_basic_block("tile.body")
-        done = builder.append_basic_block("tile.done")
-        builder.branch(head)
+        def step(t, accs):
+            o = builder.load(builder.gep(offp, [t], inbounds=True))
+            wbase = builder.add(wofs_, builder.mul(t, i64(nv * vl)))
+            wv = [vload(wp, builder.add(wbase, i64(v * vl))) for v in range(nv)]
+            updated = []
+            for p in range(npx):
+                xs = splat(builder.load(builder.gep(xp, [builder.add(bases[p], o)],
+                                                    inbounds=True)))
+                for v in range(nv):
+                    updated.append(builder.call(fmuladd, [wv[v], xs, accs[p * nv + v]]))
+            return updated
 
-        builder.position_at_end(head)
-        t = builder.phi(i64)
-        t.add_incoming(i64(0), entry)
-        accs = []
-        for _p in range(npx):
-            for v in range(nv):
-                acc = builder.phi(vty)
-                acc.add_incoming(init[v], entry)
-                accs.append(acc)
-        builder.cbranch(builder.icmp_signed("<", t, ntaps_), body, done)
-
-        builder.position_at_end(body)
-        o = builder.load(builder.gep(offp, [t], inbounds=True))
-        wbase = builder.add(wofs_, builder.mul(t, i64(nv * vl)))
-        wv = [vload(wp, builder.add(wbase, i64(v * vl))) for v in range(nv)]
-        updated = []
-        for p in range(npx):
-            xs = splat(builder.load(builder.gep(xp, [builder.add(bases[p], o)], inbounds=True)))
-            for v in range(nv):
-                updated.append(builder.call(fmuladd, [wv[v], xs, accs[p * nv + v]]))
-        tail = builder.block
-        t.add_incoming(builder.add(t, i64(1)), tail)
-        for acc, new in zip(accs, updated):
-            acc.add_incoming(new, tail)
-        builder.branch(head)
-
-        builder.position_at_end(done)
+        accs, _ = counted_loop(builder, "tile", i64(0), ntaps_, 1, init * npx, step)
         leakv = splat(leak_)
         zero = ir.Constant(vty, [0.0] * vl)
         # The switch: y = z where z > 0 or z is NaN, else leak*z; the plain ReLU (leak == 0)
@@ -340,37 +378,22 @@ def axpy(typingctx, y, yofs, alpha, x, xofs, n):
                                     ir.Constant(ir.VectorType(i32, vl), [0] * vl))
         nvec_end = builder.mul(builder.sdiv(n_, i64(vl)), i64(vl))
 
-        def loop(step, end, start, body):
-            pre = builder.block
-            head = builder.append_basic_block("axpy.head")
-            blk = builder.append_basic_block("axpy.body")
-            out = builder.append_basic_block("axpy.out")
-            builder.branch(head)
-            builder.position_at_end(head)
-            i = builder.phi(i64)
-            i.add_incoming(start, pre)
-            builder.cbranch(builder.icmp_signed("<", i, end), blk, out)
-            builder.position_at_end(blk)
-            body(i)
-            i.add_incoming(builder.add(i, i64(step)), builder.block)
-            builder.branch(head)
-            builder.position_at_end(out)
-            return i
-
-        def vbody(i):
+        def vbody(i, _):
             pyv = builder.bitcast(builder.gep(yp, [i], inbounds=True), vty.as_pointer())
             pxv = builder.bitcast(builder.gep(xp, [i], inbounds=True), vty.as_pointer())
             res = builder.call(fv, [av, builder.load(pxv, align=size),
                                     builder.load(pyv, align=size)])
             builder.store(res, pyv, align=size)
+            return []
 
-        def sbody(i):
+        def sbody(i, _):
             py_ = builder.gep(yp, [i], inbounds=True)
             px_ = builder.gep(xp, [i], inbounds=True)
             builder.store(builder.call(fs, [alpha_, builder.load(px_), builder.load(py_)]), py_)
+            return []
 
-        iv = loop(vl, nvec_end, i64(0), vbody)
-        loop(1, n_, iv, sbody)
+        _, iv = counted_loop(builder, "axpy", i64(0), nvec_end, vl, [], vbody)
+        counted_loop(builder, "axpy", iv, n_, 1, [], sbody)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -424,36 +447,19 @@ def gather_dots(typingctx, acc, aofs, astep, u, qoff, qval, start, count, shift,
             return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
 
         shifts = [builder.add(shift_, builder.mul(sstep_, i64(m))) for m in range(nl)]
-        entry = builder.block
-        head = builder.append_basic_block("gd.head")
-        body = builder.append_basic_block("gd.body")
-        done = builder.append_basic_block("gd.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        t = builder.phi(i64)
-        t.add_incoming(start_, entry)
-        accs = []
-        for _j in range(nl * nv):
-            phi = builder.phi(vty)
-            phi.add_incoming(zero, entry)
-            accs.append(phi)
-        builder.cbranch(builder.icmp_signed("<", t, end), body, done)
-        builder.position_at_end(body)
-        base = builder.load(builder.gep(op, [t], inbounds=True))
-        s = builder.load(builder.gep(vp, [t], inbounds=True))
-        sv = builder.shuffle_vector(builder.insert_element(undef, s, i32(0)), undef, mask0)
-        new = []
-        for m in range(nl):
-            row = builder.add(base, shifts[m])
-            for v in range(nv):
-                val = builder.load(vptr(up, builder.add(row, i64(v * vl))), align=size)
-                new.append(builder.call(fv, [sv, val, accs[m * nv + v]]))
-        tail = builder.block
-        t.add_incoming(builder.add(t, i64(1)), tail)
-        for phi, val in zip(accs, new):
-            phi.add_incoming(val, tail)
-        builder.branch(head)
-        builder.position_at_end(done)
+        def step(t, accs):
+            base = builder.load(builder.gep(op, [t], inbounds=True))
+            s = builder.load(builder.gep(vp, [t], inbounds=True))
+            sv = builder.shuffle_vector(builder.insert_element(undef, s, i32(0)), undef, mask0)
+            new = []
+            for m in range(nl):
+                row = builder.add(base, shifts[m])
+                for v in range(nv):
+                    val = builder.load(vptr(up, builder.add(row, i64(v * vl))), align=size)
+                    new.append(builder.call(fv, [sv, val, accs[m * nv + v]]))
+            return new
+
+        accs, _ = counted_loop(builder, "gd", start_, end, 1, [zero] * (nl * nv), step)
         for m in range(nl):
             row = builder.add(aofs_, builder.mul(astep_, i64(m)))
             for v in range(nv):
@@ -522,38 +528,19 @@ def gemm_tile(typingctx, acc, aofs, a, abase, aoff, b, boff, t0, t1, NV, P):
         init = [builder.load(vptr(cp, builder.add(couts[p], i64(v * vl))), align=size)
                 for p in range(npx) for v in range(nv)]
 
-        entry = builder.block
-        head = builder.append_basic_block("gemm.head")
-        body = builder.append_basic_block("gemm.body")
-        done = builder.append_basic_block("gemm.done")
-        builder.branch(head)
+        def step(t, accs):
+            oa = builder.load(builder.gep(aop, [t], inbounds=True))
+            ob = builder.load(builder.gep(bop, [t], inbounds=True))
+            bv = [builder.load(vptr(bp, builder.add(ob, i64(v * vl))), align=size)
+                  for v in range(nv)]
+            updated = []
+            for p in range(npx):
+                xs = splat(builder.load(builder.gep(bases[p], [oa], inbounds=True)))
+                for v in range(nv):
+                    updated.append(builder.call(fmuladd, [bv[v], xs, accs[p * nv + v]]))
+            return updated
 
-        builder.position_at_end(head)
-        t = builder.phi(i64)
-        t.add_incoming(t0_, entry)
-        accs = []
-        for j in range(npx * nv):
-            phi = builder.phi(vty)
-            phi.add_incoming(init[j], entry)
-            accs.append(phi)
-        builder.cbranch(builder.icmp_signed("<", t, t1_), body, done)
-
-        builder.position_at_end(body)
-        oa = builder.load(builder.gep(aop, [t], inbounds=True))
-        ob = builder.load(builder.gep(bop, [t], inbounds=True))
-        bv = [builder.load(vptr(bp, builder.add(ob, i64(v * vl))), align=size) for v in range(nv)]
-        updated = []
-        for p in range(npx):
-            xs = splat(builder.load(builder.gep(bases[p], [oa], inbounds=True)))
-            for v in range(nv):
-                updated.append(builder.call(fmuladd, [bv[v], xs, accs[p * nv + v]]))
-        tail = builder.block
-        t.add_incoming(builder.add(t, i64(1)), tail)
-        for phi, new in zip(accs, updated):
-            phi.add_incoming(new, tail)
-        builder.branch(head)
-
-        builder.position_at_end(done)
+        accs, _ = counted_loop(builder, "gemm", t0_, t1_, 1, init, step)
         for p in range(npx):
             for v in range(nv):
                 builder.store(accs[p * nv + v], vptr(cp, builder.add(couts[p], i64(v * vl))),
@@ -610,34 +597,13 @@ def dot_tile(typingctx, out, w, wofs, x, bases, woff, xoff, nsteps, P):
         starts = [builder.gep(xp, [builder.load(builder.gep(bp, [i64(p)], inbounds=True))],
                               inbounds=True) for p in range(npx)]
         zero = ir.Constant(vty, [0.0] * vl)
-        entry = builder.block
-        head = builder.append_basic_block("dot.head")
-        body = builder.append_basic_block("dot.body")
-        done = builder.append_basic_block("dot.done")
-        builder.branch(head)
+        def step(t, accs):
+            wv = vload(wp, builder.load(builder.gep(wop, [t], inbounds=True)))
+            ox = builder.load(builder.gep(xop, [t], inbounds=True))
+            return [builder.call(fmuladd, [wv, vload(starts[p], ox), accs[p]])
+                    for p in range(npx)]
 
-        builder.position_at_end(head)
-        t = builder.phi(i64)
-        t.add_incoming(i64(0), entry)
-        accs = []
-        for _p in range(npx):
-            phi = builder.phi(vty)
-            phi.add_incoming(zero, entry)
-            accs.append(phi)
-        builder.cbranch(builder.icmp_signed("<", t, nsteps_), body, done)
-
-        builder.position_at_end(body)
-        wv = vload(wp, builder.load(builder.gep(wop, [t], inbounds=True)))
-        ox = builder.load(builder.gep(xop, [t], inbounds=True))
-        updated = [builder.call(fmuladd, [wv, vload(starts[p], ox), accs[p]])
-                   for p in range(npx)]
-        tail = builder.block
-        t.add_incoming(builder.add(t, i64(1)), tail)
-        for phi, new in zip(accs, updated):
-            phi.add_incoming(new, tail)
-        builder.branch(head)
-
-        builder.position_at_end(done)
+        accs, _ = counted_loop(builder, "dot", i64(0), nsteps_, 1, [zero] * npx, step)
         undef = ir.Constant(vty, ir.Undefined)
         for p in range(npx):
             s, width = accs[p], vl

@@ -15,7 +15,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import PARALLEL, _data, chunk_bounds
+from ._common import PARALLEL, _data, chunk_bounds, counted_loop
 
 __all__ = ["sum_squares", "negative_sum_squares", "index_range", "step_mask",
            "mask_add_negative", "count_nonzero", "adam_update"]
@@ -58,35 +58,22 @@ def _square_lanes(typingctx, part, body, negative_only, acc):
         undef = ir.Constant(ir.VectorType(i1, 8), ir.Undefined)
         negv = builder.shuffle_vector(builder.insert_element(undef, neg_, i32(0)), undef,
                                       ir.Constant(ir.VectorType(i32, 8), [0] * 8))
-        pre = builder.block
-        head = builder.append_basic_block("squares.head")
-        blk = builder.append_basic_block("squares.body")
-        out = builder.append_basic_block("squares.out")
-        builder.branch(head)
-        builder.position_at_end(head)
-        i = builder.phi(i64)
-        s = builder.phi(vty)
-        i.add_incoming(i64(0), pre)
-        s.add_incoming(zero, pre)
-        builder.cbranch(builder.icmp_signed("<", i, body_), blk, out)
-        builder.position_at_end(blk)
-        v = builder.load(builder.bitcast(builder.gep(pp, [i], inbounds=True), vin.as_pointer()),
-                         align=size)
-        # to float64 as np.float64(element) does
-        if isinstance(dt, types.Float):
-            v = builder.fpext(v, vty) if elt != f64 else v
-        elif isinstance(dt, types.Integer) and dt.signed:
-            v = builder.sitofp(v, vty)
-        else:  # unsigned integers and bools (0 or 1)
-            v = builder.uitofp(v, vty)
-        # min(v, 0) as _negative: 0 where v >= 0, v otherwise (NaN too)
-        drop = builder.and_(negv, builder.fcmp_ordered(">=", v, zero))
-        v = builder.select(drop, zero, v)
-        s_next = builder.fadd(s, builder.fmul(v, v))
-        i.add_incoming(builder.add(i, i64(8)), blk)
-        s.add_incoming(s_next, blk)
-        builder.branch(head)
-        builder.position_at_end(out)
+        def step(i, carried):
+            v = builder.load(builder.bitcast(builder.gep(pp, [i], inbounds=True),
+                                             vin.as_pointer()), align=size)
+            # to float64 as np.float64(element) does
+            if isinstance(dt, types.Float):
+                v = builder.fpext(v, vty) if elt != f64 else v
+            elif isinstance(dt, types.Integer) and dt.signed:
+                v = builder.sitofp(v, vty)
+            else:  # unsigned integers and bools (0 or 1)
+                v = builder.uitofp(v, vty)
+            # min(v, 0) as _negative: 0 where v >= 0, v otherwise (NaN too)
+            drop = builder.and_(negv, builder.fcmp_ordered(">=", v, zero))
+            v = builder.select(drop, zero, v)
+            return [builder.fadd(carried[0], builder.fmul(v, v))]
+
+        (s,), _ = counted_loop(builder, "squares", i64(0), body_, 8, [zero], step)
         builder.store(s, ap, align=8)
         return context.get_dummy_value()
 

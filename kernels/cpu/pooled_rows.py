@@ -40,8 +40,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import (PARALLEL, VBYTES, _data, chunk_bounds, lanes, num_chunks, vector_empty,
-                      vector_zeros)
+from ._common import (PARALLEL, VBYTES, _data, chunk_bounds, counted_loop, lanes, num_chunks,
+                      vector_empty, vector_helpers, vector_zeros)
 
 __all__ = ["applies", "match_switch_pool"]
 
@@ -86,10 +86,9 @@ def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, 
         (xs_, xbase_, toff_, ntaps_, w_, wofs_, b_, bofs_, leak_, h_, hofs_, hstr_, idx_,
          flat0_, wo_, _) = args
         aty = signature.args
-        elt = context.get_value_type(dt)
-        size = context.get_abi_sizeof(elt)
-        vl = VBYTES // size
-        vty = ir.VectorType(elt, vl)
+        vty, vload, vstore, splat = vector_helpers(context, builder, dt)
+        vl = vty.count
+        size = context.get_abi_sizeof(vty.element)
         i32, i64 = ir.IntType(32), ir.IntType(64)
         ity = ir.VectorType(i32, vl)
 
@@ -110,52 +109,26 @@ def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, 
         ip = _data(context, builder, aty[12], idx_)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                              "llvm.fmuladd.v%df%d" % (vl, 8 * size))
-        undef = ir.Constant(vty, ir.Undefined)
-        mask0 = ir.Constant(ity, [0] * vl)
-
-        def splat(val):
-            return builder.shuffle_vector(builder.insert_element(undef, val, i32(0)), undef,
-                                          mask0)
-
-        def vptr(ptr, index):
-            return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
-
         init = [splat(builder.load(builder.gep(bp, [builder.add(bofs_, i64(j))],
                                                inbounds=True))) for j in range(nt)]
-        entry = builder.block
-        head = builder.append_basic_block("p2.head")
-        body = builder.append_basic_block("p2.body")
-        done = builder.append_basic_block("p2.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        t = builder.phi(i64)
-        t.add_incoming(i64(0), entry)
-        accs = []
-        for j in range(nt):
-            for e in range(4):
-                phi = builder.phi(vty)
-                phi.add_incoming(init[j], entry)
-                accs.append(phi)
-        builder.cbranch(builder.icmp_signed("<", t, ntaps_), body, done)
-        builder.position_at_end(body)
-        t4 = builder.mul(t, i64(4))
-        xv = []
-        for e in range(4):
-            off = builder.load(builder.gep(tp, [builder.add(t4, i64(e))], inbounds=True))
-            xv.append(builder.load(vptr(xp, builder.add(xbase_, off)), align=size))
-        wrow = builder.add(wofs_, builder.mul(t, i64(nt)))
-        new = []
-        for j in range(nt):
-            wv = splat(builder.load(builder.gep(wp_, [builder.add(wrow, i64(j))], inbounds=True)))
-            for e in range(4):
-                new.append(builder.call(fma, [wv, xv[e], accs[4 * j + e]]))
-        t_next = builder.add(t, i64(1))
-        t.add_incoming(t_next, body)
-        for phi, val in zip(accs, new):
-            phi.add_incoming(val, body)
-        builder.branch(head)
 
-        builder.position_at_end(done)
+        def step(t, accs):
+            t4 = builder.mul(t, i64(4))
+            xv = []
+            for e in range(4):
+                off = builder.load(builder.gep(tp, [builder.add(t4, i64(e))], inbounds=True))
+                xv.append(vload(xp, builder.add(xbase_, off)))
+            wrow = builder.add(wofs_, builder.mul(t, i64(nt)))
+            new = []
+            for j in range(nt):
+                wv = splat(builder.load(builder.gep(wp_, [builder.add(wrow, i64(j))],
+                                                    inbounds=True)))
+                for e in range(4):
+                    new.append(builder.call(fma, [wv, xv[e], accs[4 * j + e]]))
+            return new
+
+        accs, _ = counted_loop(builder, "p2", i64(0), ntaps_, 1,
+                               [v for v in init for _e in range(4)], step)
         zero = ir.Constant(vty, [0.0] * vl)
         leakv = splat(leak_)
         leak_zero = builder.fcmp_ordered("==", leak_, ir.Constant(leak_.type, 0.0))
@@ -183,7 +156,7 @@ def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, 
                 best = builder.select(take, v, best)
                 arg = builder.select(take, flats[e], arg)
             at = builder.add(hofs_, builder.mul(hstr_, i64(j)))
-            builder.store(best, vptr(hp_, at), align=size)
+            vstore(best, hp_, at)
             builder.store(arg, builder.bitcast(builder.gep(ip, [at], inbounds=True),
                                                ity.as_pointer()), align=4)
 

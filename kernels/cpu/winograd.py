@@ -40,9 +40,10 @@ Layout and work split: as in the direct kernel, work items are (samples, channel
 pairs in contiguous chunks per thread (one sample per item, or several when the plane is
 small: their blocks then share the product calls). A thread copies each of its samples
 channel-last into a zero-padded buffer (VL x VL blocks by register transposes, ``input_in``:
-l2 match 3.4 -> 2.95 ms, l3 5.9 -> 5.4 at N = 128) and transforms it whole (V, 16 x tiles x C), then for
-each channel block walks groups of tile rows: 16 products into a small M buffer, the output
-transform + bias + switch into the row buffer, pooling straight into ``h``/``idx``. The
+l2 match 3.4 -> 2.95 ms, l3 5.9 -> 5.4 at N = 128) and transforms it whole (V, 16 x tiles
+x C), then for each channel block walks groups of tile rows: 16 products into a small M
+buffer, the output transform + bias + switch into the row buffer, pooling straight into
+``h``/``idx``. The
 planes of V and M are one vector more than a multiple of 4 KiB apart (else all 16 streams of
 a block share one L1 set), and the micro-kernel runs on gemm_tile's tile sizes.
 """
@@ -57,8 +58,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, VBYTES, _data, chunk_bounds, conv_tile,
-                      copy_out, lanes, num_chunks, transpose_block, vector_empty, vector_zeros)
+from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, _data, chunk_bounds, conv_tile,
+                      copy_out, lanes, num_chunks, transpose_block, vector_empty, vector_helpers,
+                      vector_zeros)
 from .matching import _blocks, _pool_group
 
 __all__ = ["applies", "match_switch_pool", "match_at_applies", "match_at", "render_applies",
@@ -155,32 +157,6 @@ def _transform_pair(templates, blk_k0, widths, wofs, cpad, b, c, t, u, out):
             out[at + j] = u[xi, j]
 
 
-def _vector_helpers(context, builder, dt):
-    """(vty, vload(ptr, index), vstore(val, ptr, index), splat(scalar)) for dtype ``dt``."""
-    elt = context.get_value_type(dt)
-    size = context.get_abi_sizeof(elt)
-    vl = VBYTES // size
-    vty = ir.VectorType(elt, vl)
-    i32 = ir.IntType(32)
-
-    def vptr(ptr, index):
-        return builder.bitcast(builder.gep(ptr, [index], inbounds=True), vty.as_pointer())
-
-    def vload(ptr, index):
-        return builder.load(vptr(ptr, index), align=size)
-
-    def vstore(val, ptr, index):
-        builder.store(val, vptr(ptr, index), align=size)
-
-    undef = ir.Constant(vty, ir.Undefined)
-    mask0 = ir.Constant(ir.VectorType(i32, vl), [0] * vl)
-
-    def splat(scalar):
-        return builder.shuffle_vector(builder.insert_element(undef, scalar, i32(0)), undef, mask0)
-
-    return vty, vload, vstore, splat
-
-
 def any_non_finite(builder, vectors):
     """(IR) An i1: whether any lane of any of the vectors is NaN or +-inf (v - v is 0 for a
     finite v and NaN otherwise)."""
@@ -214,7 +190,7 @@ def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs, CHECK):
     def codegen(context, builder, signature, args):
         xp_, base_, cs_, rs_, v_, vofs_, vs_, _ = args
         aty = signature.args
-        _, vload, vstore, _ = _vector_helpers(context, builder, xp.dtype)
+        _, vload, vstore, _ = vector_helpers(context, builder, xp.dtype)
         i64 = ir.IntType(64)
         base_, cs_, rs_ = (context.cast(builder, a, t, types.int64)
                            for a, t in ((base_, aty[1]), (cs_, aty[2]), (rs_, aty[3])))
@@ -266,7 +242,7 @@ def transpose_in(typingctx, src, sofs, sstride, sw, ind, f0, dst, place, c0, USE
     def codegen(context, builder, signature, args):
         src_, sofs_, sstr_, sw_, ind_, f0_, dst_, place_, c0_, _, _ = args
         aty = signature.args
-        vty, vload, vstore, _ = _vector_helpers(context, builder, src.dtype)
+        vty, vload, vstore, _ = vector_helpers(context, builder, src.dtype)
         vl = vty.count
         i32, i64 = ir.IntType(32), ir.IntType(64)
         ity = ir.VectorType(i32, vl)
@@ -325,7 +301,7 @@ def output_transform(typingctx, mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o1
         mb_, mofs_, ms_, b_, bofs_, leak_, zb_, *outs = args
         aty = signature.args
         dt = mb.dtype
-        vty, vload, vstore, splat = _vector_helpers(context, builder, dt)
+        vty, vload, vstore, splat = vector_helpers(context, builder, dt)
         i64 = ir.IntType(64)
         mofs_, ms_ = (context.cast(builder, a, t, types.int64)
                       for a, t in ((mofs_, aty[1]), (ms_, aty[2])))

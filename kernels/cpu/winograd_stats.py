@@ -25,10 +25,11 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import PARALLEL, PIX_MAX, _data, chunk_bounds, lanes, vector_empty, vector_zeros
+from ._common import (PARALLEL, PIX_MAX, _data, chunk_bounds, lanes, vector_empty, vector_helpers,
+                      vector_zeros)
 from .rendering import _gemm, _gpix
 from .matching import _blocks
-from .winograd import (_vector_helpers, any_non_finite, code_in, input_in,
+from .winograd import (any_non_finite, code_in, input_in,
                        saves_products, transform_blocks)
 
 __all__ = ["applies", "template_stats_bs"]
@@ -60,7 +61,7 @@ def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
     def codegen(context, builder, signature, args):
         cb_, base_, cs_, rs_, w_, wofs_, ws_ = args
         aty = signature.args
-        _, vload, vstore, _ = _vector_helpers(context, builder, cb.dtype)
+        _, vload, vstore, _ = vector_helpers(context, builder, cb.dtype)
         i64 = ir.IntType(64)
         base_, cs_, rs_, wofs_, ws_ = (
             context.cast(builder, a, t, types.int64)
