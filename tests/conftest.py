@@ -34,14 +34,12 @@ import zlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-#: the session's base seed: FASTDRMM_TEST_SEED=<int> reproduces a run, =random draws a new one
-_SEED_SETTING = os.environ.get("FASTDRMM_TEST_SEED", "0").strip()
-BASE_SEED = (int(np.random.SeedSequence().entropy % (2**32)) if _SEED_SETTING == "random"
-             else int(_SEED_SETTING))
+from campaign import BASE_SEED, LONG, SCALE  # noqa: E402
 
 
 def pytest_report_header(config):
-    return f"fastdrmm test seed: FASTDRMM_TEST_SEED={BASE_SEED}"
+    return (f"fastdrmm test seed: FASTDRMM_TEST_SEED={BASE_SEED}; campaign: "
+            f"{'long' if LONG else 'bounded'} (x{SCALE} cases)")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from campaign import MNIST_DIR, requires_mnist
 
 import fastdrmm
 from fastdrmm import _cli_data, cli
@@ -62,12 +63,7 @@ def test_version_and_help():
 # --------------------------------------------------------------------------------------------
 # train / evaluate / reconstruct / sample (DRMM)
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-requires_mnist = pytest.mark.skipif(
-    not all((SHARED_MNIST / f"{n}.gz").is_file() for n in (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte")),
-    reason=f"MNIST not found at {SHARED_MNIST}")
+SHARED_MNIST = MNIST_DIR
 
 #: a tiny DRMM on 300 digits, 10 labels per class: well under a second an epoch on 2 cores
 TINY = ["train", "--dataset", "digits", "--layers", "4:3:1:2,8:3:1:2", "--train-size", "300",

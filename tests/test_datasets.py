@@ -8,22 +8,21 @@ import functools
 import gzip
 import hashlib
 import http.server
+import os
 import struct
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from campaign import MNIST_DIR, requires_mnist
 
 from fastdrmm import datasets
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+SHARED_MNIST = MNIST_DIR
 NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
          "t10k-labels-idx1-ubyte"]
 TEST_NAMES = NAMES[2:]
-requires_mnist = pytest.mark.skipif(
-    not all((SHARED_MNIST / (n + ".gz")).is_file() for n in NAMES),
-    reason=f"MNIST not found at {SHARED_MNIST}")
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -378,6 +377,8 @@ def test_real_mnist_download_from_local_mirror(mnist, tmp_path, monkeypatch):
     assert_clean(cache, TEST_NAMES)
 
 
+@pytest.mark.skipif(bool(os.environ.get("FASTDRMM_DATA", "").strip()),
+                    reason="$FASTDRMM_DATA names the MNIST directory")
 def test_shared_path_is_next_to_the_repository():
     repo = Path(__file__).resolve().parents[1]
     assert SHARED_MNIST.resolve() == (repo / ".." / "shared" / "data" / "mnist").resolve()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from campaign import MNIST_DIR, requires_mnist
 from sklearn.exceptions import NotFittedError
 
 import fastdrmm
@@ -20,9 +21,7 @@ from fastdrmm._network import (LossWeights, Network, eg_loss_and_grads, trainabl
 from fastdrmm._optim import Adam
 from fastdrmm.layers import PRESETS, layer_shapes, resolve_layers
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-requires_mnist = pytest.mark.skipif(not SHARED_MNIST.is_dir(),
-                                    reason="../shared/data/mnist is absent")
+SHARED_MNIST = MNIST_DIR
 
 # a small model on 12x12 images: a pooled padded leaky layer, then an unpooled one
 SMALL = [Layer(4, 3, padding=1, pool=2, leak=0.1), Layer(5, 3)]
