@@ -39,11 +39,24 @@ Members are stored uncompressed unless ``compress=True`` (deflate). Array names 
 Checks on load
 --------------
 Every one of these refuses the file with a :class:`ValueError` that names the path and what is
-wrong: not a ZIP archive, truncated, or data after the archive's end; a member's CRC-32; a
-missing, unreadable or malformed ``metadata.json``; a wrong ``format``, an unsupported
-``format_version``, a missing or unknown field; a declared array without its member, a member
-that no array declares; an array whose ``.npy`` header disagrees with the declared shape or
-dtype, whose data is short or followed by extra bytes, or whose sha256 differs.
+wrong: not a regular file (a directory, FIFO, device or socket is refused before it is opened
+for reading, so a FIFO cannot block the reader); not a ZIP archive, truncated, or data after
+the archive's end; more than :data:`MAX_ARRAYS` arrays (counted from the archive's directory
+before it is parsed); a member's CRC-32; a compression method other than stored or deflate; a
+missing, unreadable or malformed ``metadata.json``, or one larger than
+:data:`MAX_METADATA_BYTES`; a wrong ``format``, an unsupported ``format_version``, a missing or
+unknown field; a declared array without its member, a member that no array declares; an array
+whose ``.npy`` header disagrees with the declared shape or dtype, whose data is short or
+followed by extra bytes, or whose sha256 differs.
+
+Sizes are checked before anything large is inflated: a member's declared uncompressed size
+must be what its content needs (``metadata.json``: at most :data:`MAX_METADATA_BYTES`; an
+array: exactly its ``.npy`` header, itself at most 10,000 bytes, plus shape x itemsize) and no
+more than its compressed size allows (stored: equal; deflate: at most 1,032 times, deflate's
+limit). Members are then
+read in chunks that stop at the declared size, so a file that lies about its sizes cannot make
+the reader inflate more than the arrays it declares, and each array is read straight into its
+own buffer (the peak memory of a load is about the arrays' size).
 
 Metadata
 --------
@@ -60,25 +73,39 @@ Atomicity
 it, then renames it over the destination with :func:`os.replace`: a reader sees the old file or
 the new one, never a part. If anything fails (or is interrupted) the temporary file is removed
 and an existing file at ``path`` is left as it was.
+
+The temporary file is named ``.<name>.<host>-<pid>.<random>.tmp`` (``<host>``: 6 hex digits of
+a hash of the host name, ``<pid>``: the writer's process id). A writer killed outright (SIGKILL,
+power loss) cannot remove it, so every save first removes the stale temporary files of the SAME
+destination: only names of exactly this pattern, only regular files of the current user, and
+only those whose writer (same host) is no longer running or that were not modified for an
+hour. Saving over an existing file keeps its permission bits (a new file gets ``0o666`` less
+the umask); saving to a symbolic link writes the file it points to (the link stays a link).
+The destination must be a regular file or absent: a directory, FIFO or device is refused
+before anything is written, as is more than :data:`MAX_ARRAYS` arrays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import io as _stdio
 import json
 import math
 import os
 import re
-import tempfile
+import secrets
+import socket
+import stat
+import struct
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["save_arrays", "load_arrays", "read_header", "FORMAT_NAME", "FORMAT_VERSION",
-           "SUPPORTED_VERSIONS"]
+           "SUPPORTED_VERSIONS", "MAX_ARRAYS", "MAX_METADATA_BYTES"]
 
 FORMAT_NAME = "fastdrmm"
 FORMAT_VERSION = 1
@@ -92,6 +119,21 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
 _DTYPE_KINDS = "biufcUS"
 _EOCD = b"PK\x05\x06"  # ZIP end-of-central-directory signature
 _EOCD_SIZE = 22
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+
+#: the most arrays one file may hold (more is refused on save and on load)
+MAX_ARRAYS = 10_000
+#: the largest ``metadata.json`` a reader accepts (bytes, uncompressed)
+MAX_METADATA_BYTES = 8 << 20
+# one central-directory entry: 46 fixed bytes, a name of at most 204 bytes, ZIP64 extras
+_MAX_DIRECTORY_ENTRY = 1024
+# deflate cannot expand more than about 1032:1; the slack covers tiny members
+_MAX_DEFLATE_RATIO = 1032
+_DEFLATE_SLACK = 1024
+_CHUNK = 1 << 20
+# a temp file of a live writer on this host is left alone for this long (seconds)
+_STALE_TEMP_AGE = 3600.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,25 +210,126 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
+def _host_tag():
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+
+
+def _temp_pattern(name, suffix):
+    """The names of this module's temp files for destination ``name``: the current form
+    ``.NAME.<host>-<pid>.<hex>SUFFIX`` (groups host, pid) and the older ``.NAME.<8>SUFFIX``."""
+    return re.compile(rf"\.{re.escape(name)}\.(?:([0-9a-f]{{6}})-([0-9]{{1,10}})\.[0-9a-f]{{12}}|"
+                      rf"[a-z0-9_]{{8}}){re.escape(suffix)}\Z")
+
+
+def _pid_running(pid):
+    """Whether process ``pid`` exists on this host (True when unsure)."""
+    if os.name != "posix" or pid < 1:
+        return True  # os.kill is no probe on Windows; pid 0 would mean the process group
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # e.g. PermissionError: it exists, it is someone else's
+    return True
+
+
+def _is_stale(match, info, now):
+    """Whether a temp file of ours (regex ``match``, ``os.stat_result`` ``info``) is garbage:
+    its writer on this host is gone, or nobody touched it for ``_STALE_TEMP_AGE`` seconds."""
+    if now - info.st_mtime > _STALE_TEMP_AGE:
+        return True
+    host, pid = match.group(1), match.group(2)
+    if host is None or host != _host_tag():
+        return False  # an older name, or another host's writer: by age only
+    pid = int(pid)
+    return pid != os.getpid() and not _pid_running(pid)
+
+
+def _remove_stale_temps(directory, name, suffix):
+    """Remove the temp files that killed writers left for destination ``name`` (best effort)."""
+    pattern = _temp_pattern(name, suffix)
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or (uid is not None and info.st_uid != uid):
+                continue
+            if _is_stale(match, info, now):
+                os.unlink(entry.path)
+        except OSError:
+            continue
+
+
+def _create_temp(directory, name, suffix):
+    """A new temp file beside the destination, created exclusively (mode 0600): (fd, path)."""
+    prefix = f".{name}.{_host_tag()}-{os.getpid()}."
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(
+        os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, prefix + secrets.token_hex(6) + suffix)
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(directory))
+
+
+def _destination(path):
+    """(the file to replace, its permission bits or None when it does not exist yet).
+
+    A symbolic link is followed to the file it points to, so that the link stays a link; the
+    destination must be a regular file or absent, and its directory must exist."""
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        info = None
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "cannot write a file there: it is a directory",
+                                str(path))
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: cannot write a file there: it is not a regular file "
+                         f"({_file_kind(info.st_mode)})")
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: its directory "
+                                f"{directory} does not exist", str(directory))
+    return target, (None if info is None else stat.S_IMODE(info.st_mode) & 0o777)
+
+
 @contextlib.contextmanager
 def atomic_write(path, suffix=".tmp"):
     """Write ``path`` all or nothing: yields ``(file, temp_path)`` for a temp file beside it.
 
-    When the block ends normally the file is flushed, fsynced, given the usual mode of a new
-    file and renamed over ``path`` (then the directory is fsynced). When the block raises, the
-    temp file is removed and ``path`` is left exactly as it was. The block may read the temp
-    file by its path (e.g. to verify a download) after flushing.
+    When the block ends normally the file is flushed, fsynced, given the mode of the file it
+    replaces (a new file: the usual mode of a new file) and renamed over ``path`` (then the
+    directory is fsynced); a symbolic link at ``path`` is written through, to the file it
+    points to. When the block raises, the temp file is removed and ``path`` is left exactly as
+    it was. Stale temp files of ``path`` left by killed writers are removed first (see the
+    module docstring). The block may read the temp file by its path (e.g. to verify a
+    download) after flushing.
     """
     path = Path(os.fspath(path))
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=suffix)
+    target, mode = _destination(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    _remove_stale_temps(directory, target.name, suffix)
+    fd, tmp = _create_temp(directory, target.name, suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f, tmp
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> the usual mode of a new file
-        os.replace(tmp, path)
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
+        os.replace(tmp, target)
         tmp = None
     finally:
         if tmp is not None:
@@ -195,6 +338,13 @@ def atomic_write(path, suffix=".tmp"):
             except FileNotFoundError:
                 pass
     _fsync_dir(directory)
+
+
+def _file_kind(mode):
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +386,9 @@ def save_arrays(path, arrays, metadata=None, *, compress=False):
         metadata = {}
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    if len(arrays) > MAX_ARRAYS:
+        raise ValueError(f"arrays holds {len(arrays)} arrays; a file holds at most "
+                         f"{MAX_ARRAYS}")
     for name, arr in arrays.items():
         _check_name(name)
         _check_array(name, arr)
@@ -267,8 +420,54 @@ class _Bad(Exception):
     """A format violation found by this module (its message is the reason)."""
 
 
+def _open_regular(path):
+    """``path`` opened for reading, refused unless it is a regular file.
+
+    The type is checked before opening (a FIFO would block ``open``) and again on the open
+    descriptor (the name may have been replaced in between); ``O_NONBLOCK`` keeps even that
+    second open from blocking."""
+    info = os.stat(path)  # a missing or unreadable path: the OSError as it is
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); a fastdrmm "
+                         "model file is a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: not a regular file ({_file_kind(info.st_mode)})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _directory_extent(f, size, tail):
+    """(number of entries, bytes) of the archive's central directory, from its end records."""
+    entries, directory_bytes = struct.unpack("<H I", tail[10:16])
+    if entries != 0xFFFF and directory_bytes != 0xFFFFFFFF:
+        return entries, directory_bytes
+    locator_at = size - _EOCD_SIZE - 20  # a ZIP64 archive: its own end record holds them
+    if locator_at < 0:
+        raise _Bad("truncated ZIP64 end records")
+    f.seek(locator_at)
+    locator = f.read(20)
+    if locator[:4] != _ZIP64_LOCATOR:
+        return entries, directory_bytes
+    (record_at,) = struct.unpack("<Q", locator[8:16])
+    if record_at > locator_at - 56:
+        raise _Bad("corrupt ZIP64 end records")
+    f.seek(record_at)
+    record = f.read(56)
+    if record[:4] != _ZIP64_EOCD:
+        raise _Bad("corrupt ZIP64 end records")
+    return struct.unpack("<Q Q", record[32:48])
+
+
 def _check_container(f, size):
-    """The file is one ZIP archive from its first byte to its last (no junk, no truncation)."""
+    """The file is one ZIP archive from its first byte to its last (no junk, no truncation),
+    with a central directory small enough for :data:`MAX_ARRAYS` arrays."""
     if size < _EOCD_SIZE + 4:
         raise _Bad(f"truncated or not a ZIP archive ({size} bytes)")
     f.seek(0)
@@ -279,16 +478,27 @@ def _check_container(f, size):
     if tail[:4] != _EOCD or tail[20:22] != b"\x00\x00":
         raise _Bad("truncated, or data after the end of the ZIP archive (no end-of-archive "
                    "record in the last 22 bytes)")
+    entries, directory_bytes = _directory_extent(f, size, tail)
+    _check_member_count(entries)
+    if directory_bytes > (MAX_ARRAYS + 1) * _MAX_DIRECTORY_ENTRY or directory_bytes > size:
+        raise _Bad(f"the ZIP directory is {directory_bytes} bytes, more than "
+                   f"{MAX_ARRAYS} arrays need (or than the file holds)")
+
+
+def _check_member_count(n_members):
+    if n_members > MAX_ARRAYS + 1:
+        raise _Bad(f"the archive holds {n_members} members; a fastdrmm file holds at most "
+                   f"{MAX_ARRAYS} arrays and {METADATA_MEMBER}")
 
 
 def _check_header(header):
     if not isinstance(header, dict):
         raise _Bad(f"{METADATA_MEMBER} is not a JSON object")
     if header.get("format") != FORMAT_NAME:
-        raise _Bad(f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise _Bad(f"format is {header.get('format')!r:.200}, expected {FORMAT_NAME!r}")
     version = header.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise _Bad(f"format_version {version!r} is not an int")
+        raise _Bad(f"format_version {version!r:.200} is not an int")
     if version not in SUPPORTED_VERSIONS:
         newer = " (written by a newer fastdrmm: upgrade to read it)" if version > max(
             SUPPORTED_VERSIONS) else ""
@@ -305,86 +515,164 @@ def _check_header(header):
     arrays = header["arrays"]
     if not isinstance(arrays, dict):
         raise _Bad("arrays is not a JSON object")
+    if len(arrays) > MAX_ARRAYS:
+        raise _Bad(f"{len(arrays)} arrays declared; a fastdrmm file holds at most {MAX_ARRAYS}")
     for name, spec in arrays.items():
-        if not _NAME_RE.match(name) or len(name) > 200:
-            raise _Bad(f"invalid array name {name!r}")
-        if not isinstance(spec, dict) or sorted(spec) != sorted(_ARRAY_FIELDS):
-            raise _Bad(f"array {name!r}: the entry must hold exactly {list(_ARRAY_FIELDS)}")
-        shape = spec["shape"]
-        if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise _Bad(f"array {name!r}: invalid shape {shape!r}")
-        try:
-            dtype = np.dtype(spec["dtype"]) if isinstance(spec["dtype"], str) else None
-        except TypeError:
-            dtype = None
-        if dtype is None or dtype.str != spec["dtype"] or dtype.kind not in _DTYPE_KINDS \
-                or dtype.fields is not None:
-            raise _Bad(f"array {name!r}: invalid dtype {spec['dtype']!r}")
-        if not isinstance(spec["sha256"], str) or not _SHA256_RE.match(spec["sha256"]):
-            raise _Bad(f"array {name!r}: invalid sha256 {spec['sha256']!r}")
+        _check_array_spec(name, spec)
 
 
-def _read_member_array(data, name, spec):
-    fp = _stdio.BytesIO(data)
-    version = np.lib.format.read_magic(fp)
+def _check_array_spec(name, spec):
+    if not _NAME_RE.match(name) or len(name) > 200:
+        raise _Bad(f"invalid array name {name!r:.220}")
+    if not isinstance(spec, dict) or sorted(spec) != sorted(_ARRAY_FIELDS):
+        raise _Bad(f"array {name!r}: the entry must hold exactly {list(_ARRAY_FIELDS)}")
+    shape = spec["shape"]
+    if not isinstance(shape, list) or len(shape) > 64 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _Bad(f"array {name!r}: invalid shape {shape!r:.200}")
+    try:
+        dtype = np.dtype(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    except (TypeError, ValueError, SyntaxError):
+        dtype = None
+    if dtype is None or dtype.str != spec["dtype"] or dtype.kind not in _DTYPE_KINDS \
+            or dtype.fields is not None:
+        raise _Bad(f"array {name!r}: invalid dtype {spec['dtype']!r:.200}")
+    if not isinstance(spec["sha256"], str) or not _SHA256_RE.match(spec["sha256"]):
+        raise _Bad(f"array {name!r}: invalid sha256 {spec['sha256']!r:.200}")
+
+
+def _check_declared_size(zf, info, what, most=None):
+    """Refuse a member before inflating it when its declared uncompressed size is more than
+    ``most`` or than its compressed size (itself within the file) can hold."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _Bad(f"{what}: compression method {info.compress_type} (fastdrmm files are "
+                   "stored or deflated)")
+    if most is not None and info.file_size > most:
+        raise _Bad(f"{what}: the archive declares {info.file_size} uncompressed bytes, more "
+                   f"than the {most} allowed; refused before inflating")
+    if info.header_offset + info.compress_size > zf.start_dir:
+        raise _Bad(f"{what}: the archive declares {info.compress_size} compressed bytes, "
+                   "more than the file holds")
+    limit = info.compress_size if info.compress_type == zipfile.ZIP_STORED else \
+        info.compress_size * _MAX_DEFLATE_RATIO + _DEFLATE_SLACK
+    if info.file_size > limit:
+        raise _Bad(f"{what}: the archive declares {info.file_size} uncompressed bytes from "
+                   f"{info.compress_size} compressed bytes, more than the compression can "
+                   "hold")
+
+
+def _read_exactly(member, view):
+    """Fill ``view`` (a writable byte memoryview) from ``member`` in bounded chunks."""
+    done = 0
+    while done < len(view):
+        chunk = member.read(min(_CHUNK, len(view) - done))
+        if not chunk:
+            break
+        view[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    return done
+
+
+def _read_metadata(zf, info):
+    _check_declared_size(zf, info, METADATA_MEMBER, MAX_METADATA_BYTES)
+    buffer = bytearray(info.file_size + 1)  # one byte more: a stream longer than declared
+    with zf.open(info) as member:
+        n = _read_exactly(member, memoryview(buffer))
+    if n != info.file_size:
+        raise _Bad(f"{METADATA_MEMBER}: {n} bytes read, {info.file_size} declared")
+    try:
+        return json.loads(bytes(buffer[:n]).decode("utf-8"))
+    except RecursionError:
+        raise _Bad(f"{METADATA_MEMBER} nests too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, too long an int
+        raise _Bad(f"{METADATA_MEMBER} is not valid UTF-8 JSON ({exc})") from None
+
+
+def _read_npy_header(member, name):
+    """(shape, fortran_order, dtype) from the start of a ``.npy`` member."""
+    version = np.lib.format.read_magic(member)
     if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
-        raise _Bad(f"array {name!r}: unsupported .npy version {version}")
-    if list(shape) != spec["shape"] or dtype.str != spec["dtype"]:
-        raise _Bad(f"array {name!r}: the .npy member holds shape {tuple(shape)} dtype "
-                   f"{dtype.str}, the metadata declares shape {tuple(spec['shape'])} dtype "
-                   f"{spec['dtype']}")
-    count = math.prod(shape)
-    expected = fp.tell() + count * dtype.itemsize
-    if len(data) != expected:
-        raise _Bad(f"array {name!r}: the .npy member has {len(data)} bytes, its header "
-                   f"declares {expected}")
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=fp.tell())
-    arr = flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+        return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)
+    raise _Bad(f"array {name!r}: unsupported .npy version {version}")
+
+
+def _read_member_array(zf, info, name, spec):
+    """The checked array of member ``info``, read straight into its own buffer."""
+    dtype = np.dtype(spec["dtype"])
+    count = math.prod(spec["shape"])
+    nbytes = count * dtype.itemsize
+    _check_declared_size(zf, info, f"array {name!r}")
+    with zf.open(info) as member:
+        # the header is at most 10,000 bytes (numpy's limit): reading it inflates no more
+        shape, fortran, found = _read_npy_header(member, name)
+        if list(shape) != spec["shape"] or found.str != spec["dtype"]:
+            raise _Bad(f"array {name!r}: the .npy member holds shape {tuple(shape)} dtype "
+                       f"{found.str}, the metadata declares shape {tuple(spec['shape'])} "
+                       f"dtype {spec['dtype']}")
+        expected = member.tell() + nbytes
+        if info.file_size != expected:  # before the data are inflated or allocated
+            raise _Bad(f"array {name!r}: the .npy member has {info.file_size} bytes, its "
+                       f"header declares {expected}")
+        flat = np.empty(count, dtype=dtype)
+        n = _read_exactly(member, memoryview(flat).cast("B"))
+        if n != nbytes or member.read(1):
+            raise _Bad(f"array {name!r}: the .npy member has {member.tell()} bytes, its "
+                       f"header declares {expected}")
+    arr = flat.reshape(shape, order="F" if fortran else "C")
     if _sha256(arr) != spec["sha256"]:
         raise _Bad(f"array {name!r}: sha256 mismatch (the data are corrupt)")
     return arr
 
 
+def _members(zf):
+    """The archive's ZipInfo by name, in order, refused when duplicated or too many."""
+    infos = zf.infolist()
+    _check_member_count(len(infos))
+    by_name = {info.filename: info for info in infos}
+    if len(by_name) != len(infos):
+        raise _Bad("duplicate ZIP members")
+    if not infos or infos[0].filename != METADATA_MEMBER:
+        raise _Bad(f"{METADATA_MEMBER} is not the first member: not a fastdrmm model file")
+    return by_name
+
+
+def _match_members(by_name, header):
+    """Every member declared, every declared array present (set lookups: linear)."""
+    declared = {name + ".npy" for name in header["arrays"]}
+    extra = [m for m in by_name if m != METADATA_MEMBER and m not in declared]
+    if extra:
+        raise _Bad(f"member(s) {extra[:20]}{' ...' if len(extra) > 20 else ''} not declared "
+                   f"in {METADATA_MEMBER}")
+    absent = [name for name in header["arrays"] if name + ".npy" not in by_name]
+    if absent:
+        raise _Bad(f"array(s) {absent[:20]}{' ...' if len(absent) > 20 else ''} declared but "
+                   "missing from the archive")
+
+
 def _open_checked(path, load):
     """(header, arrays or None) of a checked file; a _Bad or parsing error -> ValueError."""
     path = Path(os.fspath(path))
-    with open(path, "rb") as f:  # a missing or unreadable file: the OSError as it is
+    with _open_regular(path) as f:
         try:
             size = os.fstat(f.fileno()).st_size
             _check_container(f, size)
             f.seek(0)
             with zipfile.ZipFile(f) as zf:
-                members = zf.namelist()
-                if len(set(members)) != len(members):
-                    raise _Bad("duplicate ZIP members")
-                if not members or members[0] != METADATA_MEMBER:
-                    raise _Bad(f"{METADATA_MEMBER} is not the first member: not a fastdrmm "
-                               "model file")
-                raw = zf.read(METADATA_MEMBER)
-                try:
-                    header = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise _Bad(f"{METADATA_MEMBER} is not valid UTF-8 JSON ({exc})") from None
+                by_name = _members(zf)
+                header = _read_metadata(zf, by_name[METADATA_MEMBER])
                 _check_header(header)
-                declared = {name + ".npy": name for name in header["arrays"]}
-                extra = [m for m in members[1:] if m not in declared]
-                if extra:
-                    raise _Bad(f"member(s) {extra} not declared in {METADATA_MEMBER}")
-                absent = [name for m, name in declared.items() if m not in members]
-                if absent:
-                    raise _Bad(f"array(s) {absent} declared but missing from the archive")
+                _match_members(by_name, header)
                 if not load:
                     return header, None
-                arrays = {name: _read_member_array(zf.read(name + ".npy"), name, spec)
+                arrays = {name: _read_member_array(zf, by_name[name + ".npy"], name, spec)
                           for name, spec in header["arrays"].items()}
                 return header, arrays
         except _Bad as exc:
             raise ValueError(f"{path}: invalid fastdrmm model file: {exc}") from None
+        except MemoryError:
+            raise ValueError(f"{path}: the arrays it declares do not fit in memory") from None
         except Exception as exc:  # zipfile/zlib/npy parsing of a damaged file
             raise ValueError(f"{path}: corrupt or truncated fastdrmm model file "
                              f"({type(exc).__name__}: {exc})") from exc

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 import fastdrmm
+from archive_tools import (alter_member, deflate_zeros, npy_bytes, raw_zip, read_members,
+                           rebuild_archive, write_archive)
 from fastdrmm import io as fio
+
+
+def rewrite(path, **edits):
+    """The archive rebuilt with valid CRCs after ``edits`` (see archive_tools.rebuild_archive):
+    the ZIP layer's checks pass, the library's must not."""
+    return rebuild_archive(path, **edits)
 
 
 def sample_arrays():
@@ -199,13 +207,13 @@ def test_every_truncation_is_refused(saved):
             fio.load_arrays(cut)
 
 
-def test_every_flipped_byte_is_refused_or_harmless(tmp_path):
+def test_every_flipped_byte_of_the_file_is_refused_or_harmless(tmp_path):
     """Flip each byte of a small file: the load fails with a ValueError naming the file, or
-    returns exactly what was saved (a flip in a field nobody reads, e.g. a ZIP timestamp)."""
+    returns exactly what was saved (a flip in a field nobody reads, e.g. a ZIP timestamp).
+    Most of these are caught by the ZIP layer (CRC-32, headers); the next test reaches the
+    library's own checks."""
     path = tmp_path / "m.npz"
-    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array(3),
-              "e": np.zeros((0, 2))}
-    meta = {"model_class": "RMM", "params": {"tol": 0.001}}
+    arrays, meta = small_arrays(), SMALL_META
     fio.save_arrays(path, arrays, meta)
     data = bytearray(path.read_bytes())
     bad = tmp_path / "bad.npz"
@@ -225,32 +233,53 @@ def test_every_flipped_byte_is_refused_or_harmless(tmp_path):
     assert refused > 0.8 * len(data)
 
 
-def rewrite(path, edit_header=None, members=None, drop=(), add=None, replace=None):
-    """Rebuild the archive (valid CRCs) with edits: the low-level checks pass, ours must not."""
-    with zipfile.ZipFile(path) as zf:
-        contents = {name: zf.read(name) for name in zf.namelist()}
-    header = json.loads(contents["metadata.json"])
-    if edit_header is not None:
-        edit_header(header)
-    contents["metadata.json"] = json.dumps(header).encode()
-    for name in drop:
-        del contents[name]
-    if replace:
-        contents.update(replace)
-    if add:
-        contents.update(add)
-    out = path.with_name("edited.npz")
-    with zipfile.ZipFile(out, "w") as zf:
-        for name in members or contents:
-            zf.writestr(name, contents[name])
-    return out
+SMALL_META = {"model_class": "RMM", "params": {"tol": 0.001}}
 
 
-def npy_bytes(arr):
+def small_arrays():
+    return {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array(3),
+            "e": np.zeros((0, 2))}
+
+
+def npy_data_offset(data):
+    """Where the array data start in a .npy member."""
     import io
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, arr, allow_pickle=False)
-    return buf.getvalue()
+    fp = io.BytesIO(data)
+    version = np.lib.format.read_magic(fp)
+    (np.lib.format.read_array_header_1_0 if version == (1, 0)
+     else np.lib.format.read_array_header_2_0)(fp)
+    return fp.tell()
+
+
+@pytest.mark.parametrize("xor", [0x01, 0x80])
+def test_every_flipped_member_byte_reaches_the_library_checks(tmp_path, xor):
+    """Flip each byte of each member and rebuild the archive with valid CRCs, so that the ZIP
+    layer cannot see it: a flip in an array's data must be refused by the sha256 check, any
+    other flip is refused with a ValueError naming the file or leaves the arrays as saved
+    (the caller's metadata is the caller's to check)."""
+    path = tmp_path / "m.npz"
+    arrays = small_arrays()
+    fio.save_arrays(path, arrays, SMALL_META)
+    members = read_members(path)
+    bad = tmp_path / "bad.npz"
+    data_bytes = by_sha256 = 0
+    for member, content in members.items():
+        data_start = npy_data_offset(content) if member.endswith(".npy") else len(content)
+        for offset in range(len(content)):
+            alter_member(path, member, offset, xor=xor, out=bad)
+            try:
+                loaded, _ = fio.load_arrays(bad)
+            except ValueError as exc:
+                assert "bad.npz" in str(exc)
+                by_sha256 += "sha256 mismatch" in str(exc)
+                if offset >= data_start:
+                    assert f"array {member[:-4]!r}: sha256 mismatch" in str(exc)
+                continue
+            assert offset < data_start, f"{member} byte {offset}: a changed array loaded"
+            assert_identical(arrays, loaded)
+        data_bytes += len(content) - data_start
+    assert data_bytes == 12 * 4 + 8  # each of these was flipped and refused by the sha256
+    assert by_sha256 >= data_bytes
 
 
 def set_key(*keys_and_value):
@@ -306,8 +335,8 @@ def test_missing_extra_and_altered_members_are_refused(saved):
         fio.load_arrays(rewrite(saved, replace={"i64.npy": member[:-8]}))
     order = ["w32.npy", "metadata.json"]
     with pytest.raises(ValueError, match=r"metadata.json is not the first member"):
-        fio.load_arrays(rewrite(saved, members=order + [m for m in zipfile.ZipFile(saved).namelist()
-                                                        if m not in order]))
+        fio.load_arrays(rewrite(saved, order=order + [m for m in zipfile.ZipFile(saved).namelist()
+                                                      if m not in order]))
     with pytest.raises(ValueError, match=r"not valid UTF-8 JSON"):
         fio.load_arrays(_bad_json(saved))
 
