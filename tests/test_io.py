@@ -430,3 +430,364 @@ def test_write_into_missing_directory_fails_cleanly(tmp_path):
     with pytest.raises(FileNotFoundError):
         fio.save_arrays(tmp_path / "no" / "such" / "m.npz", {"a": np.zeros(1)})
     no_leftovers(tmp_path, [])
+
+
+# --------------------------------------------------------------------------------------------
+# what is not a regular file
+
+
+def load_in_thread(load, path, timeout=20.0):
+    """Run ``load(path)`` in a thread; (returned value or exception, whether it blocked)."""
+    import threading
+    result = []
+
+    def run():
+        try:
+            result.append(load(path))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return (result[0] if result else None), thread.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+@pytest.mark.parametrize("load", [fio.load_arrays, fio.read_header, fastdrmm.load])
+def test_a_fifo_is_refused_without_blocking(tmp_path, load):
+    fifo = tmp_path / "model.npz"
+    os.mkfifo(fifo)
+    outcome, blocked = load_in_thread(load, fifo)
+    if blocked:  # unblock the reader (a writer appears, then leaves) before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not blocked, "loading a FIFO blocked"
+    assert isinstance(outcome, ValueError), outcome
+    assert re.search(r"model\.npz: not a regular file \(a FIFO\)", str(outcome))
+
+
+@pytest.mark.parametrize("load", [fio.load_arrays, fastdrmm.load])
+def test_directories_and_devices_are_refused(tmp_path, load):
+    with pytest.raises(ValueError, match=r"not a regular file \(a directory\)"):
+        load(tmp_path)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ValueError, match=r"/dev/zero: not a regular file \(a character "):
+            load("/dev/zero")
+
+
+def test_a_symlink_to_a_model_file_loads(saved, tmp_path):
+    link = tmp_path / "link.npz"
+    link.symlink_to(saved)
+    assert_identical(sample_arrays(), fio.load_arrays(link)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# many members
+
+
+def test_too_many_arrays_are_refused_on_save_and_on_load(tmp_path, monkeypatch):
+    assert 1000 <= fio.MAX_ARRAYS <= 100_000
+    monkeypatch.setattr(fio, "MAX_ARRAYS", 20)
+    path = tmp_path / "m.npz"
+    arrays = {f"a{i}": np.full(2, i) for i in range(20)}
+    fio.save_arrays(path, arrays)
+    assert len(fio.load_arrays(path)[0]) == 20
+    with pytest.raises(ValueError, match=r"21 arrays; a file holds at most 20"):
+        fio.save_arrays(path, dict(arrays, a20=np.zeros(1)))
+    assert len(fio.load_arrays(path)[0]) == 20  # the refused save changed nothing
+    # 21 arrays (22 members) written by someone else: refused from the archive's directory
+    members = read_members(path)
+    members["a20.npy"] = npy_bytes(np.zeros(1))
+    over = write_archive(tmp_path / "over.npz", members)
+    with pytest.raises(ValueError, match=r"over\.npz: .*holds 22 members; .*at most 20 arrays"):
+        fio.read_header(over)
+    # a header declaring more arrays than allowed, the members within the cap
+    declared = rebuild_archive(path, edit_header=lambda h: h["arrays"].update(
+        {f"x{i}": h["arrays"]["a0"] for i in range(5)}))
+    with pytest.raises(ValueError, match=r"25 arrays declared; .*at most 20"):
+        fio.read_header(declared)
+
+
+def test_the_default_cap_refuses_a_file_of_many_empty_members(tmp_path):
+    """10,001 declared arrays: refused from the archive's end record, before zipfile parses
+    its directory or the metadata is read."""
+    entries = [{"name": "metadata.json", "data": b"{}"}]
+    entries += [{"name": f"a{i}.npy", "data": b""} for i in range(fio.MAX_ARRAYS + 1)]
+    path = tmp_path / "many.npz"
+    path.write_bytes(raw_zip(entries))
+    with pytest.raises(ValueError, match=rf"holds {fio.MAX_ARRAYS + 2} members"):
+        fio.read_header(path)
+
+
+class CountingList(list):
+    """A list that counts membership tests and full scans (a quadratic check's signature)."""
+    scans = 0
+
+    def __contains__(self, item):
+        CountingList.scans += 1
+        return super().__contains__(item)
+
+    def index(self, *args):
+        CountingList.scans += 1
+        return super().index(*args)
+
+    def count(self, item):
+        CountingList.scans += 1
+        return super().count(item)
+
+
+def test_matching_members_to_arrays_scans_no_list(tmp_path, monkeypatch):
+    """The members are matched to the declared arrays by hashing: no membership test on a
+    list (one per member made the check quadratic in the number of arrays)."""
+    path = tmp_path / "m.npz"
+    fio.save_arrays(path, {f"a{i}": np.zeros(1) for i in range(300)})
+    real_namelist, real_infolist = zipfile.ZipFile.namelist, zipfile.ZipFile.infolist
+    monkeypatch.setattr(zipfile.ZipFile, "namelist", lambda zf: CountingList(real_namelist(zf)))
+    monkeypatch.setattr(zipfile.ZipFile, "infolist", lambda zf: CountingList(real_infolist(zf)))
+    CountingList.scans = 0
+    assert len(fio.read_header(path)["arrays"]) == 300
+    assert len(fio.load_arrays(path)[0]) == 300
+    assert CountingList.scans == 0
+
+
+# --------------------------------------------------------------------------------------------
+# zip bombs: refused before inflating, in bounded memory
+
+
+def peak_memory_of(call):
+    """(the exception ``call()`` raised or None, peak bytes traced meanwhile)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        call()
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - handed back to the test
+        raised = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return raised, peak
+
+
+BOMB_BYTES = 256 << 20  # what the bomb members inflate to
+PEAK_LIMIT = 16 << 20   # what a refusal may cost
+
+
+def bomb_archive(path, member, prefix, n_zeros, declared=None, crc_of=None, header=None):
+    """A fastdrmm file whose ``member`` is ``prefix`` + ``n_zeros`` zero bytes, deflated,
+    declaring ``declared`` uncompressed bytes (default: the truth) and a CRC (default: of the
+    whole content). ``header``: the metadata.json document (default: one array ``w``, 4
+    float64)."""
+    import hashlib
+    import zlib
+    if header is None:
+        header = {"format": "fastdrmm", "format_version": 1, "library_version": "0",
+                  "metadata": {}, "arrays": {"w": {
+                      "shape": [4], "dtype": "<f8",
+                      "sha256": hashlib.sha256(bytes(32)).hexdigest()}}}
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros, crc = deflate_zeros(n_zeros)
+    head = compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH)
+    stream = head + zeros  # a raw deflate stream may continue after a full flush
+    crc = zlib.crc32(bytes(n_zeros), zlib.crc32(prefix)) if crc_of is None else crc_of
+    entries = []
+    meta_bytes = json.dumps(header).encode()
+    if member != "metadata.json":
+        entries.append({"name": "metadata.json", "data": meta_bytes})
+    entries.append({"name": member, "data": stream, "method": 8, "crc": crc,
+                    "file_size": len(prefix) + n_zeros if declared is None else declared})
+    path.write_bytes(raw_zip(entries))
+    return path
+
+
+def test_bomb_helper_builds_a_valid_member(tmp_path):
+    """The crafted deflate stream inflates to what it claims (a check of the test's tool)."""
+    prefix = npy_bytes(np.zeros(4))
+    path = bomb_archive(tmp_path / "ok.npz", "w.npy", prefix, 1000)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.read("w.npy") == prefix + bytes(1000)
+
+
+@pytest.mark.parametrize("lie", [False, True])
+def test_an_array_member_that_inflates_hugely_is_refused_in_bounded_memory(tmp_path, lie):
+    """A .npy member declaring a 4-value array followed by 256 MiB of zeros: with its true
+    size declared it is refused before inflating; declaring the 4 values only (and the CRC of
+    the whole) it is read up to the declared size and refused by its CRC."""
+    header_npy = npy_bytes(np.zeros(4))
+    path = bomb_archive(tmp_path / "bomb.npz", "w.npy", header_npy, BOMB_BYTES,
+                        declared=len(header_npy) if lie else None)
+    raised, peak = peak_memory_of(lambda: fio.load_arrays(path))
+    assert isinstance(raised, ValueError) and "bomb.npz" in str(raised), raised
+    if not lie:
+        assert re.search(r"'w': the \.npy member has \d+ bytes, its header declares", str(raised))
+    assert peak < PEAK_LIMIT, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("lie", [False, True])
+def test_a_metadata_json_padded_past_the_cap_is_refused_in_bounded_memory(tmp_path, lie):
+    doc = json.dumps({"format": "fastdrmm", "format_version": 1, "library_version": "0",
+                      "metadata": {}, "arrays": {}}).encode()
+    path = tmp_path / "padded.npz"
+    bomb_archive(path, "metadata.json", doc + b" " * 0, BOMB_BYTES,
+                 declared=len(doc) if lie else None)
+    raised, peak = peak_memory_of(lambda: fio.read_header(path))
+    assert isinstance(raised, ValueError) and "padded.npz" in str(raised), raised
+    if not lie:
+        assert re.search(r"metadata\.json: the archive declares 26\d+ uncompressed bytes, more "
+                         rf"than the {fio.MAX_METADATA_BYTES} allowed", str(raised))
+    assert peak < PEAK_LIMIT, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_a_metadata_json_just_within_the_cap_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(fio, "MAX_METADATA_BYTES", 4096)
+    path = tmp_path / "m.npz"
+    fio.save_arrays(path, {"a": np.zeros(2)}, {"pad": "x" * 3000})
+    assert fio.load_arrays(path)[1] == {"pad": "x" * 3000}
+    fio.save_arrays(path, {"a": np.zeros(2)}, {"pad": "x" * 5000})
+    with pytest.raises(ValueError, match=r"metadata\.json: the archive declares \d+ "
+                                         r"uncompressed bytes, more than the 4096 allowed"):
+        fio.load_arrays(path)
+
+
+def test_sizes_the_compression_cannot_hold_are_refused(tmp_path):
+    """A stored member declaring more bytes than it stores, a deflated one more than 1032
+    times its compressed size: refused before anything is allocated."""
+    meta = json.dumps({"format": "fastdrmm", "format_version": 1, "library_version": "0",
+                       "metadata": {}, "arrays": {}}).encode()
+    path = tmp_path / "lying.npz"
+    path.write_bytes(raw_zip([{"name": "metadata.json", "data": meta,
+                               "file_size": len(meta) + 1}]))
+    with pytest.raises(ValueError, match=r"more than the compression can hold"):
+        fio.read_header(path)
+    n = 3 << 30  # a 3 GiB array from a few compressed bytes
+    big = dict(json.loads(meta), arrays={"w": {"shape": [n], "dtype": "|u1",
+                                               "sha256": "0" * 64}})
+    import io
+    prefix = io.BytesIO()
+    np.lib.format.write_array_header_1_0(prefix, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (n,)})
+    prefix = prefix.getvalue()
+    bomb_archive(path, "w.npy", prefix, 10, declared=len(prefix) + n, header=big)
+    raised, peak = peak_memory_of(lambda: fio.load_arrays(path))
+    assert isinstance(raised, ValueError) and "compression can hold" in str(raised), raised
+    assert peak < PEAK_LIMIT
+
+
+def test_deep_or_huge_json_is_a_value_error(tmp_path):
+    for name, doc in [("deep.npz", b"[" * 200_000 + b"]" * 200_000),
+                      ("bigint.npz", b'{"format": ' + b"9" * 5000 + b"}")]:
+        path = write_archive(tmp_path / name, {"metadata.json": doc})
+        with pytest.raises(ValueError, match=re.escape(name) + r".*metadata\.json"):
+            fio.read_header(path)
+
+
+# --------------------------------------------------------------------------------------------
+# saving over files: mode, symbolic links, stale temp files
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o444])
+def test_saving_over_a_file_keeps_its_mode(tmp_path, mode):
+    path = tmp_path / "m.npz"
+    fio.save_arrays(path, {"a": np.zeros(1)})
+    os.chmod(path, mode)
+    fio.save_arrays(path, {"a": np.ones(1)})
+    assert path.stat().st_mode & 0o777 == mode
+    assert fio.load_arrays(path)[0]["a"][0] == 1
+    no_leftovers(tmp_path, ["m.npz"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX symbolic links")
+def test_saving_to_a_symlink_writes_its_target(tmp_path):
+    real_dir, link_dir = tmp_path / "real", tmp_path / "links"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    target = real_dir / "m.npz"
+    fio.save_arrays(target, {"a": np.zeros(1)})
+    os.chmod(target, 0o600)
+    link = link_dir / "m.npz"
+    link.symlink_to(os.path.relpath(target, link_dir))
+    fio.save_arrays(link, {"a": np.ones(1)})
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert fio.load_arrays(target)[0]["a"][0] == 1
+    assert target.stat().st_mode & 0o777 == 0o600
+    no_leftovers(real_dir, ["m.npz"])
+    no_leftovers(link_dir, ["m.npz"])
+    dangling = link_dir / "new.npz"  # a link to a file not yet there: the file is created
+    dangling.symlink_to(real_dir / "new.npz")
+    fio.save_arrays(dangling, {"b": np.zeros(2)})
+    assert dangling.is_symlink() and list(fio.load_arrays(real_dir / "new.npz")[0]) == ["b"]
+
+
+def test_saving_over_a_directory_or_into_a_missing_one_names_the_destination(tmp_path):
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"d\.npz"):
+        fio.save_arrays(tmp_path / "d.npz", {"a": np.zeros(1)})
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*m\.npz: its directory"):
+        fio.save_arrays(tmp_path / "missing" / "m.npz", {"a": np.zeros(1)})
+    no_leftovers(tmp_path, ["d.npz"])
+    assert list((tmp_path / "d.npz").iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_saving_over_a_fifo_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "f.npz")
+    with pytest.raises(ValueError, match=r"f\.npz: cannot write a file there: .*a FIFO"):
+        fio.save_arrays(tmp_path / "f.npz", {"a": np.zeros(1)})
+
+
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.skipif(os.name != "posix", reason="pids probed with os.kill(pid, 0)")
+def test_stale_temp_files_of_the_destination_are_removed_on_the_next_save(tmp_path):
+    path = tmp_path / "m.npz"
+    tag = fio._host_tag()
+    other = "0" * 6 if tag != "0" * 6 else "1" * 6
+    hour_ago = __import__("time").time() - 2 * 3600
+
+    def temp(name, old=False, kind="file"):
+        p = tmp_path / name
+        if kind == "dir":
+            p.mkdir()
+        elif kind == "link":
+            p.symlink_to(tmp_path / "elsewhere")
+        else:
+            p.write_bytes(b"partial")
+        if old:
+            os.utime(p, (hour_ago, hour_ago), follow_symlinks=False)
+        return name
+
+    gone = dead_pid()
+    removed = [temp(f".m.npz.{tag}-{gone}.0123456789ab.tmp"),                 # writer gone
+               temp(f".m.npz.{other}-{gone}.0123456789ab.tmp", old=True),     # old, elsewhere
+               temp(f".m.npz.{tag}-{os.getpid()}.0123456789ab.tmp", old=True),  # old
+               temp(".m.npz.abcd_123.tmp", old=True)]                         # older name
+    kept = [temp(f".m.npz.{tag}-{os.getpid()}.aaaaaaaaaaaa.tmp"),  # a live writer's
+            temp(f".m.npz.{other}-{gone}.bbbbbbbbbbbb.tmp"),       # another host's, recent
+            temp(".m.npz.abcd_123x.tmp", old=True),                # not our pattern
+            temp(".m.npz.abcd_124.tmp"),                           # older name, recent
+            temp(f".n.npz.{tag}-{gone}.0123456789ab.tmp"),         # another destination's
+            temp(f".m.npz.{tag}-{gone}.0123456789ab.part"),        # another suffix
+            temp(f".m.npz.{tag}-{gone}.cccccccccccc.tmp", kind="dir"),
+            temp(f".m.npz.{tag}-{gone}.dddddddddddd.tmp", kind="link", old=True)]
+    fio.save_arrays(path, {"a": np.zeros(1)})
+    no_leftovers(tmp_path, ["m.npz"] + kept)
+    assert not any((tmp_path / name).exists() for name in removed)
+
+
+def test_temp_files_are_named_with_host_and_pid(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append(os.path.basename(src))
+        return real_replace(src, dst)
+    monkeypatch.setattr(fio.os, "replace", spy)
+    fio.save_arrays(tmp_path / "m.npz", {"a": np.zeros(1)})
+    assert re.fullmatch(rf"\.m\.npz\.{fio._host_tag()}-{os.getpid()}\.[0-9a-f]{{12}}\.tmp",
+                        seen[0])
