@@ -17,6 +17,12 @@ strictly (magic, header, exact length, labels in 0-9, as many labels as images) 
 ``verify=False``, its UNCOMPRESSED contents must have the canonical sha256 of
 :data:`MNIST_SHA256`; any failure is a :class:`ValueError` that names the file.
 
+Files are read in chunks, the header first: no more is read (or inflated, for a .gz) than
+the size the header declares, and with ``verify`` (and for downloads) no more than the
+canonical size of :data:`MNIST_SIZES`; content beyond the declared size is counted, without
+being kept, up to 1 MiB. A .gz that inflates past its declared size (a gzip bomb) is thus a
+:class:`ValueError` naming the file, after a bounded amount of work and memory.
+
 The files are looked for in ONE directory, the first of:
 
 1. ``data_dir``, the argument: the directory that holds the files;
@@ -37,6 +43,7 @@ The MNIST data are (c) Yann LeCun and Corinna Cortes, licensed CC BY-SA 3.0.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -57,6 +64,7 @@ __all__ = [
     "load_digits",
     "mnist_data_dir",
     "MNIST_SHA256",
+    "MNIST_SIZES",
     "DEFAULT_MNIST_MIRRORS",
 ]
 
@@ -66,6 +74,14 @@ MNIST_SHA256 = {
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+#: size in bytes of the canonical, uncompressed MNIST files (header + one byte an item)
+MNIST_SIZES = {
+    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60_000,
+    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10_000,
 }
 
 #: tried in order when neither the ``mirror`` argument nor ``$FASTDRMM_MNIST_MIRROR`` is set
@@ -84,6 +100,7 @@ _SPLITS = {
 _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
 _CHUNK = 1 << 20
+_TRAILING_COUNTED = 1 << 20  # trailing bytes counted (not kept) before giving up
 
 _MNIST_DESCR = """MNIST handwritten digits (LeCun, Cortes & Burges): 60,000 training and
 10,000 test images, 28x28 grey levels scaled to [0, 1], labels 0-9.
@@ -153,16 +170,86 @@ def _mirrors(mirror):
 # reading and checking one file
 
 
-def _read_contents(path, gz=None):
-    """The uncompressed bytes of a raw or gzip file (``gz``: by default, the name ends in .gz);
-    a broken gzip stream is a ValueError naming ``path``."""
-    data = path.read_bytes()
-    if not (path.suffix == ".gz" if gz is None else gz):
-        return data
+def _idx_kind(name):
+    """(magic, number of dimensions) of the IDX file ``name``."""
+    return (_IMAGES_MAGIC, 3) if "images" in name else (_LABELS_MAGIC, 1)
+
+
+def _read_up_to(f, n, into):
+    """Append up to ``n`` bytes of stream ``f`` to bytearray ``into``, in bounded chunks."""
+    while n > 0:
+        chunk = f.read(min(n, _CHUNK))
+        if not chunk:
+            return
+        into += chunk
+        n -= len(chunk)
+
+
+def _count_trailing(f):
+    """Bytes left in ``f`` (read and dropped), or None past :data:`_TRAILING_COUNTED`."""
+    total = 0
+    while total <= _TRAILING_COUNTED:
+        chunk = f.read(min(_CHUNK, _TRAILING_COUNTED + 1 - total))
+        if not chunk:
+            return total
+        total += len(chunk)
+    return None
+
+
+def _read_idx(path, name, cap=None, gz=None):
+    """The uncompressed contents of the IDX file ``path`` (raw, or gzip: by default when the
+    name ends in .gz), checked against its header as they are read.
+
+    The header is read first; then exactly the bytes it declares, refused without reading
+    when they are more than ``cap``; then the end of the stream must follow. A broken gzip
+    stream, a truncated file, trailing data and a file that inflates past its declared size
+    are ValueErrors naming ``path``."""
+    magic, n_dims = _idx_kind(name)
+    n_header = 4 * (1 + n_dims)
+    gz = path.suffix == ".gz" if gz is None else gz
+    data = bytearray()
     try:
-        return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        with open(path, "rb") as raw, \
+                (gzip.GzipFile(fileobj=raw, mode="rb") if gz else contextlib.nullcontext(raw)) as f:
+            _read_up_to(f, n_header, data)
+            dims, expected = _declared(path, data, magic, n_dims)
+            if cap is not None and expected > cap:
+                raise ValueError(
+                    f"{path}: the header declares dimensions {dims} ({expected} bytes), more than "
+                    f"the {cap} bytes of the canonical {name}: not the canonical MNIST file "
+                    "(verify=False reads other IDX files)")
+            _read_up_to(f, expected - len(data), data)
+            if len(data) < expected:
+                raise ValueError(f"{path}: truncated IDX file: the header declares dimensions "
+                                 f"{dims} ({expected} bytes in all) but the file holds "
+                                 f"{len(data)} bytes")
+            trailing = _count_trailing(f)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ValueError(f"{path}: corrupt or truncated gzip file ({exc})") from None
+    except MemoryError:
+        raise ValueError(f"{path}: the IDX file does not fit in memory") from None
+    if trailing is None:
+        raise ValueError(f"{path}: more than {_TRAILING_COUNTED} unexpected trailing bytes "
+                         f"after the {expected} bytes that the header (dimensions {dims}) "
+                         "declares: the file holds (or inflates to) more than it declares")
+    if trailing:
+        raise ValueError(f"{path}: {trailing} unexpected trailing bytes after the "
+                         f"{expected} bytes that the header (dimensions {dims}) declares")
+    return data
+
+
+def _declared(path, head, magic, n_dims):
+    """(dimensions, total size in bytes) that an IDX header declares."""
+    n_header = 4 * (1 + n_dims)
+    if len(head) < n_header:
+        raise ValueError(f"{path}: truncated IDX file: {len(head)} bytes, shorter than the "
+                         f"{n_header}-byte header")
+    fields = np.frombuffer(bytes(head[:n_header]), dtype=">u4").astype(np.int64)
+    if fields[0] != magic:
+        raise ValueError(f"{path}: not an IDX {'image' if magic == _IMAGES_MAGIC else 'label'} "
+                         f"file: magic number {int(fields[0])}, expected {magic}")
+    dims = tuple(int(d) for d in fields[1:])
+    return dims, n_header + math.prod(dims)
 
 
 def _check_sha256(path, name, data):
@@ -178,23 +265,11 @@ def _check_sha256(path, name, data):
 
 
 def _header(path, data, magic, n_dims):
-    n_header = 4 * (1 + n_dims)
-    if len(data) < n_header:
-        raise ValueError(f"{path}: truncated IDX file: {len(data)} bytes, shorter than the "
-                         f"{n_header}-byte header")
-    fields = np.frombuffer(data, dtype=">u4", count=1 + n_dims).astype(np.int64)
-    if fields[0] != magic:
-        raise ValueError(f"{path}: not an IDX {'image' if magic == _IMAGES_MAGIC else 'label'} "
-                         f"file: magic number {int(fields[0])}, expected {magic}")
-    dims = tuple(int(d) for d in fields[1:])
-    expected = n_header + math.prod(dims)
-    if len(data) < expected:
-        raise ValueError(f"{path}: truncated IDX file: the header declares dimensions {dims} "
-                         f"({expected} bytes in all) but the file holds {len(data)} bytes")
-    if len(data) > expected:
-        raise ValueError(f"{path}: {len(data) - expected} unexpected trailing bytes after the "
-                         f"{expected} bytes that the header (dimensions {dims}) declares")
-    return n_header, dims
+    """(header size, dimensions) of IDX contents read by :func:`_read_idx`."""
+    dims, expected = _declared(path, data, magic, n_dims)
+    if len(data) != expected:  # _read_idx reads exactly this much
+        raise ValueError(f"{path}: holds {len(data)} bytes, its header declares {expected}")
+    return 4 * (1 + n_dims), dims
 
 
 def _parse_images(path, data, dtype):
@@ -202,7 +277,11 @@ def _parse_images(path, data, dtype):
     if rows < 1 or cols < 1:
         raise ValueError(f"{path}: images of {rows}x{cols} pixels")
     pixels = np.frombuffer(data, dtype=np.uint8, count=n * rows * cols, offset=offset)
-    images = pixels.astype(dtype).reshape(n, 1, rows, cols)
+    try:
+        images = pixels.astype(dtype).reshape(n, 1, rows, cols)
+    except MemoryError:
+        raise ValueError(f"{path}: {n} images of {rows}x{cols} pixels do not fit in memory as "
+                         f"{np.dtype(dtype)}") from None
     np.divide(images, 255, out=images)
     return images
 
@@ -220,11 +299,13 @@ def _load_split(directory, split, dtype, verify):
     sha256 of both files."""
     images_name, labels_name = _SPLITS[split]
     images_path, labels_path = _find(directory, images_name), _find(directory, labels_name)
-    images_data = _read_contents(images_path)
-    _header(images_path, images_data, _IMAGES_MAGIC, 3)
-    labels_data = _read_contents(labels_path)
+    # verified files cannot be larger than the canonical ones: read no more than those
+    images_data = _read_idx(images_path, images_name,
+                            cap=MNIST_SIZES[images_name] if verify else None)
+    labels_data = _read_idx(labels_path, labels_name,
+                            cap=MNIST_SIZES[labels_name] if verify else None)
     y = _parse_labels(labels_path, labels_data)
-    n_images = int(np.frombuffer(images_data, dtype=">u4", count=2)[1])
+    n_images = int(np.frombuffer(bytes(images_data[:8]), dtype=">u4", count=2)[1])
     if n_images != len(y):
         raise ValueError(f"{images_path} holds {n_images} images but {labels_path} holds "
                          f"{len(y)} labels")
@@ -259,7 +340,7 @@ def _download(name, directory, mirrors, timeout):
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     # URLError/HTTPError/timeouts are OSErrors; a cut transfer an HTTPException
                     raise _FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
-                data = _read_contents(Path(tmp), gz=True)
+                data = _read_idx(Path(tmp), name, cap=MNIST_SIZES[name], gz=True)
                 actual = hashlib.sha256(data).hexdigest()
                 del data
                 if actual != MNIST_SHA256[name]:

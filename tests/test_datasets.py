@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import http.server
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -403,3 +404,83 @@ def test_load_digits():
     assert X64.dtype == np.float64 and np.array_equal(X64[:, 0], reference.images / 16)
     with pytest.raises(TypeError):
         datasets.load_digits(dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# gzip bombs: refused after bounded work, in bounded memory
+
+
+BOMB_ZEROS = 256 << 20  # what the bombs inflate to beyond their declared contents
+PEAK_LIMIT = 24 << 20
+
+
+def gzip_bomb(prefix, n_zeros):
+    """A gzip file of ``prefix`` followed by ``n_zeros`` zero bytes, built in bounded memory."""
+    import zlib
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [compressor.compress(prefix)]
+    block = bytes(1 << 20)
+    for _ in range(n_zeros // len(block)):
+        parts.append(compressor.compress(block))
+    parts.append(compressor.compress(bytes(n_zeros % len(block))))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def peak_memory_of(call):
+    """(the exception ``call()`` raised or None, the peak bytes traced meanwhile)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        call()
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - handed back to the test
+        raised = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return raised, peak
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_gz_that_inflates_past_its_declared_size_is_refused_in_bounded_memory(
+        fake, tmp_path, verify):
+    directory = fake.write(tmp_path / "d", gz=True, names=TEST_NAMES)
+    path = directory / (TEST_NAMES[0] + ".gz")
+    path.write_bytes(gzip_bomb(fake.contents[TEST_NAMES[0]], BOMB_ZEROS))
+    assert path.stat().st_size < 1 << 20
+    raised, peak = peak_memory_of(
+        lambda: datasets.load_mnist(directory, subset="test", verify=verify))
+    assert isinstance(raised, ValueError), raised
+    assert peak < PEAK_LIMIT, f"peak {peak / 2**20:.0f} MiB"
+    assert str(raised).startswith(f"{path}: more than 1048576 unexpected trailing bytes after "
+                                  "the 5504 bytes")
+
+
+def test_a_header_larger_than_the_canonical_file_is_refused_before_reading(fake, tmp_path):
+    """Verified files cannot be larger than the canonical ones: a header declaring more is
+    refused before the data are read (the bomb's zeros are never inflated)."""
+    directory = fake.write(tmp_path / "d", gz=True, names=TEST_NAMES)
+    path = directory / (TEST_NAMES[0] + ".gz")
+    header = struct.pack(">iiii", 2051, 400_000, 28, 28)
+    path.write_bytes(gzip_bomb(header, BOMB_ZEROS))
+    raised, peak = peak_memory_of(lambda: datasets.load_mnist(directory, subset="test"))
+    assert isinstance(raised, ValueError), raised
+    assert str(raised).startswith(
+        f"{path}: the header declares dimensions (400000, 28, 28) (313600016 bytes), more than "
+        "the 7840016 bytes of the canonical t10k-images-idx3-ubyte")
+    assert peak < PEAK_LIMIT, f"peak {peak / 2**20:.0f} MiB"
+    assert datasets.MNIST_SIZES[TEST_NAMES[0]] == 7840016
+
+
+def test_a_mirror_serving_a_gzip_bomb_leaves_nothing(fake, tmp_path, mirror_dir):
+    path = mirror_dir / (TEST_NAMES[1] + ".gz")
+    path.write_bytes(gzip_bomb(fake.contents[TEST_NAMES[1]], BOMB_ZEROS))
+    target = tmp_path / "target"
+    raised, peak = peak_memory_of(lambda: datasets.load_mnist(
+        target, download=True, subset="test", mirror=mirror_dir.as_uri()))
+    assert isinstance(raised, ValueError), raised
+    assert re.search(r"t10k-labels-idx1-ubyte.*bad copy: more than 1048576 unexpected trailing",
+                     str(raised))
+    assert peak < PEAK_LIMIT, f"peak {peak / 2**20:.0f} MiB"
+    assert_clean(target, TEST_NAMES[:1])
