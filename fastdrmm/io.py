@@ -359,7 +359,8 @@ def save_arrays(path, arrays, metadata=None, *, compress=False):
     path : str or path-like
         The destination file, written exactly there (no extension added; ``.npz`` is the
         convention). Its directory must exist. An existing file is replaced only once the new
-        one is complete on disk.
+        one is complete on disk, and keeps its permission bits; a symbolic link is written
+        through (the file it points to is replaced, the link stays).
     arrays : dict[str, numpy.ndarray]
         Named arrays (names ``[A-Za-z0-9_][A-Za-z0-9_.-]*``); numeric, boolean or fixed-width
         string dtypes, any shape (0-d and empty included), any memory layout.
@@ -372,9 +373,12 @@ def save_arrays(path, arrays, metadata=None, *, compress=False):
     Raises
     ------
     TypeError, ValueError
-        Bad names, dtypes or metadata, before anything is written.
+        Bad names, dtypes or metadata, more than :data:`MAX_ARRAYS` arrays, or a destination
+        that is not a regular file (a FIFO, a device), before anything is written.
     OSError
-        The file could not be written; nothing is left behind, ``path`` is untouched.
+        The file could not be written (``IsADirectoryError``: ``path`` is a directory;
+        ``FileNotFoundError``: its directory does not exist); nothing is left behind, ``path``
+        is untouched.
     """
     from . import __version__
 
@@ -699,10 +703,11 @@ def load_arrays(path):
     Raises
     ------
     FileNotFoundError, OSError
-        ``path`` cannot be opened.
+        ``path`` does not exist or cannot be opened.
     ValueError
-        Anything wrong with the file (see the module docstring); the message names ``path`` and
-        the problem.
+        ``path`` is not a regular file (refused before it is opened: a FIFO cannot block), or
+        anything is wrong with the file (see the module docstring, sizes and caps included);
+        the message names ``path`` and the problem.
     """
     header, arrays = _open_checked(path, load=True)
     return arrays, header["metadata"]

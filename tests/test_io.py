@@ -791,3 +791,29 @@ def test_temp_files_are_named_with_host_and_pid(tmp_path, monkeypatch):
     fio.save_arrays(tmp_path / "m.npz", {"a": np.zeros(1)})
     assert re.fullmatch(rf"\.m\.npz\.{fio._host_tag()}-{os.getpid()}\.[0-9a-f]{{12}}\.tmp",
                         seen[0])
+
+
+# --------------------------------------------------------------------------------------------
+# fastdrmm.load: a well-formed file whose contents make no model
+
+
+@pytest.mark.parametrize("checkpoint", [[], "x", None, 3, {"epoch": 1}])
+def test_load_refuses_contents_that_make_no_model_with_a_value_error(tmp_path, checkpoint):
+    path = tmp_path / "ckpt.npz"
+    fio.save_arrays(path, {"W0": np.zeros(1)}, {"model_class": "DRMM", "checkpoint": checkpoint})
+    with pytest.raises(ValueError, match=r"ckpt\.npz: "):
+        fastdrmm.load(path)
+
+
+@pytest.mark.parametrize("error", [KeyError("params"), IndexError("list index out of range"),
+                                   AttributeError("'list' object has no attribute 'get'"),
+                                   OverflowError("cannot convert float infinity to integer")])
+def test_load_names_the_file_for_any_error_of_its_contents(tmp_path, monkeypatch, error):
+    def broken(cls, arrays, meta, path):
+        raise error
+    monkeypatch.setattr(fastdrmm.RMM, "_from_saved", classmethod(broken))
+    path = tmp_path / "m.npz"
+    fio.save_arrays(path, {}, {"model_class": "RMM"})
+    with pytest.raises(ValueError, match=rf"m\.npz: not a valid fastdrmm model file: its "
+                                         rf"contents do not make a model \({type(error).__name__}"):
+        fastdrmm.load(path)
