@@ -373,7 +373,8 @@ def save_arrays(path, arrays, metadata=None, *, compress=False):
     Raises
     ------
     TypeError, ValueError
-        Bad names, dtypes or metadata, more than :data:`MAX_ARRAYS` arrays, or a destination
+        Bad names, dtypes or metadata, more than :data:`MAX_ARRAYS` arrays, metadata larger
+        than :data:`MAX_METADATA_BYTES` as JSON, or a destination
         that is not a regular file (a FIFO, a device), before anything is written.
     OSError
         The file could not be written (``IsADirectoryError``: ``path`` is a directory;
@@ -406,6 +407,10 @@ def save_arrays(path, arrays, metadata=None, *, compress=False):
                    for name, arr in arrays.items()},
     }
     header_bytes = json.dumps(header, indent=1, allow_nan=True).encode("utf-8")
+    if len(header_bytes) > MAX_METADATA_BYTES:  # a file no reader would accept
+        raise ValueError(f"the metadata and array list take {len(header_bytes)} bytes as JSON; "
+                         f"a file holds at most {MAX_METADATA_BYTES} (store large data as "
+                         "arrays)")
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
 
     with atomic_write(path) as (f, _):

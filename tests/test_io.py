@@ -642,7 +642,12 @@ def test_a_metadata_json_just_within_the_cap_loads(tmp_path, monkeypatch):
     path = tmp_path / "m.npz"
     fio.save_arrays(path, {"a": np.zeros(2)}, {"pad": "x" * 3000})
     assert fio.load_arrays(path)[1] == {"pad": "x" * 3000}
+    with pytest.raises(ValueError, match=r"take \d+ bytes as JSON; a file holds at most 4096"):
+        fio.save_arrays(path, {"a": np.zeros(2)}, {"pad": "x" * 5000})
+    assert fio.load_arrays(path)[1] == {"pad": "x" * 3000}  # the refused save changed nothing
+    monkeypatch.setattr(fio, "MAX_METADATA_BYTES", 8 << 20)
     fio.save_arrays(path, {"a": np.zeros(2)}, {"pad": "x" * 5000})
+    monkeypatch.setattr(fio, "MAX_METADATA_BYTES", 4096)
     with pytest.raises(ValueError, match=r"metadata\.json: the archive declares \d+ "
                                          r"uncompressed bytes, more than the 4096 allowed"):
         fio.load_arrays(path)
