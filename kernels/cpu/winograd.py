@@ -705,10 +705,17 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
     """The Winograd version of ``matching.match_switch_pool`` for 3x3 templates.
 
     Returns ``(h, idx, redo)``: ``redo`` flags the samples (int8, 1 = redo) whose z had a
-    non-finite value; the caller recomputes those with the direct kernel.
+    non-finite value; the caller recomputes those with the direct kernel. The pooling windows
+    that touch a tile the accuracy screen flags (``screen``) are recomputed here, directly.
     """
-    return _correlate(x, False, None, None, x.shape[2:], templates, bias, padding, pool,
-                      stride, leak, True)
+    h, idx, redo = _correlate(x, False, None, None, x.shape[2:], templates, bias, padding,
+                              pool, stride, leak, True)
+    flags = screen(x, templates, bias, padding)
+    need = flags.any(axis=(1, 2))
+    if need.any():
+        _direct_windows(x, templates, bias, padding[0], padding[1], pool[0], pool[1],
+                        stride[0], stride[1], x.dtype.type(leak), flags, need, redo, h, idx)
+    return h, idx, redo
 
 
 def match_at_applies(x, templates, padding, units_on):
@@ -732,9 +739,17 @@ def match_at(x, templates, idx, padding, switches):
     their plane; the caller recomputes those with the unit-by-unit kernel.
     """
     k = templates.shape[0]
-    z, _, redo = _correlate(x, False, None, None, x.shape[2:], templates,
-                            np.zeros(k, dtype=x.dtype), padding, (1, 1), (1, 1), 1.0, False,
-                            gather_idx=idx, gather_sw=switches)
+    zero = np.zeros(k, dtype=x.dtype)
+    z, _, redo = _correlate(x, False, None, None, x.shape[2:], templates, zero, padding,
+                            (1, 1), (1, 1), 1.0, False, gather_idx=idx, gather_sw=switches)
+    flags = screen(x, templates, zero, padding)
+    need = flags.any(axis=(1, 2))
+    if need.any():
+        use_sw = switches is not None
+        sw = switches if use_sw else np.zeros((1, 1, 1, 1), x.dtype)
+        wo = x.shape[3] + 2 * padding[1] - 2
+        _direct_units(x, templates, padding[0], padding[1], wo, idx, sw, use_sw, flags, need,
+                      redo, zero, z)
     return z, redo
 
 
@@ -759,7 +774,186 @@ def render(code, idx, templates, input_shape, padding, switches):
     ho = input_shape[0] + 2 * padding[0] - 2
     wo = input_shape[1] + 2 * padding[1] - 2
     flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    r, _, redo = _correlate(code, True, idx, switches, (ho, wo), flipped,
-                            np.zeros(flipped.shape[0], dtype=code.dtype),
-                            (2 - padding[0], 2 - padding[1]), (1, 1), (1, 1), 1.0, False)
+    zero = np.zeros(flipped.shape[0], dtype=code.dtype)
+    inner = (2 - padding[0], 2 - padding[1])
+    r, _, redo = _correlate(code, True, idx, switches, (ho, wo), flipped, zero, inner, (1, 1),
+                            (1, 1), 1.0, False)
+    # the accuracy screen on the unpooled code: a flagged sample is re-rendered (by the
+    # caller) with the other kernels
+    from .rendering import unpool  # imports matching, as this module does
+
+    unpooled = unpool(code, idx, (ho, wo), switches)
+    redo |= screen(unpooled, flipped, zero, inner).any(axis=(1, 2, 3)).astype(np.int8)
     return r, redo
+
+
+# The accuracy screen
+# -------------------
+# Rounding in F(2x2, 3x3): the input transform (2 roundings per V), the templates' (computed
+# in float64, rounded once: at most 4 float64 roundings and one of the dtype), the products
+# summed over the C channels, the output transform (4 roundings) and the bias (1) bound the
+# error of one z by
+#
+#     (C + 12) * u * (|bias| + sum_c sum_{a in field, b in taps} K_o(a, b) |x_c,a| |w_kc,b|)
+#
+# (first order; K_o(a, b) = sum_xi |A_o,xi| |G x G|_xi,b |B x B|_xi,a <= ka_o(a), the
+# weights 1, 1, 2 along each axis of the field, mirrored for the tile's second row/column).
+# So ``est = sum_c W1_kc * FP_c(o)`` (W1: sum of |w_kc|, FP: the ka-weighted sum of |x| over
+# the field) bounds it, and ``room = sum_c wmin_kc * F1_c(o)`` (wmin: the smallest |w_kc|,
+# F1: the plain sum of |x|) is at most sum |w||x|: where ``(C + 12) est <= c T room`` (c the
+# contract's constant, T = 9 C + 1 terms) the tile meets the contract. Per 2x2 tile: the
+# largest FP and the smallest F1 of its four outputs. Two float64 matrix products
+# (tiles x C by C x K), a few per cent of the kernel's products.
+
+_HIGHER_ORDER = 1.0 + 2.0 ** -10   # covers the second-order terms ((C + 12) u << 2**-10)
+_PRODUCT_ROUNDING = 1.0 - 2.0 ** -30  # the screen's own float64 sums of at most 10**6 terms
+
+
+def screen(x, templates, bias, padding, c=None):
+    """Flags (bool, (N, th, tw, K)) of the 2x2 output tiles (tile (i, j): outputs 2i, 2i + 1
+    by 2j, 2j + 1) whose z the Winograd kernel may not compute within the accuracy contract
+    (``kernels.contracts``, constant ``c``, default the WINOGRAD one): a large input on a
+    tiny or zero weight, a dynamic range the transforms cannot carry. Non-finite inputs flag
+    their tiles too (the kernel's own check redoes those samples)."""
+    from ..contracts import WINOGRAD
+
+    c = WINOGRAD if c is None else c
+    n, ch = x.shape[:2]
+    k = templates.shape[0]
+    ho = x.shape[2] + 2 * padding[0] - 2
+    wo = x.shape[3] + 2 * padding[1] - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    if n == 0 or th <= 0 or tw <= 0:
+        return np.zeros((n, max(th, 0), max(tw, 0), k), dtype=np.bool_)
+    fp = np.empty((n, th * tw, ch), dtype=np.float64)
+    f1 = np.empty((n, th * tw, ch), dtype=np.float64)
+    _tile_sums(x, padding[0], padding[1], th, tw, fp, f1)
+    aw = np.abs(templates.astype(np.float64)).reshape(k, ch, 9)
+    cT = c * (9 * ch + 1)
+    est = fp.reshape(-1, ch) @ ((ch + 12) * _HIGHER_ORDER * aw.sum(axis=2).T)
+    room = f1.reshape(-1, ch) @ (cT * _PRODUCT_ROUNDING * aw.min(axis=2).T)
+    room += (cT - ch - 12) * np.abs(bias.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        flags = ~(est <= room)   # NaN (a non-finite input) flags too
+    return flags.reshape(n, th, tw, k)
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _tile_sums(x, ph, pw, th, tw, fp, f1):
+    """fp[n, t, c]: the largest ka-weighted sum of |x| over the fields of tile t's four
+    outputs; f1[n, t, c]: the smallest plain sum (float64; padding and rows past the plane
+    count as zeros)."""
+    n_, c_, hh, ww = x.shape
+    for n in prange(n_):
+        for c in range(c_):
+            for ti in range(th):
+                for tj in range(tw):
+                    big = 0.0
+                    small = np.inf
+                    for pi in range(2):
+                        for pj in range(2):
+                            sp = 0.0
+                            s1 = 0.0
+                            for a in range(3):
+                                r = 2 * ti + pi + a - ph
+                                if r < 0 or r >= hh:
+                                    continue
+                                wa = 2.0 if a == 2 - 2 * pi else 1.0
+                                for b in range(3):
+                                    q = 2 * tj + pj + b - pw
+                                    if q < 0 or q >= ww:
+                                        continue
+                                    wb = 2.0 if b == 2 - 2 * pj else 1.0
+                                    v = abs(np.float64(x[n, c, r, q]))
+                                    sp += wa * wb * v
+                                    s1 += v
+                            if not sp <= big:    # NaN wins
+                                big = sp
+                            if not s1 >= small:
+                                small = s1
+                    fp[n, ti * tw + tj, c] = big
+                    f1[n, ti * tw + tj, c] = small
+
+
+@njit(inline="always")
+def _direct_z(x, templates, k, n, i, j, ph, pw, z):
+    """z + sum_{c,u,v} W[k,c,u,v] xpad[n,c,i+u,j+v] in x's dtype (the classical bound)."""
+    c_, hh, ww = x.shape[1:]
+    for c in range(c_):
+        for a in range(3):
+            r = i + a - ph
+            if r < 0 or r >= hh:
+                continue
+            for b in range(3):
+                q = j + b - pw
+                if 0 <= q < ww:
+                    z += templates[k, c, a, b] * x[n, c, r, q]
+    return z
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _direct_windows(x, templates, bias, ph, pw, poolh, poolw, sh, sw, leak, flags, need, redo,
+                    h, idx):
+    """The pooling windows of (n, k) that touch a flagged tile, recomputed directly: z, the
+    switch and the first row-major max, as the reference does. Samples to be redone anyway
+    (``redo``) are skipped."""
+    n_, k_, hp, wp = h.shape
+    wo = x.shape[3] + 2 * pw - 2
+    for nk in prange(n_ * k_):
+        n = nk // k_
+        k = nk - n * k_
+        if redo[n] or not need[n, k]:
+            continue
+        for pi in range(hp):
+            r0 = pi * sh
+            for pj in range(wp):
+                c0 = pj * sw
+                hit = False
+                for ti in range(r0 // 2, (r0 + poolh - 1) // 2 + 1):
+                    for tj in range(c0 // 2, (c0 + poolw - 1) // 2 + 1):
+                        hit |= flags[n, ti, tj, k]
+                if not hit:
+                    continue
+                best = h[n, k, pi, pj]
+                barg = -1
+                for a in range(poolh):
+                    for b in range(poolw):
+                        z = _direct_z(x, templates, k, n, r0 + a, c0 + b, ph, pw, bias[k])
+                        if z > 0 or z != z:
+                            y = z
+                        elif leak == 0:
+                            y = 0.0
+                        else:
+                            y = z * leak
+                        if barg < 0 or (best == best and (y > best or y != y)):
+                            best = y
+                            barg = (r0 + a) * wo + c0 + b
+                h[n, k, pi, pj] = best
+                idx[n, k, pi, pj] = barg
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _direct_units(x, templates, ph, pw, wo, idx, sw, use_sw, flags, need, redo, zero, z):
+    """match_at's units whose position lies in a flagged tile, recomputed directly (times
+    the switch; exactly 0 where it is 0)."""
+    n_, k_ = z.shape[:2]
+    zf = z.reshape(n_, k_, -1)
+    idf = idx.reshape(n_, k_, -1)
+    swf = sw.reshape(sw.shape[0], sw.shape[1], -1)
+    for nk in prange(n_ * k_):
+        n = nk // k_
+        k = nk - n * k_
+        if redo[n] or not need[n, k]:
+            continue
+        for e in range(zf.shape[2]):
+            p = idf[n, k, e]
+            i = p // wo
+            j = p - i * wo
+            if not flags[n, i // 2, j // 2, k]:
+                continue
+            if not use_sw:
+                zf[n, k, e] = _direct_z(x, templates, k, n, i, j, ph, pw, zero[0])
+            elif swf[n, k, e] == 0:
+                zf[n, k, e] = 0
+            else:
+                zf[n, k, e] = _direct_z(x, templates, k, n, i, j, ph, pw, zero[0]) * swf[n, k, e]
