@@ -89,6 +89,7 @@ Semi-supervised EG steps pair a batch of unlabeled samples with a batch of label
 from __future__ import annotations
 
 import functools
+import hashlib
 import numbers
 import os
 import time
@@ -157,24 +158,33 @@ def _check_images(X, name="X", input_shape=None, dtype=np.float32):
 
 
 def _check_labels(y, n, n_classes, name="y"):
-    """y -> int64 class indices with -1 for unlabeled; None -> all unlabeled."""
+    """y -> int64 class indices with -1 for unlabeled; None -> all unlabeled.
+
+    Values are compared in y's own dtype before any cast (a cast would wrap 2**64-1 to -1 or
+    1e20 to -2**63): only an exact -1 (of a signed or float y) marks an unlabeled sample, and
+    a value out of range or not integral is refused, quoted as it was given."""
     if y is None:
         return np.full(n, -1, np.int64)
-    arr = np.asarray(y)
+    try:
+        arr = np.asarray(y)
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"{name} must hold integer class indices: {exc}") from None
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"{name} must hold integer class indices (or -1 for unlabeled)")
-    elif arr.dtype.kind not in "iu":
+    if arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold integer class indices in [0, {n_classes}) or -1, "
                         f"got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = (arr < -1) | (arr >= n_classes)
-    if bad.any():
-        raise ValueError(f"{name} holds {arr[bad][0]}: labels must lie in [0, {n_classes}) "
-                         "(or be -1 for an unlabeled sample)")
-    return arr
+    with np.errstate(invalid="ignore"):
+        valid = (arr >= 0) & (arr < n_classes)
+        if arr.dtype.kind != "u":
+            valid |= arr == -1
+        if arr.dtype.kind == "f":
+            valid &= arr == np.floor(arr)
+    if not valid.all():
+        bad = arr[~valid][0].item()
+        raise ValueError(f"{name} holds {bad!r}: labels must be integer class indices in "
+                         f"[0, {n_classes}) (or -1 for an unlabeled sample)")
+    return arr.astype(np.int64)
 
 
 def _seed_of(random_state):
@@ -435,8 +445,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
         return params
 
     def _network(self, layers, input_shape):
-        matching = "normalized" if self.algorithm == "em" else "tied"
-        return Network(layers, input_shape, self.n_classes, self.backend, matching, self.top)
+        """The network the current settings describe (for fitting)."""
+        return _build_network(layers, input_shape, self.n_classes, self.backend,
+                              self.algorithm, self.top)
 
     @property
     def _np_dtype(self):
@@ -534,10 +545,15 @@ class DRMM(ClassifierMixin, BaseEstimator):
             raise TypeError(f"callback must be callable or None, got {callback!r}")
         if resume and self.checkpoint is None:
             raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+        _check_input_scale(X)
         net = self._network(layers, X.shape[1:])
+        data = None
+        if self.checkpoint is not None:
+            _check_checkpoint_path(self.checkpoint)
+            data = _data_identity(X, yidx)
         state = None
         if resume and os.path.exists(self.checkpoint):
-            state = self._read_checkpoint(self.checkpoint, net)
+            state = self._read_checkpoint(self.checkpoint, net, data)
             seed = state["seed"]
         else:
             seed = _seed_of(self.random_state)
@@ -545,12 +561,14 @@ class DRMM(ClassifierMixin, BaseEstimator):
                                        seed)
         run = _Run(self, net, weights, seed, X, yidx, train, val)
         run.callback = callback
+        run.data_identity = data
         if state is not None:
             run.restore(state)
         else:
             run.params = self._init_params(net, X[train], yidx[train], seed)
         run.loop()
         self._finish(run)
+        self._partial = None  # a later partial_fit starts from this fit, with a new optimizer
         return self
 
     def _optimizer(self, net, params):
@@ -565,9 +583,12 @@ class DRMM(ClassifierMixin, BaseEstimator):
         initialises the model from X; later ones need images of the same shape."""
         layers, weights = self._check_params()
         fitted = hasattr(self, "parameters_")
+        if fitted:
+            self._check_same_structure(layers)
         X = _check_images(X, input_shape=self.input_shape_ if fitted else None,
                           dtype=self._np_dtype)
         yidx = _check_labels(y, X.shape[0], self.n_classes)
+        _check_input_scale(X)
         net = self._network(layers, X.shape[1:])
         state = getattr(self, "_partial", None)
         if not fitted or state is None:
@@ -601,6 +622,19 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self._partial = state
         return self
 
+    def _check_same_structure(self, layers):
+        """partial_fit continues the fitted model: refuse settings that changed its structure
+        since (``fit`` starts again from them)."""
+        fitted = {"layers": tuple(self.layers_), "n_classes": self.classes_.size,
+                  "algorithm": self.algorithm_, "top": self.top_, "dtype": self.dtype_}
+        current = {"layers": tuple(layers), "n_classes": int(self.n_classes),
+                   "algorithm": self.algorithm, "top": self.top, "dtype": self.dtype}
+        changed = [name for name in fitted if fitted[name] != current[name]]
+        if changed:
+            raise ValueError(f"partial_fit continues the fitted model, but {', '.join(changed)} "
+                             "changed since it was fitted; call fit() to start again with the "
+                             "new settings")
+
     def _finish(self, run, refit_priors=True):
         params = run.best_params if run.best_params is not None else run.params
         if refit_priors and run.epoch > 0:
@@ -617,10 +651,16 @@ class DRMM(ClassifierMixin, BaseEstimator):
 
     def _set_fitted(self, net, params, *, n_iter, history, objective_history,
                     validation_score, best_iteration, converged):
+        """Record the fitted state. Everything inference reads is recorded here (the network's
+        structure, its matching, top, class count and working dtype), so that changing a
+        hyper-parameter after fitting changes nothing until the next fit."""
         self.parameters_ = params
         self.layers_ = net.layers
         self.input_shape_ = net.input_shape
-        self.classes_ = np.arange(self.n_classes)
+        self.classes_ = np.arange(net.n_classes)
+        self.algorithm_ = "em" if net.matching == "normalized" else "eg"
+        self.top_ = net.top
+        self.dtype_ = np.dtype(np.asarray(params["W0"]).dtype).name
         self.n_iter_ = int(n_iter)
         self.history_ = list(history)
         self.objective_history_ = [tuple(t) for t in objective_history]
@@ -633,12 +673,15 @@ class DRMM(ClassifierMixin, BaseEstimator):
     # inference
 
     def _net(self):
+        """The fitted network (only the backend, an execution choice, is read from the
+        current settings)."""
         check_is_fitted(self, "parameters_")
-        return self._network(self.layers_, self.input_shape_)
+        return _build_network(self.layers_, self.input_shape_, self.classes_.size,
+                              self.backend, self.algorithm_, self.top_)
 
     def _inputs(self, X, name="X"):
         check_is_fitted(self, "parameters_")
-        return _check_images(X, name, self.input_shape_, self._np_dtype)
+        return _check_images(X, name, self.input_shape_, _DTYPES[self.dtype_])
 
     def _bottom_up_batches(self, X):
         net = self._net()
@@ -652,7 +695,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         out = None
         for sl, _, fw in self._bottom_up_batches(X):
             if out is None:
-                out = np.empty((_n_of(X), self.n_classes))
+                out = np.empty((_n_of(X), self.classes_.size))
             out[sl] = fw.scores
         return out
 
@@ -688,11 +731,12 @@ class DRMM(ClassifierMixin, BaseEstimator):
         Returns an array of X's shape.
         """
         X = self._inputs(X)
-        yidx = _check_labels(y, X.shape[0], self.n_classes)
+        n_classes = self.classes_.size
+        yidx = _check_labels(y, X.shape[0], n_classes)
         out = np.empty_like(X)
         for sl, net, fw in self._bottom_up_batches(X):
             cls = np.where(yidx[sl] >= 0, yidx[sl], np.asarray(fw.scores).argmax(axis=1))
-            q = np.eye(self.n_classes)[cls]
+            q = np.eye(n_classes)[cls]
             rs, _ = net.top_down(self.parameters_, fw, q)
             out[sl] = rs[0]
         return out
@@ -707,14 +751,15 @@ class DRMM(ClassifierMixin, BaseEstimator):
         (len(classes), C, H, W).
         """
         net = self._net()
+        n_classes = self.classes_.size
         cls = np.atleast_1d(np.asarray(classes))
         if cls.ndim != 1 or cls.dtype.kind not in "iu":
             raise TypeError("classes must be an int or a 1-d array of class indices")
-        if cls.size and (cls.min() < 0 or cls.max() >= self.n_classes):
-            raise ValueError(f"classes must lie in [0, {self.n_classes})")
+        if cls.size and (cls.min() < 0 or cls.max() >= n_classes):
+            raise ValueError(f"classes must lie in [0, {n_classes})")
         rng = np.random.default_rng(_seed_of(random_state))
         p = self.parameters_
-        dtype = self._np_dtype
+        dtype = _DTYPES[self.dtype_]
         out = np.empty((cls.size, *self.input_shape_), dtype)
         for sl in _batches(cls.size, INFERENCE_BATCH):
             n = sl.stop - sl.start
@@ -730,7 +775,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
                 idxs.append((rows * wo + cols).astype(np.int32))
                 pa = np.asarray(p[f"switch_prior{l}"], np.float64)[None, :, None, None]
                 switches.append((rng.random((n, k, hp, wp)) < pa).astype(dtype))
-            top = net.top_code(p, np.eye(self.n_classes)[cls[sl]], dtype)
+            top = net.top_code(p, np.eye(n_classes)[cls[sl]], dtype)
             out[sl] = net.render_down(p, top, idxs, switches)[0]
         return out
 
@@ -761,6 +806,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
                 "validation_score": self.validation_score_,
                 "best_iteration": int(self.best_iteration_),
                 "converged": bool(self.converged_),
+                "algorithm": self.algorithm_,
+                "top": self.top_,
+                "n_classes": int(self.classes_.size),
+                "dtype": self.dtype_,
             },
         }
         if extra:
@@ -770,48 +819,89 @@ class DRMM(ClassifierMixin, BaseEstimator):
     @classmethod
     def _from_saved(cls, arrays, meta, path):
         try:
-            params = dict(meta["params"])
-            fitted = meta["fitted"]
-            if not isinstance(params["layers"], str):
-                params["layers"] = [Layer.from_dict(d) for d in params["layers"]]
-            model = cls(**params)
-            layers, _ = model._check_params()
-            net = model._network(layers, fitted["input_shape"])
-            model._set_fitted(net, _params_from_arrays(arrays, net, model._np_dtype),
-                              n_iter=fitted["n_iter"], history=fitted["history"],
-                              objective_history=fitted["objective_history"],
-                              validation_score=fitted["validation_score"],
-                              best_iteration=fitted["best_iteration"],
-                              converged=fitted["converged"])
-            model.user_metadata_ = meta.get("user")
-        except (KeyError, TypeError, ValueError) as exc:
+            fitted = _saved_fitted(meta)
+            return cls._from_parts(arrays, meta, fitted, path)
+        except _MetadataError as exc:
             raise ValueError(f"{path}: not a valid saved DRMM: {exc}") from None
-        return model
 
     @classmethod
     def _from_checkpoint(cls, arrays, meta, path):
+        """The model a checkpoint holds: its best parameters where it kept them, else the
+        latest."""
         try:
-            state = meta["checkpoint"]
-            best = state.get("has_best", False)
+            state = _checkpoint_state(meta)
+            best = state["has_best"]
             chosen = {k[5:]: v for k, v in arrays.items() if k.startswith("best.")} if best \
                 else {k: v for k, v in arrays.items() if not k.startswith(("best.", "adam."))}
-            epoch = int(state["epoch"])
+            epoch = state["epoch"]
+            params = _params_field(meta)
             fitted = {"input_shape": state["input_shape"], "n_iter": epoch,
                       "history": state["history"],
                       "objective_history": state["objective_history"],
                       "validation_score": state["best_score"],
-                      "best_iteration": int(state["best_epoch"]) if best else epoch,
-                      "converged": state["converged"]}
-        except (KeyError, TypeError, ValueError) as exc:
+                      "best_iteration": state["best_epoch"] if best else epoch,
+                      "converged": state["converged"],
+                      # a checkpoint is written by the run with these settings
+                      "algorithm": params.get("algorithm"), "top": params.get("top", "average"),
+                      "n_classes": params.get("n_classes"), "dtype": params.get("dtype")}
+            return cls._from_parts(chosen, meta, fitted, path)
+        except _MetadataError as exc:
             raise ValueError(f"{path}: not a valid DRMM checkpoint: {exc}") from None
-        return cls._from_saved(chosen, {"params": meta["params"], "fitted": fitted}, path)
 
-    def _read_checkpoint(self, path, net):
+    @classmethod
+    def _from_parts(cls, arrays, meta, fitted, path):
+        """The model of saved settings (``meta["params"]``), checked fitted state and arrays;
+        every failure a _MetadataError naming the field."""
+        params = _params_field(meta)
+        try:
+            model = cls(**params)
+        except TypeError as exc:
+            raise _MetadataError(f"the field 'params' holds unknown settings: {exc}") from None
+        try:
+            layers, _ = model._check_params()
+            _seed_of(model.random_state)
+        except (TypeError, ValueError) as exc:
+            raise _MetadataError(f"the field 'params' holds an invalid setting: {exc}") from None
+        settings = {"algorithm": (model.algorithm, _ALGORITHMS), "top": (model.top, _TOPS),
+                    "n_classes": (model.n_classes, None), "dtype": (model.dtype, tuple(_DTYPES))}
+        for name, (default, choices) in settings.items():
+            value = fitted.get(name)
+            if value is None:  # written before the fitted settings were recorded
+                fitted[name] = default
+            elif choices is None:
+                fitted[name] = _check_field_int(value, f"fitted.{name}", 2)
+            elif value not in choices:
+                raise _MetadataError(f"the field 'fitted.{name}' must be one of "
+                                     f"{list(choices)}, got {_short(value)}")
+        if fitted.get("layers") is not None:
+            layers = fitted["layers"]
+        try:
+            net = _build_network(layers, fitted["input_shape"], fitted["n_classes"],
+                                 model.backend, fitted["algorithm"], fitted["top"])
+            values = _params_from_arrays(arrays, net, _DTYPES[fitted["dtype"]])
+        except (TypeError, ValueError) as exc:
+            raise _MetadataError(str(exc)) from None
+        model._set_fitted(net, values, n_iter=fitted["n_iter"], history=fitted["history"],
+                          objective_history=fitted["objective_history"],
+                          validation_score=fitted["validation_score"],
+                          best_iteration=fitted["best_iteration"],
+                          converged=fitted["converged"])
+        model.user_metadata_ = meta.get("user")
+        return model
+
+    def _read_checkpoint(self, path, net, data):
+        """The training state of the checkpoint at ``path``, checked against these settings,
+        this network and this data (``data``: :func:`_data_identity` of X and y)."""
         arrays, meta = io.load_arrays(path)
         if meta.get("model_class") != "DRMM" or "checkpoint" not in meta:
             raise ValueError(f"{path}: not a DRMM checkpoint")
+        try:
+            _params_field(meta)  # checked; compared below as written (layers as dicts)
+            theirs = meta["params"]
+            state = _checkpoint_state(meta, for_resume=True)
+        except _MetadataError as exc:
+            raise ValueError(f"{path}: not a valid DRMM checkpoint: {exc}") from None
         mine = self._serial_params()
-        theirs = meta["params"]
         free = {"max_iter", "verbose", "checkpoint", "backend", "n_iter_no_change"}
         defaults = DRMM().get_params()  # settings added after the file was written
         differ = sorted(k for k in mine
@@ -819,17 +909,203 @@ class DRMM(ClassifierMixin, BaseEstimator):
         if differ:
             raise ValueError(f"{path}: the checkpoint was written with other settings "
                              f"({', '.join(differ)}); refusing to resume")
-        state = dict(meta["checkpoint"])
         if tuple(state["input_shape"]) != net.input_shape:
             raise ValueError(f"{path}: the checkpoint is for images of shape "
                              f"{tuple(state['input_shape'])}, not {net.input_shape}")
-        state["params"] = _params_from_arrays(arrays, net, self._np_dtype)
-        if state.get("has_best"):
-            state["best_params"] = _params_from_arrays(
-                {k[5:]: v for k, v in arrays.items() if k.startswith("best.")}, net,
-                self._np_dtype)
+        if state["data"] is not None:
+            differences = _data_differences(state["data"], data)
+            if differences:
+                raise ValueError(f"{path}: the checkpoint was trained on other data "
+                                 f"({'; '.join(differences)}); refusing to resume")
+        try:
+            state["params"] = _params_from_arrays(arrays, net, self._np_dtype)
+            if state["has_best"]:
+                state["best_params"] = _params_from_arrays(
+                    {k[5:]: v for k, v in arrays.items() if k.startswith("best.")}, net,
+                    self._np_dtype)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a valid DRMM checkpoint: {exc}") from None
         state["arrays"] = arrays
         return state
+
+
+# --------------------------------------------------------------------------------------------
+# saved metadata, checked field by field
+
+
+class _MetadataError(ValueError):
+    """A field of a file's metadata is missing or malformed (the message names the field)."""
+
+
+_TOPS = ("average", "full")
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _kind_of(value):
+    return "null" if value is None else type(value).__name__
+
+
+def _get(node, key, where, kinds, what):
+    """``node[key]`` when it is one of ``kinds`` (bool never counts as a number)."""
+    if key not in node:
+        raise _MetadataError(f"the field '{where}{key}' is missing")
+    value = node[key]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise _MetadataError(f"the field '{where}{key}' must be {what}, got "
+                             f"{_kind_of(value)} {_short(value)}")
+    return value
+
+
+def _check_field_int(value, field, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _MetadataError(f"the field '{field}' must be an integer >= {minimum}, got "
+                             f"{_short(value)}")
+    return value
+
+
+def _int_field(node, key, where, minimum=0):
+    return _check_field_int(_get(node, key, where, (int,), "an integer"), where + key, minimum)
+
+
+def _number_field(node, key, where, optional=False):
+    if optional and node.get(key, 0) is None:
+        return None
+    value = _get(node, key, where, (int, float), "a number" + (" or null" if optional else ""))
+    if not np.isfinite(value):
+        raise _MetadataError(f"the field '{where}{key}' must be finite, got {value!r}")
+    return float(value)
+
+
+def _shape_field(node, key, where):
+    shape = _get(node, key, where, (list,), "a list of 3 integers (C, H, W)")
+    if len(shape) != 3:
+        raise _MetadataError(f"the field '{where}{key}' must be a list of 3 integers (C, H, "
+                             f"W), got {_short(shape)}")
+    return [_check_field_int(v, f"{where}{key}[{i}]", 1) for i, v in enumerate(shape)]
+
+
+def _history_fields(node, where):
+    """(history, objective_history): a list of records and a list of (before, after)."""
+    history = _get(node, "history", where, (list,), "a list of records")
+    for i, record in enumerate(history):
+        if not isinstance(record, dict):
+            raise _MetadataError(f"the field '{where}history[{i}]' must be a record, got "
+                                 f"{_short(record)}")
+    pairs = _get(node, "objective_history", where, (list,), "a list of (before, after) pairs")
+    out = []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)):
+            raise _MetadataError(f"the field '{where}objective_history[{i}]' must be a pair "
+                                 f"of numbers, got {_short(pair)}")
+        out.append((float(pair[0]), float(pair[1])))
+    return list(history), out
+
+
+def _params_field(meta):
+    params = _get(meta, "params", "", (dict,), "an object of settings")
+    layers = params.get("layers")
+    if isinstance(layers, list):
+        try:
+            params = dict(params, layers=list(resolve_layers(layers)))
+        except (TypeError, ValueError) as exc:
+            raise _MetadataError(f"the field 'params.layers' is invalid: {exc}") from None
+    elif layers is not None and not isinstance(layers, str):
+        raise _MetadataError(f"the field 'params.layers' must be a preset name or a list of "
+                             f"layers, got {_short(layers)}")
+    return dict(params)
+
+
+def _saved_fitted(meta):
+    """The checked ``fitted`` record of a saved model."""
+    node = _get(meta, "fitted", "", (dict,), "an object")
+    w = "fitted."
+    history, objective_history = _history_fields(node, w)
+    fitted = {"input_shape": _shape_field(node, "input_shape", w),
+              "n_iter": _int_field(node, "n_iter", w),
+              "history": history, "objective_history": objective_history,
+              "validation_score": _number_field(node, "validation_score", w, optional=True),
+              "best_iteration": _int_field(node, "best_iteration", w),
+              "converged": _get(node, "converged", w, (bool,), "true or false")}
+    for name in ("algorithm", "top", "n_classes", "dtype"):
+        fitted[name] = node.get(name)
+    layers = _get(node, "layers", w, (list,), "a list of layers")
+    try:
+        fitted["layers"] = resolve_layers(layers)
+    except (TypeError, ValueError) as exc:
+        raise _MetadataError(f"the field 'fitted.layers' is invalid: {exc}") from None
+    return fitted
+
+
+def _checkpoint_state(meta, for_resume=False):
+    """The checked ``checkpoint`` record of a training checkpoint (the fields that loading
+    reads; with ``for_resume`` also those that resuming reads)."""
+    node = _get(meta, "checkpoint", "", (dict,), "an object")
+    w = "checkpoint."
+    history, objective_history = _history_fields(node, w)
+    state = {"input_shape": _shape_field(node, "input_shape", w),
+             "epoch": _int_field(node, "epoch", w),
+             "history": history, "objective_history": objective_history,
+             "best_score": _number_field(node, "best_score", w, optional=True),
+             "best_epoch": _int_field(node, "best_epoch", w),
+             "converged": _get(node, "converged", w, (bool,), "true or false"),
+             "has_best": (_get(node, "has_best", w, (bool,), "true or false")
+                          if "has_best" in node else False)}
+    if for_resume:
+        state.update(seed=_int_field(node, "seed", w), step=_int_field(node, "step", w),
+                     no_improve=_int_field(node, "no_improve", w),
+                     adam_t=_int_field(node, "adam_t", w),
+                     data=_data_field(node, w))
+    return state
+
+
+def _data_field(node, where):
+    """The identity of the training data a checkpoint records (None: not recorded)."""
+    if node.get("data") is None:
+        return None
+    data = _get(node, "data", where, (dict,), "an object")
+    w = where + "data."
+    shape = _get(data, "shape", w, (list,), "a list of integers")
+    return {"n_samples": _int_field(data, "n_samples", w),
+            "shape": [_check_field_int(v, f"{w}shape[{i}]") for i, v in enumerate(shape)],
+            "x_sha256": _get(data, "x_sha256", w, (str,), "a hex digest"),
+            "y_sha256": _get(data, "y_sha256", w, (str,), "a hex digest")}
+
+
+# --------------------------------------------------------------------------------------------
+# the identity of the training data (refuses to resume a run on other data)
+
+
+def _data_identity(X, yidx):
+    """Size, shape and sha256 of the (checked) images and labels of a run."""
+    return {"n_samples": int(X.shape[0]), "shape": [int(s) for s in X.shape],
+            "x_sha256": hashlib.sha256(memoryview(np.ascontiguousarray(X)).cast("B"))
+            .hexdigest(),
+            "y_sha256": hashlib.sha256(np.ascontiguousarray(yidx, np.int64).tobytes())
+            .hexdigest()}
+
+
+def _data_differences(recorded, given):
+    """What differs between the data a checkpoint was trained on and the data given."""
+    out = []
+    if recorded["n_samples"] != given["n_samples"]:
+        out.append(f"{recorded['n_samples']} samples, not {given['n_samples']}")
+    elif list(recorded["shape"]) != list(given["shape"]):
+        out.append(f"X of shape {tuple(recorded['shape'])}, not {tuple(given['shape'])}")
+    elif recorded["x_sha256"] != given["x_sha256"]:
+        out.append("the images X differ (sha256)")
+    if recorded["n_samples"] == given["n_samples"] and recorded["y_sha256"] != given["y_sha256"]:
+        out.append("the labels y differ (sha256: other labels or another labeled subset)")
+    return out
+
+
+def _build_network(layers, input_shape, n_classes, backend, algorithm, top):
+    matching = "normalized" if algorithm == "em" else "tied"
+    return Network(layers, input_shape, n_classes, backend, matching, top)
 
 
 def _n_of(X):
@@ -882,7 +1158,11 @@ def _expected_shapes(net):
 
 
 def _params_from_arrays(arrays, net, dtype):
-    """The parameter dict from saved arrays, every name and shape checked."""
+    """The parameter dict from saved arrays, every name, shape and value checked.
+
+    Values are checked in the dtype the model computes with (a float64 1e300 is finite, its
+    float32 cast is not): every value finite, every probability in (0, 1] (and each
+    distribution summing to 1), every variance and the class scale > 0."""
     p = {}
     for name, shape in _expected_shapes(net).items():
         if name not in arrays:
@@ -892,11 +1172,64 @@ def _params_from_arrays(arrays, net, dtype):
             raise ValueError(f"the array {name!r} has shape {arr.shape}, expected {shape}")
         if arr.dtype.kind != "f":
             raise ValueError(f"the array {name!r} has dtype {arr.dtype}, expected floats")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"the array {name!r} holds NaN or infinity")
         trainable = name[:1] in "Wb" and name[1:].isdigit() or name in ("mu", "beta")
-        p[name] = np.array(arr, dtype if trainable else np.float64)
+        with np.errstate(over="ignore"):
+            p[name] = np.array(arr, dtype if trainable else np.float64)
+        _check_parameter_values(name, p[name])
     return p
+
+
+#: distributions: each array's entries are probabilities summing to 1
+_DISTRIBUTIONS = ("translation_prior", "class_prior")
+#: arrays of probabilities, one per unit
+_PROBABILITIES = ("switch_prior",)
+#: arrays that must be > 0
+_POSITIVE = ("noise_variance", "top_noise_variance", "class_scale")
+
+
+def _check_parameter_values(name, value):
+    """Refuse a parameter whose values no fitted model holds (ValueError naming it)."""
+    stem = name.rstrip("0123456789")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"the array {name!r} holds NaN or infinity (in {value.dtype})")
+    if stem in _DISTRIBUTIONS + _PROBABILITIES and not np.all((value > 0) & (value <= 1)):
+        raise ValueError(f"the array {name!r} holds probabilities outside (0, 1]")
+    if stem in _DISTRIBUTIONS and abs(float(np.sum(value)) - 1.0) > 1e-6 * max(value.size, 1):
+        raise ValueError(f"the array {name!r} is a distribution but sums to "
+                         f"{float(np.sum(value))!r}, not 1")
+    if stem in _POSITIVE and not np.all(value > 0):
+        raise ValueError(f"the array {name!r} must be > 0")
+
+
+def _check_input_scale(X, name="X"):
+    """Refuse images so large that a sample's squared norm (the reconstruction term, the
+    Gram matrices) overflows the working dtype, before any training: the failure would
+    otherwise come later as a diverging loss that points at the learning rate."""
+    peak = float(np.max(np.abs(X))) if X.size else 0.0
+    finfo = np.finfo(X.dtype)
+    size = float(np.prod(X.shape[1:]))
+    # a margin of 1e6 for the sums over a batch and the products with the templates
+    limit = float(np.sqrt(float(finfo.max) / 1e6 / size))
+    if peak > limit:
+        raise ValueError(f"{name} holds values up to {peak:.3g}: too large for {X.dtype} "
+                         f"arithmetic (the squared norm of an image overflows above about "
+                         f"{limit:.3g}); rescale X, e.g. to [0, 1]")
+
+
+def _check_checkpoint_path(checkpoint):
+    """A checkpoint path that a training run can write (checked before the first epoch):
+    not a directory, not a special file, in an existing writable directory."""
+    path = os.path.abspath(os.fspath(checkpoint))
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {checkpoint!s} is a directory; give the path of a file "
+                         "to write")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"checkpoint {checkpoint!s} exists and is not a regular file")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ValueError(f"checkpoint {checkpoint!s}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"checkpoint {checkpoint!s}: the directory {parent} is not writable")
 
 
 class _Run:
@@ -921,6 +1254,7 @@ class _Run:
         self.converged = False
         self.verbose = int(model.verbose)
         self.callback = None
+        self.data_identity = None
 
     # -------------------------------------------------------------------------------- state
 
@@ -956,6 +1290,7 @@ class _Run:
             "no_improve": self.no_improve, "converged": self.converged,
             "has_best": self.best_params is not None,
             "adam_t": 0 if self.optimizer is None else self.optimizer.t,
+            "data": self.data_identity,
         }
         meta = {"model_class": "DRMM", "params": self.model._serial_params(),
                 "checkpoint": state}
