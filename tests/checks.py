@@ -3,7 +3,6 @@
 import numpy as np
 
 import naive
-from fastdrmm.kernels.numpy import matching as ref
 
 HOST_BACKENDS = ["numpy", "cpu"]
 DTYPES = [np.float32, np.float64]
@@ -23,11 +22,9 @@ def assert_same_non_finite(got, want, tol):
 
 
 def switched_plane(x, templates, bias, padding, leak):
-    """y on the whole (Ho, Wo) plane, in float64."""
-    x = np.asarray(x, np.float64)
-    z = ref.correlate(x, np.asarray(templates, np.float64), padding)
-    z += np.asarray(bias, np.float64)[None, :, None, None]
-    return ref.switch(z, leak)
+    """y on the whole (Ho, Wo) plane, in float64, from the independent oracle (never from a
+    backend under test: the numpy backend is judged too)."""
+    return naive.switched_plane(x, templates, bias, padding, leak)
 
 
 def window_candidates(y, pool, stride):
@@ -46,7 +43,8 @@ def window_candidates(y, pool, stride):
 
 def assert_pooling_matches(h, idx, x, templates, bias, *, padding=(0, 0), pool=(2, 2),
                            stride=None, leak=0.0, dtype=np.float64):
-    """Check h/idx of match_switch_pool against the float64 oracle, tolerant only at near-ties.
+    """Check h/idx of match_switch_pool against the float64 loop oracle (``naive``), tolerant
+    only at near-ties.
 
     Exact where the answer is exact: NaN placement, the position of the first NaN, the
     first-position rule on exact ties. Where two candidates of a window are closer than the
@@ -56,7 +54,7 @@ def assert_pooling_matches(h, idx, x, templates, bias, *, padding=(0, 0), pool=(
     stride = pool if stride is None else tuple(stride)
     y = switched_plane(x, templates, bias, padding, leak)
     vals, flats = window_candidates(y, pool, stride)
-    want_h, want_idx = ref.pool_argmax(y, pool, stride)
+    want_h, want_idx = naive.pool_first_max(y, pool, stride)
     assert h.shape == want_h.shape and idx.shape == want_h.shape
     assert h.dtype == np.dtype(dtype) and idx.dtype == np.int32
     rtol, atol = tol(dtype)
@@ -86,6 +84,28 @@ def assert_pooling_matches(h, idx, x, templates, bias, *, padding=(0, 0), pool=(
     if np.dtype(dtype) == np.float64:
         exact = exact_tie & ((vals == want_h[None]).sum(axis=0) > 1)
         np.testing.assert_array_equal(idx[exact], want_idx[exact], err_msg="tie not first")
+    # In any dtype, a ReLU window whose every z is negative beyond rounding is an exact tie of
+    # zeros, whatever the backend's rounding: the first position must win.
+    if leak == 0:
+        zero_tie = fin & clearly_negative_windows(x, templates, bias, padding, pool, stride,
+                                                  dtype)
+        np.testing.assert_array_equal(idx[zero_tie], want_idx[zero_tie],
+                                      err_msg="tie of switched-off zeros not first")
+
+
+def clearly_negative_windows(x, templates, bias, padding, pool, stride, dtype):
+    """Windows whose every z is below 0 by more than the dtype's dot-product rounding bound
+    ``(taps + 2) * eps * (|b| + sum |w||x|)``, from the float64 oracle."""
+    z = naive.correlation_plane(x, templates, bias, padding)
+    with np.errstate(invalid="ignore"):
+        scale = naive.correlation_plane(np.abs(np.asarray(x, np.float64)),
+                                        np.abs(np.asarray(templates, np.float64)),
+                                        np.abs(np.asarray(bias, np.float64)), padding)
+        taps = np.prod(np.shape(templates)[1:])
+        margin = (taps + 2) * np.finfo(dtype).eps * scale
+        negative = z < -margin
+    cand, _ = window_candidates(negative.astype(np.int8), pool, stride)
+    return cand.all(axis=0)
 
 
 # ---------------------------------------------------------------------------------------------

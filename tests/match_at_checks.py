@@ -1,13 +1,12 @@
 """match_at scenarios shared by the GPU backends' tests (test_numba_cuda.py: the simulator or a
 GPU; test_cuda_c.py: the CUDA-on-CPU harness or CuPy). ``run(op_name, *args, **kwargs)`` calls
 fastdrmm.ops.<op_name> on the backend under test, taking and returning host NumPy arrays; the
-oracle is the explicit-loop ``naive_match_at`` of test_ops_match_at.py, the same one the host
-backends are held to."""
+oracle is the explicit-loop ``naive.match_at``, the same one the host backends are held to."""
 
 import numpy as np
 
 from checks import tol
-from test_ops_match_at import naive_match_at
+from naive import match_at as naive_match_at
 from test_ops_render import latents
 
 SWITCH_KINDS = ["none", "bool", "real"]

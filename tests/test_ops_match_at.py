@@ -4,34 +4,15 @@ explicit-loop oracle, the full-plane matching, the adjoint of render, and the ed
 import numpy as np
 import pytest
 
+import naive
 from checks import DTYPES, HOST_BACKENDS, tol
 from fastdrmm import ops
 from test_ops_render import GEOMETRIES, latents
 
 
-def naive_match_at(x, templates, idx, padding=0, switches=None):
-    """Scalar loops in float64, straight from the definition (no padded copy either)."""
-    x = np.asarray(x, np.float64)
-    w = np.asarray(templates, np.float64)
-    ph, pw = (padding, padding) if np.isscalar(padding) else padding
-    n_, c_, h_, w_ = x.shape
-    k_, _, kh, kw = w.shape
-    wo = w_ + 2 * pw - kw + 1
-    out = np.zeros(idx.shape)
-    for n, k, p, q in np.ndindex(*idx.shape):
-        s = 1.0 if switches is None else float(switches[n, k, p, q])
-        if s == 0:
-            continue
-        i, j = divmod(int(idx[n, k, p, q]), wo)
-        z = 0.0
-        for c in range(c_):
-            for u in range(kh):
-                for v in range(kw):
-                    a, b = i + u - ph, j + v - pw
-                    if 0 <= a < h_ and 0 <= b < w_:
-                        z += w[k, c, u, v] * x[n, c, a, b]
-        out[n, k, p, q] = s * z
-    return out
+# the oracle lives in naive.py with the other explicit-loop oracles; re-exported here for the
+# device backends' checks (match_at_checks.py)
+naive_match_at = naive.match_at
 
 
 def _check(backend, dtype, x, templates, idx, padding, switches):
