@@ -22,6 +22,7 @@ the identity switch, leak 0 the ReLU), and the M-step's weighted sums from
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 import warnings
@@ -79,6 +80,25 @@ def _as_samples(X, name="X"):
     return arr
 
 
+def _check_magnitude(X, name="X"):
+    """Refuse values whose squares overflow float64 in the model's sums.
+
+    EM sums ``||x_n - mu_k||^2`` over samples (every template lies in the data's convex
+    hull, so each term is at most ``4 D max|x|^2``): with ``4 N D max|x|^2`` finite, every
+    squared distance, the noise variance and every M-step sum is finite. Beyond that the
+    noise variance itself (about ``max|x|^2``) has no float64 value, so the model cannot be
+    represented at that scale and X must be rescaled (the model is scale-equivariant: fitting
+    ``X / s`` gives templates ``mu / s`` and noise variance ``sigma^2 / s^2``, with ``reg``
+    scaled by ``1 / s^2``)."""
+    largest = float(np.abs(X).max())
+    limit = math.sqrt(np.finfo(np.float64).max / (4.0 * X.shape[0] * X[0].size))
+    if largest > limit:
+        raise ValueError(
+            f"{name} holds values up to |x| = {largest:.3g}: their squares overflow float64 in "
+            f"the model's sums (at most {limit:.3g} for {X.shape[0]} samples of "
+            f"{X[0].size} features); rescale {name}, e.g. divide it by its largest value")
+
+
 def _check_random_state(seed, name):
     try:
         return check_random_state(seed)
@@ -87,28 +107,125 @@ def _check_random_state(seed, name):
             f"{name} must be None, an int or a numpy RandomState, got {seed!r}") from None
 
 
+#: the Python types a label of an object array may have (NumPy scalars of these kinds too):
+#: the types a saved model can give back exactly
+_LABEL_TYPES = (str, bool, int, float)
+_NUMPY_LABEL_KINDS = "biufU"
+
+
+def _as_labels(y):
+    """y as a 1-d-able array without losing any label's value.
+
+    ``np.asarray`` turns a list of Python ints beyond int64 into float64 (2**64 - 1 becomes
+    1.8446744073709552e19, another number); such lists are kept as object arrays instead."""
+    arr = np.asarray(y)
+    if not isinstance(y, np.ndarray) and arr.dtype.kind == "f" and arr.size:
+        values = np.asarray(y, dtype=object).ravel().tolist()
+        if any(isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool)
+               and float(v) != v for v in values):
+            arr = np.asarray(y, dtype=object)
+    return arr
+
+
+def _check_object_label(value):
+    """A label of an object array: a str, bool, int or finite float (or a NumPy scalar of
+    those kinds), else a TypeError/ValueError showing it."""
+    if isinstance(value, np.generic):
+        usable = value.dtype.kind in _NUMPY_LABEL_KINDS
+    else:
+        usable = isinstance(value, _LABEL_TYPES)
+    if not usable:
+        raise TypeError(f"y holds the label {value!r:.80} of type {type(value).__name__}: "
+                        "labels are ints, floats, strings or bools (None or -1 marks unlabeled)")
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        raise ValueError(f"y contains NaN or infinity ({value!r}); mark unlabeled samples "
+                         "with -1 or None")
+
+
+def _is_unlabeled_marker(value):
+    """None, the string '-1', or a number equal to -1 (bools are labels, never markers)."""
+    if value is None:
+        return True
+    if isinstance(value, (str, np.str_)):
+        return value == "-1"
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (numbers.Number, np.number)):
+        return value == -1
+    return False
+
+
 def _unlabeled_mask(y):
-    """Entries marking an unlabeled sample: -1 (or the string '-1', or None in object arrays)."""
+    """Entries marking an unlabeled sample: -1 (or the string '-1', or None in object arrays).
+
+    The markers are recognised exactly: an unsigned array has no -1 (its largest value is a
+    label like any other), and no value is ever cast to another type to be compared. Every
+    other value is checked to be a usable label (finite; of a label type)."""
     kind = y.dtype.kind
-    if kind in "iuf":
-        return y == -1
-    if kind == "b":
+    if kind == "u" or kind == "b":
         return np.zeros(y.shape, bool)
+    if kind == "i":
+        return y == -1
+    if kind == "f":
+        if not np.isfinite(y).all():
+            bad = y[~np.isfinite(y)][0]
+            raise ValueError(f"y contains NaN or infinity ({bad!r}): labels must be finite; "
+                             "mark unlabeled samples with -1")
+        return y == -1
     if kind == "U":
         return y == "-1"
     if kind == "S":
         return y == b"-1"
     if kind == "O":
-        def unlabeled(value):
-            if value is None:
-                return True
-            if isinstance(value, str):
-                return value == "-1"
-            if isinstance(value, (numbers.Number, np.number)) and not isinstance(value, bool):
-                return value == -1
-            return False
-        return np.fromiter((unlabeled(v) for v in y), bool, count=len(y))
+        mask = np.fromiter((_is_unlabeled_marker(v) for v in y), bool, count=len(y))
+        for value in y[~mask]:
+            _check_object_label(value)
+        return mask
     raise TypeError(f"y must hold class labels (numbers or strings), got dtype {y.dtype}")
+
+
+def _latent_classes(seen, extra):
+    """``seen`` (sorted distinct labels) followed by ``extra`` new labels for the latent
+    classes: numbers after the largest label when they fit the labels' dtype exactly (else the
+    smallest unused non-negative integers), strings ``latent<i>`` for other labels. A new
+    label never equals a seen one nor the unlabeled marker -1."""
+    kind = seen.dtype.kind
+    if kind in "iuf":
+        taken = set(seen.tolist())
+        largest = seen.max()
+        top = (int(largest) if kind in "iu" else math.floor(float(largest))) + 1
+        new = list(range(top, top + extra))
+        if not _fit_exactly(new, seen.dtype, taken):
+            new = []
+            candidate = 0
+            while len(new) < extra:
+                if candidate not in taken:
+                    new.append(candidate)
+                candidate += 1
+        dtype = seen.dtype if _fit_exactly(new, seen.dtype, taken) else (
+            np.float64 if kind == "f" else np.int64)
+        return np.concatenate([seen.astype(dtype), np.array(new, dtype)])
+    taken = set(seen.tolist())
+    names, i = [], 0
+    while len(names) < extra:
+        if f"latent{i}" not in taken:
+            names.append(f"latent{i}")
+        i += 1
+    return np.array([*seen.tolist(), *names], dtype=object)
+
+
+def _fit_exactly(values, dtype, taken):
+    """Whether every one of the Python ints ``values`` is a value of ``dtype`` (no rounding,
+    no wrapping) and none is in ``taken``."""
+    if not values or any(v in taken for v in values):
+        return not values
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return info.min <= min(values) and max(values) <= info.max
+    with np.errstate(over="ignore"):
+        cast = np.array(values, dtype=object).astype(dtype)
+    return all(np.isfinite(c) and int(c) == v for c, v in zip(cast.tolist(), values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,15 +235,6 @@ def _unlabeled_mask(y):
 def _floor_probs(p):
     p = np.maximum(np.asarray(p, np.float64), PROB_FLOOR)
     return p / p.sum()
-
-
-def _valid_probs(p):
-    """Fitted priors as they are when positive (so that predictions use them exactly), else
-    floored and renormalised."""
-    p = np.asarray(p, np.float64)
-    if not (np.isfinite(p).all() and p.min() > 0):
-        p = _floor_probs(np.where(np.isfinite(p), p, 0.0))
-    return p
 
 
 def _clip_switch(p):
@@ -206,7 +314,9 @@ class RMM(ClassifierMixin, BaseEstimator):
         (classification, zero-noise-limit) EM, each sample takes its single most probable
         ``(c, g, a)``; the objective is the mean maximal log-joint
         ``max_{c,g,a} ln p(x, c, g, a)``, which never decreases: its negative, the energy, never
-        increases. Prediction follows the same inference (see :meth:`predict`).
+        increases. Prediction follows the inference the model was fitted with
+        (``inference_``; see :meth:`predict`): changing this parameter after a fit changes
+        nothing until the next fit.
     max_iter : int, default 100
         EM iterations per initialisation (0 fits the initialisation only).
     tol : float, default 1e-4
@@ -239,6 +349,7 @@ class RMM(ClassifierMixin, BaseEstimator):
     nuisance_prior_ : ndarray (n_nuisances,)
     switch_prior_ : float, P(a = 1)
     noise_variance_ : float, sigma^2
+    inference_ : str, the ``inference`` of the fit, which prediction follows
     classes_ : ndarray (n_classes,), the class labels (``arange(n_classes)`` unsupervised)
     lower_bound_ : float, the mean objective at the returned parameters (best over n_init)
     lower_bounds_ : list of float, the mean objective after each EM iteration of the kept run
@@ -324,7 +435,7 @@ class RMM(ClassifierMixin, BaseEstimator):
         if y is None:
             classes = self.classes_ if warm else np.arange(n_classes)
             return classes, np.full(n_samples, -1, np.intp)
-        y = np.asarray(y)
+        y = _as_labels(y)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y.ravel()
         if y.ndim != 1:
@@ -368,12 +479,7 @@ class RMM(ClassifierMixin, BaseEstimator):
                 f"n_classes={n_classes} but y holds only {seen.size} distinct labels and no "
                 "(weighted) unlabeled samples (label -1) to learn the other classes from"
             )
-        if seen.dtype.kind in "iuf":
-            new = seen.max() + 1 + np.arange(extra)
-            classes = np.concatenate([seen, new.astype(seen.dtype)])
-        else:
-            classes = np.array([*seen.tolist(), *[f"latent{i}" for i in range(extra)]],
-                               dtype=object)
+        classes = _latent_classes(seen, extra)
         return classes, yidx
 
     # ---------------------------------------------------------------- matches via fastdrmm.ops
@@ -412,6 +518,7 @@ class RMM(ClassifierMixin, BaseEstimator):
                 t = np.logaddexp(0.0, self._matches(x, params, 1.0)) + log_prior
                 t = _logsumexp_rows(t.reshape(-1, n_nuisances)).reshape(-1, n_classes)
             out[sl] = base[:, None] + t
+        _check_finite_scores(out, X)
         return out
 
     # ---------------------------------------------------------------- E-step and M-step
@@ -588,18 +695,34 @@ class RMM(ClassifierMixin, BaseEstimator):
         Parameters
         ----------
         X : array (N, D) or (N, C, H, W)
+            Finite values whose squares the model's float64 sums can hold (``|x|`` below
+            about ``sqrt(max_float / (4 N D))``, some ``1e150``), else a ValueError before
+            any work: rescale such data (the model is scale-equivariant, see
+            :func:`_check_magnitude`).
         y : None (unsupervised), or array (N,) of labels with -1 marking unlabeled samples
-            (semi-supervised; all labeled is supervised)
+            (semi-supervised; all labeled is supervised). Labels are ints, floats, strings
+            or bools (any of NumPy's integer, float, string or bool dtypes, or an object
+            array of such values); ``-1`` (the int or float -1, the string ``"-1"``) and, in
+            object arrays, ``None`` mark unlabeled samples, recognised exactly: an unsigned
+            array has no ``-1`` (its largest value is a label). A list of Python ints beyond
+            int64 keeps its exact values (as an object array).
 
         Returns
         -------
         self
+
+        Raises
+        ------
+        ValueError
+            Besides bad arguments: when fitting ends with parameters that are not all finite
+            (it never stores such a state; the previous fitted state, if any, is kept).
         """
         self._check_params()
         X = _as_samples(X)
         n = X.shape[0]
         feature_shape = tuple(X.shape[1:])
         X = X.reshape(n, -1)
+        _check_magnitude(X)
         warm = bool(self.warm_start) and hasattr(self, "templates_")
         if warm:
             want = (self.n_classes, self.n_nuisances, *feature_shape)
@@ -658,6 +781,8 @@ class RMM(ClassifierMixin, BaseEstimator):
                 best = (objective, params, bounds, n_iter, converged)
 
         objective, params, bounds, n_iter, converged = best
+        _check_fitted_values(params, objective, bounds)
+        # every fitted attribute is set here, after the checks: a failed fit changes nothing
         self.classes_ = classes
         self.feature_shape_ = feature_shape
         self.n_features_in_ = X.shape[1]
@@ -667,6 +792,7 @@ class RMM(ClassifierMixin, BaseEstimator):
         self.nuisance_prior_ = params.pg.copy()
         self.switch_prior_ = float(params.pa)
         self.noise_variance_ = float(params.s2)
+        self.inference_ = inference
         self.lower_bound_ = objective
         self.lower_bounds_ = bounds
         self.n_iter_ = n_iter
@@ -682,75 +808,162 @@ class RMM(ClassifierMixin, BaseEstimator):
     # ---------------------------------------------------------------- persistence
 
     _SAVED_ARRAYS = ("templates_", "class_prior_", "nuisance_prior_", "classes_")
+    _FITTED_FIELDS = ("switch_prior", "noise_variance", "lower_bound", "lower_bounds",
+                      "n_iter", "converged", "feature_shape", "inference", "classes")
 
     def save(self, path):
         """Write the fitted model to ``path`` atomically (read it back with
-        :func:`fastdrmm.load`); the format is :mod:`fastdrmm.io`'s."""
+        :func:`fastdrmm.load`); the format is :mod:`fastdrmm.io`'s.
+
+        Labels of a NumPy numeric, bool or string dtype are stored as the array ``classes``;
+        labels of an object array (str, int, float, bool, NumPy scalars: the labels ``fit``
+        accepts) as JSON values with a type tag each (``metadata['fitted']['classes']``), so
+        that the loaded ``classes_`` holds the same values of the same types, without pickle.
+        """
         check_is_fitted(self, "templates_")
         params = self.get_params()
         if not (params["random_state"] is None or isinstance(params["random_state"], int)):
             params["random_state"] = None
         arrays = {name.rstrip("_"): np.asarray(getattr(self, name))
                   for name in self._SAVED_ARRAYS}
+        classes = arrays.pop("classes")
+        if classes.dtype.kind in _NATIVE_CLASS_KINDS:
+            arrays["classes"] = classes
+            class_entry = {"encoding": "array"}
+        else:
+            class_entry = _encode_object_classes(classes)
         fitted = {"switch_prior": float(self.switch_prior_),
                   "noise_variance": float(self.noise_variance_),
                   "lower_bound": float(self.lower_bound_),
                   "lower_bounds": [float(b) for b in self.lower_bounds_],
                   "n_iter": int(self.n_iter_), "converged": bool(self.converged_),
-                  "feature_shape": list(self.feature_shape_)}
+                  "feature_shape": [int(d) for d in self.feature_shape_],
+                  "inference": self._fitted_inference(), "classes": class_entry}
         io.save_arrays(path, arrays, {"model_class": "RMM", "params": params,
                                       "fitted": fitted})
 
     @classmethod
     def _from_saved(cls, arrays, meta, path):
+        """The model of a checked file, every value validated after its cast to the working
+        dtype (finite; probabilities in (0, 1] summing to 1; shapes matching the parameters);
+        anything else is a ValueError naming ``path`` and the field."""
         try:
-            model = cls(**meta["params"])
-            model._check_params()
-            fitted = meta["fitted"]
-            for name in cls._SAVED_ARRAYS:
-                setattr(model, name, np.array(arrays[name.rstrip("_")]))
-            model.switch_prior_ = float(fitted["switch_prior"])
-            model.noise_variance_ = float(fitted["noise_variance"])
-            model.lower_bound_ = float(fitted["lower_bound"])
-            model.lower_bounds_ = list(fitted["lower_bounds"])
-            model.n_iter_ = int(fitted["n_iter"])
-            model.converged_ = bool(fitted["converged"])
-            model.feature_shape_ = tuple(fitted["feature_shape"])
-            model.n_features_in_ = int(np.prod(model.feature_shape_))
-            want = (model.n_classes, model.n_nuisances, *model.feature_shape_)
-            if model.templates_.shape != want:
-                raise ValueError(f"templates have shape {model.templates_.shape}, expected "
-                                 f"{want}")
-            model._fitted_params()  # every value checked (finite, probabilities)
-        except (KeyError, TypeError, ValueError) as exc:
+            return cls._build_saved(arrays, meta)
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a valid saved RMM: {exc}") from None
+
+    @classmethod
+    def _build_saved(cls, arrays, meta):
+        _check_keys(meta, ("model_class", "params", "fitted"), (), "metadata")
+        params = _require(meta, "params", dict, "metadata")
+        names = cls._get_param_names()
+        _check_keys(params, names, (), "metadata['params']")
+        model = cls(**params)
+        try:
+            model._check_params()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata['params']: {exc}") from None
+        seed = params["random_state"]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed < 2**32):
+            raise ValueError(f"metadata['params']['random_state'] must be null or an int in "
+                             f"[0, 2**32), got {seed!r:.80}")
+        where = "metadata['fitted']"
+        fitted = _require(meta, "fitted", dict, "metadata")
+        # "inference" and "classes" are absent from files of earlier versions
+        _check_keys(fitted, cls._FITTED_FIELDS[:7], cls._FITTED_FIELDS[7:], where)
+        feature_shape = _require(fitted, "feature_shape", list, where)
+        if len(feature_shape) not in (1, 3) or not all(
+                _is_int(d) and d >= 1 for d in feature_shape):
+            raise ValueError(f"{where}['feature_shape'] must be 1 or 3 positive ints, got "
+                             f"{feature_shape!r:.100}")
+        inference = fitted.get("inference", params["inference"])
+        if inference not in ("soft", "hard"):
+            raise ValueError(f"{where}['inference'] must be 'soft' or 'hard', got "
+                             f"{inference!r:.80}")
+        n_iter = _require(fitted, "n_iter", int, where)
+        lower_bounds = _require(fitted, "lower_bounds", list, where)
+        if n_iter < 0 or len(lower_bounds) != n_iter:
+            raise ValueError(f"{where}: n_iter={n_iter} with {len(lower_bounds)} lower_bounds "
+                             "(one per EM iteration)")
+        bounds = [_finite_real(fitted["lower_bounds"], i, f"{where}['lower_bounds']")
+                  for i in range(n_iter)]
+        class_entry = fitted.get("classes", {"encoding": "array"})
+        expected = ["templates", "class_prior", "nuisance_prior"]
+        if isinstance(class_entry, dict) and class_entry.get("encoding") == "array":
+            expected.append("classes")
+        if sorted(arrays) != sorted(expected):
+            raise ValueError(f"the file holds the arrays {sorted(arrays)}, expected "
+                             f"{sorted(expected)}")
+        model.templates_ = _float_array(arrays, "templates")
+        model.class_prior_ = _float_array(arrays, "class_prior")
+        model.nuisance_prior_ = _float_array(arrays, "nuisance_prior")
+        model.switch_prior_ = _finite_real(fitted, "switch_prior", where)
+        model.noise_variance_ = _finite_real(fitted, "noise_variance", where)
+        model.feature_shape_ = tuple(int(d) for d in feature_shape)
+        model.n_features_in_ = math.prod(model.feature_shape_)
+        want = (model.n_classes, model.n_nuisances, *model.feature_shape_)
+        if model.templates_.shape != want:
+            raise ValueError(f"arrays['templates'] has shape {model.templates_.shape}, expected "
+                             f"{want} (n_classes, n_nuisances, *feature_shape)")
+        model._fitted_params()  # every value checked (finite, probabilities, shapes)
+        model.classes_ = _decode_classes(class_entry, arrays.get("classes"), model.n_classes,
+                                         f"{where}['classes']")
+        model.inference_ = inference
+        model.lower_bound_ = _finite_real(fitted, "lower_bound", where)
+        model.lower_bounds_ = bounds
+        model.n_iter_ = n_iter
+        model.converged_ = _require(fitted, "converged", bool, where)
         return model
 
     def _fitted_params(self):
-        """The fitted attributes in working form (floored, so that every log is finite)."""
+        """The fitted attributes in working form, every value checked: finite templates of the
+        fitted shape, priors in (0, 1] that sum to 1 (within ``_SUM_TOLERANCE``; renormalised
+        exactly), a switch prior in (0, 1), a positive finite noise variance, and finite
+        weights ``mu / sigma^2`` and biases ``||mu||^2 / (2 sigma^2)``. A ValueError names the
+        attribute otherwise."""
+        feature_shape = tuple(self.feature_shape_)
         mu = np.asarray(self.templates_, np.float64)
+        if mu.ndim != 2 + len(feature_shape) or mu.shape[2:] != feature_shape:
+            raise ValueError(f"templates_ has shape {mu.shape}, expected (n_classes, "
+                             f"n_nuisances, *{feature_shape})")
         n_classes, n_nuisances = mu.shape[:2]
         mu = np.ascontiguousarray(mu.reshape(n_classes * n_nuisances, -1))
         if not np.isfinite(mu).all():
             raise ValueError("templates_ contains NaN or infinity")
-        s2 = float(self.noise_variance_)
-        if not (np.isfinite(s2) and s2 > 0):
+        pc = _checked_distribution(self.class_prior_, n_classes, "class_prior_")
+        pg = _checked_distribution(self.nuisance_prior_, n_nuisances, "nuisance_prior_")
+        pa = _checked_real(self.switch_prior_, "switch_prior_")
+        if not 0.0 < pa < 1.0:
+            raise ValueError(f"switch_prior_ must be in (0, 1), got {pa!r}")
+        s2 = _checked_real(self.noise_variance_, "noise_variance_")
+        if not s2 > 0:
             raise ValueError(f"noise_variance_ must be positive and finite, got {s2!r}")
-        return _Params(mu, _valid_probs(self.class_prior_), _valid_probs(self.nuisance_prior_),
-                       _clip_switch(self.switch_prior_), s2, self.feature_shape_)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bias = np.einsum("kd,kd->k", mu, mu) / (2.0 * s2)
+            weight = np.abs(mu).max() / s2
+        if not (np.isfinite(bias).all() and np.isfinite(weight)):
+            raise ValueError(f"templates_ (max |mu| = {np.abs(mu).max():.3g}) and "
+                             f"noise_variance_ ({s2:.3g}) give infinite match weights or biases")
+        return _Params(mu, pc, pg, _clip_switch(pa), s2, feature_shape)
+
+    def _fitted_inference(self):
+        # models fitted (and pickled) before ``inference_`` existed predicted with the
+        # ``inference`` parameter they were fitted with
+        return getattr(self, "inference_", self.inference)
 
     # ---------------------------------------------------------------- prediction
 
     def decision_function(self, X):
         """Per-class scores whose argmax is :meth:`predict` and softmax :meth:`predict_proba`.
 
-        ``inference="soft"``: ``ln p(x, c)`` (sum-product over g and a); ``"hard"``:
+        With ``inference_ = "soft"``: ``ln p(x, c)`` (sum-product over g and a); ``"hard"``:
         ``max_{g,a} ln p(x, c, g, a)`` (max-sum), which is, up to a per-sample constant,
         ``max_g [ReLU(<w[c,g], x> + b[c,g]) + ln pi_c + ln pi_g]``. Shape (N, n_classes); with
         two classes, as scikit-learn expects, the difference (N,) second minus first column.
         """
         X = self._check_X_fitted(X)
-        scores = self._class_scores(X, self._fitted_params(), self.inference)
+        scores = self._class_scores(X, self._fitted_params(), self._fitted_inference())
         if scores.shape[1] == 2:
             return scores[:, 1] - scores[:, 0]
         return scores
@@ -758,25 +971,25 @@ class RMM(ClassifierMixin, BaseEstimator):
     def predict(self, X):
         """The most probable class label.
 
-        ``inference="soft"``: ``argmax_c p(c | x)``. ``"hard"``: the max-sum rule of DESIGN.md
-        section 1, ``argmax_c max_g [ReLU(<w[c,g], x> + b[c,g]) + ln pi_c + ln pi_g]`` with
+        ``inference_`` (the fit's inference) ``"soft"``: ``argmax_c p(c | x)``. ``"hard"``:
+        the max-sum rule of DESIGN.md section 1, ``argmax_c max_g [ReLU(<w[c,g], x> + b[c,g]) + ln pi_c + ln pi_g]`` with
         ``w = mu / sigma^2`` and ``b = -||mu||^2 / (2 sigma^2) + ln(pi_a / (1 - pi_a))``
         (the ReLU is :func:`fastdrmm.ops.match_switch_pool` with ``leak=0``). Ties go to the
         first class in ``classes_``.
         """
         X = self._check_X_fitted(X)
-        scores = self._class_scores(X, self._fitted_params(), self.inference)
+        scores = self._class_scores(X, self._fitted_params(), self._fitted_inference())
         return self.classes_[np.argmax(scores, axis=1)]
 
     def predict_proba(self, X):
         """Class probabilities (N, n_classes), columns in the order of ``classes_``.
 
-        ``inference="soft"``: the posterior ``p(c | x)``. ``"hard"``: the softmax over c of the
-        max-sum score ``max_{g,a} ln p(x, c, g, a)`` -- a max-sum analogue of the posterior
+        ``inference_ = "soft"``: the posterior ``p(c | x)``. ``"hard"``: the softmax over c of
+        the max-sum score ``max_{g,a} ln p(x, c, g, a)`` -- a max-sum analogue of the posterior
         (not the model's posterior) whose argmax is :meth:`predict`.
         """
         X = self._check_X_fitted(X)
-        scores = self._class_scores(X, self._fitted_params(), self.inference)
+        scores = self._class_scores(X, self._fitted_params(), self._fitted_inference())
         scores -= scores.max(axis=1, keepdims=True)
         proba = np.exp(scores)
         proba /= proba.sum(axis=1, keepdims=True)
@@ -793,6 +1006,7 @@ class RMM(ClassifierMixin, BaseEstimator):
             base, _ = self._base(x, params)
             t = np.logaddexp(0.0, self._matches(x, params, 1.0)) + log_prior
             out[sl] = base + _logsumexp_rows(t)
+        _check_finite_scores(out, X)
         return out
 
     def score(self, X, y=None):
@@ -826,6 +1040,222 @@ class RMM(ClassifierMixin, BaseEstimator):
         X = rng.standard_normal((n_samples, params.mu.shape[1])) * np.sqrt(params.s2)
         X[a] += params.mu[c[a] * n_nuisances + g[a]]
         return X.reshape(n_samples, *params.feature_shape), self.classes_[c]
+
+
+# --------------------------------------------------------------------------------------------
+# checks of fitted and saved values
+
+
+#: a distribution's entries may sum to 1 within this (relative to 1) to be a distribution
+_SUM_TOLERANCE = 1e-6
+#: class labels stored as an array as they are; others (object arrays) as tagged JSON values
+_NATIVE_CLASS_KINDS = "biufUS"
+
+
+def _check_finite_scores(scores, X):
+    """Log-probabilities of inputs far beyond the model's scale overflow (-inf, or NaN where
+    infinities cancel): refuse them rather than return NaN probabilities."""
+    if not np.isfinite(scores).all():
+        rows = ~np.isfinite(scores).reshape(scores.shape[0], -1).all(axis=1)
+        largest = float(np.abs(X[rows]).max())
+        raise ValueError(
+            f"X holds {int(rows.sum())} sample(s) (values up to |x| = {largest:.3g}) so far "
+            "from the fitted model's scale that their log-probabilities overflow float64")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_real(value, name):
+    """A finite real number as a float, else a ValueError/TypeError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {value!r:.80}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _checked_distribution(p, size, name):
+    """A 1-d probability vector of ``size`` entries in (0, 1] summing to 1, as float64 (cast
+    first, then checked), renormalised exactly."""
+    p = np.asarray(p)
+    if p.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got dtype {p.dtype}")
+    p = p.astype(np.float64)
+    if p.shape != (size,):
+        raise ValueError(f"{name} has shape {p.shape}, expected ({size},)")
+    if not np.isfinite(p).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    if not (p.min() > 0 and p.max() <= 1):
+        raise ValueError(f"{name} must hold probabilities in (0, 1], got values in "
+                         f"[{p.min()!r}, {p.max()!r}]")
+    total = float(p.sum())
+    if not abs(total - 1.0) <= _SUM_TOLERANCE:
+        raise ValueError(f"{name} must sum to 1, sums to {total!r}")
+    return p / total
+
+
+def _check_fitted_values(params, objective, bounds):
+    """The state a fit is about to store: every parameter finite and valid, else ValueError
+    (reached only when the data's scale, or ``reg``, is beyond float64's range)."""
+    problems = []
+    if not np.isfinite(params.mu).all():
+        problems.append("templates")
+    if not (np.isfinite(params.s2) and params.s2 > 0):
+        problems.append(f"noise variance {params.s2!r}")
+    for name, p in (("class prior", params.pc), ("nuisance prior", params.pg)):
+        if not (np.isfinite(p).all() and p.min() > 0):
+            problems.append(name)
+    if not 0.0 < params.pa < 1.0:
+        problems.append(f"switch prior {params.pa!r}")
+    if not (np.isfinite(objective) and np.isfinite(bounds).all()):
+        problems.append("objective")
+    if problems:
+        raise ValueError(
+            f"fitting produced non-finite parameters ({', '.join(problems)}): the data's scale "
+            "or reg is beyond float64's range; rescale X or lower reg")
+
+
+def _require(mapping, key, kind, where):
+    """``mapping[key]`` of JSON type ``kind`` (int excludes bool), else a ValueError naming
+    ``where[key]``."""
+    if key not in mapping:
+        raise ValueError(f"{where} has no field {key!r}")
+    value = mapping[key]
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise ValueError(f"{where}[{key!r}] must be a {kind.__name__}, got "
+                         f"{type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _check_keys(mapping, required, optional, where):
+    """``mapping`` a dict holding every ``required`` key and no key outside ``optional``."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(mapping).__name__}")
+    missing = [k for k in required if k not in mapping]
+    unknown = [k for k in mapping if k not in required and k not in optional]
+    if missing or unknown:
+        raise ValueError(f"{where}: missing fields {missing}, unknown fields "
+                         f"{[str(k)[:40] for k in unknown[:10]]}")
+
+
+def _finite_real(mapping, key, where):
+    """``mapping[key]`` a finite JSON number (not a bool), as a float."""
+    try:
+        value = mapping[key]
+    except (KeyError, IndexError):
+        raise ValueError(f"{where} has no field {key!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}[{key!r}] must be a number, got {type(value).__name__} "
+                         f"{value!r:.80}")
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"{where}[{key!r}] must be finite, got {mapping[key]!r:.80}")
+    return value
+
+
+def _float_array(arrays, name):
+    """A saved real array as float64, cast first, then checked finite."""
+    arr = arrays[name]
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"arrays[{name!r}] must be real numbers, got dtype {arr.dtype}")
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float64)
+    if not np.isfinite(out).all():
+        raise ValueError(f"arrays[{name!r}] holds NaN or infinity (as float64)")
+    return out
+
+
+def _label_entry(value):
+    """(type tag, JSON value) of one label of an object array."""
+    if isinstance(value, np.generic):
+        if value.dtype.kind not in _NUMPY_LABEL_KINDS:
+            raise TypeError(f"classes_ holds {value!r:.80} of dtype {value.dtype}, which cannot "
+                            "be saved")
+        return "numpy:" + value.dtype.str, value.item()
+    for tag, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if isinstance(value, kind):
+            return tag, kind(value)
+    raise TypeError(f"classes_ holds {value!r:.80} of type {type(value).__name__}, which "
+                    "cannot be saved (labels are ints, floats, strings or bools)")
+
+
+def _encode_object_classes(classes):
+    entries = [_label_entry(v) for v in classes.tolist()]
+    return {"encoding": "values", "types": [t for t, _ in entries],
+            "values": [v for _, v in entries]}
+
+
+def _label_value(tag, value, where):
+    """The label of one saved (type tag, JSON value) pair, checked."""
+    if tag in ("bool", "int", "float", "str"):
+        kind = {"bool": "b", "int": "i", "float": "f", "str": "U"}[tag]
+        make = {"bool": bool, "int": int, "float": float, "str": str}[tag]
+    elif isinstance(tag, str) and tag.startswith("numpy:"):
+        try:
+            dtype = np.dtype(tag[6:])
+        except (TypeError, ValueError, SyntaxError):
+            dtype = None
+        if dtype is None or dtype.str != tag[6:] or dtype.kind not in _NUMPY_LABEL_KINDS:
+            raise ValueError(f"{where}: unknown label type {tag!r:.80}")
+        kind, make = dtype.kind, dtype.type
+    else:
+        raise ValueError(f"{where}: unknown label type {tag!r:.80}")
+    expected = {"b": bool, "i": int, "u": int, "f": (int, float), "U": str}[kind]
+    if not isinstance(value, expected) or (kind != "b" and isinstance(value, bool)):
+        raise ValueError(f"{where}: a {tag} label cannot be {value!r:.80}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            label = make(value)
+    except (OverflowError, ValueError, RuntimeWarning):
+        raise ValueError(f"{where}: {value!r:.80} is not a {tag} value") from None
+    if kind == "f" and not math.isfinite(label):
+        raise ValueError(f"{where}: label {value!r:.80} is not finite")
+    if kind in "iu" and int(label) != value:
+        raise ValueError(f"{where}: {value!r:.80} is not a {tag} value")
+    return label
+
+
+def _decode_classes(entry, array, n_classes, where):
+    """``classes_`` of a saved model: the array, or the tagged values, checked (n_classes
+    distinct finite labels)."""
+    if not isinstance(entry, dict) or entry.get("encoding") not in ("array", "values"):
+        raise ValueError(f"{where} must be {{'encoding': 'array'}} or "
+                         f"{{'encoding': 'values', 'types': [...], 'values': [...]}}")
+    if entry["encoding"] == "array":
+        _check_keys(entry, ("encoding",), (), where)
+        classes = array
+        if classes.dtype.kind not in _NATIVE_CLASS_KINDS:
+            raise ValueError(f"arrays['classes'] has dtype {classes.dtype}")
+        if classes.shape != (n_classes,):
+            raise ValueError(f"arrays['classes'] has shape {classes.shape}, expected "
+                             f"({n_classes},)")
+        if classes.dtype.kind == "f" and not np.isfinite(classes).all():
+            raise ValueError("arrays['classes'] holds NaN or infinity")
+        if np.unique(classes).size != n_classes:
+            raise ValueError("arrays['classes'] holds repeated labels")
+        return classes
+    _check_keys(entry, ("encoding", "types", "values"), (), where)
+    types, values = entry["types"], entry["values"]
+    if not (isinstance(types, list) and isinstance(values, list)
+            and len(types) == len(values) == n_classes):
+        raise ValueError(f"{where}: 'types' and 'values' must be lists of n_classes="
+                         f"{n_classes} entries")
+    labels = [_label_value(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(types, values))]
+    if len(set(labels)) != n_classes:
+        raise ValueError(f"{where} holds repeated labels")
+    classes = np.empty(n_classes, dtype=object)
+    for i, label in enumerate(labels):
+        classes[i] = label
+    return classes
 
 
 # --------------------------------------------------------------------------------------------
