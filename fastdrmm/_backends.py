@@ -152,3 +152,35 @@ def load(name):
         raise
     _loaded[name] = module
     return module
+
+
+def device_unavailable_reason(name):
+    """Why the GPU backend ``name`` cannot run on this machine, as a short phrase ("the
+    package 'cupy' is not installed (...)", "no CUDA GPU is usable on this machine (...)"),
+    or None when it can (and for host backends). Imports the backend's package: call it only
+    where a GPU backend was asked for."""
+    spec = BACKENDS[_check_name(name)] if name != "auto" else None
+    if spec is None or spec.location != "device":
+        return None
+    for package in spec.requires:
+        if importlib.util.find_spec(package) is None:
+            return (f"the package {package!r} it needs is not installed "
+                    f"(pip install 'fastdrmm[{spec.extra}]')")
+    try:
+        count = _cuda_device_count(name)
+    except Exception as exc:  # noqa: BLE001 - any failure to reach a GPU says the same
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        return f"no CUDA GPU is usable on this machine ({detail})"
+    if count < 1:
+        return "no CUDA GPU is usable on this machine"
+    return None
+
+
+def _cuda_device_count(name):
+    if name == "cupy":
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    from numba import cuda
+
+    return len(cuda.gpus) if cuda.is_available() else 0

@@ -5,14 +5,19 @@ library) whose message is one line that names the option at fault.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-import numpy as np
+# NumPy is imported inside the functions: importing this module (and so the command line)
+# must stay instant, so that Ctrl-C during start-up is answered at once.
 
-__all__ = ["CLIError", "DATASETS", "DIGITS_TEST_FRACTION", "load_split", "dataset_for_shape",
-           "take_subset", "select_labels", "parse_layers", "check_output_path"]
+__all__ = ["CLIError", "DATASETS", "DIGITS_TEST_FRACTION", "LAYER_LIMITS", "MAX_LAYERS",
+           "MAX_LAYER_SPEC", "MAX_PARAMETERS", "load_split", "dataset_for_shape",
+           "take_subset", "select_labels", "parse_layers", "check_layer_sizes",
+           "check_output_path", "check_distinct_outputs", "data_identity",
+           "check_resume_data", "write_data_identity"]
 
 #: the data sets the CLI knows, and the image shape of each
 DATASETS = {"mnist": (1, 28, 28), "digits": (1, 8, 8)}
@@ -62,6 +67,8 @@ def dataset_for_shape(shape):
 
 def take_subset(X, y, size, seed):
     """A seeded random subset of ``size`` samples (kept in their original order)."""
+    import numpy as np
+
     if size is None:
         return X, y
     if size > X.shape[0]:
@@ -77,6 +84,8 @@ def select_labels(y, n_classes, seed, per_class=None, total=None):
     all, ``total // n_classes`` per class and one more for ``total % n_classes`` classes drawn
     at random. Neither: every label is kept. A class with too few samples is an error.
     """
+    import numpy as np
+
     y = np.asarray(y).copy()
     if per_class is None and total is None:
         return y
@@ -104,41 +113,109 @@ def select_labels(y, n_classes, seed, per_class=None, total=None):
 # --------------------------------------------------------------------------------------------
 # layers
 
+#: the largest value the command line accepts for each Layer field (larger models are built
+#: through the Python API, where the caller sizes the memory)
+LAYER_LIMITS = {"n_templates": 1024, "kernel_size": 32, "padding": 32, "pool": 32}
+#: at most this many layers, and this many characters of --layers
+MAX_LAYERS = 16
+MAX_LAYER_SPEC = 10_000
+#: at most this many template entries in all (64 MB in float32)
+MAX_PARAMETERS = 16_000_000
+
+_LAYER_FORM = ("the form is K:k[:padding[:pool[:leak]]] per layer, comma-separated, or a JSON "
+               "list of Layer fields")
+
 
 def parse_layers(spec):
     """Layers from a spec: a JSON list of Layer fields, e.g.
     ``[{"n_templates": 8, "kernel_size": 3, "padding": 1, "pool": 2}]``, or the compact
     ``K:k[:padding[:pool[:leak]]]`` per layer, comma-separated, bottom first, e.g.
-    ``8:3:1:2,16:3:1:2``."""
-    from .layers import Layer, resolve_layers
+    ``8:3:1:2,16:3:1:2``. Every field is bounded by :data:`LAYER_LIMITS`, the number of layers
+    by :data:`MAX_LAYERS`, the spec's length by :data:`MAX_LAYER_SPEC`."""
+    from .layers import resolve_layers
 
     text = spec.strip()
+    if not text:
+        raise CLIError(f"--layers: empty ({_LAYER_FORM})")
+    if len(text) > MAX_LAYER_SPEC:
+        raise CLIError(f"--layers: {len(text)} characters, more than the {MAX_LAYER_SPEC} "
+                       "a layer spec may have")
     if text.startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"--layers: not valid JSON ({exc})") from None
+        except RecursionError:  # deeply nested brackets
+            raise CLIError("--layers: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError, and numbers with too many digits
+            raise CLIError(f"--layers: not valid JSON ({_one_line(exc)})") from None
+        if not isinstance(items, list):
+            raise CLIError(f"--layers: expected a JSON list of Layer fields ({_LAYER_FORM})")
+        _check_layer_count(len(items))
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                _check_layer_fields(i, item)
         try:
             return resolve_layers(items)
-        except (TypeError, ValueError) as exc:
-            raise CLIError(f"--layers: {exc}") from None
-    layers = []
-    for i, part in enumerate(text.split(",")):
-        fields = part.strip().split(":")
-        try:
-            if not 2 <= len(fields) <= 5:
-                raise ValueError("expected K:k[:padding[:pool[:leak]]]")
-            numbers = [int(f) for f in fields[:4]]
-            pool = numbers[3] if len(numbers) > 3 else None
-            leak = float(fields[4]) if len(fields) > 4 else 0.0
-            layers.append(Layer(numbers[0], numbers[1],
-                                padding=numbers[2] if len(numbers) > 2 else 0,
-                                pool=pool, leak=leak))
-        except (TypeError, ValueError) as exc:
-            raise CLIError(f"--layers: layer {i} {part.strip()!r}: {exc} (the form is "
-                           "K:k[:padding[:pool[:leak]]] per layer, comma-separated, or a "
-                           "JSON list of Layer fields)") from None
-    return tuple(layers)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise CLIError(f"--layers: {_one_line(exc)}") from None
+    parts = text.split(",")
+    _check_layer_count(len(parts))
+    return tuple(_compact_layer(i, part.strip()) for i, part in enumerate(parts))
+
+
+def _compact_layer(i, part):
+    """One ``K:k[:padding[:pool[:leak]]]`` layer."""
+    from .layers import Layer
+
+    fields = part.split(":")
+    try:
+        if not 2 <= len(fields) <= 5:
+            raise ValueError("expected K:k[:padding[:pool[:leak]]]")
+        numbers = [int(f) for f in fields[:4]]
+        names = ("n_templates", "kernel_size", "padding", "pool")
+        _check_layer_fields(i, dict(zip(names, numbers)))
+        pool = numbers[3] if len(numbers) > 3 else None
+        leak = float(fields[4]) if len(fields) > 4 else 0.0
+        return Layer(numbers[0], numbers[1], padding=numbers[2] if len(numbers) > 2 else 0,
+                     pool=pool, leak=leak)
+    except CLIError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CLIError(f"--layers: layer {i} {part[:40]!r}: {_one_line(exc)} "
+                       f"({_LAYER_FORM})") from None
+
+
+def _check_layer_count(n):
+    if n > MAX_LAYERS:
+        raise CLIError(f"--layers: {n} layers, more than the {MAX_LAYERS} the command line "
+                       "accepts")
+
+
+def _check_layer_fields(i, fields):
+    """Bound the integer fields of layer ``i`` (ints or pairs of ints) by LAYER_LIMITS."""
+    for name, limit in LAYER_LIMITS.items():
+        value = fields.get(name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+                raise CLIError(f"--layers: layer {i}: {name} {v} exceeds the command line's "
+                               f"maximum of {limit}")
+
+
+def check_layer_sizes(shapes, layers):
+    """Refuse a model with more than :data:`MAX_PARAMETERS` template entries (``shapes``
+    from :func:`fastdrmm.layers.layer_shapes`)."""
+    total = 0
+    for shape, layer in zip(shapes, layers):
+        kh, kw = layer.kernel_size
+        total += layer.n_templates * shape.channels_in * kh * kw
+    if total > MAX_PARAMETERS:
+        raise CLIError(f"--layers: the templates have {total:,} entries, more than the "
+                       f"{MAX_PARAMETERS:,} the command line accepts")
+    return total
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,23 +223,135 @@ def parse_layers(spec):
 
 
 def check_output_path(path, option):
-    """Fail early (before any work) when ``path`` cannot be written: its directory must
-    exist and be writable, and it must not be a directory."""
-    target = Path(os.fspath(path))
+    """Fail early (before any work) when ``path`` cannot be written: it must be a non-empty
+    path whose directory exists and is writable, and not a directory."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise CLIError(f"{option}: empty path (give a file name)")
+    if "\0" in text:
+        raise CLIError(f"{option}: the path contains a NUL character")
+    target = Path(text)
+    if text.endswith(os.sep) or target.is_dir():
+        raise CLIError(f"{option} {path}: is a directory (give a file name)")
     directory = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise CLIError(f"{option} {path}: is a directory")
     if not directory.is_dir():
         raise CLIError(f"{option} {path}: the directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise CLIError(f"{option} {path}: the directory {directory} is not writable")
+    if target.exists() and not target.is_file():
+        raise CLIError(f"{option} {path}: not a regular file (a FIFO, socket or device)")
     return target
 
 
+def _same_file(a, b):
+    """Whether two paths name one file: equal after resolving links, or (when both exist)
+    the same inode (hard links, bind mounts)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_distinct_outputs(*named_paths):
+    """Refuse two output options naming the same file: ``(option, path)`` pairs, None paths
+    skipped. Without this the second write would silently replace the first."""
+    given = [(option, os.fspath(path)) for option, path in named_paths if path is not None]
+    for i, (option_a, a) in enumerate(given):
+        for option_b, b in given[i + 1:]:
+            if _same_file(a, b):
+                raise CLIError(f"{option_a} and {option_b} name the same file ({b}): give "
+                               "two different paths")
+
+
 def check_input_file(path, what="model file"):
-    target = Path(os.fspath(path))
+    """The path of an existing regular file to read, else a CLIError (before opening it, so
+    that a FIFO cannot block)."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise CLIError(f"{what}: empty path")
+    if "\0" in text:
+        raise CLIError(f"{what}: the path contains a NUL character")
+    target = Path(text)
     if not target.exists():
         raise CLIError(f"{what} not found: {path}")
     if target.is_dir():
         raise CLIError(f"{what} {path} is a directory")
+    if not target.is_file():
+        raise CLIError(f"{what} {path} is not a regular file (a FIFO, socket or device)")
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# the training data a checkpoint belongs to
+
+#: the data options recorded beside a checkpoint; a resumed run must repeat them
+DATA_OPTIONS = ("dataset", "train_size", "labels_per_class", "labels", "seed")
+
+
+def data_identity(args, X, y_fit):
+    """What identifies a run's training data: its command-line options and a sha256 of the
+    images and of the labels as fitted (unlabeled marked -1)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(X), np.ascontiguousarray(y_fit, np.int64)):
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(memoryview(array).cast("B"))
+    identity = {name: getattr(args, name) for name in DATA_OPTIONS}
+    identity.update(n_samples=int(X.shape[0]), n_labeled=int(np.sum(np.asarray(y_fit) >= 0)),
+                    sha256=digest.hexdigest())
+    return identity
+
+
+def data_identity_path(checkpoint):
+    """The file beside a checkpoint that records its training data."""
+    return Path(os.fspath(checkpoint) + ".data.json")
+
+
+def read_data_identity(checkpoint):
+    """The recorded data identity of a checkpoint, or None (none recorded or unreadable)."""
+    path = data_identity_path(checkpoint)
+    try:
+        if not path.is_file() or path.stat().st_size > 65536:
+            return None
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def write_data_identity(checkpoint, identity):
+    """Record (atomically) the data identity beside ``checkpoint``; None removes it."""
+    from .io import atomic_write
+
+    path = data_identity_path(checkpoint)
+    if identity is None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        return
+    with atomic_write(path) as (f, _):
+        f.write(json.dumps(identity, sort_keys=True).encode())
+
+
+def _option_text(name, value):
+    flag = "--" + name.replace("_", "-")
+    return f"{flag} {'(not given)' if value is None else value}"
+
+
+def check_resume_data(checkpoint, identity):
+    """Refuse to resume ``checkpoint`` with other training data than it was written for."""
+    recorded = read_data_identity(checkpoint)
+    if recorded is None or recorded.get("sha256") == identity["sha256"]:
+        return
+    differ = [name for name in DATA_OPTIONS if recorded.get(name) != identity[name]]
+    if differ:
+        detail = "; ".join(f"{_option_text(n, identity[n])} now, "
+                           f"{_option_text(n, recorded.get(n))} then" for n in differ)
+    else:
+        detail = "the same options, but the data files differ"
+    raise CLIError(f"--resume: {checkpoint} was written for other training data ({detail}); "
+                   "repeat the original data options, or run without --resume to start afresh")

@@ -11,7 +11,9 @@ model; ``fastdrmm evaluate MODEL`` reports its test accuracy (overall and per cl
 top-down reconstructions, or images generated per class, as a PNG grid and/or a .npy array.
 
 Errors are one line on stderr (``fastdrmm: error: ...``) and exit status 1 (2 for a bad
-command line); Ctrl-C exits with status 130, leaving the last checkpoint intact.
+command line), raised before any long work; Ctrl-C exits with status 130 and one line
+("fastdrmm: interrupted"), at any moment, the start-up included, leaving the last checkpoint
+intact. Every size an option sets is bounded (the maximums are in ``--help``).
 
 The digits have no test split of their own: every command uses the same fixed, stratified 30%
 of them (seed 0) as the test split and the rest as the training split.
@@ -19,21 +21,44 @@ of them (seed 0) as the test split and the rest as the training split.
 
 from __future__ import annotations
 
+# Only the standard library's light modules at import time: the console entry point imports
+# this module and calls main(), which installs the Ctrl-C handling before NumPy, Numba and
+# scikit-learn are imported (see fastdrmm/__init__.py and _startup_interrupts).
 import argparse
-import inspect
 import os
+import signal
 import sys
 import time
 import warnings
 
-from ._cli_data import (DATASETS, CLIError, check_input_file, check_output_path,
-                        dataset_for_shape, load_split, parse_layers, select_labels, take_subset)
+from . import _cli_data
+from ._cli_data import (DATASETS, CLIError, check_distinct_outputs, check_input_file,
+                        check_layer_sizes, check_output_path, check_resume_data, data_identity,
+                        data_identity_path, dataset_for_shape, load_split, parse_layers,
+                        read_data_identity, select_labels, take_subset, write_data_identity)
 
 DEFAULT_MODEL = "fastdrmm-model.npz"
 #: the EG loss weights: option -> DRMM parameter
 LOSS_WEIGHTS = {"xent": "xent_weight", "reconstruction": "reconstruction_weight",
                 "entropy": "entropy_weight", "nonnegativity": "nonnegativity_weight",
                 "kl": "kl_weight", "consistency": "consistency_weight"}
+#: where ``fastdrmm train`` departs from DRMM's own defaults: the settings that learn in a
+#: short run (the fully connected top reaches far higher accuracy in a few epochs than the
+#: global average; see the README)
+TRAIN_DEFAULTS = {"top": "full", "learning_rate": 5e-3, "batch_size": 32}
+#: the backends the command line computes on (its models keep their arrays on the host)
+HOST_BACKENDS = ("cpu", "numpy")
+BACKEND_CHOICES = ("auto", "cpu", "numpy", "numba-cuda", "cupy")
+
+#: the largest values the options accept (larger runs go through the Python API)
+MAX_EPOCHS = 1_000_000
+MAX_BATCH = 4096
+MAX_TRANSLATION = 32
+MAX_SEED = 2**32 - 1
+MAX_IMAGES = 1000  # reconstruct -n, sample --per-class
+MAX_CLASSES_LISTED = 100
+MAX_NUISANCES = 256
+MAX_EM_ITER = 10_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,18 +73,24 @@ def _number(text, kind):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
-def _positive_int(text):
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_in(low, high=None):
+    """An argument type: an integer >= low (and <= high when given)."""
+
+    def parse(text):
+        value = _number(text.strip(), int)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
-def _nonnegative_int(text):
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _int_in(1)
+_nonnegative_int = _int_in(0)
+_seed = _int_in(0, MAX_SEED)
 
 
 def _positive_float(text):
@@ -91,11 +122,15 @@ def _validation_fraction(text):
 
 
 def _class_list(text):
+    parts = [part for part in text.split(",") if part.strip()]
+    if len(parts) > MAX_CLASSES_LISTED:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_CLASSES_LISTED} class indices, got {len(parts)}")
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated class indices such as 0,1,2, got {text!r}") from None
+            f"expected comma-separated class indices such as 0,1,2, got {text[:60]!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one class index")
     return values
@@ -113,9 +148,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _drmm_defaults():
+    """The defaults of ``fastdrmm train``: DRMM's own, but for TRAIN_DEFAULTS."""
+    import inspect
+
     from .drmm import DRMM
 
-    return {name: p.default for name, p in inspect.signature(DRMM).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(DRMM).parameters.items()}
+    defaults.update(TRAIN_DEFAULTS)
+    return defaults
 
 
 def _add_data_options(p, dataset_default="mnist"):
@@ -152,13 +192,24 @@ def _add_train_parser(sub):
     arch.add_argument("--layers", metavar="SPEC", default=None,
                       help="the layers, bottom first: K:k[:padding[:pool[:leak]]] per layer, "
                            "comma-separated (e.g. 8:3:1:2,16:3:1:2), or a JSON list of "
-                           "fastdrmm.Layer fields")
+                           "fastdrmm.Layer fields; at most "
+                           f"{_cli_data.MAX_LAYERS} layers, K <= "
+                           f"{_cli_data.LAYER_LIMITS['n_templates']}, k, padding and pool <= "
+                           f"{_cli_data.LAYER_LIMITS['kernel_size']}, "
+                           f"{_cli_data.MAX_PARAMETERS:,} template entries in all")
+    p.add_argument("--top", choices=["full", "average"], default=d["top"],
+                   help="the class layer: 'full' (fully connected over the top code) or "
+                        "'average' (global average pooling, Conv-Small's) (default "
+                        f"{d['top']})")
     p.add_argument("--algorithm", choices=["eg", "em"], default=d["algorithm"],
                    help=f"gradient training (eg) or hard EM (default {d['algorithm']})")
-    p.add_argument("--epochs", type=_positive_int, metavar="N", default=d["max_iter"],
-                   help=f"EG epochs or EM iterations (default {d['max_iter']})")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", default=d["batch_size"],
-                   help=f"samples per EG step (default {d['batch_size']})")
+    p.add_argument("--epochs", type=_int_in(1, MAX_EPOCHS), metavar="N",
+                   default=d["max_iter"],
+                   help=f"EG epochs or EM iterations, at most {MAX_EPOCHS} (default "
+                        f"{d['max_iter']})")
+    p.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), metavar="N",
+                   default=d["batch_size"],
+                   help=f"samples per EG step, at most {MAX_BATCH} (default {d['batch_size']})")
     p.add_argument("--learning-rate", type=_positive_float, metavar="LR",
                    default=d["learning_rate"], help=f"Adam's step (default {d['learning_rate']})")
     p.add_argument("--lr-schedule", choices=["cosine", "constant", "step"],
@@ -166,10 +217,11 @@ def _add_train_parser(sub):
     for term, name in LOSS_WEIGHTS.items():
         p.add_argument(f"--{term}-weight", type=_nonnegative_float, metavar="W",
                        default=d[name], help=f"EG loss weight (default {d[name]})")
-    p.add_argument("--translation", type=_nonnegative_int, metavar="T",
+    p.add_argument("--translation", type=_int_in(0, MAX_TRANSLATION), metavar="T",
                    default=d["translation"],
                    help="EG: move every training image by a random translation of up to T "
-                        f"pixels per step (default {d['translation']}: off)")
+                        f"pixels per step, at most {MAX_TRANSLATION} (default "
+                        f"{d['translation']}: off)")
     p.add_argument("--teacher-decay", type=_unit_interval, metavar="D",
                    default=d["teacher_decay"],
                    help="EG: the consistency targets come from a moving average of the "
@@ -183,10 +235,12 @@ def _add_train_parser(sub):
                    default=d["validation_fraction"],
                    help="fraction of the labeled images held out to pick the best epoch "
                         f"(default {d['validation_fraction']}; 0 disables)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seeds the subset, the labels, the initialisation, the validation "
-                        "split and the batches (default 0)")
-    p.add_argument("--backend", default="auto", help="the kernel backend (default auto)")
+                        f"split and the batches, 0 to {MAX_SEED} (default 0)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="the kernel backend: cpu or numpy (default auto: $FASTDRMM_BACKEND, "
+                        "else cpu)")
     p.add_argument("--out", metavar="PATH", default=DEFAULT_MODEL,
                    help=f"where to write the model (default {DEFAULT_MODEL})")
     p.add_argument("--checkpoint", metavar="PATH", default=None,
@@ -194,7 +248,7 @@ def _add_train_parser(sub):
                         "(default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint (run the same command again with "
-                        "--resume; --epochs may be raised)")
+                        "--resume; --epochs may be raised; other data options are refused)")
     p.add_argument("--test-limit", type=_nonnegative_int, metavar="N", default=None,
                    help="report the accuracy on the first N test images only (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
@@ -204,8 +258,8 @@ def _add_train_parser(sub):
 def _add_model_parser(sub, name, help_, description):
     p = sub.add_parser(name, help=help_, description=description)
     p.add_argument("model", metavar="MODEL", help="a model file written by 'fastdrmm train'")
-    p.add_argument("--backend", default=None,
-                   help="the kernel backend (default: the model's own setting)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                   help="the kernel backend: cpu or numpy (default: the model's own setting)")
     return p
 
 
@@ -214,22 +268,26 @@ def build_parser():
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="fit an RMM on the bundled digits and report accuracy")
-    demo.add_argument("--n-nuisances", type=_positive_int, default=8,
-                      help="templates per class (default 8)")
+    demo.add_argument("--n-nuisances", type=_int_in(1, MAX_NUISANCES), default=8,
+                      help=f"templates per class, at most {MAX_NUISANCES} (default 8)")
     demo.add_argument("--inference", choices=["soft", "hard"], default="soft")
-    demo.add_argument("--max-iter", type=_positive_int, default=50)
+    demo.add_argument("--max-iter", type=_int_in(1, MAX_EM_ITER), default=50,
+                      help=f"EM iterations, at most {MAX_EM_ITER} (default 50)")
     demo.add_argument("--labels-per-class", type=_positive_int, default=None,
                       help="keep only this many labels per class and fit semi-supervised")
-    demo.add_argument("--unlabeled-weight", type=float, default=0.1,
+    demo.add_argument("--unlabeled-weight", type=_nonnegative_float, default=0.1,
                       help="weight of the unlabeled samples in the M-step when "
                            "--labels-per-class is set (default 0.1: with few labels, a small "
                            "weight keeps the unlabeled mass from outvoting the labels)")
-    demo.add_argument("--test-size", type=float, default=0.3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", default="auto")
+    demo.add_argument("--test-size", type=float, default=0.3,
+                      help="the held-out fraction, in (0, 1) (default 0.3)")
+    demo.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
+    demo.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                      help="the kernel backend: cpu or numpy (default auto: "
+                           "$FASTDRMM_BACKEND, else cpu)")
     demo.add_argument("--plot", default="fastdrmm-demo-templates.png",
                       help="where to write the template picture ('' to skip)")
-    demo.add_argument("--drmm-epochs", type=_nonnegative_int, default=12,
+    demo.add_argument("--drmm-epochs", type=_int_in(0, MAX_EPOCHS), default=12,
                       help="then train a small 2-layer DRMM by EG for this many epochs on the "
                            "same split (default 12; 0 skips it)")
 
@@ -248,20 +306,21 @@ def build_parser():
                             "write originals above reconstructions as a PNG grid and/or the "
                             "arrays as .npy, shape (2, N, C, H, W).")
     _add_data_options(rec, dataset_default=None)
-    rec.add_argument("-n", "--n-images", type=_positive_int, metavar="N", default=10,
-                     help="how many test images (default 10)")
+    rec.add_argument("-n", "--n-images", type=_int_in(1, MAX_IMAGES), metavar="N", default=10,
+                     help=f"how many test images, at most {MAX_IMAGES} (default 10)")
     _add_picture_outputs(rec)
 
     smp = _add_model_parser(sub, "sample", "generate images of every class (PNG/.npy)",
                             "Generate images from the model: one row of --per-class images "
                             "for each class, as a PNG grid and/or the array as .npy, shape "
                             "(classes, per_class, C, H, W).")
-    smp.add_argument("--per-class", type=_positive_int, metavar="N", default=8,
-                     help="images per class (default 8)")
+    smp.add_argument("--per-class", type=_int_in(1, MAX_IMAGES), metavar="N", default=8,
+                     help=f"images per class, at most {MAX_IMAGES} (default 8)")
     smp.add_argument("--classes", type=_class_list, metavar="LIST", default=None,
-                     help="comma-separated class indices (default: every class)")
-    smp.add_argument("--seed", type=_nonnegative_int, default=0,
-                     help="seeds the drawn latents (default 0)")
+                     help="comma-separated class indices, at most "
+                          f"{MAX_CLASSES_LISTED} (default: every class)")
+    smp.add_argument("--seed", type=_seed, default=0,
+                     help=f"seeds the drawn latents, 0 to {MAX_SEED} (default 0)")
     _add_picture_outputs(smp)
     return parser
 
@@ -272,6 +331,36 @@ def _add_picture_outputs(p):
                         "'fastdrmm[plot]')")
     p.add_argument("--npy", metavar="PATH", default=None, help="also (or instead) write the "
                    "arrays in NumPy's .npy format")
+
+
+# --------------------------------------------------------------------------------------------
+# the backend
+
+
+def host_backend(requested):
+    """The host backend a command computes on, checked before any work: ``requested`` is the
+    --backend value (None: the model's own, "auto": $FASTDRMM_BACKEND, else cpu). A GPU
+    backend is refused (the command line's models keep their arrays on the host), saying
+    plainly when this machine has no usable GPU; a missing package names its extra."""
+    from . import _backends
+
+    name, option = requested, "--backend"
+    if name in (None, "auto"):
+        try:
+            chosen = _backends.get_backend()
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        name, option = ("cpu", None) if chosen == "auto" else (chosen, f"${_backends.ENV_VAR}")
+    if name not in HOST_BACKENDS:
+        reason = _backends.device_unavailable_reason(name)
+        where = (f"{option}={name}" if option and option.startswith("$")
+                 else f"{option} {name}")
+        why = f"{name} runs on a GPU" + (f", and {reason}" if reason else "")
+        raise CLIError(f"{where}: {why}; the command line computes on the host: use "
+                       "--backend cpu or --backend numpy"
+                       + (f" (or unset {option[1:]})" if option.startswith("$") else ""))
+    _backends.load(name)  # an ImportError naming the extra when its package is missing
+    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +376,9 @@ def run_demo(args, out=sys.stdout):
 
     if not 0.0 < args.test_size < 1.0:
         raise ValueError(f"--test-size must lie in (0, 1), got {args.test_size}")
+    if args.plot:  # before fitting: a bad path must not cost the whole run
+        check_output_path(args.plot, "--plot")
+    backend = host_backend(args.backend)
     x, y = load_digits(return_X_y=True, dtype=np.float64)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=args.test_size, random_state=args.seed, stratify=y)
@@ -302,7 +394,7 @@ def run_demo(args, out=sys.stdout):
         mode = f"semi-supervised, {args.labels_per_class} labels per class"
     print(f"fastdrmm demo: RMM on the digits ({len(x_train)} train, {len(x_test)} held out, "
           f"{mode}), {args.n_nuisances} templates per class, {args.inference} EM, "
-          f"backend {args.backend}", file=out)
+          f"backend {backend}", file=out)
     model = RMM(n_classes=10, n_nuisances=args.n_nuisances, inference=args.inference,
                 max_iter=args.max_iter, unlabeled_weight=args.unlabeled_weight,
                 random_state=args.seed, backend=args.backend)
@@ -339,9 +431,9 @@ def _demo_drmm(args, x_train, y_fit, x_test, y_test, out):
     layers = [Layer(16, 3, padding=1, pool=2), Layer(32, 3, padding=1)]
     print(f"DRMM on the same split: {_layers_label(layers)}, EG, {args.drmm_epochs} epochs",
           file=out)
-    model = DRMM(layers, 10, algorithm="eg", max_iter=args.drmm_epochs, batch_size=32,
-                 learning_rate=5e-3, top="full", validation_fraction=0,
-                 random_state=args.seed, backend=args.backend)
+    model = DRMM(layers, 10, algorithm="eg", max_iter=args.drmm_epochs,
+                 validation_fraction=0, random_state=args.seed, backend=args.backend,
+                 **TRAIN_DEFAULTS)
 
     def report(snapshot, record):
         accuracy = snapshot.score(x_test, y_test)
@@ -380,7 +472,10 @@ def plot_templates(model, path):
             if g == 0:
                 ax.set_ylabel(str(model.classes_[c]), rotation=0, labelpad=10)
     fig.suptitle("RMM templates (rows: class, columns: nuisance)")
-    fig.savefig(path, dpi=80)
+    from .io import atomic_write
+
+    with atomic_write(path) as (f, _):  # a complete picture or none
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
     return path
 
@@ -435,36 +530,28 @@ def run_train(args, out=None):
     import numpy as np
 
     from .drmm import DRMM
-    from .layers import layer_shapes, resolve_layers
 
     out = sys.stdout if out is None else out
     verbose = not args.quiet
-    model_path = os.fspath(args.out)
-    checkpoint = os.fspath(args.checkpoint) if args.checkpoint else model_path + ".ckpt"
-    check_output_path(model_path, "--out")
-    check_output_path(checkpoint, "--checkpoint")
-    if os.path.abspath(checkpoint) == os.path.abspath(model_path):
-        raise CLIError("--checkpoint must differ from --out")
-    if args.layers is not None:
-        layers, option = parse_layers(args.layers), "--layers"
-    else:
-        layers, option = args.preset or _drmm_defaults()["layers"], "--preset"
-
+    model_path, checkpoint = _train_paths(args)
+    backend = host_backend(args.backend)
+    layers, option = _train_layers(args)
     X, y = load_split(args.dataset, "train", args.data_dir, args.download)
     X, y = take_subset(X, y, args.train_size, args.seed)
     y_fit = select_labels(y, 10, args.seed, args.labels_per_class, args.labels)
+    _check_layers_fit(layers, option, X.shape[1:])
+    identity = data_identity(args, X, y_fit)
+    before = _file_signature(checkpoint)
+    if args.resume and before is not None:
+        check_resume_data(checkpoint, identity)
     test = None
     if args.test_limit != 0:  # loaded now, so that a missing file fails before training
         X_test, y_test = load_split(args.dataset, "test", args.data_dir, args.download)
         test = X_test[:args.test_limit], y_test[:args.test_limit]
-    try:
-        layer_shapes(resolve_layers(layers), X.shape[1:])
-    except ValueError as exc:
-        raise CLIError(f"{option}: {exc}") from None
 
     model = DRMM(layers, 10, algorithm=args.algorithm, max_iter=args.epochs,
                  batch_size=args.batch_size, learning_rate=args.learning_rate,
-                 lr_schedule=args.lr_schedule,
+                 lr_schedule=args.lr_schedule, top=args.top,
                  **{name: getattr(args, f"{term}_weight") for term, name in LOSS_WEIGHTS.items()},
                  translation=args.translation, teacher_decay=args.teacher_decay,
                  confidence_threshold=args.confidence_threshold,
@@ -476,8 +563,7 @@ def run_train(args, out=None):
     if verbose:
         print(f"fastdrmm train: DRMM {_layers_label(layers)} by {args.algorithm.upper()} on "
               f"{args.dataset}: {y_fit.size} training images ({labels}), up to {args.epochs} "
-              f"epoch(s), backend {args.backend}", file=out, flush=True)
-    before = _file_signature(checkpoint)
+              f"epoch(s), top {args.top}, backend {backend}", file=out, flush=True)
     if args.resume and before is None:
         print(f"no checkpoint at {checkpoint} yet: starting from scratch", file=out, flush=True)
     elif args.resume:
@@ -488,11 +574,13 @@ def run_train(args, out=None):
               "first epoch (--resume continues from it instead)", file=out, flush=True)
 
     tic = time.perf_counter()
-    try:
-        model.fit(X, y_fit, resume=args.resume)
-        model.save(model_path)
-    except KeyboardInterrupt:
-        raise Interrupted(_interrupt_message(checkpoint, before, args.resume)) from None
+    with _data_record(checkpoint, identity, before):
+        try:
+            model.fit(X, y_fit, resume=args.resume,
+                      callback=lambda snapshot, record: _record_data(checkpoint, identity))
+            model.save(model_path)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupt_message(checkpoint, before, args.resume)) from None
     seconds = time.perf_counter() - tic
 
     summary = f"trained {model.n_iter_} epoch(s) in {seconds:.1f} s"
@@ -510,6 +598,73 @@ def run_train(args, out=None):
             "checkpoint": checkpoint}
 
 
+def _train_paths(args):
+    """(model path, checkpoint path), checked writable and distinct before any work."""
+    model_path = os.fspath(args.out)
+    checkpoint = os.fspath(args.checkpoint) if args.checkpoint is not None else None
+    check_output_path(model_path, "--out")
+    if checkpoint is None:
+        checkpoint = model_path + ".ckpt"
+    check_output_path(checkpoint, "--checkpoint")
+    check_distinct_outputs(("--out", model_path), ("--checkpoint", checkpoint),
+                           ("the checkpoint's data record", data_identity_path(checkpoint)))
+    return model_path, checkpoint
+
+
+def _train_layers(args):
+    """(layers, the option that chose them)."""
+    if args.layers is not None:
+        return parse_layers(args.layers), "--layers"
+    return args.preset or _drmm_defaults()["layers"], "--preset"
+
+
+def _check_layers_fit(layers, option, input_shape):
+    """The layers must fit the images and stay within the command line's size bounds."""
+    from .layers import layer_shapes, resolve_layers
+
+    resolved = resolve_layers(layers)
+    try:
+        shapes = layer_shapes(resolved, input_shape)
+    except ValueError as exc:
+        raise CLIError(f"{option}: {exc}") from None
+    check_layer_sizes(shapes, resolved)
+
+
+_recorded = set()
+
+
+def _record_data(checkpoint, identity):
+    """Called after every epoch, just before the checkpoint is written: record the data the
+    checkpoint is about to hold (once per run)."""
+    key = (checkpoint, identity["sha256"])
+    if key not in _recorded:
+        write_data_identity(checkpoint, identity)
+        _recorded.add(key)
+
+
+class _data_record:
+    """Keep the data record beside the checkpoint true to it: when a run ends (error or
+    Ctrl-C) without having replaced the checkpoint, the record it wrote just before the
+    first checkpoint write is put back as it was."""
+
+    def __init__(self, checkpoint, identity, before):
+        self.checkpoint, self.identity, self.before = checkpoint, identity, before
+        self.previous = read_data_identity(checkpoint)
+
+    def __enter__(self):
+        _recorded.discard((self.checkpoint, self.identity["sha256"]))
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        _recorded.discard((self.checkpoint, self.identity["sha256"]))
+        if kind is not None and _file_signature(self.checkpoint) == self.before:
+            try:
+                write_data_identity(self.checkpoint, self.previous)
+            except OSError:
+                pass
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate, reconstruct, sample
 
@@ -518,6 +673,7 @@ def _load_model(args):
     from ._persistence import load
 
     path = check_input_file(args.model)
+    host_backend(args.backend)
     model = load(path)
     if args.backend is not None:
         model.set_params(backend=args.backend)
@@ -593,6 +749,7 @@ def _check_picture_outputs(args):
     for path, option in ((args.out, "--out"), (args.npy, "--npy")):
         if path is not None:
             check_output_path(path, option)
+    check_distinct_outputs(("--out", args.out), ("--npy", args.npy))
     if args.out is not None:
         require_matplotlib()
 
@@ -673,9 +830,56 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"fastdrmm: warning: {_one_line(message)}", file=sys.stderr)
 
 
-def main(argv=None):
-    parser = build_parser()
+def _exit_interrupted(signum, frame):
+    """Ctrl-C during start-up (imports, parsing): nothing has been written, so exit at once
+    with one line and status 130, whatever module is being imported."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    os.write(2, b"fastdrmm: interrupted\n")
+    os._exit(130)
+
+
+def _set_sigint(handler):
+    """Install a SIGINT handler; returns the previous one (None where signals cannot be set:
+    outside the main thread)."""
     try:
+        return signal.signal(signal.SIGINT, handler)
+    except (ValueError, OSError):
+        return None
+
+
+def _preload(command):
+    """Import what the command needs while Ctrl-C still exits at once (see main)."""
+    import numpy  # noqa: F401
+
+    from . import _persistence, datasets, drmm, ops, rmm  # noqa: F401
+
+    if command == "demo":
+        import sklearn.model_selection  # noqa: F401
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (0, 1 error, 2 usage, 130 Ctrl-C).
+
+    Ctrl-C is answered in two phases. While the modules load and the arguments are parsed it
+    exits at once (one line, 130): a KeyboardInterrupt inside an import would print a long
+    traceback. Then it raises KeyboardInterrupt, so that training reports the checkpoint it
+    kept and files being written are removed, and is reported as one line.
+    """
+    previous = _set_sigint(_exit_interrupted)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            _set_sigint(previous)
+
+
+def _main(argv):
+    try:
+        parser = build_parser()
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad command line (2, one line printed)
         return exc.code
@@ -686,18 +890,30 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    _preload(args.command)
+    _set_sigint(signal.default_int_handler)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             COMMANDS[args.command](args)
         except Interrupted as exc:
+            _set_sigint(signal.SIG_IGN)  # a second Ctrl-C must not interrupt the report
             print(exc, file=sys.stderr)
             return 130
         except KeyboardInterrupt:
+            _set_sigint(signal.SIG_IGN)
             print("fastdrmm: interrupted", file=sys.stderr)
             return 130
         except (CLIError, ValueError, TypeError, ImportError, OSError, ArithmeticError) as exc:
             print(f"fastdrmm: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        except MemoryError as exc:
+            detail = f" ({_one_line(exc)})" if str(exc) else ""
+            print(f"fastdrmm: error: out of memory{detail}: choose smaller sizes",
+                  file=sys.stderr)
+            return 1
+        except RecursionError:
+            print("fastdrmm: error: an input is nested too deeply", file=sys.stderr)
             return 1
     return 0
 

@@ -264,7 +264,8 @@ def test_a_real_sigint_exits_130_with_the_checkpoint_intact(tmp_path):
     assert proc.returncode == 130, err
     assert f"the last checkpoint, {ckpt} (epoch" in err and "Traceback" not in err
     assert fastdrmm.load(ckpt).n_iter_ >= 1  # complete and checked
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz.ckpt"]  # no temp files left
+    # the checkpoint and the record of its training data; no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz.ckpt", "m.npz.ckpt.data.json"]
 
 
 @requires_mnist
