@@ -24,6 +24,12 @@ from fastdrmm.layers import resolve_layers
 BATCH = 64
 PRESETS = ["two-layer", "conv-small"]
 
+#: what setup_cache returns where MNIST is absent. asv hands setup_cache's value to setup and
+#: the benchmarks only when it is not None, so None would shift the parameters by one
+#: (``setup() missing 1 required positional argument: 'top'``); this value reaches setup,
+#: which skips the benchmark cleanly (NotImplementedError is asv's "skipped").
+NO_MNIST = {"skipped": "MNIST not found (set FASTDRMM_DATA to the directory holding it)"}
+
 # the tracked model: two-layer EG on a seeded 2,000-image subset, scored on all 10,000 test
 # images (the rate is higher than DRMM's default so that 3 short epochs learn something)
 TRACK = dict(train_size=2000, max_iter=3, batch_size=64, learning_rate=1e-2)
@@ -114,7 +120,7 @@ class DRMMMnistSubset:
     def setup_cache(self):
         data = _mnist()
         if data is None:
-            return None
+            return NO_MNIST
         X, y, X_test, y_test = data
         rows = np.sort(np.random.default_rng(0).permutation(X.shape[0])[:TRACK["train_size"]])
         X, y = np.ascontiguousarray(X[rows]), y[rows]
@@ -132,8 +138,8 @@ class DRMMMnistSubset:
         return out
 
     def setup(self, results, top):
-        if results is None:
-            raise NotImplementedError("MNIST not found (set FASTDRMM_DATA)")
+        if results is None or "skipped" in results:
+            raise NotImplementedError(NO_MNIST["skipped"])
 
     def track_test_accuracy(self, results, top):
         return results[top]["accuracy"]
