@@ -845,8 +845,9 @@ class RMM(ClassifierMixin, BaseEstimator):
     @classmethod
     def _from_saved(cls, arrays, meta, path):
         """The model of a checked file, every value validated after its cast to the working
-        dtype (finite; probabilities in (0, 1] summing to 1; shapes matching the parameters);
-        anything else is a ValueError naming ``path`` and the field."""
+        dtype (finite; probabilities in (0, 1] summing to 1; the fitted arrays' shapes
+        consistent with each other and with the feature shape; every metadata field present
+        and of its type); anything else is a ValueError naming ``path`` and the field."""
         try:
             return cls._build_saved(arrays, meta)
         except (TypeError, ValueError) as exc:
@@ -902,12 +903,16 @@ class RMM(ClassifierMixin, BaseEstimator):
         model.noise_variance_ = _finite_real(fitted, "noise_variance", where)
         model.feature_shape_ = tuple(int(d) for d in feature_shape)
         model.n_features_in_ = math.prod(model.feature_shape_)
-        want = (model.n_classes, model.n_nuisances, *model.feature_shape_)
-        if model.templates_.shape != want:
+        # the fitted shapes are the templates' (the parameters n_classes and n_nuisances may
+        # have been changed by set_params after the fit: they shape the next fit only)
+        if model.templates_.ndim != 2 + len(feature_shape) or \
+                model.templates_.shape[2:] != model.feature_shape_:
             raise ValueError(f"arrays['templates'] has shape {model.templates_.shape}, expected "
-                             f"{want} (n_classes, n_nuisances, *feature_shape)")
+                             f"(n_classes, n_nuisances, *{model.feature_shape_}) "
+                             "(metadata['fitted']['feature_shape'])")
+        n_classes = model.templates_.shape[0]
         model._fitted_params()  # every value checked (finite, probabilities, shapes)
-        model.classes_ = _decode_classes(class_entry, arrays.get("classes"), model.n_classes,
+        model.classes_ = _decode_classes(class_entry, arrays.get("classes"), n_classes,
                                          f"{where}['classes']")
         model.inference_ = inference
         model.lower_bound_ = _finite_real(fitted, "lower_bound", where)

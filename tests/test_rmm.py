@@ -13,6 +13,8 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.model_selection import train_test_split
 
+import fastdrmm
+from archive_tools import npy_bytes, rebuild_archive
 from fastdrmm import RMM, rmm
 
 
@@ -229,7 +231,7 @@ def test_semi_supervised_beats_labeled_only_with_five_labels_per_class(digits):
 def fitted_state(model):
     names = ["templates_", "class_prior_", "nuisance_prior_", "switch_prior_",
              "noise_variance_", "classes_", "lower_bound_", "lower_bounds_", "n_iter_",
-             "converged_", "n_features_in_"]
+             "converged_", "n_features_in_", "inference_"]
     return {name: getattr(model, name) for name in names}
 
 
@@ -513,3 +515,330 @@ def test_input_errors_name_the_argument():
         fitted.predict(rng.normal(size=(3, 5)))
     with pytest.raises(ValueError, match="warm-started"):
         quiet_fit(fitted.set_params(warm_start=True), x, np.arange(10) % 2 + 5)
+
+
+# ---------------------------------------------------------------------------- fitted state only
+
+
+def small_data(n=24, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)) + np.repeat(np.eye(3, d) * 4, n // 3 + 1, axis=0)[:n]
+
+
+def assert_finite_state(model):
+    for name in ("templates_", "class_prior_", "nuisance_prior_", "switch_prior_",
+                 "noise_variance_", "lower_bound_", "lower_bounds_"):
+        assert np.isfinite(np.asarray(getattr(model, name), np.float64)).all(), name
+    assert model.noise_variance_ > 0 and 0 < model.switch_prior_ < 1
+    assert model.class_prior_.min() > 0 and model.nuisance_prior_.min() > 0
+
+
+def predictions(model, x):
+    return (model.predict(x), model.predict_proba(x), model.decision_function(x),
+            model.score_samples(x))
+
+
+@pytest.mark.parametrize("inference", ["soft", "hard"])
+def test_set_params_never_changes_predictions(digits, inference, tmp_path):
+    x, y = digits
+    x, y = x[:300], y[:300]
+    model = fit(x, y, n_classes=10, n_nuisances=2, inference=inference)
+    before = predictions(model, x)
+    other = {"soft": "hard", "hard": "soft"}[inference]
+    changes = dict(inference=other, n_classes=3, n_nuisances=5, max_iter=1, tol=0.5, n_init=4,
+                   reg=10.0, unlabeled_weight=0.0, random_state=99, warm_start=True,
+                   verbose=2)
+    for name, value in changes.items():
+        model.set_params(**{name: value})
+        for got, want in zip(predictions(model, x), before):
+            np.testing.assert_array_equal(got, want, err_msg=f"after set_params({name}=...)")
+    assert model.inference_ == inference
+    model.save(tmp_path / "m.npz")
+    loaded = fastdrmm.load(tmp_path / "m.npz")
+    assert loaded.inference_ == inference and loaded.inference == other
+    for got, want in zip(predictions(loaded, x), before):
+        np.testing.assert_array_equal(got, want)
+    # the next fit follows the new parameter
+    refit = quiet_fit(model.set_params(warm_start=False, max_iter=5, reg=1e-6, n_classes=10,
+                                       n_nuisances=2, unlabeled_weight=1.0, verbose=0), x, y)
+    assert refit.inference_ == other
+
+
+def test_fit_starts_afresh_without_warm_start(digits):
+    x, y = digits
+    x, y = x[:300], y[:300]
+    names = np.array(["a", "b", "c"])[y % 3]
+    fresh = fit(x, y, n_classes=10, n_nuisances=2, max_iter=5)
+    # a model fitted before, on other data, labels, shapes and parameters
+    model = fit(x[:100].reshape(100, -1) * 3, names[:100], n_classes=3, n_nuisances=4,
+                max_iter=7, inference="hard")
+    model.set_params(n_classes=10, n_nuisances=2, max_iter=5, inference="soft")
+    quiet_fit(model, x, y)
+    assert_same_state(model, fresh)
+    assert model.feature_shape_ == fresh.feature_shape_ == (1, 8, 8)
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def test_unlabeled_markers_are_recognised_exactly():
+    x = small_data()
+    n = len(x)
+    top = 2**64 - 1
+    labels = np.where(np.arange(n) % 2 == 0, 3, top).astype(np.uint64)
+    model = fit(x, labels, n_classes=2, max_iter=3)
+    assert model.classes_.dtype == np.uint64 and model.classes_.tolist() == [3, top]
+    assert set(model.predict(x).tolist()) <= {3, top}
+    # a list of Python ints beyond int64 keeps its exact values
+    model = fit(x, [3 if i % 2 else top for i in range(n)], n_classes=2, max_iter=3)
+    assert model.classes_.tolist() == [3, top] and type(model.classes_[1]) is int
+    # latent classes get new labels that fit the labels' dtype, never a wrapped one
+    big = np.where(np.arange(n) % 3 == 0, -1, np.where(np.arange(n) % 3 == 1, 5, 2**63 - 1))
+    model = fit(x, big, n_classes=4, max_iter=3)
+    classes = model.classes_.tolist()
+    assert classes[:2] == [5, 2**63 - 1] and len(set(classes)) == 4 and min(classes) >= 0
+    floats = np.where(np.arange(n) % 3 == 0, -1.0, np.where(np.arange(n) % 3 == 1, 2.5, 1e20))
+    model = fit(x, floats, n_classes=4, max_iter=3)
+    assert model.classes_[:2].tolist() == [2.5, 1e20] and len(set(model.classes_)) == 4
+    assert np.isfinite(model.classes_).all() and -1 not in model.classes_
+    small = np.where(np.arange(n) % 2 == 0, -1, 127).astype(np.int8)
+    model = fit(x, small, n_classes=2, max_iter=3)
+    assert model.classes_.dtype == np.int8 and model.classes_.tolist() == [127, 0]
+    # booleans are labels, never markers; -1, "-1" and None are markers
+    flags = np.arange(n) % 2 == 0
+    assert fit(x, flags, n_classes=2, max_iter=2).classes_.tolist() == [False, True]
+    marked = np.array([None if i % 4 == 0 else ("x" if i % 2 else -1.0) for i in range(n)],
+                      dtype=object)
+    model = fit(x, marked, n_classes=2, max_iter=2)
+    assert model.classes_.tolist() == ["x", "latent0"]
+
+
+@pytest.mark.parametrize("value, error, shown", [
+    (np.inf, ValueError, "inf"),
+    (complex(1, 2), TypeError, r"\(1\+2j\)"),
+    (np.datetime64("2020-01-01"), TypeError, "2020-01-01"),
+    (float("nan"), ValueError, "(?i)nan"),
+])
+def test_unusable_labels_are_refused_showing_the_value(value, error, shown):
+    x = small_data()
+    y = np.array([value] + [1] * (len(x) - 2) + [2], dtype=object)
+    with pytest.raises(error, match=shown):
+        fit(x, y, n_classes=2, max_iter=2)
+    if isinstance(value, float):
+        with pytest.raises(error, match=shown):
+            fit(x, np.r_[value, np.ones(len(x) - 1)], n_classes=2, max_iter=2)
+
+
+LABEL_KINDS = {
+    "int": np.arange(24) % 3 * 7,
+    "uint64": (np.arange(24) % 3).astype(np.uint64) + np.uint64(2**64 - 3),
+    "int8": (np.arange(24) % 3 - 5).astype(np.int8),
+    "float": np.arange(24) % 3 * 0.1,
+    "float32": (np.arange(24) % 3 * 0.1).astype(np.float32),
+    "str": np.array(["cat", "dog", "émeu"])[np.arange(24) % 3],
+    "bytes": np.array([b"a", b"b", b"c"])[np.arange(24) % 3],
+    "bool": np.arange(24) % 2 == 0,
+    "object str + None": np.array([None, "a", "b\x00", "c"] * 6, dtype=object),
+    "object int + None": np.array([None, 1, 2**70, -5] * 6, dtype=object),
+    "object float + None": np.array([None, 0.1, 1e20, 3.0] * 6, dtype=object),
+    "object bool + None": np.array([None, True, False] * 8, dtype=object),
+    "object numpy ints": np.array([np.int16(3), np.int16(-7), None, np.int16(9)] * 6,
+                                  dtype=object),
+    "object numpy floats": np.array([np.float32(0.1), np.float32(2), None] * 8, dtype=object),
+    "object numpy str": np.array([np.str_("u"), np.str_("v"), None] * 8, dtype=object),
+    "latent from ints": np.array([-1, 4, 9] * 8),
+    "latent from str": np.array(["-1", "p", "q"] * 8),
+}
+
+
+@pytest.mark.parametrize("kind", list(LABEL_KINDS))
+def test_labels_of_every_kind_survive_save_and_load(kind, tmp_path):
+    x = small_data()
+    y = LABEL_KINDS[kind]
+    n_classes = 4 if kind.startswith("latent") else None
+    model = fit(x, y, n_classes=n_classes or len({v for v in y.tolist() if v is not None}),
+                max_iter=4)
+    model.save(tmp_path / "m.npz")
+    loaded = fastdrmm.load(tmp_path / "m.npz")
+    assert loaded.classes_.dtype == model.classes_.dtype
+    assert loaded.classes_.tolist() == model.classes_.tolist()
+    assert [type(v) for v in loaded.classes_] == [type(v) for v in model.classes_]
+    predicted = loaded.predict(x)
+    np.testing.assert_array_equal(predicted, model.predict(x))
+    assert [type(v) for v in predicted] == [type(v) for v in model.predict(x)]
+    np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+
+
+# ---------------------------------------------------------------------------- magnitudes
+
+
+def test_overflowing_magnitudes_fail_at_fit_and_keep_the_fitted_state():
+    x = small_data()
+    model = fit(x, n_classes=3, max_iter=5)
+    state = {k: np.copy(v) for k, v in fitted_state(model).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match=r"X holds values up to \|x\| = .*e\+200.*overflow"
+                                             r".*rescale X"):
+            quiet_fit(model, x * 1e200)
+        with pytest.raises(ValueError, match="overflow"):
+            model.predict_proba(x * 1e160)  # the log-probabilities overflow: no NaN returned
+    for name, value in state.items():
+        np.testing.assert_array_equal(getattr(model, name), value, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["zeros", "tiny", "single", "constant", "large", "duplicates"])
+@pytest.mark.parametrize("inference", ["soft", "hard"])
+def test_degenerate_data_never_gives_a_non_finite_state(case, inference):
+    x = small_data()
+    data = {"zeros": np.zeros_like(x), "tiny": x * 1e-300, "single": x[:1],
+            "constant": np.c_[x[:, :2], np.full(len(x), 7.0)], "large": x * 1e140,
+            "duplicates": np.repeat(x[:2], 12, axis=0)}[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = fit(data, n_classes=3, n_nuisances=2, inference=inference, max_iter=6)
+        assert_finite_state(model)
+        proba = model.predict_proba(data)
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+        assert np.isfinite(model.score_samples(data)).all()
+
+
+def test_a_fit_that_ends_non_finite_raises_and_changes_nothing(monkeypatch):
+    x = small_data()
+    model = fit(x, n_classes=3, max_iter=3)
+    state = {k: np.copy(v) for k, v in fitted_state(model).items()}
+    m_step = RMM._m_step
+
+    def broken(self, *args, **kwargs):
+        return m_step(self, *args, **kwargs).replace(s2=float("nan"))
+
+    monkeypatch.setattr(RMM, "_m_step", broken)
+    with pytest.raises(ValueError, match="non-finite parameters.*noise variance nan"):
+        quiet_fit(model, x[::-1])
+    for name, value in state.items():
+        np.testing.assert_array_equal(getattr(model, name), value, err_msg=name)
+
+
+# ---------------------------------------------------------------------------- saved values
+
+
+@pytest.fixture(scope="module")
+def saved_rmm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rmm") / "rmm.npz"
+    x = small_data()
+    fit(x, np.arange(len(x)) % 3, n_classes=3, n_nuisances=2, max_iter=4).save(path)
+    return path
+
+
+def _set(*keys, value=None, delete=False):
+    """An edit_header that sets (or deletes) header["metadata"][keys...]."""
+    def edit(header):
+        target = header["metadata"]
+        for key in keys[:-1]:
+            target = target[key]
+        if delete:
+            del target[keys[-1]]
+        else:
+            target[keys[-1]] = value
+    return edit
+
+
+PRIOR = np.array([0.2, 0.3, 0.5])
+CORRUPT_HEADERS = [
+    (_set("fitted", "switch_prior", value=float("nan")), "switch_prior"),
+    (_set("fitted", "switch_prior", value=0.0), "switch_prior"),
+    (_set("fitted", "switch_prior", value=1.0), "switch_prior"),
+    (_set("fitted", "switch_prior", value=-0.5), "switch_prior"),
+    (_set("fitted", "switch_prior", value="0.5"), "switch_prior"),
+    (_set("fitted", "switch_prior", value=True), "switch_prior"),
+    (_set("fitted", "switch_prior", delete=True), "switch_prior"),
+    (_set("fitted", "noise_variance", value=0.0), "noise_variance"),
+    (_set("fitted", "noise_variance", value=-1.0), "noise_variance"),
+    (_set("fitted", "noise_variance", value=float("inf")), "noise_variance"),
+    (_set("fitted", "noise_variance", value=1e-320), "noise_variance|infinite"),
+    (_set("fitted", "noise_variance", value=None), "noise_variance"),
+    (_set("fitted", "lower_bound", value=float("nan")), "lower_bound"),
+    (_set("fitted", "lower_bounds", value="x"), "lower_bounds"),
+    (_set("fitted", "lower_bounds", value=[1.0]), "n_iter"),
+    (_set("fitted", "n_iter", value=2.5), "n_iter"),
+    (_set("fitted", "n_iter", delete=True), "n_iter"),
+    (_set("fitted", "converged", value="yes"), "converged"),
+    (_set("fitted", "feature_shape", value=[6]), "templates"),
+    (_set("fitted", "feature_shape", value=[0]), "feature_shape"),
+    (_set("fitted", "feature_shape", value="5"), "feature_shape"),
+    (_set("fitted", "feature_shape", value=[5, 1]), "feature_shape"),
+    (_set("fitted", "inference", value="fuzzy"), "inference"),
+    (_set("fitted", "classes", value=[]), "classes"),
+    (_set("fitted", "classes", value={"encoding": "values", "types": ["int"] * 3,
+                                      "values": [1, 1, 2]}), "classes"),
+    (_set("fitted", "classes", value={"encoding": "values", "types": ["numpy:<i1"] * 3,
+                                      "values": [1, 2, 300]}), "classes"),
+    (_set("fitted", "extra", value=1), "unknown fields"),
+    (_set("fitted", value=[]), "fitted"),
+    (_set("fitted", value=None), "fitted"),
+    (_set("params", value=None), "params"),
+    (_set("params", "inference", delete=True), "inference"),
+    (_set("params", "n_classes", value="3"), "n_classes"),
+    (_set("params", "n_nuisances", value=0), "n_nuisances"),
+    (_set("params", "reg", value=-1.0), "reg"),
+    (_set("params", "random_state", value=[1]), "random_state"),
+    (_set("params", "bogus", value=1), "unknown fields"),
+]
+
+
+@pytest.mark.parametrize("edit, field", CORRUPT_HEADERS,
+                         ids=[f"{i}-{f}" for i, (_, f) in enumerate(CORRUPT_HEADERS)])
+def test_crafted_metadata_is_a_value_error_naming_the_field(saved_rmm, tmp_path, edit, field):
+    bad = rebuild_archive(saved_rmm, tmp_path / "bad.npz", edit_header=edit)
+    with pytest.raises(ValueError, match=f"bad.npz: .*({field})"):
+        fastdrmm.load(bad)
+
+
+CORRUPT_ARRAYS = [
+    ("class_prior", np.array([0.2, np.nan, 0.8]), "class_prior"),
+    ("class_prior", np.array([0.5, 0.5, 0.5]), "class_prior.*sum"),
+    ("class_prior", np.array([0.0, 0.5, 0.5]), "class_prior"),
+    ("class_prior", np.array([-0.5, 0.5, 1.0]), "class_prior"),
+    ("class_prior", np.array([0.5, 0.5]), "class_prior.*shape"),
+    ("class_prior", np.array(["a", "b", "c"]), "class_prior"),
+    ("class_prior", PRIOR.astype(np.float16) * np.float16(1e4), "class_prior"),
+    ("nuisance_prior", np.array([1.0, 1.0]), "nuisance_prior"),
+    ("nuisance_prior", np.array([0.5]), "nuisance_prior"),
+    ("nuisance_prior", np.array([[0.5, 0.5]]), "nuisance_prior.*shape"),
+    ("templates", np.zeros((2, 2, 5)), "class_prior.*shape"),
+    ("templates", np.zeros((3, 2, 1, 5)), "templates.*shape"),
+    ("templates", np.full((3, 2, 5), np.inf), "templates"),
+    ("templates", np.full((3, 2, 5), 1e300), "infinite"),
+    ("templates", np.zeros((3, 2, 4)), "templates.*shape"),
+    ("templates", np.zeros((3, 2, 5), np.complex128), "templates"),
+    ("classes", np.array([0, 0, 1]), "repeated"),
+    ("classes", np.array([0.0, np.nan, 1.0]), "classes"),
+    ("classes", np.array([0, 1]), "classes.*shape"),
+]
+
+
+@pytest.mark.parametrize("name, value, message", CORRUPT_ARRAYS,
+                         ids=[f"{i}-{n}" for i, (n, _, _) in enumerate(CORRUPT_ARRAYS)])
+def test_consistent_files_with_invalid_values_are_refused(saved_rmm, tmp_path, name, value,
+                                                          message):
+    # valid CRCs, shapes, dtypes and sha256: only the model's value checks can refuse it
+    bad = rebuild_archive(saved_rmm, tmp_path / "bad.npz",
+                          replace={f"{name}.npy": npy_bytes(value)}, rehash=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match=f"bad.npz: not a valid saved RMM: .*{message}"):
+            fastdrmm.load(bad)
+
+
+def test_a_valid_rebuilt_file_still_loads(saved_rmm, tmp_path):
+    # the archive tools themselves change nothing a valid file holds
+    same = rebuild_archive(saved_rmm, tmp_path / "same.npz", rehash=True)
+    x = small_data()
+    np.testing.assert_array_equal(fastdrmm.load(same).predict_proba(x),
+                                  fastdrmm.load(saved_rmm).predict_proba(x))
+    # files of earlier versions, without "inference" and "classes", load as before
+    older = rebuild_archive(saved_rmm, tmp_path / "older.npz",
+                            edit_header=lambda h: [h["metadata"]["fitted"].pop(k)
+                                                   for k in ("inference", "classes")])
+    np.testing.assert_array_equal(fastdrmm.load(older).predict_proba(x),
+                                  fastdrmm.load(saved_rmm).predict_proba(x))
