@@ -367,13 +367,14 @@ def host_backend(requested):
 # demo
 
 
-def run_demo(args, out=sys.stdout):
+def run_demo(args, out=None):
     import numpy as np
     from sklearn.model_selection import train_test_split
 
     from . import RMM
     from .datasets import load_digits
 
+    out = sys.stdout if out is None else out
     if not 0.0 < args.test_size < 1.0:
         raise ValueError(f"--test-size must lie in (0, 1), got {args.test_size}")
     if args.plot:  # before fitting: a bad path must not cost the whole run
@@ -536,10 +537,10 @@ def run_train(args, out=None):
     model_path, checkpoint = _train_paths(args)
     backend = host_backend(args.backend)
     layers, option = _train_layers(args)
+    _check_layers_fit(layers, option, DATASETS[args.dataset])  # before loading any data
     X, y = load_split(args.dataset, "train", args.data_dir, args.download)
     X, y = take_subset(X, y, args.train_size, args.seed)
     y_fit = select_labels(y, 10, args.seed, args.labels_per_class, args.labels)
-    _check_layers_fit(layers, option, X.shape[1:])
     identity = data_identity(args, X, y_fit)
     before = _file_signature(checkpoint)
     if args.resume and before is not None:

@@ -382,3 +382,196 @@ def test_module_help_and_a_real_process_error(tmp_path):
                            str(tmp_path / "none.npz")], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == f"fastdrmm: error: model file not found: {tmp_path / 'none.npz'}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# start-up: light imports, Ctrl-C at any moment
+
+
+def test_importing_the_command_line_loads_no_heavy_module():
+    code = ("import sys, fastdrmm.cli; "
+            "print(sorted(m for m in ('numpy', 'numba', 'sklearn', 'scipy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_the_package_names_still_resolve_lazily():
+    code = ("import fastdrmm; names = list(fastdrmm.__all__); "
+            "assert set(names) <= set(dir(fastdrmm)), names; "
+            "from fastdrmm import DRMM, RMM, Layer, PRESETS, load, ops, io, datasets; "
+            "import fastdrmm.drmm; "
+            "assert all(getattr(fastdrmm, n) is not None for n in names); "
+            "assert fastdrmm.DRMM is fastdrmm.drmm.DRMM and fastdrmm.ops.__name__ == "
+            "'fastdrmm.ops'; "
+            "exec('try:\\n fastdrmm.no_such_name\\nexcept AttributeError: print(\"ok\")')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def python_start_up_seconds():
+    tic = time.monotonic()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.monotonic() - tic
+
+
+def test_ctrl_c_during_start_up_exits_130_with_one_line(tmp_path):
+    # from just after the interpreter's own start-up (before it, Python itself answers) to
+    # the middle of the imports and the first work
+    start = python_start_up_seconds()
+    for delay in sorted({round(start + 0.05, 2), 0.5, 1.0}):
+        proc = subprocess.Popen([sys.executable, "-m", "fastdrmm", "demo", "--plot", ""],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130, (delay, err)
+        assert "Traceback" not in err and len(err.splitlines()) <= 2, (delay, err)
+        assert "interrupted" in err, (delay, err)
+
+
+# --------------------------------------------------------------------------------------------
+# resume with other data, output paths, bounds, backends
+
+
+def one_epoch_tiny(path, *extra):
+    argv = list(TINY)
+    argv[argv.index("--epochs") + 1] = "1"
+    return [*argv, "--out", path, "--test-limit", "0", *extra]
+
+
+def test_resume_refuses_other_training_data(tmp_path, capsys):
+    model_path, ckpt = tmp_path / "m.npz", tmp_path / "m.npz.ckpt"
+    status, _, err = run_cli(capsys, *one_epoch_tiny(model_path))
+    assert status == 0, err
+    before = ckpt.read_bytes()
+    model_path.unlink()
+    for change in (["--train-size", "250"], ["--labels-per-class", "5"],
+                   ["--seed", "4"], ["--dataset", "digits", "--labels", "37"]):
+        argv = one_epoch_tiny(model_path, "--resume", "--epochs", "2")
+        for option in change[::2]:  # drop the original value of a changed option
+            if option in argv:
+                i = argv.index(option)
+                del argv[i:i + 2]
+        if "--labels" in change:
+            i = argv.index("--labels-per-class")
+            del argv[i:i + 2]
+        status, out, err = run_cli(capsys, *argv, *change)
+        assert_one_line_error(status, err, "--resume", str(ckpt), "other training data",
+                              change[-2])
+        assert "epoch" not in out.lower() or "resuming" not in out
+    assert ckpt.read_bytes() == before and not model_path.exists()
+    # the same data resumes
+    status, out, err = run_cli(capsys, *one_epoch_tiny(model_path, "--resume", "--epochs", "2"))
+    assert status == 0 and f"resuming from {ckpt} (epoch 1)" in out, err
+    assert fastdrmm.load(model_path).n_iter_ == 2
+
+
+def test_a_fresh_run_stopped_before_its_first_checkpoint_keeps_the_data_record(
+        tmp_path, capsys, monkeypatch):
+    model_path = tmp_path / "m.npz"
+    status, _, err = run_cli(capsys, *one_epoch_tiny(model_path))
+    assert status == 0, err
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    # a run on other data, stopped after its first epoch but before that epoch's checkpoint
+    monkeypatch.setattr(drmm_module._Run, "save_checkpoint", stop)
+    status, _, err = run_cli(capsys, *one_epoch_tiny(model_path, "--seed", "8"))
+    assert status == 130, err
+    monkeypatch.undo()
+    # the checkpoint is still the first run's: resuming it with the other data is refused
+    status, _, err = run_cli(capsys, *one_epoch_tiny(model_path, "--seed", "8", "--resume",
+                                                      "--epochs", "2"))
+    assert_one_line_error(status, err, "other training data", "--seed 8 now")
+
+
+def test_output_paths_that_name_one_file_are_refused(trained, tmp_path, capsys):
+    png = tmp_path / "p.png"
+    link = tmp_path / "link.png"
+    link.symlink_to(png)
+    cases = [("reconstruct", png, png), ("reconstruct", png, f"{tmp_path}/./p.png"),
+             ("sample", link, png), ("sample", png, png)]
+    for command, out_path, npy_path in cases:
+        status, _, err = run_cli(capsys, command, trained[0], "--out", out_path, "--npy",
+                                 npy_path)
+        assert_one_line_error(status, err, "--out and --npy name the same file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png"]
+    status, _, err = run_cli(capsys, *one_epoch_tiny(tmp_path / "m.npz", "--checkpoint", link,
+                                                     "--out", png))
+    assert_one_line_error(status, err, "--out and --checkpoint name the same file")
+
+
+@pytest.mark.parametrize("argv, code, fragments", [
+    (["sample", "{model}", "--per-class", "100000000", "--npy", "{tmp}/s.npy"], 2,
+     ["--per-class", "must be <= 1000"]),
+    (["reconstruct", "{model}", "-n", "99999999999", "--npy", "{tmp}/s.npy"], 2,
+     ["--n-images", "must be <= 1000"]),
+    (["sample", "{model}", "--classes", ",".join(["1"] * 101), "--npy", "{tmp}/s.npy"], 2,
+     ["at most 100 class indices"]),
+    (["train", "--dataset", "digits", "--layers", "99999999999:3"], 1,
+     ["--layers: layer 0: n_templates 99999999999 exceeds", "maximum of 1024"]),
+    (["train", "--dataset", "digits", "--layers", "8:3:99999999999"], 1,
+     ["padding 99999999999 exceeds"]),
+    (["train", "--dataset", "digits", "--layers", "[" * 100_000], 1,
+     ["--layers: 100000 characters"]),
+    (["train", "--dataset", "digits", "--layers", "[" * 9_000], 1,
+     ["--layers: not valid JSON"]),
+    (["train", "--dataset", "digits", "--layers", '[{{"n_templates": 4, "kernel_size": 1e999}}]'],
+     1, ["--layers"]),
+    (["train", "--dataset", "digits", "--layers", "1024:32:32,1024:32:16"], 1,
+     ["the templates have", "entries", "16,000,000"]),
+    (["train", "--batch-size", "99999999999"], 2, ["--batch-size", "must be <= 4096"]),
+    (["train", "--seed", str(2**64)], 2, ["--seed", "must be <="]),
+    (["demo", "--n-nuisances", "99999999999"], 2, ["--n-nuisances", "must be <= 256"]),
+    (["train", "--dataset", "digits", "--out", ""], 1, ["--out: empty path"]),
+    (["train", "--dataset", "digits", "--out", "{tmp}/"], 1, ["is a directory"]),
+    (["sample", "{model}", "--npy", ""], 1, ["--npy: empty path"]),
+    (["demo", "--plot", "{tmp}/missing/t.png"], 1, ["--plot", "does not exist"]),
+    (["train", "--dataset", "mnist", "--data-dir", "{tmp}/none", "--backend", "cupy"], 1,
+     ["--backend cupy", "runs on a GPU", "use --backend cpu"]),
+])
+def test_sizes_paths_and_backends_fail_first_in_one_line(argv, code, fragments, trained,
+                                                         tmp_path, capsys):
+    fill = {"tmp": str(tmp_path), "model": str(trained[0])}
+    status, out, err = run_cli(capsys, *[a.format(**fill) for a in argv])
+    assert_one_line_error(status, err, *[f.format(**fill) for f in fragments], code=code)
+    assert out == ""  # refused before any work (nothing loaded, fitted or written)
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_states_the_maximums(capsys):
+    for command, fragment in (("sample", "at most 1000"), ("train", "at most 16 layers"),
+                              ("train", "at most 4096")):
+        assert cli.main([command, "--help"]) == 0
+        assert fragment in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_gpu_backend_from_the_environment_is_refused_before_any_work(capsys, monkeypatch):
+    monkeypatch.setenv("FASTDRMM_BACKEND", "cupy")
+    status, out, err = run_cli(capsys, "demo", "--plot", "")
+    assert_one_line_error(status, err, "$FASTDRMM_BACKEND=cupy", "runs on a GPU",
+                          "unset FASTDRMM_BACKEND")
+    assert out == ""
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_the_demo_names_the_backend_it_computes_on(capsys, monkeypatch):
+    monkeypatch.setenv("FASTDRMM_BACKEND", "numpy")
+    status, out, err = run_cli(capsys, "demo", "--plot", "", "--max-iter", "1",
+                               "--n-nuisances", "1", "--drmm-epochs", "0")
+    assert status == 0, err
+    assert "backend numpy" in out and "backend auto" not in out
+
+
+def test_train_defaults_are_the_short_run_settings():
+    args = cli.build_parser().parse_args(["train"])
+    assert (args.top, args.learning_rate, args.batch_size) == ("full", 5e-3, 32)
+    assert cli.build_parser().parse_args(["train", "--top", "average"]).top == "average"
