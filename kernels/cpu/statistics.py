@@ -640,7 +640,7 @@ def _pix_of(nv):
 _WINOGRAD = None  # None: by _use_winograd; True/False: force on (3x3 only) or off (tests)
 
 
-def _use_winograd(x, code, kernel_size, padding):
+def _use_winograd(x, code, kernel_size, padding, switches=None):
     """B and s by Winograd on unpooled 3x3 layers with >= 16 channels and templates. On
     pooled layers the sparse kernel wins (it skips the 3/4 zero units: measured l3 11.2 vs
     15.4 ms, c128 46 vs 59 ms), on unpooled ones Winograd (l2 8.8 vs 11.6, l4 6.2 vs 8.4)."""
@@ -652,7 +652,9 @@ def _use_winograd(x, code, kernel_size, padding):
 
     plane = [s + 2 * p - 2 for s, p in zip(x.shape[2:], padding)]
     dense = code.shape[2] * code.shape[3] == plane[0] * plane[1]
-    return dense and winograd_stats.applies(x, code, kernel_size, padding)
+    # mixed signs: B cancels, and Winograd's B could rarely be certified (``certified``)
+    return (dense and winograd_stats.applies(x, code, kernel_size, padding)
+            and winograd_stats.same_signs(x, code, switches))
 
 
 def _exact_bs(x, code, idx, kernel_size, padding, switches):
@@ -721,7 +723,8 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
     if n == 0:
         big_g = np.zeros((k * taps, k * taps), dtype=dtype) if gram else None
         return np.zeros((k, c, kh, kw), dtype=dtype), np.zeros(k, dtype=dtype), big_g
-    if _use_winograd(x, code, kernel_size, padding):
+    big_b = None
+    if _use_winograd(x, code, kernel_size, padding, switches):
         from . import winograd_stats  # imports rendering, which imports matching
 
         big_b, s, redo = winograd_stats.template_stats_bs(x, code, idx, padding, switches)
@@ -732,7 +735,10 @@ def template_stats(x, code, idx, kernel_size, padding, switches, gram):
             with np.errstate(invalid="ignore", over="ignore"):
                 big_b += sub_b
                 s += sub_s
-    else:
+        # the accuracy contract (see winograd_stats.certified): else B by the exact kernels
+        if not winograd_stats.certified(x, code, idx, padding, switches, big_b):
+            big_b = None
+    if big_b is None:
         big_b, s = _exact_bs(x, code, idx, kernel_size, padding, switches)
     if not gram:
         return big_b, s, None

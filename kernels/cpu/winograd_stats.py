@@ -32,7 +32,7 @@ from .matching import _blocks
 from .winograd import (any_non_finite, code_in, input_in,
                        saves_products, transform_blocks)
 
-__all__ = ["applies", "template_stats_bs"]
+__all__ = ["applies", "certified", "same_signs", "template_stats_bs"]
 
 _MIN_CHANNELS = 16
 _CHUNKS = 4           # fixed sample chunks (determinism; each holds a partial M), fewer
@@ -248,3 +248,70 @@ def template_stats_bs(x, code, idx, padding, switches):
     s = np.empty(k, dtype=dtype)
     _finish(mpart, spart, big_b, s)
     return big_b, s, redo
+
+
+# The accuracy check
+# ------------------
+# One entry of B is sum_xi G G (sum_t W[xi, t] V[xi, t]): the code's and the input's
+# transforms (2 roundings each), the products summed over the tiles of a chunk and the chunks
+# (at most T = N Ho Wo additions), the float64 finish. Each pairs a code value p of a tile's
+# 2x2 block with an input value q of its 4x4 block with the weight
+# K'_ab(p, q) = k1(a, p1, q1) k1(b, p2, q2) <= 2 * 2, so the error of B[k, c] (every tap) is
+# at most
+#
+#     4 (T + 12) u sum_{n, t} SU[n, t, k] SX[n, t, c]
+#
+# (SU: the sum of |code * switches| over the tile's 2x2 positions, SX: of |xpad| over its 4x4
+# block; the same bound covers the exact kernels' share of the samples left out). Where it is
+# at most c T u (|B| - error) for every entry (|B_exact| <= sum |a||b|), B meets the contract;
+# otherwise the caller computes B with the exact kernels. Without cancellation (input and code
+# of one sign, the usual ReLU layers) |B| is sum |a||b| and the check passes by a wide margin;
+# with mixed signs it rarely can, so the dispatcher asks ``same_signs`` first.
+
+_HIGHER_ORDER = 1.0 + 2.0 ** -10
+
+
+def same_signs(x, code, switches):
+    """Whether x and code * switches each keep one sign (zeros aside)."""
+    def one_sign(a):
+        return a.size == 0 or bool(a.min() >= 0) or bool(a.max() <= 0)
+
+    if not one_sign(x):
+        return False
+    if switches is None:
+        return one_sign(code)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return one_sign(code * switches)
+
+
+def certified(x, code, idx, padding, switches, big_b, c=None):
+    """Whether every entry of ``big_b`` (Winograd's B plus the exact share of the samples it
+    left out) is within the accuracy contract (``kernels.contracts``)."""
+    from ..contracts import CONSTANTS, unit_roundoff
+    from .rendering import unpool  # imports matching, as this module does
+
+    c = CONSTANTS["template_stats.B"] if c is None else c
+    n, ch, hh, ww = x.shape
+    k = code.shape[1]
+    ph, pw = padding
+    ho, wo = hh + 2 * ph - 2, ww + 2 * pw - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    if n == 0 or th <= 0 or tw <= 0:
+        return True
+    au = np.zeros((n, k, 2 * th, 2 * tw))
+    au[:, :, :ho, :wo] = np.abs(unpool(code, idx, (ho, wo), switches))
+    su = au.reshape(n, k, th, 2, tw, 2).sum(axis=(3, 5)).reshape(n, k, th * tw)
+    xp = np.zeros((n, ch, max(hh + 2 * ph, 2 * th + 2), max(ww + 2 * pw, 2 * tw + 2)))
+    xp[:, :, ph:ph + hh, pw:pw + ww] = np.abs(x)
+    sx = np.zeros((n, ch, th, tw))
+    for a in range(4):
+        for b in range(4):
+            sx += xp[:, :, a:a + 2 * th - 1:2, b:b + 2 * tw - 1:2]
+    with np.errstate(invalid="ignore", over="ignore"):
+        pairs = np.einsum("nkt,nct->kc", su, sx.reshape(n, ch, th * tw))
+        terms = n * ho * wo + 1
+        u = unit_roundoff(x.dtype)
+        err = 4 * (terms + 12) * _HIGHER_ORDER * u * pairs
+        room = c * terms * u
+        ok = err[:, :, None, None] * (1 + room) <= room * np.abs(big_b.astype(np.float64))
+    return bool(ok.all())
