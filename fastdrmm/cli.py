@@ -750,7 +750,8 @@ def _check_picture_outputs(args):
     for path, option in ((args.out, "--out"), (args.npy, "--npy")):
         if path is not None:
             check_output_path(path, option)
-    check_distinct_outputs(("--out", args.out), ("--npy", args.npy))
+    # two outputs on one file would silently keep only the second; over MODEL, lose it
+    check_distinct_outputs(("MODEL", args.model), ("--out", args.out), ("--npy", args.npy))
     if args.out is not None:
         require_matplotlib()
 
