@@ -129,3 +129,30 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_why_a_gpu_backend_cannot_run_is_said_plainly(monkeypatch):
+    assert _backends.device_unavailable_reason("cpu") is None
+    assert _backends.device_unavailable_reason("numpy") is None
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):  # the package of each GPU backend is absent
+        return None if name in ("cupy", "numba_cuda") else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert "pip install 'fastdrmm[cupy]'" in _backends.device_unavailable_reason("cupy")
+    assert "pip install 'fastdrmm[cuda]'" in _backends.device_unavailable_reason("numba-cuda")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+
+    def no_driver(name):
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    monkeypatch.setattr(_backends, "_cuda_device_count", no_driver)
+    reason = _backends.device_unavailable_reason("cupy")
+    assert reason.startswith("no CUDA GPU is usable on this machine")
+    assert "cudaErrorInsufficientDriver" in reason and "asarray" not in reason
+    monkeypatch.setattr(_backends, "_cuda_device_count", lambda name: 0)
+    assert _backends.device_unavailable_reason("numba-cuda") == \
+        "no CUDA GPU is usable on this machine"
+    monkeypatch.setattr(_backends, "_cuda_device_count", lambda name: 1)
+    assert _backends.device_unavailable_reason("cupy") is None
