@@ -15,31 +15,48 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def pair(value, name, *, minimum):
-    """An int or a pair of ints -> a tuple of two ints, each >= minimum."""
-    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
+# Sizes and positions are int32 in the kernels (idx is int32, flat positions i*Wo + j): every
+# integer argument, and every plane they describe, stays within it.
+MAX_INT = 2**31 - 1
+
+
+def _is_int(value):
+    """A Python or NumPy integer of any width, not a bool (True is not a size)."""
+    return (isinstance(value, (numbers.Integral, np.integer))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def pair(value, name, *, minimum, maximum=MAX_INT):
+    """An int or a pair of ints -> a tuple of two ints, each in [minimum, maximum].
+
+    Python and NumPy integers of every width are taken; bools, floats (even 2.0) and anything
+    else are a TypeError, values out of range a ValueError, each naming the argument."""
+    if _is_int(value):
         out = (int(value), int(value))
     else:
         try:
             out = tuple(value)
         except TypeError:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-        if len(out) != 2 or not all(
-            isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool) for v in out
-        ):
+        if len(out) != 2 or not all(_is_int(v) for v in out):
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
         out = (int(out[0]), int(out[1]))
     if min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(out) > maximum:
+        raise ValueError(f"{name} must be at most {maximum} (sizes and positions are int32), "
+                         f"got {value!r}")
     return out
 
 
-def check_int(value, name, minimum):
-    """An int (not a bool) >= minimum, else a TypeError/ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+def check_int(value, name, minimum, maximum=None):
+    """An int (not a bool) in [minimum, maximum], else a TypeError/ValueError naming it."""
+    if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
     return int(value)
 
 
@@ -93,19 +110,39 @@ def as_float(arr, name, dtype):
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+INDEX_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                            np.uint16, np.uint32, np.uint64))
+
+
+def check_index_dtype(dtype, name):
+    """A signed or unsigned integer dtype of any width, else a TypeError naming ``name``."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers (int8 to int64 or uint8 to uint64), "
+                        f"got dtype {dtype}")
+    return dtype
+
+
+def fits_int32(dtype):
+    """Whether every value of the integer dtype is an int32 (narrowing cannot wrap)."""
+    info = np.iinfo(dtype)
+    return info.min >= -2**31 and info.max <= MAX_INT
+
+
 def as_index(arr, name, shape):
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    check_index_dtype(arr.dtype, name)
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-def check_index_range(idx, size, name):
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= size):
+def check_index_range(low, high, plane, name, dtype):
+    """Positions ``low..high`` (exact ints, from the array in its own dtype) on the plane."""
+    size = plane[0] * plane[1]
+    if low < 0 or high >= size:
         raise ValueError(
-            f"{name} out of range: entries must lie in [0, {size}) for the given plane, "
-            f"found [{int(idx.min())}, {int(idx.max())}]"
+            f"{name} out of range: entries must lie in [0, {size}) for the plane {tuple(plane)}, "
+            f"found [{low}, {high}] (dtype {np.dtype(dtype)})"
         )
 
 
@@ -141,6 +178,8 @@ def match_geometry(input_hw, kernel_hw, padding, pool, stride):
 
 
 def plane_shape_of(input_hw, kernel_hw, padding):
+    """(Ho, Wo) of the matching; a ValueError when the templates do not fit the padded input
+    or the plane has more positions than int32 positions can address."""
     ho = input_hw[0] + 2 * padding[0] - kernel_hw[0] + 1
     wo = input_hw[1] + 2 * padding[1] - kernel_hw[1] + 1
     if ho < 1 or wo < 1:
@@ -148,7 +187,24 @@ def plane_shape_of(input_hw, kernel_hw, padding):
             f"templates of size {tuple(kernel_hw)} are larger than the padded input "
             f"{(input_hw[0] + 2 * padding[0], input_hw[1] + 2 * padding[1])}"
         )
+    padded = (input_hw[0] + 2 * padding[0]) * (input_hw[1] + 2 * padding[1])
+    if padded > MAX_INT:
+        raise ValueError(
+            f"the padded input {(input_hw[0] + 2 * padding[0], input_hw[1] + 2 * padding[1])} "
+            f"(input {tuple(input_hw)}, padding {tuple(padding)}) has {padded} positions, "
+            f"more than int32 positions address ({MAX_INT})"
+        )
+    check_plane_size((ho, wo), "the matching plane")
     return (ho, wo)
+
+
+def check_plane_size(plane, what):
+    """A (Ho, Wo) plane whose flat positions ``i*Wo + j`` fit in int32 (idx's dtype)."""
+    size = plane[0] * plane[1]
+    if size > MAX_INT:
+        raise ValueError(f"{what} {tuple(plane)} has {size} positions, more than int32 idx "
+                         f"can address ({MAX_INT})")
+    return tuple(plane)
 
 
 def check_leak(leak):

@@ -79,32 +79,34 @@ class _Inputs:
         return self.contiguous(arr, dtype)
 
     def index(self, obj, shape, plane, check=True):
+        """idx as C-contiguous int32, checked against the plane in its own dtype first (a
+        uint32 2**32-1 is reported as itself, not as the -1 it would become)."""
         idx = self.array(obj, "idx")
-        if np.dtype(idx.dtype).kind not in "iu":
-            raise TypeError(f"idx must hold integers, got dtype {idx.dtype}")
+        v.check_index_dtype(idx.dtype, "idx")
         if tuple(idx.shape) != tuple(shape):
             raise ValueError(f"idx must have shape {tuple(shape)}, got {tuple(idx.shape)}")
         if not isinstance(check, (bool, np.bool_)):
             raise TypeError(f"check_idx must be True or False, got {check!r}")
-        idx = self.contiguous(idx, np.int32) if idx.dtype.itemsize <= 4 else idx
-        size = plane[0] * plane[1]
-        if not check and idx.dtype.itemsize <= 4:
+        if not check and v.fits_int32(idx.dtype):
             # the caller vouches for the positions (its own match_switch_pool's, on this
             # plane): the range pass reads the whole array, 0.1-0.3 ms a call on conv-small.
-            # Wider integers are checked anyway: they are narrowed to int32 next.
+            # Types with values beyond int32 (uint32, 64-bit) are checked anyway: they are
+            # narrowed to int32 next.
             return self.contiguous(idx, np.int32)
-        if self.device:
-            low, high = self.module.index_range(idx)
-        elif idx.size:
-            low, high = elementwise.index_range(idx)
-        else:
-            low, high = 0, 0
-        if idx.size and (low < 0 or high >= size):
-            raise ValueError(
-                f"idx out of range: entries must lie in [0, {size}) for the plane {tuple(plane)}, "
-                f"found [{low}, {high}]"
-            )
+        low, high = self._index_range(idx)
+        v.check_index_range(low, high, plane, "idx", idx.dtype)
         return self.contiguous(idx, np.int32)
+
+    def _index_range(self, idx):
+        """(min, max) of idx as exact Python ints ((0, 0) when empty)."""
+        if not idx.size:
+            return 0, 0
+        if self.device:
+            if np.dtype(idx.dtype) == np.uint32:
+                # a device range kernel may narrow 32-bit types to int32: widen first
+                idx = self.contiguous(idx, np.int64)
+            return self.module.index_range(idx)
+        return elementwise.index_range(idx)
 
     def switches(self, obj, shape, dtype):
         if obj is None:
@@ -211,7 +213,7 @@ def unpool(code, idx, plane_shape, *, switches=None, check_idx=True, backend="au
     """
     io = _Inputs(backend, (code, idx, switches))
     code = io.code(code)
-    plane = v.pair(plane_shape, "plane_shape", minimum=1)
+    plane = v.check_plane_size(v.pair(plane_shape, "plane_shape", minimum=1), "plane_shape")
     idx = io.index(idx, code.shape, plane, check_idx)
     switches = io.switches(switches, code.shape, code.dtype)
     return io.module.unpool(code, idx, plane, switches)
