@@ -41,7 +41,7 @@ of each other.
 
 Why the constants differ: the direct, GEMM and unit-by-unit kernels (and the NumPy
 reference) add the T products in some order, one rounding each, so the classical bound holds
-with c = 1 (``DIRECT``). The Winograd kernels (3x3 templates, F(2x2, 3x3)) pair each input
+with c = 2 (``DIRECT``: gamma_T < 2 T u while T u < 1/2). The Winograd kernels (3x3 templates, F(2x2, 3x3)) pair each input
 value with the transformed weights of *other* taps; their error is bounded by
 ``(C + 12) * u * sum_c sum_{a,b} K(a, b) |x_c,a| |w_c,b|`` (K: the transforms' coupling, at
 most 4 per pair), which exceeds the classical bound wherever a large input sits on a tiny or
@@ -57,7 +57,7 @@ import numpy as np
 
 __all__ = ["CONSTANTS", "DIRECT", "WINOGRAD", "unit_roundoff"]
 
-DIRECT = 1.0       # any summation order of T products: gamma_T <= 1.0x T*u (T*u << 1)
+DIRECT = 2.0       # any summation order of T products: gamma_T = T u / (1 - T u) < 2 T u
 WINOGRAD = 256.0   # the screened Winograd kernels (match, match_at, render, template_stats B)
 
 # op (and output) -> c: the constant of the cpu backend's kernels, whichever algorithm they
@@ -67,8 +67,8 @@ CONSTANTS = {
     "match_at": WINOGRAD,
     "render": WINOGRAD,
     "template_stats.B": WINOGRAD,
-    "template_stats.s": DIRECT * 2,   # the unit sums: one addition per unit, collisions too
-    "template_stats.G": DIRECT * 2,
+    "template_stats.s": DIRECT,   # the unit sums: one addition per unit, collisions too
+    "template_stats.G": DIRECT,
 }
 
 

@@ -106,7 +106,8 @@ def check_match_at(x, templates, idx, switches, out, padding, c=None):
         sw = _f64(switches)
         with np.errstate(invalid="ignore", over="ignore"):
             exact = np.where(sw != 0, picked * sw, 0.0)
-            bound = np.abs(sw) * bound + u * np.abs(np.nan_to_num(exact))
+            bound = (np.where(sw != 0, np.abs(sw) * bound, 0.0)
+                     + u * np.abs(np.nan_to_num(exact)))
     else:
         exact = picked
     assert_within(out, exact, bound, "match_at")
