@@ -142,3 +142,40 @@ def test_conv_small_layer_one_takes_it(monkeypatch, rng):
     x, templates, bias = random_layer(rng, np.float32, 2, 1, 28, 28, 32, 5, 5)
     ops.match_switch_pool(x, templates, bias, padding=4, pool=2, backend="cpu")
     assert calls
+
+
+def _layer_one_variant(rng, variant, n=3):
+    """conv-small's layer 1 (1 -> 32, 5x5, padding 4, pool 2) with templates and bias of
+    several scales: small templates with a zero bias once measured 4x slower than the rest."""
+    x = rng.standard_normal((n, 1, 28, 28)).astype(np.float32)
+    std, bias_std = {"std0.1_zero_bias": (0.1, 0.0), "std0.2_zero_bias": (0.2, 0.0),
+                     "std0.1_small_bias": (0.1, 1e-3), "subnormal_x": (0.1, 0.0)}[variant]
+    if variant == "subnormal_x":
+        x *= np.float32(1e-38)  # subnormal inputs and products throughout
+    templates = (std * rng.standard_normal((32, 1, 5, 5))).astype(np.float32)
+    bias = (bias_std * rng.standard_normal(32)).astype(np.float32)
+    return x, templates, bias
+
+
+@pytest.mark.parametrize("variant", ["std0.1_zero_bias", "std0.2_zero_bias", "std0.1_small_bias",
+                                     "subnormal_x"])
+def test_layer_one_never_falls_back_whatever_the_values(monkeypatch, rng, variant):
+    """The fast path's choice depends on shapes only: for every value scale the default
+    dispatch runs the pooled-rows kernel once and never the direct kernel (a data-dependent
+    fallback would show here as a direct-kernel call), with the direct kernel's bits."""
+    x, templates, bias = _layer_one_variant(rng, variant)
+    rows_calls, direct_calls = [], []
+    real_rows, real_direct = pooled_rows.match_switch_pool, matching._match_planes
+    monkeypatch.setattr(pooled_rows, "match_switch_pool",
+                        lambda *a: rows_calls.append(1) or real_rows(*a))
+    monkeypatch.setattr(matching, "_match_planes",
+                        lambda *a: direct_calls.append(1) or real_direct(*a))
+    got = ops.match_switch_pool(x, templates, bias, padding=4, pool=2, backend="cpu")
+    assert len(rows_calls) == 1 and not direct_calls
+    monkeypatch.setattr(matching, "_POOLED_ROWS", False)
+    want = ops.match_switch_pool(x, templates, bias, padding=4, pool=2, backend="cpu")
+    assert len(direct_calls) == 1
+    assert_same_bits(got, want)
+    if variant != "subnormal_x":
+        assert_pooling_matches(*got, x, templates, bias, padding=(4, 4), pool=(2, 2),
+                               dtype=np.float32)
