@@ -187,8 +187,9 @@ def _unlabeled_mask(y):
 def _latent_classes(seen, extra):
     """``seen`` (sorted distinct labels) followed by ``extra`` new labels for the latent
     classes: numbers after the largest label when they fit the labels' dtype exactly (else the
-    smallest unused non-negative integers), strings ``latent<i>`` for other labels. A new
-    label never equals a seen one nor the unlabeled marker -1."""
+    smallest unused non-negative integers), strings ``latent<i>`` for other labels (of the
+    labels' string or bytes dtype; in an object array for bools and objects). A new label
+    never equals a seen one nor the unlabeled marker -1."""
     kind = seen.dtype.kind
     if kind in "iuf":
         taken = set(seen.tolist())
@@ -205,13 +206,16 @@ def _latent_classes(seen, extra):
         dtype = seen.dtype if _fit_exactly(new, seen.dtype, taken) else (
             np.float64 if kind == "f" else np.int64)
         return np.concatenate([seen.astype(dtype), np.array(new, dtype)])
+    # strings stay strings (bytes stay bytes) so that the labels keep their dtype
+    encode = (lambda name: name.encode()) if kind == "S" else (lambda name: name)
     taken = set(seen.tolist())
     names, i = [], 0
     while len(names) < extra:
-        if f"latent{i}" not in taken:
-            names.append(f"latent{i}")
+        if encode(f"latent{i}") not in taken:
+            names.append(encode(f"latent{i}"))
         i += 1
-    return np.array([*seen.tolist(), *names], dtype=object)
+    dtype = None if kind in "US" else object
+    return np.array([*seen.tolist(), *names], dtype=dtype)
 
 
 def _fit_exactly(values, dtype, taken):
@@ -305,7 +309,10 @@ class RMM(ClassifierMixin, BaseEstimator):
     ----------
     n_classes : int
         Number of classes. With labels it must be at least the number of distinct labels;
-        classes beyond those are latent (unlabeled) classes learnt from unlabeled samples.
+        classes beyond those are latent (unlabeled) classes learnt from unlabeled samples,
+        labeled (in ``classes_``) by the next integers after the largest numeric label (the
+        smallest unused non-negative ones where those do not fit the labels' dtype), else
+        ``latent0``, ``latent1``, ...
     n_nuisances : int, default 1
         Templates per class (the nuisance variable's cardinality).
     inference : {"soft", "hard"}, default "soft"

@@ -648,6 +648,8 @@ LABEL_KINDS = {
     "object numpy str": np.array([np.str_("u"), np.str_("v"), None] * 8, dtype=object),
     "latent from ints": np.array([-1, 4, 9] * 8),
     "latent from str": np.array(["-1", "p", "q"] * 8),
+    "latent from bytes": np.array([b"-1", b"p", b"q"] * 8),
+    "latent from bools": np.array([None, True, False] * 8, dtype=object),
 }
 
 
