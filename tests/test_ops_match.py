@@ -134,3 +134,102 @@ def test_agrees_with_pytorch(rng):
         th, tidx = F.max_pool2d(F.leaky_relu(z, 0.1), 2, return_indices=True)
         np.testing.assert_allclose(h, th.numpy(), rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(idx, tidx.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# A bounded campaign: fresh random layers, all four ops on both host backends against the
+# explicit-loop float64 oracles of naive.py (never against a backend).
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from campaign import campaign  # noqa: E402
+from checks import assert_same_non_finite, tol  # noqa: E402
+
+
+def _strided(rng, shape, dtype, strided):
+    """A fresh array of ``shape``: a C-contiguous one, or a strided view into a larger one."""
+    if not strided:
+        return np.empty(shape, dtype)
+    big = np.empty((shape[0], shape[1] * 2, shape[2], shape[3] * 2 + 1), dtype)
+    return big[:, ::2, :, 1::2]
+
+
+def _layer(rng, case):
+    """x, templates, bias with the case's quirks: values on a coarse grid (exact ties, exact
+    zeros, exactly representable sums in float32), a zero template (every window tied), a
+    zero block of x, NaN / +-inf pixels."""
+    dtype = np.dtype(case["dtype"])
+    n, c, h, w, k, kh, kw = (case[key] for key in ("n", "c", "h", "w", "k", "kh", "kw"))
+    x = _strided(rng, (n, c, h, w), dtype, case["strided"])
+    templates = _strided(rng, (k, c, kh, kw), dtype, case["strided"])
+    if case["grid"]:
+        x[...] = rng.integers(-3, 4, x.shape) / 2
+        templates[...] = rng.integers(-3, 4, templates.shape) / 4
+    else:
+        x[...] = rng.standard_normal(x.shape)
+        templates[...] = rng.standard_normal(templates.shape)
+    bias = (rng.integers(-2, 3, k) / 4).astype(dtype)
+    if case["zero_template"]:
+        templates[rng.integers(k)] = 0
+    if case["zero_block"]:
+        x[:, :, : h // 2, : w // 2] = 0
+    for value in case["specials"]:
+        x[rng.integers(n), rng.integers(c), rng.integers(h), rng.integers(w)] = value
+    return x, templates, bias
+
+
+LAYER_CASES = st.fixed_dictionaries({
+    "backend": st.sampled_from(HOST_BACKENDS), "dtype": st.sampled_from(["float32", "float64"]),
+    "n": st.integers(1, 2), "c": st.integers(1, 3), "h": st.integers(3, 8),
+    "w": st.integers(3, 26), "k": st.integers(1, 3), "kh": st.integers(1, 3),
+    "kw": st.integers(1, 3), "padding": st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    "pool": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    "stride": st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))),
+    "leak": st.sampled_from([0.0, 0.0, 0.2, -0.5]), "grid": st.booleans(),
+    "zero_template": st.booleans(), "zero_block": st.booleans(), "strided": st.booleans(),
+    "specials": st.lists(st.sampled_from([np.nan, np.inf, -np.inf]), max_size=2),
+    "switches": st.sampled_from(["none", "bool", "real"]), "seed": st.integers(0, 2**32 - 1),
+})
+
+
+@campaign(25)
+@given(case=LAYER_CASES)
+def test_campaign_ops_against_naive(case):
+    rng = np.random.default_rng(case["seed"])
+    x, templates, bias = _layer(rng, case)
+    dtype, backend = np.dtype(case["dtype"]), case["backend"]
+    padding, pool, stride, leak = case["padding"], case["pool"], case["stride"], case["leak"]
+    plane = (case["h"] + 2 * padding[0] - case["kh"] + 1,
+             case["w"] + 2 * padding[1] - case["kw"] + 1)
+    if min(plane) < 1 or pool[0] > plane[0] or pool[1] > plane[1]:
+        return  # no matching plane for this geometry (the validation tests cover it)
+    h, idx = ops.match_switch_pool(x, templates, bias, padding=padding, pool=pool,
+                                   stride=stride, leak=leak, backend=backend)
+    assert_pooling_matches(h, idx, x, templates, bias, padding=padding, pool=pool,
+                           stride=stride, leak=leak, dtype=dtype)
+    on = rng.random(idx.shape) < 0.6
+    switches = {"none": None, "bool": on,
+                "real": on * rng.standard_normal(idx.shape).astype(dtype)}[case["switches"]]
+    rtol, atol = tol(dtype)
+    got = ops.match_at(x, templates, idx, padding=padding, switches=switches, backend=backend)
+    with np.errstate(invalid="ignore"):
+        assert_same_non_finite(got, naive.match_at(x, templates, idx, padding, switches),
+                               10 * atol)
+    if not np.isfinite(x).all():
+        return  # codes below come from a finite layer: non-finite ones are judged above
+    code = rng.standard_normal(h.shape).astype(dtype)
+    u = ops.unpool(code, idx, plane, switches=switches, backend=backend)
+    np.testing.assert_allclose(u, naive.unpool(code, idx, plane, switches), rtol=rtol,
+                               atol=atol)
+    in_hw = (case["h"], case["w"])
+    r = ops.render(code, idx, templates, in_hw, padding=padding, switches=switches,
+                   backend=backend)
+    np.testing.assert_allclose(r, naive.render(code, idx, templates, in_hw, padding, switches),
+                               rtol=rtol, atol=10 * atol)
+    got_b, got_s, got_g = ops.template_stats(x, code, idx, (case["kh"], case["kw"]),
+                                             padding=padding, switches=switches,
+                                             backend=backend)
+    want = naive.template_stats(x, code, idx, (case["kh"], case["kw"]), padding, switches)
+    for g, w in zip((got_b, got_s, got_g), want):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=10 * atol)
