@@ -22,6 +22,11 @@ Semantics (DESIGN.md section 2), for x (N,C,H,W), templates W (K,C,kh,kw), bias 
   fit of the templates to x.
 
 Outputs have the dtype of x (or of ``code``) and live where the inputs live.
+
+Integer arguments (padding, pool, stride, kernel_size, plane_shape, input_shape) are Python or
+NumPy integers of any width, not bools or floats, at most 2**31 - 1; the (padded) planes they
+describe must have at most 2**31 - 1 positions, since positions are int32. ``idx`` may have
+any signed or unsigned integer dtype; its range is checked in that dtype.
 """
 
 from __future__ import annotations
@@ -184,7 +189,9 @@ def match_at(x, templates, idx, *, padding=0, switches=None, check_idx=True, bac
     check_idx : bool
         False skips the pass that checks every position lies on the plane, for positions
         that come straight from ``match_switch_pool`` on the same plane (as in a training
-        step). int32 (or narrower) positions outside the plane are then undefined behaviour.
+        step). Positions of a type that int32 holds whole (int8, int16, int32, uint8,
+        uint16) outside the plane are then undefined behaviour; other integer types (uint32,
+        int64, uint64) are narrowed to int32, so they are checked anyway.
     backend : "auto", "numpy", "cpu", "numba-cuda" or "cupy" (every backend has it)
 
     Returns
