@@ -244,3 +244,18 @@ def test_valid_positions_of_every_integer_dtype_give_the_int32_results(backend, 
 def test_non_integer_positions_are_type_errors(backend, op, dtype):
     with pytest.raises(TypeError, match="idx must hold integers"):
         IDX_OPS[op](backend, IDX.astype(dtype))
+
+
+@pytest.mark.parametrize("int_type,value", [(np.uint32, 2**32 - 1), (np.uint16, 65535),
+                                            (np.int64, 2**40), (np.int8, -128),
+                                            (np.uint64, 2**63 - 1)])
+def test_device_positions_are_reported_as_they_are(int_type, value):
+    """The same report from a device backend (the CUDA simulator where there is no GPU)."""
+    from numba import cuda
+
+    idx = np.zeros((1, 1, 2, 2), int_type)
+    idx[0, 0, 1, 1] = value
+    found = rf"found \[{min(0, value)}, {max(0, value)}\]"
+    with pytest.raises(ValueError, match=found):
+        ops.unpool(cuda.to_device(np.ones((1, 1, 2, 2))), cuda.to_device(idx), (3, 3),
+                   backend="numba-cuda")
