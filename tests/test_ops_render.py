@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+import naive
+
 from checks import (DTYPES, HOST_BACKENDS, assert_same_non_finite, check_unpool_and_render,
-                    host_runner)
+                    host_runner, tol)
 from fastdrmm import ops
 
 # (N, C, H, W, K, kh, kw, padding, pool, stride)
@@ -209,3 +211,36 @@ def test_cpu_render_gemm_non_finite_like_numpy(monkeypatch, geom, rng):
         want = ops.render(code, idx, t, (h, w), padding=padding, switches=switches,
                           backend="numpy")
         assert_same_non_finite(got, want, 1e-12)
+
+
+def poisoned_code(rng, dtype, geom):
+    """Latents of a geometry with NaN, +inf and -inf codes (their switches on)."""
+    x, templates, code, idx, switches = latents(rng, dtype, geom)
+    n, k = code.shape[:2]
+    for value in (np.nan, np.inf, -np.inf):
+        at = (rng.integers(n), rng.integers(k), rng.integers(code.shape[2]),
+              rng.integers(code.shape[3]))
+        code[at] = value
+        switches[at] = True
+    return x, templates, code, idx, switches
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_non_finite_codes_against_naive(backend, dtype, geom, rng):
+    """unpool and render of NaN/inf codes: NaN and inf exactly where the loop oracle has them
+    (each backend judged on its own, the numpy one included)."""
+    _, templates, code, idx, switches = poisoned_code(rng, dtype, geom)
+    n, c, h, w, k, kh, kw, padding = geom[:8]
+    p = (padding, padding) if np.isscalar(padding) else padding
+    plane = (h + 2 * p[0] - kh + 1, w + 2 * p[1] - kw + 1)
+    _, atol = tol(dtype)
+    with np.errstate(invalid="ignore"):  # inf - inf in the oracle and the numpy backend
+        want_u = naive.unpool(code, idx, plane, switches)
+        want_r = naive.render(code, idx, templates, (h, w), padding, switches)
+        got_u = ops.unpool(code, idx, plane, switches=switches, backend=backend)
+        got_r = ops.render(code, idx, templates, (h, w), padding=padding, switches=switches,
+                           backend=backend)
+    assert_same_non_finite(got_u, want_u, atol)
+    assert_same_non_finite(got_r, want_r, 10 * atol)

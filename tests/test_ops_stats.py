@@ -185,3 +185,23 @@ def test_cpu_stats_dense_paths_non_finite_like_numpy(monkeypatch, path, rng):
                                   gram=False, backend="numpy")
     for g, w in zip(got[:2], want[:2]):
         assert_same_non_finite(g, w, 1e-12)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_non_finite_b_and_s_against_naive(backend, dtype, geom, rng):
+    """B and s with NaN/inf pixels (finite codes): NaN and inf exactly where the loop oracle
+    has them (each backend judged on its own, the numpy one included)."""
+    x, _, code, idx, switches = latents(rng, dtype, geom)
+    x[0, 0, 0, 0] = np.nan
+    x[-1, -1, -1, -1] = np.inf
+    x[0, -1, x.shape[2] // 2, 0] = -np.inf
+    kernel = geom[5:7]
+    _, atol = tol(dtype)
+    with np.errstate(invalid="ignore"):
+        want_b, want_s = naive.template_bs(x, code, idx, kernel, geom[7], switches)
+        got_b, got_s, _ = ops.template_stats(x, code, idx, kernel, padding=geom[7],
+                                             switches=switches, gram=False, backend=backend)
+    assert_same_non_finite(got_b, want_b, 10 * atol)
+    assert_same_non_finite(got_s, want_s, 10 * atol)
