@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+from ._interrupt import install
+
+install()  # before the command line's modules load (see fastdrmm._interrupt)
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

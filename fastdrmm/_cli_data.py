@@ -231,8 +231,11 @@ def check_output_path(path, option):
     if "\0" in text:
         raise CLIError(f"{option}: the path contains a NUL character")
     target = Path(text)
-    if text.endswith(os.sep) or target.is_dir():
+    if target.is_dir():
         raise CLIError(f"{option} {path}: is a directory (give a file name)")
+    if text.endswith(os.sep):
+        raise CLIError(f"{option} {path}: ends with {os.sep!r}, a directory's name (give a "
+                       "file name)")
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise CLIError(f"{option} {path}: the directory {directory} does not exist")
@@ -246,11 +249,11 @@ def check_output_path(path, option):
 def _same_file(a, b):
     """Whether two paths name one file: equal after resolving links, or (when both exist)
     the same inode (hard links, bind mounts)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
     try:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
         return os.path.samefile(a, b)
-    except OSError:
+    except (OSError, ValueError):  # a missing file, or a path no file can have (NUL)
         return False
 
 

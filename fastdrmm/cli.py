@@ -24,14 +24,20 @@ from __future__ import annotations
 # Only the standard library's light modules at import time: the console entry point imports
 # this module and calls main(), which installs the Ctrl-C handling before NumPy, Numba and
 # scikit-learn are imported (see fastdrmm/__init__.py and _startup_interrupts).
-import argparse
 import os
-import signal
 import sys
-import time
-import warnings
 
-from . import _cli_data
+from . import _interrupt
+
+if os.path.basename(sys.argv[0] if sys.argv else "") == "fastdrmm":
+    _interrupt.install()  # run as the console script: answer Ctrl-C from here on
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+from . import _cli_data  # noqa: E402
 from ._cli_data import (DATASETS, CLIError, check_distinct_outputs, check_input_file,
                         check_layer_sizes, check_output_path, check_resume_data, data_identity,
                         data_identity_path, dataset_for_shape, load_split, parse_layers,
@@ -832,18 +838,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"fastdrmm: warning: {_one_line(message)}", file=sys.stderr)
 
 
-def _exit_interrupted(signum, frame):
-    """Ctrl-C during start-up (imports, parsing): nothing has been written, so exit at once
-    with one line and status 130, whatever module is being imported."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-    os.write(2, b"fastdrmm: interrupted\n")
-    os._exit(130)
-
-
 def _set_sigint(handler):
     """Install a SIGINT handler; returns the previous one (None where signals cannot be set:
     outside the main thread)."""
@@ -871,7 +865,7 @@ def main(argv=None):
     traceback. Then it raises KeyboardInterrupt, so that training reports the checkpoint it
     kept and files being written are removed, and is reported as one line.
     """
-    previous = _set_sigint(_exit_interrupted)
+    previous = _interrupt.install()
     try:
         return _main(argv)
     finally:
