@@ -826,10 +826,14 @@ class RMM(ClassifierMixin, BaseEstimator):
         labels of an object array (str, int, float, bool, NumPy scalars: the labels ``fit``
         accepts) as JSON values with a type tag each (``metadata['fitted']['classes']``), so
         that the loaded ``classes_`` holds the same values of the same types, without pickle.
+        Parameters that :func:`fastdrmm.load` would refuse (set by ``set_params`` after the fit)
+        are a ValueError/TypeError naming them, before anything is written.
         """
         check_is_fitted(self, "templates_")
+        self._check_params()  # a file is never written that load would refuse
+        self._fitted_params()
         params = self.get_params()
-        if not (params["random_state"] is None or isinstance(params["random_state"], int)):
+        if not (params["random_state"] is None or _is_int(params["random_state"])):
             params["random_state"] = None
         arrays = {name.rstrip("_"): np.asarray(getattr(self, name))
                   for name in self._SAVED_ARRAYS}
@@ -872,10 +876,9 @@ class RMM(ClassifierMixin, BaseEstimator):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metadata['params']: {exc}") from None
         seed = params["random_state"]
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not 0 <= seed < 2**32):
-            raise ValueError(f"metadata['params']['random_state'] must be null or an int in "
-                             f"[0, 2**32), got {seed!r:.80}")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"metadata['params']['random_state'] must be null or an int, got "
+                             f"{seed!r:.80}")
         where = "metadata['fitted']"
         fitted = _require(meta, "fitted", dict, "metadata")
         # "inference" and "classes" are absent from files of earlier versions

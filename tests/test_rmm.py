@@ -845,3 +845,15 @@ def test_a_valid_rebuilt_file_still_loads(saved_rmm, tmp_path):
                                                    for k in ("inference", "classes")])
     np.testing.assert_array_equal(fastdrmm.load(older).predict_proba(x),
                                   fastdrmm.load(saved_rmm).predict_proba(x))
+
+
+def test_invalid_parameters_are_refused_before_saving(tmp_path):
+    model = fit(small_data(), n_classes=3, max_iter=2)
+    path = tmp_path / "m.npz"
+    with pytest.raises(ValueError, match="n_classes"):
+        model.set_params(n_classes=0).save(path)
+    with pytest.raises(TypeError, match="warm_start"):
+        model.set_params(n_classes=3, warm_start="yes").save(path)
+    assert not path.exists()
+    model.set_params(warm_start=False, random_state=2**40).save(path)  # a seed is any int
+    assert fastdrmm.load(path).random_state == 2**40
