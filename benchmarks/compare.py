@@ -200,7 +200,7 @@ def machine_peaks(dtype, repeats=5):
 class Inputs:
     """``copies`` independent input sets for one shape; code/idx from fastdrmm's cpu match."""
 
-    def __init__(self, name, n, dtype, copies, leak, seed, torch):
+    def __init__(self, name, n, dtype, copies, leak, seed, torch, data="normal"):
         from fastdrmm import ops
 
         c, h, w, k, kh, kw, p, pool = SHAPES[name]
@@ -211,7 +211,7 @@ class Inputs:
         self.sets = []
         self.first_match_s = None  # the first cpu match call on this shape (set 0)
         for _ in range(copies):
-            x = rng.standard_normal((n, c, h, w)).astype(dtype)
+            x = input_data(rng, (n, c, h, w), data).astype(dtype)
             W = (rng.standard_normal((k, c, kh, kw)) / np.sqrt(c * kh * kw)).astype(dtype)
             b = (0.1 * rng.standard_normal(k)).astype(dtype)
             t0 = time.perf_counter()
@@ -225,6 +225,22 @@ class Inputs:
                          tcode=torch.from_numpy(code),
                          tidx=torch.from_numpy(idx.astype(np.int64)))
             self.sets.append(s)
+
+
+DATA = ("normal", "relu", "wide")
+
+
+def input_data(rng, shape, data):
+    """The inputs x of one kind: standard normal; ``relu``: its positive part (a ReLU layer's
+    input: one sign, half zeros); ``wide``: standard normal times 2**e, e uniform in
+    [-20, 20] per element (a wide dynamic range: where the Winograd kernels' accuracy screen
+    sends tiles to the direct computation)."""
+    x = rng.standard_normal(shape)
+    if data == "relu":
+        return np.maximum(x, 0)
+    if data == "wide":
+        return x * np.exp2(rng.integers(-20, 21, size=shape))
+    return x
 
 
 def contenders(inp, torch, with_numpy):
@@ -354,7 +370,7 @@ def measure_memory(spec):
     torch = import_torch(spec["torch"])
     set_threads(spec["threads"], torch)
     inp = Inputs(spec["shape"], spec["batch"], spec["dtype"], 1, spec["leak"], spec["seed"],
-                 torch)
+                 torch, spec.get("data", "normal"))
     s = inp.sets[0]
 
     def status(key):
@@ -398,11 +414,13 @@ def run_pass(args, torch, threads, peaks, memory):
     rows = []
     for n in args.batch:
         for name in args.shapes:
-            inp = Inputs(name, n, args.dtype, args.copies, args.leak, args.seed, torch)
+            inp = Inputs(name, n, args.dtype, args.copies, args.leak, args.seed, torch,
+                         args.data)
             mem = {}
             if memory:
                 mem = memory_in_subprocess(dict(shape=name, batch=n, dtype=args.dtype,
                                                 leak=args.leak, seed=args.seed, threads=threads,
+                                                data=args.data,
                                                 torch=torch is not None))
             for op, peer, fd, pf in contenders(inp, torch, args.with_numpy and threads > 1):
                 if threads == 1 and op == "template_stats B+s+G":
@@ -765,6 +783,10 @@ def build_parser():
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
     ap.add_argument("--copies", type=int, default=3, help="input sets rotated between calls")
     ap.add_argument("--leak", type=float, default=0.0, help="switch slope for z <= 0")
+    ap.add_argument("--data", choices=DATA, default="normal",
+                    help="the inputs x: standard normal, its positive part (relu), or a wide "
+                         "dynamic range (wide: times 2**e, e in [-20, 20]); the templates "
+                         "stay normal")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of the main pass (default: os.cpu_count())")
