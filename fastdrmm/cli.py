@@ -51,7 +51,7 @@ LOSS_WEIGHTS = {"xent": "xent_weight", "reconstruction": "reconstruction_weight"
 #: where ``fastdrmm train`` departs from DRMM's own defaults: the settings that learn in a
 #: short run (the fully connected top reaches far higher accuracy in a few epochs than the
 #: global average; see the README)
-TRAIN_DEFAULTS = {"top": "full", "learning_rate": 5e-3, "batch_size": 32}
+TRAIN_DEFAULTS = {"top": "full", "learning_rate": 5e-3}
 #: the backends the command line computes on (its models keep their arrays on the host)
 HOST_BACKENDS = ("cpu", "numpy")
 BACKEND_CHOICES = ("auto", "cpu", "numpy", "numba-cuda", "cupy")
@@ -438,9 +438,9 @@ def _demo_drmm(args, x_train, y_fit, x_test, y_test, out):
     layers = [Layer(16, 3, padding=1, pool=2), Layer(32, 3, padding=1)]
     print(f"DRMM on the same split: {_layers_label(layers)}, EG, {args.drmm_epochs} epochs",
           file=out)
-    model = DRMM(layers, 10, algorithm="eg", max_iter=args.drmm_epochs,
-                 validation_fraction=0, random_state=args.seed, backend=args.backend,
-                 **TRAIN_DEFAULTS)
+    model = DRMM(layers, 10, algorithm="eg", max_iter=args.drmm_epochs, batch_size=32,
+                 learning_rate=5e-3, top="full", validation_fraction=0,
+                 random_state=args.seed, backend=args.backend)
 
     def report(snapshot, record):
         accuracy = snapshot.score(x_test, y_test)

@@ -584,5 +584,5 @@ def test_the_demo_names_the_backend_it_computes_on(capsys, monkeypatch):
 
 def test_train_defaults_are_the_short_run_settings():
     args = cli.build_parser().parse_args(["train"])
-    assert (args.top, args.learning_rate, args.batch_size) == ("full", 5e-3, 32)
+    assert (args.top, args.learning_rate, args.batch_size) == ("full", 5e-3, 128)
     assert cli.build_parser().parse_args(["train", "--top", "average"]).top == "average"
