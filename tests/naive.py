@@ -114,7 +114,8 @@ def template_stats(x, code, idx, kernel_size, padding=0, switches=None):
 
 
 def template_bs(x, code, idx, kernel_size, padding=0, switches=None):
-    """B and s, term by term over the unpooled code (the padding's terms left out)."""
+    """B and s, term by term over the unpooled code; padded positions are real zeros (an
+    inf or NaN code on a patch over the padding gives NaN through 0 * inf)."""
     x = np.asarray(x, dtype=np.float64)
     n_, c_, h_, w_ = x.shape
     kh, kw = _pair(kernel_size)
@@ -131,8 +132,9 @@ def template_bs(x, code, idx, kernel_size, padding=0, switches=None):
                         for a in range(kh):
                             for b in range(kw):
                                 y, xx = i + a - ph, j + b - pw
-                                if 0 <= y < h_ and 0 <= xx < w_:
-                                    big_b[k, c, a, b] += u[n, k, i, j] * x[n, c, y, xx]
+                                inside = 0 <= y < h_ and 0 <= xx < w_
+                                xv = x[n, c, y, xx] if inside else 0.0
+                                big_b[k, c, a, b] += u[n, k, i, j] * xv
     s = u.sum(axis=(0, 2, 3))
     return big_b, s
 

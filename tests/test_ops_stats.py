@@ -7,7 +7,7 @@ import naive
 from checks import (DTYPES, HOST_BACKENDS, assert_same_non_finite, check_template_stats,
                     host_runner, tol)
 from fastdrmm import ops
-from test_ops_render import GEMM_GEOMETRIES, GEOMETRIES, latents
+from test_ops_render import GEMM_GEOMETRIES, GEOMETRIES, latents, poisoned_code
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -191,9 +191,9 @@ def test_cpu_stats_dense_paths_non_finite_like_numpy(monkeypatch, path, rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", GEOMETRIES)
 def test_non_finite_b_and_s_against_naive(backend, dtype, geom, rng):
-    """B and s with NaN/inf pixels (finite codes): NaN and inf exactly where the loop oracle
-    has them (each backend judged on its own, the numpy one included)."""
-    x, _, code, idx, switches = latents(rng, dtype, geom)
+    """B and s with NaN/inf codes and pixels: NaN and inf exactly where the loop oracle has
+    them (each backend judged on its own, the numpy one included)."""
+    x, _, code, idx, switches = poisoned_code(rng, dtype, geom)
     x[0, 0, 0, 0] = np.nan
     x[-1, -1, -1, -1] = np.inf
     x[0, -1, x.shape[2] // 2, 0] = -np.inf
