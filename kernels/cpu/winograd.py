@@ -829,55 +829,77 @@ def screen(x, templates, bias, padding, c=None):
     th, tw = -(-ho // 2), -(-wo // 2)
     if n == 0 or th <= 0 or tw <= 0 or not _SCREEN:
         return np.zeros((n, max(th, 0), max(tw, 0), k), dtype=np.bool_)
-    fp = np.empty((n, th * tw, ch), dtype=np.float64)
-    f1 = np.empty((n, th * tw, ch), dtype=np.float64)
-    _tile_sums(x, padding[0], padding[1], th, tw, fp, f1)
     aw = np.abs(templates.astype(np.float64)).reshape(k, ch, 9)
     cT = c * (9 * ch + 1)
-    est = fp.reshape(-1, ch) @ ((ch + 12) * _HIGHER_ORDER * aw.sum(axis=2).T)
-    room = f1.reshape(-1, ch) @ (cT * _PRODUCT_ROUNDING * aw.min(axis=2).T)
-    room += (cT - ch - 12) * np.abs(bias.astype(np.float64))
-    with np.errstate(invalid="ignore"):
-        flags = ~(est <= room)   # NaN (a non-finite input) flags too
-    return flags.reshape(n, th, tw, k)
+    w1 = np.ascontiguousarray((ch + 12) * _HIGHER_ORDER * aw.sum(axis=2).T)   # (C, K)
+    wmin = np.ascontiguousarray(cT * _PRODUCT_ROUNDING * aw.min(axis=2).T)
+    bterm = (cT - ch - 12) * np.abs(bias.astype(np.float64))
+    flags = np.empty((n, th, tw, k), dtype=np.bool_)
+    _screen_tiles(x, padding[0], padding[1], th, tw, w1, wmin, bterm, flags)
+    return flags
 
 
 @njit(parallel=PARALLEL, cache=True)
-def _tile_sums(x, ph, pw, th, tw, fp, f1):
-    """fp[n, t, c]: the largest ka-weighted sum of |x| over the fields of tile t's four
-    outputs; f1[n, t, c]: the smallest plain sum over those whose field is not all zero (an
-    all-zero field's z is exact; float64; padding and rows past the plane count as zeros)."""
+def _screen_tiles(x, ph, pw, th, tw, w1, wmin, bterm, flags):
+    """flags[n, ti, tj, k] = not (sum_c fp[c] w1[c, k] <= bterm[k] + sum_c f1[c] wmin[c, k])
+    with fp[c] the largest ka-weighted sum of |x_c| over the fields of the tile's four
+    outputs and f1[c] the smallest plain sum over those whose field is not all zero (an
+    all-zero field's z is exact). float64; a sample at a time, |x| copied into a zero-padded
+    buffer; all in one pass (NumPy's BLAS took 30 ms for these small products next to the
+    kernels' threads)."""
     n_, c_, hh, ww = x.shape
+    k_ = w1.shape[1]
+    hb, wb = 2 * th + 2, 2 * tw + 2
     for n in prange(n_):
+        buf = np.zeros((c_, hb, wb))
         for c in range(c_):
-            for ti in range(th):
-                for tj in range(tw):
-                    big = 0.0
-                    small = np.inf
-                    for pi in range(2):
-                        for pj in range(2):
-                            sp = 0.0
-                            s1 = 0.0
-                            for a in range(3):
-                                r = 2 * ti + pi + a - ph
-                                if r < 0 or r >= hh:
-                                    continue
-                                wa = 2.0 if a == 2 - 2 * pi else 1.0
-                                for b in range(3):
-                                    q = 2 * tj + pj + b - pw
-                                    if q < 0 or q >= ww:
-                                        continue
-                                    wb = 2.0 if b == 2 - 2 * pj else 1.0
-                                    v = abs(np.float64(x[n, c, r, q]))
-                                    sp += wa * wb * v
-                                    s1 += v
-                            if not sp <= big:    # NaN wins
-                                big = sp
-                            # an all-zero field gives z = bias exactly (its V and M are 0)
-                            if sp > 0 and s1 < small:
-                                small = s1
-                    fp[n, ti * tw + tj, c] = big
-                    f1[n, ti * tw + tj, c] = small if small < np.inf else 0.0
+            for r in range(min(hh, hb - ph)):
+                for q in range(min(ww, wb - pw)):
+                    buf[c, r + ph, q + pw] = abs(np.float64(x[n, c, r, q]))
+        fp = np.empty(c_)
+        f1 = np.empty(c_)
+        est = np.empty(k_)
+        room = np.empty(k_)
+        for ti in range(th):
+            for tj in range(tw):
+                for c in range(c_):
+                    fp[c], f1[c] = _field_sums(buf, c, 2 * ti, 2 * tj)
+                for kk in range(k_):
+                    est[kk] = 0.0
+                    room[kk] = bterm[kk]
+                for c in range(c_):
+                    a = fp[c]
+                    if a == 0:       # every field of the tile all zero in channel c
+                        continue
+                    b = f1[c]
+                    for kk in range(k_):
+                        est[kk] += a * w1[c, kk]
+                        room[kk] += b * wmin[c, kk]
+                for kk in range(k_):
+                    flags[n, ti, tj, kk] = not est[kk] <= room[kk]   # NaN flags
+
+
+@njit(inline="always")
+def _field_sums(buf, c, r0, q0):
+    """(largest ka-weighted sum, smallest plain sum of the non-zero fields, 0 if none) over
+    the four 3x3 fields of the 4x4 block at (r0, q0) of channel c."""
+    big = 0.0
+    small = np.inf
+    for pi in range(2):
+        for pj in range(2):
+            sp = 0.0
+            s1 = 0.0
+            for a in range(3):
+                wa = 2.0 if a == 2 - 2 * pi else 1.0
+                for b in range(3):
+                    v = buf[c, r0 + pi + a, q0 + pj + b]
+                    sp += wa * (2.0 if b == 2 - 2 * pj else 1.0) * v
+                    s1 += v
+            if not sp <= big:    # NaN wins
+                big = sp
+            if sp > 0 and s1 < small:
+                small = s1
+    return big, (small if small < np.inf else 0.0)
 
 
 @njit(inline="always")
