@@ -6,14 +6,16 @@ float64/float32/int8/uint8/bool; magnitudes from 0 and 1e-300 to 1e200; duplicat
 labels (none, or ints, unsigned ints, floats, strings, bools, object arrays with ``None`` and
 NumPy scalars, each with a random share of unlabeled markers), and the hyper-parameters (every
 one in its valid range), then runs fit, predict, predict_proba, decision_function, score,
-sample, save + load, set_params and a second fit under the same seed. Invariants:
+sample, save + load, set_params, a second fit under the same seed, a warm-started fit and a
+fit with other parameters. Invariants:
 
 * every error is a ValueError or TypeError with a message (no other exception type, and no
   RuntimeWarning: a NaN or overflow never passes silently);
 * a fitted model holds finite parameters (probabilities in (0, 1], a positive noise variance)
   and predicts its own training data, each predict_proba row summing to 1;
 * predictions are unchanged by set_params and by save + load (same classes, same types);
-* fit is deterministic under a seed.
+* fit is deterministic under a seed;
+* a warm-started fit and a fresh fit with other parameters end in a valid state too.
 
 The suite runs a bounded number of cases (see ``campaign.py``; ``FASTDRMM_CAMPAIGN=long`` for
 more), on the numpy backend so that no case waits for a JIT compilation.
@@ -201,9 +203,12 @@ def test_campaign_rmm_model_state(case, params, other_params, extra_classes):
         # set_params changes nothing until the next fit
         model.set_params(**{k: v for k, v in other_params.items() if k != "backend"})
         assert_same_outputs(outputs(model, X), before, "after set_params")
-        try:
-            model.set_params(warm_start=False).fit(X, y)
-        except (ValueError, TypeError) as exc:
-            expected_error(exc)
-            return
-        check_fitted(model)
+        # a warm start from the fitted state (same shapes), then a fresh fit with the others
+        shapes = dict(n_classes=len(model.classes_), n_nuisances=len(model.nuisance_prior_))
+        for settings in (dict(warm_start=True, **shapes), dict(warm_start=False)):
+            try:
+                model.set_params(**settings).fit(X, y)
+            except (ValueError, TypeError) as exc:
+                expected_error(exc)
+                return
+            check_fitted(model)
