@@ -987,10 +987,13 @@ class RMM(ClassifierMixin, BaseEstimator):
         """The most probable class label.
 
         ``inference_`` (the fit's inference) ``"soft"``: ``argmax_c p(c | x)``. ``"hard"``:
-        the max-sum rule of DESIGN.md section 1, ``argmax_c max_g [ReLU(<w[c,g], x> + b[c,g]) + ln pi_c + ln pi_g]`` with
+        the max-sum rule of DESIGN.md section 1,
+        ``argmax_c max_g [ReLU(<w[c,g], x> + b[c,g]) + ln pi_c + ln pi_g]`` with
         ``w = mu / sigma^2`` and ``b = -||mu||^2 / (2 sigma^2) + ln(pi_a / (1 - pi_a))``
         (the ReLU is :func:`fastdrmm.ops.match_switch_pool` with ``leak=0``). Ties go to the
-        first class in ``classes_``.
+        first class in ``classes_``. Inputs so far from the model's scale that their
+        log-probabilities overflow float64 are a ValueError (never NaN probabilities), in
+        every prediction method.
         """
         X = self._check_X_fitted(X)
         scores = self._class_scores(X, self._fitted_params(), self._fitted_inference())
