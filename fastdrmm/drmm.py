@@ -692,6 +692,17 @@ class DRMM(ClassifierMixin, BaseEstimator):
     @_serial_blas
     def decision_function(self, X):
         """Class scores (N, n_classes): ``class_scale * <mu_c, f> + beta_c``."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self._raw_scores(X)
+        if not np.all(np.isfinite(out)):
+            rows = np.flatnonzero(~np.all(np.isfinite(out), axis=1))
+            peak = float(np.max(np.abs(np.asarray(X, np.float64)[rows])))
+            raise ValueError(f"the class scores of {rows.size} sample(s) of X overflow "
+                             f"{self.dtype_} (first: sample {rows[0]}, its values up to "
+                             f"{peak:.3g}); rescale X to the range the model was fitted on")
+        return out
+
+    def _raw_scores(self, X):
         out = None
         for sl, _, fw in self._bottom_up_batches(X):
             if out is None:
@@ -887,7 +898,24 @@ class DRMM(ClassifierMixin, BaseEstimator):
                           best_iteration=fitted["best_iteration"],
                           converged=fitted["converged"])
         model.user_metadata_ = meta.get("user")
+        model._check_probe_scores()
         return model
+
+    #: the largest image (in values) the load-time probe runs on
+    _PROBE_LIMIT = 1 << 20
+
+    def _check_probe_scores(self):
+        """Refuse parameters that are finite but so large that inference overflows: the
+        class scores of three probe images (zeros, halves, ones) must be finite."""
+        if int(np.prod(self.input_shape_)) > self._PROBE_LIMIT:
+            return
+        probe = np.ones((3, *self.input_shape_), _DTYPES[self.dtype_])
+        probe *= np.array([0.0, 0.5, 1.0], probe.dtype)[:, None, None, None]
+        with np.errstate(all="ignore"):
+            scores = self._raw_scores(probe)
+        if not np.all(np.isfinite(scores)):
+            raise _MetadataError("the parameters are finite but give non-finite class scores "
+                                 "on a probe image (values too large for the model's dtype)")
 
     def _read_checkpoint(self, path, net, data):
         """The training state of the checkpoint at ``path``, checked against these settings,

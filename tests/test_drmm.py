@@ -423,7 +423,8 @@ def test_a_small_drmm_learns_mnist():
                  batch_size=64, random_state=0, validation_fraction=0.1)
     model.fit(X[:2000], y[:2000])
     accuracy = model.score(Xt[:2000], yt[:2000])
-    assert accuracy > 0.5, accuracy  # chance is 0.1
+    # chance is 0.1; seeds 0, 1, 2 of this setting reach 0.732, 0.7245, 0.7705
+    assert accuracy > 0.70, accuracy
     assert model.validation_score_ == max(h["validation_accuracy"] for h in model.history_)
     assert model.history_[-1]["xent"] < model.history_[0]["xent"]
 
@@ -798,7 +799,8 @@ def test_parameter_values_are_checked_after_the_dtype_cast(rng, tmp_path):
              ({"switch_prior1": np.full(5, 1.5)}, "'switch_prior1'.*outside"),
              ({"noise_variance": np.array([1.0, -1.0])}, "'noise_variance' must be > 0"),
              ({"top_noise_variance": np.float64(0.0)}, "'top_noise_variance' must be > 0"),
-             ({"class_scale": np.float64(np.nan)}, "'class_scale' holds NaN")]
+             ({"class_scale": np.float64(np.nan)}, "'class_scale' holds NaN"),
+             ({"b0": np.full(4, 3e38, np.float32)}, "non-finite class scores on a probe")]
     for arrays, match in cases:
         bad = _rebuilt(path, tmp_path / "bad.npz", arrays=arrays)
         with pytest.raises(ValueError, match=f"bad.npz: not a valid saved DRMM: .*{match}"):
@@ -886,3 +888,12 @@ def test_inputs_too_large_for_the_dtype_are_refused_before_training(algorithm, r
         model.partial_fit(X * np.float32(1e20), y)
     assert not hasattr(model, "parameters_")
     model.set_params(dtype="float64").fit(X * 1e20, y, callback=lambda *a: None)
+
+
+def test_scores_that_overflow_are_an_error_not_nan(rng):
+    model, X, _ = fitted_small(rng)
+    huge = X.copy()
+    huge[1] *= np.float32(3e37)
+    with pytest.raises(ValueError, match="class scores of 1 sample.*sample 1.*up to 3"):
+        model.predict_proba(huge)
+    assert np.isfinite(model.predict_proba(X)).all()
