@@ -255,6 +255,63 @@ def _serial_blas(method):
 
 
 # --------------------------------------------------------------------------------------------
+# kernel compilation: said once, timed, and done before the first epoch
+
+
+class _CompileClock:
+    """Seconds Numba spends compiling (or loading from its disk cache) kernels, counted
+    from the outermost compile only (a kernel compiles the kernels it calls inside its own
+    compile). The first compile of the process is announced once, when ``announce``."""
+
+    announced = False
+
+    def __init__(self, announce=False):
+        self.seconds = 0.0
+        self.announce = announce
+        self._depth = 0
+        self._start = 0.0
+
+    def __enter__(self):
+        try:
+            from numba.core import event
+        except ImportError:  # no compile events to listen to: nothing is timed
+            self._listener = None
+            return self
+        clock = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                clock._started()
+
+            def on_end(self, ev):
+                clock._ended()
+
+        self._listener = Listener()
+        self._event = event
+        event.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        if self._listener is not None:
+            self._event.unregister("numba:compile", self._listener)
+        return False
+
+    def _started(self):
+        if self._depth == 0:
+            self._start = time.perf_counter()
+            if self.announce and not _CompileClock.announced:
+                _CompileClock.announced = True
+                _say("compiling the kernels for this model (the first run on a machine, and "
+                     "after an upgrade; they are cached on disk for later runs)...", True)
+        self._depth += 1
+
+    def _ended(self):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._start
+
+
+# --------------------------------------------------------------------------------------------
 # the estimator
 
 
@@ -1326,16 +1383,50 @@ class _Run:
 
     # -------------------------------------------------------------------------------- loop
 
+    def warm_up(self):
+        """Run every kind of kernel call of an epoch once on a tiny batch (two samples, a
+        labeled and an unlabeled one where there are both) so that the kernels compile (or
+        load from Numba's disk cache) before the first epoch and the epoch times measure
+        training. Kernels specialise on dtypes, dimensions and layouts, not on sizes, so a
+        tiny batch of the run's dtype compiles what the epochs use. Works on copies: the
+        run's parameters, optimizer and random streams are untouched."""
+        labeled = self.train[self.yidx[self.train] >= 0][:1]
+        unlabeled = self.train[self.yidx[self.train] < 0][:1]
+        rows = np.sort(np.concatenate([labeled, unlabeled]))
+        if rows.size < 2:
+            rows = self.train[:2]
+        if rows.size == 0:
+            return 0.0
+        model, net = self.model, self.net
+        params = {k: np.copy(v) for k, v in self.params.items()}
+        x, yidx = self.X[rows], self.yidx[rows]
+        with _CompileClock(announce=bool(self.verbose)) as clock, np.errstate(all="ignore"):
+            if model.algorithm == "eg":
+                _, _, grads, _ = eg_loss_and_grads(net, params, x, yidx, self.weights,
+                                                   buffers=StepBuffers())
+                optimizer = model._optimizer(net, params)
+                optimizer.step(params, grads, 1e-12, float(model.weight_decay))
+                params = {k: np.copy(v) for k, v in self.params.items()}
+            # validation and inference; the E-step (EM, and the priors refitted after EG)
+            net.bottom_up(params, x)
+            _em.e_step(net, params, x, yidx, 1.0, _em.Statistics(net), True)
+        if clock.seconds > 0.5:
+            _say(f"kernels ready in {clock.seconds:.1f} s", self.verbose)
+        return clock.seconds
+
     def loop(self):
         model = self.model
         if model.algorithm == "eg" and self.optimizer is None:
             self.optimizer = model._optimizer(self.net, self.params)
+        if self.epoch < int(model.max_iter) and not self.converged:
+            self.warm_up()
         while self.epoch < int(model.max_iter) and not self.converged:
             tic = time.perf_counter()
-            if model.algorithm == "eg":
-                record = self.eg_epoch(self.epoch)
-            else:
-                record = self.em_iteration()
+            with _CompileClock(announce=bool(self.verbose)) as clock:
+                if model.algorithm == "eg":
+                    record = self.eg_epoch(self.epoch)
+                else:
+                    record = self.em_iteration()
             self.epoch += 1
             record["epoch"] = self.epoch
             if self.validation_size:
@@ -1351,6 +1442,8 @@ class _Run:
                         model.n_iter_no_change):
                     self.converged = True
             record["time"] = time.perf_counter() - tic
+            if clock.seconds > 0.05:  # a kernel first used in this epoch (said, not hidden)
+                record["compile_time"] = clock.seconds
             if self.callback is not None:
                 extra = self.callback(self.snapshot(), record)
                 if isinstance(extra, dict):
@@ -1536,4 +1629,6 @@ def _epoch_line(record, total):
     if "validation_accuracy" in record:
         parts.append(f"val acc {record['validation_accuracy']:.4f}")
     parts.append(f"{record.get('time', 0.0):.1f} s")
+    if record.get("compile_time"):
+        parts.append(f"(of which {record['compile_time']:.1f} s compiling kernels)")
     return "  ".join(parts)

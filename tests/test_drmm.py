@@ -897,3 +897,52 @@ def test_scores_that_overflow_are_an_error_not_nan(rng):
     with pytest.raises(ValueError, match="class scores of 1 sample.*sample 1.*up to 3"):
         model.predict_proba(huge)
     assert np.isfinite(model.predict_proba(X)).all()
+
+
+_NO_COMPILE_IN_EPOCHS = r"""
+import sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from fastdrmm import DRMM, Layer, drmm
+
+def signatures():
+    out = set()
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith(("kernels", "fastdrmm")):
+            for value in list(vars(module).values()):
+                if isinstance(value, CPUDispatcher):
+                    out |= {(value.py_func.__qualname__, str(s)) for s in value.signatures}
+    return out
+
+seen = {}
+warm_up = drmm._Run.warm_up
+def recording_warm_up(self):
+    result = warm_up(self)
+    seen["warm"] = signatures()
+    return result
+drmm._Run.warm_up = recording_warm_up
+
+def callback(snapshot, record):
+    new = signatures() - seen["warm"]
+    assert not new, f"epoch {record['epoch']} used kernels the warm-up did not: {sorted(new)}"
+
+rng = np.random.default_rng(0)
+X = rng.random((40, 1, 12, 12)).astype(np.float32)
+y = rng.integers(0, 3, 40)
+y[rng.random(40) < 0.3] = -1
+y[:3] = np.arange(3)
+for algorithm in ("eg", "em"):
+    DRMM([Layer(4, 3, padding=1, pool=2), Layer(5, 3)], 3, algorithm=algorithm, max_iter=2,
+         batch_size=16, random_state=0, validation_fraction=0.2).fit(X, y, callback=callback)
+print("ok")
+"""
+
+
+def test_kernels_are_compiled_before_the_first_epoch():
+    """In a fresh process (its kernels compiled, or loaded from the disk cache, on first
+    use), every kernel signature the epochs use is first used by the warm-up."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _NO_COMPILE_IN_EPOCHS], capture_output=True,
+                          text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
