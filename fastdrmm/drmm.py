@@ -398,8 +398,15 @@ class DRMM(ClassifierMixin, BaseEstimator):
     layers_ : tuple of Layer
     input_shape_ : (C, H, W)
     classes_ : ndarray, ``arange(n_classes)``
+    algorithm_, top_, dtype_ : str
+        The settings the model was fitted with that inference reads: predictions depend
+        only on the fitted state (``set_params`` changes nothing until the next ``fit``;
+        ``partial_fit`` continues the fitted model and refuses a changed structure). Only
+        ``backend``, where the kernels run, is read at predict time.
     n_iter_ : int, epochs/iterations run
-    history_ : list of dict, one per epoch (loss terms, validation score, time, rate)
+    history_ : list of dict, one per epoch (loss terms, validation score, time, rate; and
+        ``compile_time``, the seconds of it spent compiling kernels, where there were any:
+        the kernels an epoch uses are compiled before the first one)
     objective_history_ : list of (before, after) EM objective around each M-step
     validation_score_ : float or None, best validation accuracy
     best_iteration_ : int, the epoch whose parameters were kept
@@ -947,7 +954,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
             net = _build_network(layers, fitted["input_shape"], fitted["n_classes"],
                                  model.backend, fitted["algorithm"], fitted["top"])
             values = _params_from_arrays(arrays, net, _DTYPES[fitted["dtype"]])
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise _MetadataError(str(exc)) from None
         model._set_fitted(net, values, n_iter=fitted["n_iter"], history=fitted["history"],
                           objective_history=fitted["objective_history"],
