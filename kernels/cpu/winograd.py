@@ -29,6 +29,14 @@ direct z is. But the kind can differ (inf - inf = NaN in the transforms where th
 has one inf), so any sample with a non-finite z is flagged and recomputed by the direct
 kernel; so is one whose transforms overflow. Non-finite templates or bias never come here.
 
+Accuracy: the transforms pair each input with the weights of other taps, so z's error is
+bounded by (C + 12) u sum_c sum_{a,b} K(a, b) |x_c,a| |w_kc,b| rather than by the classical
+u * sum |w||x| (a large input on a small or zero weight breaks the latter). Every call runs
+``screen``, an a-priori check of each 2x2 tile against the contract of ``kernels.contracts``
+(c = 256): matching recomputes directly the pooling windows that touch a flagged tile,
+match_at the units read there, render redoes flagged samples. On ordinary data nothing is
+flagged and the results are the kernel's own, bit for bit.
+
 The same kernel renders (``render``): the transposed correlation of the unpooled code is a
 correlation with the flipped, transposed templates, and the code is unpooled (times the
 switches) straight into the kernel's channel-last buffer; bias 0, leak 1 and pool 1 make the

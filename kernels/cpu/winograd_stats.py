@@ -15,6 +15,12 @@ number of chunks whose partial M are added in order: the result does not depend 
 thread count. A sample with a non-finite input, code or switch value (seen in V or W, where
 every value of the block shows up with a coefficient +-1) is left out and flagged; the caller
 computes its share with the exact kernels, so NaN/inf land where the reference puts them.
+
+Accuracy: the transforms pair code values with input values at other offsets, so B's error
+is bounded a priori by ``4 (T + 12) u sum_t SU SX`` (see ``certified``) rather than by the
+classical bound; the caller (``statistics.template_stats``) keeps Winograd's B only where
+that is within the contract of ``kernels.contracts`` for every entry (and takes this path
+only where x and the code keep one sign, where B cannot cancel), else the exact kernels'.
 """
 
 from __future__ import annotations
