@@ -381,8 +381,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
     verbose : int, default 0
         0 silent; 1 a progress bar per epoch and one line per epoch.
     checkpoint : str or None, default None
-        A file rewritten atomically after every epoch (parameters, optimizer state, history);
-        ``fit(..., resume=True)`` continues from it.
+        A file rewritten atomically after every epoch (parameters, optimizer state, history,
+        the identity of the training data); ``fit(..., resume=True)`` continues from it.
+        ``fit`` checks that it can be written (not a directory, in an existing writable
+        directory) before training.
     top : {"average", "full"}, default "average"
         How the class templates meet the top code: "average" (global average pooling, as in
         the paper's Conv-Small: a template of K_L numbers rendered on every top position) or
@@ -587,8 +589,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
         X : array (N, C, H, W)
         y : None (unsupervised) or array (N,) of class indices, -1 for unlabeled samples
         resume : bool, default False
-            Continue from ``self.checkpoint`` when that file exists (same model settings and
-            data shape required); the run then ends exactly as an uninterrupted one would.
+            Continue from ``self.checkpoint`` when that file exists (the same model settings
+            and the same data required: the checkpoint records the number of samples, the
+            shape and the sha256 of X and of y, and other data is a ValueError before any
+            training); the run then ends exactly as an uninterrupted one would.
         callback : callable or None
             Called after every epoch as ``callback(snapshot, record)``: ``snapshot`` is a
             fitted DRMM holding the current parameters (e.g. to score a test set), ``record``
