@@ -408,10 +408,20 @@ def test_the_package_names_still_resolve_lazily():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-def python_start_up_seconds():
-    tic = time.monotonic()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    return time.monotonic() - tic
+def wait_for_heavy_imports(proc, timeout=30):
+    """Wait until the child has begun importing NumPy (its extension is mapped), i.e. the
+    interpreter's own start-up is over and the command line's imports are under way; False
+    where /proc cannot tell."""
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "numpy" in maps.read_text():
+                return True
+        except OSError:
+            return False
+        time.sleep(0.01)
+    return False
 
 
 def launchers():
@@ -425,26 +435,26 @@ def launchers():
 
 @pytest.mark.parametrize("launcher", launchers(), ids=lambda argv: argv[-1])
 def test_ctrl_c_during_start_up_exits_130_with_one_line(launcher, tmp_path):
-    # from just after the interpreter's own start-up (before it, Python itself answers; on a
-    # loaded machine it varies, hence the margin) to the middle of the imports (seconds) and
-    # the first work
-    start = python_start_up_seconds()
-    for delay in sorted({round(3 * start, 2), 0.7, 1.2}):
+    # SIGINT as NumPy starts loading, then during the imports (seconds of them) and the first
+    # work; before the command line's first line runs, Python itself would answer
+    for extra in (0.0, 0.3, 0.8):
         proc = subprocess.Popen([*launcher, "demo", "--plot", ""],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=tmp_path,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
-            time.sleep(delay)
+            if not wait_for_heavy_imports(proc):
+                time.sleep(1.0)  # no /proc: a moment well after the interpreter's start-up
+            time.sleep(extra)
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        assert proc.returncode == 130, (delay, err)
-        assert "Traceback" not in err and len(err.splitlines()) <= 2, (delay, err)
-        assert "interrupted" in err, (delay, err)
+        assert proc.returncode == 130, (extra, err)
+        assert "Traceback" not in err and len(err.splitlines()) <= 2, (extra, err)
+        assert "interrupted" in err, (extra, err)
 
 
 # --------------------------------------------------------------------------------------------
