@@ -525,6 +525,10 @@ def test_output_paths_that_name_one_file_are_refused(trained, tmp_path, capsys):
                                  npy_path)
         assert_one_line_error(status, err, "--out and --npy name the same file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png"]
+    model_bytes = trained[0].read_bytes()
+    status, _, err = run_cli(capsys, "sample", trained[0], "--npy", trained[0])
+    assert_one_line_error(status, err, "MODEL and --npy name the same file")
+    assert trained[0].read_bytes() == model_bytes  # the input model is never written over
     status, _, err = run_cli(capsys, *one_epoch_tiny(tmp_path / "m.npz", "--checkpoint", link,
                                                      "--out", png))
     assert_one_line_error(status, err, "--out and --checkpoint name the same file")
