@@ -79,12 +79,6 @@ def fit_and_save(directory):
 
 
 KINDS = ["rmm", "drmm", "checkpoint"]
-# the models' checks of loaded values do not yet refuse every inconsistent file (reproducers:
-# the failing cases these tests print); the marks go once those checks are complete
-MODEL_CHECKS_INCOMPLETE = pytest.mark.xfail(
-    strict=False, reason="RMM/DRMM loading does not yet validate every metadata value and "
-                         "array value of a consistent file")
-MODEL_SIDE_KINDS = [pytest.param(kind, marks=MODEL_CHECKS_INCOMPLETE) for kind in KINDS]
 
 
 class Hang(Exception):
@@ -243,7 +237,7 @@ def edit_metadata(path_keys, action, value):
     return edit
 
 
-@pytest.mark.parametrize("kind", MODEL_SIDE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @campaign(60, **PHASES)
 @given(data=st.data())
 def test_campaign_metadata_values(saved, kind, data):
@@ -303,7 +297,7 @@ ARRAY_EDITS = st.one_of(
     st.tuples(st.just("shape"), st.sampled_from(["drop", "extra", "flat"])))
 
 
-@pytest.mark.parametrize("kind", MODEL_SIDE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @campaign(60, **PHASES)
 @given(data=st.data())
 def test_campaign_array_values(saved, kind, data):
