@@ -36,6 +36,39 @@ def test_a_huge_input_on_a_zero_weight_is_matched_exactly(big):
     check_match(x, w, b, h, idx, 0, 1, 1, 0.0)
 
 
+def _neighbour_pays_case(seed):
+    """Channel 0: a few large inputs on weights that are half zeros; channels 1..15: large
+    inputs with strong weights only on the rows and columns 3 and 7, so that they are zero on
+    some outputs' fields of a tile and not on the others'."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((2, 16, 8, 8), np.float32)
+    for n in range(2):
+        for _ in range(3):
+            big = rng.choice([-1, 1]) * 10.0 ** rng.uniform(0, 8)
+            x[n, 0, rng.integers(8), rng.integers(8)] = big
+        for c in range(1, 16):
+            for _ in range(2):
+                r, q = int(rng.choice([3, 7])), int(rng.integers(8))
+                if rng.random() < 0.5:
+                    r, q = q, r
+                x[n, c, r, q] = 10.0 ** rng.uniform(0, 8)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    w[:, 0][rng.random((8, 3, 3)) < 0.5] = 0
+    return x, w, np.zeros(8, np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_channel_zero_on_one_output_does_not_certify_it(seed):
+    # the screen's check must hold for each output of a tile: a channel that is zero on one
+    # output's field adds nothing to that output's room, so its large neighbours must not pay
+    # for channel 0's large input on a zero weight (a per-tile rule that left all-zero fields
+    # out passed such tiles and returned ~1e-4 where the exact z is 0)
+    x, w, b = _neighbour_pays_case(seed)
+    h, idx = matching.match_switch_pool(x, w, b, (0, 0), (1, 1), (1, 1), np.float32(1.0),
+                                        algorithm="winograd")
+    check_match(x, w, b, h, idx, 0, 1, 1, 1.0)
+
+
 def _one_hot_case(dtype, seed=0):
     rng = np.random.default_rng(seed)
     x = np.zeros((3, 16, 8, 8), dtype)

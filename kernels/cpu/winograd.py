@@ -852,8 +852,8 @@ def screen(x, templates, bias, padding, c=None):
 def _screen_tiles(x, ph, pw, th, tw, w1, wmin, bterm, flags):
     """flags[n, ti, tj, k] = not (sum_c fp[c] w1[c, k] <= bterm[k] + sum_c f1[c] wmin[c, k])
     with fp[c] the largest ka-weighted sum of |x_c| over the fields of the tile's four
-    outputs and f1[c] the smallest plain sum over those whose field is not all zero (an
-    all-zero field's z is exact). float64; a sample at a time, |x| copied into a zero-padded
+    outputs and f1[c] the smallest plain sum over them (an all-zero field included, see
+    ``_field_sums``). float64; a sample at a time, |x| copied into a zero-padded
     buffer; all in one pass (NumPy's BLAS took 30 ms for these small products next to the
     kernels' threads)."""
     n_, c_, hh, ww = x.shape
@@ -890,8 +890,15 @@ def _screen_tiles(x, ph, pw, th, tw, w1, wmin, bterm, flags):
 
 @njit(inline="always")
 def _field_sums(buf, c, r0, q0):
-    """(largest ka-weighted sum, smallest plain sum of the non-zero fields, 0 if none) over
-    the four 3x3 fields of the 4x4 block at (r0, q0) of channel c."""
+    """(largest ka-weighted sum, smallest plain sum) over the four 3x3 fields of the 4x4
+    block at (r0, q0) of channel c.
+
+    The smallest sum counts all-zero fields too (then it is 0): the tile's check must hold for
+    each of its four outputs, and a channel that is zero on one output's field adds nothing
+    to that output's room while its other fields could add to the tile's. Leaving zero fields
+    out let a channel with large inputs and strong weights next to an output pay for another
+    channel's large input on a zero weight inside it (errors of ~1e-4 where the exact z is
+    0). A channel whose whole block is zero is skipped by the caller (it adds to neither)."""
     big = 0.0
     small = np.inf
     for pi in range(2):
@@ -906,9 +913,9 @@ def _field_sums(buf, c, r0, q0):
                     s1 += v
             if not sp <= big:    # NaN wins
                 big = sp
-            if sp > 0 and s1 < small:
+            if not s1 >= small:   # NaN wins
                 small = s1
-    return big, (small if small < np.inf else 0.0)
+    return big, small
 
 
 @njit(inline="always")
