@@ -39,16 +39,21 @@ first row-major argmax): with ``bz`` the largest bound of z over the window,
 argmax only where the exact switched values at the two positions are within twice that bound
 of each other.
 
-Why the constants differ: the direct, GEMM and unit-by-unit kernels (and the NumPy
-reference) add the T products in some order, one rounding each, so the classical bound holds
-with c = 2 (``DIRECT``: gamma_T < 2 T u while T u < 1/2). The Winograd kernels (3x3 templates, F(2x2, 3x3)) pair each input
-value with the transformed weights of *other* taps; their error is bounded by
-``(C + 12) * u * sum_c sum_{a,b} K(a, b) |x_c,a| |w_c,b|`` (K: the transforms' coupling, at
-most 4 per pair), which exceeds the classical bound wherever a large input sits on a tiny or
-zero weight. They screen every 2x2 tile against the contract (``winograd.screen``) and
-compute the flagged ones directly, so their contract is the classical one with the
+Why the constants differ: the direct, GEMM and unit-by-unit kernels (and the NumPy reference)
+add the T products in some order, one rounding each, so the classical bound holds with c = 2
+(``DIRECT``: gamma_T < 2 T u while T u < 1/2). The Winograd kernels (3x3 templates, F(2x2,
+3x3)) pair each input value with the transformed weights of *other* taps; their error is
+bounded by ``(C + 12) * u * sum_c sum_{a,b} K(a, b) |x_c,a| |w_c,b|`` (K: the transforms'
+coupling, at most 4 per pair), which exceeds the classical bound wherever a large input sits on
+a tiny or zero weight. They screen every 2x2 tile against the contract (``winograd.screen``)
+and compute the flagged ones directly, so their contract is the classical one with the
 ``WINOGRAD`` constant: the screen's estimate is a priori (it cannot see the rounding errors
 cancel), and a larger constant lets it pass ordinary data with a margin.
+
+The cpu backend's automatic choice takes the Winograd kernels only where ``winograd.AUTO`` is
+set (off: with the screen they no longer pay, see there), so by default every op meets the
+``DIRECT`` constant; the table keeps the constants that hold whichever algorithm an op takes
+(``algorithm="winograd"`` or the modules' force switches included).
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ from fastdrmm import ops
 from fastdrmm.kernels.cpu import matching, winograd
 
 
+@pytest.fixture(autouse=True)
+def _winograd_in_the_automatic_choice(monkeypatch):
+    # these tests check the Winograd kernels and the rules by which the automatic choice
+    # takes them, so the choice may take them here (``winograd.AUTO`` is off by default)
+    monkeypatch.setattr(winograd, "AUTO", True)
+
+
 def _winograd(x, templates, bias, padding=0, pool=2, stride=None, leak=0.0):
     padding = (padding, padding) if np.isscalar(padding) else tuple(padding)
     pool = (pool, pool) if np.isscalar(pool) else tuple(pool)

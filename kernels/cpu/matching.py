@@ -244,7 +244,8 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak, algorithm
     if algorithm != "direct":
         from . import winograd  # imports this module's pieces
 
-        if algorithm == "winograd" or winograd.applies(x, templates, bias, padding):
+        if algorithm == "winograd" or (winograd.AUTO
+                                       and winograd.applies(x, templates, bias, padding)):
             if templates.shape[2:] != (3, 3):
                 raise ValueError("algorithm='winograd' needs 3x3 templates, got "
                                  f"{templates.shape[2]}x{templates.shape[3]}")
@@ -390,7 +391,7 @@ def match_at(x, templates, idx, padding, switches, algorithm="auto"):
 
         if algorithm == "auto":
             on = idx.size if switches is None else count_nonzero(switches)
-            use = winograd.match_at_applies(x, templates, padding, on)
+            use = winograd.AUTO and winograd.match_at_applies(x, templates, padding, on)
         else:
             use = True
         if use:

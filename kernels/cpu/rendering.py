@@ -476,7 +476,7 @@ def _use_winograd(code, templates, input_shape, padding):
     plane = (hh + 2 * padding[0] - 2) * (ww + 2 * padding[1] - 2)
     blocks = -(-hh // 2) * -(-ww // 2)
     cheaper = units < plane or blocks * 16 <= 0.9 * units * 9
-    return cheaper and winograd.render_applies(templates, padding)
+    return winograd.AUTO and cheaper and winograd.render_applies(templates, padding)
 
 
 def _render(code, idx, templates, input_shape, padding, switches):

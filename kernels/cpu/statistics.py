@@ -648,8 +648,10 @@ def _use_winograd(x, code, kernel_size, padding, switches=None):
         return False
     if _WINOGRAD:
         return True
-    from . import winograd_stats
+    from . import winograd, winograd_stats
 
+    if not winograd.AUTO:
+        return False
     plane = [s + 2 * p - 2 for s, p in zip(x.shape[2:], padding)]
     dense = code.shape[2] * code.shape[3] == plane[0] * plane[1]
     # mixed signs: B cancels, and Winograd's B could rarely be certified (``certified``)
