@@ -156,3 +156,18 @@ def raw_zip(entries):
     end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(entries), len(entries),
                       len(directory), len(body), 0)
     return bytes(body + directory + end)
+
+
+def peak_memory_of(call):
+    """(the exception ``call()`` raised or None, the peak bytes traced meanwhile)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        call()
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - handed back to the test
+        raised = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return raised, peak

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from archive_tools import peak_memory_of
 from campaign import MNIST_DIR, requires_mnist
 
 from fastdrmm import datasets
@@ -425,21 +426,6 @@ def gzip_bomb(prefix, n_zeros):
     parts.append(compressor.compress(bytes(n_zeros % len(block))))
     parts.append(compressor.flush())
     return b"".join(parts)
-
-
-def peak_memory_of(call):
-    """(the exception ``call()`` raised or None, the peak bytes traced meanwhile)."""
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        call()
-        raised = None
-    except Exception as exc:  # noqa: BLE001 - handed back to the test
-        raised = exc
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return raised, peak
 
 
 @pytest.mark.parametrize("verify", [True, False])

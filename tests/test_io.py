@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import fastdrmm
-from archive_tools import (alter_member, deflate_zeros, npy_bytes, raw_zip, read_members,
-                           rebuild_archive, write_archive)
+from archive_tools import (alter_member, deflate_zeros, npy_bytes, peak_memory_of, raw_zip,
+                           read_members, rebuild_archive, write_archive)
 from fastdrmm import io as fio
 
 
@@ -551,21 +551,6 @@ def test_matching_members_to_arrays_scans_no_list(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # zip bombs: refused before inflating, in bounded memory
-
-
-def peak_memory_of(call):
-    """(the exception ``call()`` raised or None, peak bytes traced meanwhile)."""
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        call()
-        raised = None
-    except Exception as exc:  # noqa: BLE001 - handed back to the test
-        raised = exc
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return raised, peak
 
 
 BOMB_BYTES = 256 << 20  # what the bomb members inflate to
