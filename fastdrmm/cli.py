@@ -373,6 +373,58 @@ def host_backend(requested):
 # demo
 
 
+class _CompileNotice:
+    """Say once, on ``out``, when Numba starts compiling kernels (the first run on a machine
+    spends most of its time there, silently otherwise), and count the seconds spent in the
+    outermost compiles (``seconds``)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.seconds = 0.0
+        self._said = False
+        self._depth = 0
+        self._start = 0.0
+        self._listener = None
+
+    def __enter__(self):
+        try:
+            from numba.core import event
+        except ImportError:  # no compile events to listen to: nothing to say
+            return self
+        notice = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                notice._started()
+
+            def on_end(self, ev):
+                notice._ended()
+
+        self._event = event
+        self._listener = Listener()
+        event.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        if self._listener is not None:
+            self._event.unregister("numba:compile", self._listener)
+        return False
+
+    def _started(self):
+        if self._depth == 0:
+            self._start = time.perf_counter()
+            if not self._said:
+                self._said = True
+                print("compiling the kernels (once per machine: Numba caches them on disk; "
+                      "a few minutes)...", file=self.out, flush=True)
+        self._depth += 1
+
+    def _ended(self):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._start
+
+
 def run_demo(args, out=None):
     import numpy as np
     from sklearn.model_selection import train_test_split
@@ -405,7 +457,25 @@ def run_demo(args, out=None):
     model = RMM(n_classes=10, n_nuisances=args.n_nuisances, inference=args.inference,
                 max_iter=args.max_iter, unlabeled_weight=args.unlabeled_weight,
                 random_state=args.seed, backend=args.backend)
-    start = time.perf_counter()
+    with _CompileNotice(out) as compiling:
+        accuracy = _demo_rmm(args, model, x_train, y_fit, x_test, y_test, out, compiling)
+        if args.drmm_epochs:
+            _demo_drmm(args, x_train.astype(np.float32), y_fit, x_test.astype(np.float32),
+                       y_test, out, compiling)
+    return accuracy
+
+
+def _compiled(compiling, before):
+    """' (of which N s compiling kernels)' where this part compiled any, else ''."""
+    seconds = compiling.seconds - before
+    return f" (of which {seconds:.1f} s compiling kernels)" if seconds >= 0.1 else ""
+
+
+def _demo_rmm(args, model, x_train, y_fit, x_test, y_test, out, compiling):
+    """The shallow model: EM, its log-likelihood per iteration, the held-out accuracy."""
+    import numpy as np
+
+    start, before = time.perf_counter(), compiling.seconds
     model.fit(x_train, y_fit)
     seconds = time.perf_counter() - start
     print("iteration  log-likelihood per sample", file=out)
@@ -414,7 +484,8 @@ def run_demo(args, out=None):
     status = "converged" if model.converged_ else "stopped at max_iter"
     # RMM.score is the mean log-likelihood (as GaussianMixture's), so accuracy is computed here
     accuracy = float(np.mean(model.predict(x_test) == y_test))
-    print(f"EM {status} after {model.n_iter_} iterations in {seconds:.2f} s", file=out)
+    print(f"EM {status} after {model.n_iter_} iterations in {seconds:.2f} s"
+          f"{_compiled(compiling, before)}", file=out)
     print(f"held-out accuracy: {accuracy:.4f}", file=out)
     if args.plot:
         path = plot_templates(model, args.plot)
@@ -423,13 +494,10 @@ def run_demo(args, out=None):
         else:
             print("matplotlib is not installed: no template picture "
                   "(pip install 'fastdrmm[plot]')", file=out)
-    if args.drmm_epochs:
-        _demo_drmm(args, x_train.astype(np.float32), y_fit, x_test.astype(np.float32), y_test,
-                   out)
     return accuracy
 
 
-def _demo_drmm(args, x_train, y_fit, x_test, y_test, out):
+def _demo_drmm(args, x_train, y_fit, x_test, y_test, out, compiling):
     """The deep model on the same split: two small layers, EG, test accuracy every epoch."""
     import numpy as np
 
@@ -448,12 +516,13 @@ def _demo_drmm(args, x_train, y_fit, x_test, y_test, out):
               f"{accuracy:.4f}  ({record['time']:.1f} s)", file=out)
         return {"test_accuracy": accuracy}
 
-    start = time.perf_counter()
+    start, before = time.perf_counter(), compiling.seconds
     model.fit(x_train, y_fit, callback=report)
     seconds = time.perf_counter() - start
     error = float(np.mean((model.reconstruct(x_test) - x_test) ** 2))
-    print(f"DRMM held-out accuracy: {model.score(x_test, y_test):.4f} after {seconds:.1f} s; "
-          f"top-down reconstruction error {error:.4f} per pixel", file=out)
+    print(f"DRMM held-out accuracy: {model.score(x_test, y_test):.4f} after {seconds:.1f} s"
+          f"{_compiled(compiling, before)}; top-down reconstruction error {error:.4f} per "
+          "pixel", file=out)
 
 
 def plot_templates(model, path):

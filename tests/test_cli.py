@@ -35,6 +35,21 @@ def test_demo_runs_and_reports(tmp_path):
     assert picture.exists() and picture.stat().st_size > 1000
 
 
+def test_kernel_compilation_is_announced_once_and_timed():
+    import numba
+
+    out = io.StringIO()
+    with cli._CompileNotice(out) as compiling:
+        assert numba.njit(lambda a: a + 1)(1) == 2
+        assert numba.njit(lambda a: a * 3)(2) == 6
+    assert out.getvalue().count("compiling the kernels") == 1
+    assert compiling.seconds > 0
+    quiet = io.StringIO()
+    with cli._CompileNotice(quiet) as idle:
+        pass
+    assert quiet.getvalue() == "" and idle.seconds == 0
+
+
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_demo_semi_supervised(tmp_path):
     out = io.StringIO()
