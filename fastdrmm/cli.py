@@ -373,58 +373,6 @@ def host_backend(requested):
 # demo
 
 
-class _CompileNotice:
-    """Say once, on ``out``, when Numba starts compiling kernels (the first run on a machine
-    spends most of its time there, silently otherwise), and count the seconds spent in the
-    outermost compiles (``seconds``)."""
-
-    def __init__(self, out):
-        self.out = out
-        self.seconds = 0.0
-        self._said = False
-        self._depth = 0
-        self._start = 0.0
-        self._listener = None
-
-    def __enter__(self):
-        try:
-            from numba.core import event
-        except ImportError:  # no compile events to listen to: nothing to say
-            return self
-        notice = self
-
-        class Listener(event.Listener):
-            def on_start(self, ev):
-                notice._started()
-
-            def on_end(self, ev):
-                notice._ended()
-
-        self._event = event
-        self._listener = Listener()
-        event.register("numba:compile", self._listener)
-        return self
-
-    def __exit__(self, *exc):
-        if self._listener is not None:
-            self._event.unregister("numba:compile", self._listener)
-        return False
-
-    def _started(self):
-        if self._depth == 0:
-            self._start = time.perf_counter()
-            if not self._said:
-                self._said = True
-                print("compiling the kernels (once per machine: Numba caches them on disk; "
-                      "a few minutes)...", file=self.out, flush=True)
-        self._depth += 1
-
-    def _ended(self):
-        self._depth -= 1
-        if self._depth == 0:
-            self.seconds += time.perf_counter() - self._start
-
-
 def run_demo(args, out=None):
     import numpy as np
     from sklearn.model_selection import train_test_split
@@ -457,7 +405,9 @@ def run_demo(args, out=None):
     model = RMM(n_classes=10, n_nuisances=args.n_nuisances, inference=args.inference,
                 max_iter=args.max_iter, unlabeled_weight=args.unlabeled_weight,
                 random_state=args.seed, backend=args.backend)
-    with _CompileNotice(out) as compiling:
+    from ._compiling import CompileClock
+
+    with CompileClock(lambda line: print(line, file=out, flush=True)) as compiling:
         accuracy = _demo_rmm(args, model, x_train, y_fit, x_test, y_test, out, compiling)
         if args.drmm_epochs:
             _demo_drmm(args, x_train.astype(np.float32), y_fit, x_test.astype(np.float32),

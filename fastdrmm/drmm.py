@@ -102,6 +102,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from . import _em, io, ops
+from ._compiling import CompileClock
 from ._validation import check_int as _check_int
 from ._validation import check_real as _check_real
 from ._network import (LossWeights, Network, eg_loss_and_grads, softmax, trainable_names,
@@ -240,6 +241,11 @@ def _say(message, enabled):
         print(message, flush=True)
 
 
+def _announcer(enabled):
+    """What a CompileClock says its line with: ``_say`` where verbose, else nothing."""
+    return (lambda message: _say(message, True)) if enabled else None
+
+
 def _serial_blas(method):
     """Run ``method`` with NumPy's BLAS on one thread.
 
@@ -252,63 +258,6 @@ def _serial_blas(method):
         with threadpool_limits(limits=1, user_api="blas"):
             return method(*args, **kwargs)
     return wrapper
-
-
-# --------------------------------------------------------------------------------------------
-# kernel compilation: said once, timed, and done before the first epoch
-
-
-class _CompileClock:
-    """Seconds Numba spends compiling (or loading from its disk cache) kernels, counted
-    from the outermost compile only (a kernel compiles the kernels it calls inside its own
-    compile). The first compile of the process is announced once, when ``announce``."""
-
-    announced = False
-
-    def __init__(self, announce=False):
-        self.seconds = 0.0
-        self.announce = announce
-        self._depth = 0
-        self._start = 0.0
-
-    def __enter__(self):
-        try:
-            from numba.core import event
-        except ImportError:  # no compile events to listen to: nothing is timed
-            self._listener = None
-            return self
-        clock = self
-
-        class Listener(event.Listener):
-            def on_start(self, ev):
-                clock._started()
-
-            def on_end(self, ev):
-                clock._ended()
-
-        self._listener = Listener()
-        self._event = event
-        event.register("numba:compile", self._listener)
-        return self
-
-    def __exit__(self, *exc):
-        if self._listener is not None:
-            self._event.unregister("numba:compile", self._listener)
-        return False
-
-    def _started(self):
-        if self._depth == 0:
-            self._start = time.perf_counter()
-            if self.announce and not _CompileClock.announced:
-                _CompileClock.announced = True
-                _say("compiling the kernels for this model (the first run on a machine, and "
-                     "after an upgrade; they are cached on disk for later runs)...", True)
-        self._depth += 1
-
-    def _ended(self):
-        self._depth -= 1
-        if self._depth == 0:
-            self.seconds += time.perf_counter() - self._start
 
 
 # --------------------------------------------------------------------------------------------
@@ -1411,7 +1360,7 @@ class _Run:
         model, net = self.model, self.net
         params = {k: np.copy(v) for k, v in self.params.items()}
         x, yidx = self.X[rows], self.yidx[rows]
-        with _CompileClock(announce=bool(self.verbose)) as clock, np.errstate(all="ignore"):
+        with CompileClock(_announcer(self.verbose)) as clock, np.errstate(all="ignore"):
             if model.algorithm == "eg":
                 _, _, grads, _ = eg_loss_and_grads(net, params, x, yidx, self.weights,
                                                    buffers=StepBuffers())
@@ -1433,7 +1382,7 @@ class _Run:
             self.warm_up()
         while self.epoch < int(model.max_iter) and not self.converged:
             tic = time.perf_counter()
-            with _CompileClock(announce=bool(self.verbose)) as clock:
+            with CompileClock(_announcer(self.verbose)) as clock:
                 if model.algorithm == "eg":
                     record = self.eg_epoch(self.epoch)
                 else:

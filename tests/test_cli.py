@@ -35,19 +35,25 @@ def test_demo_runs_and_reports(tmp_path):
     assert picture.exists() and picture.stat().st_size > 1000
 
 
-def test_kernel_compilation_is_announced_once_and_timed():
+def test_kernel_compilation_is_announced_once_and_timed(monkeypatch):
     import numba
 
-    out = io.StringIO()
-    with cli._CompileNotice(out) as compiling:
+    from fastdrmm._compiling import CompileClock
+
+    monkeypatch.setattr(CompileClock, "announced", False)
+    lines = []
+    with CompileClock(lines.append) as compiling:
         assert numba.njit(lambda a: a + 1)(1) == 2
         assert numba.njit(lambda a: a * 3)(2) == 6
-    assert out.getvalue().count("compiling the kernels") == 1
+    assert lines == ["compiling the kernels (once per machine: Numba caches them on disk; "
+                     "a few minutes)..."]
     assert compiling.seconds > 0
-    quiet = io.StringIO()
-    with cli._CompileNotice(quiet) as idle:
+    with CompileClock(lines.append) as again:   # once per process
+        assert numba.njit(lambda a: a - 1)(1) == 0
+    assert len(lines) == 1 and again.seconds > 0
+    with CompileClock(lines.append) as idle:
         pass
-    assert quiet.getvalue() == "" and idle.seconds == 0
+    assert idle.seconds == 0
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
