@@ -14,44 +14,8 @@ def _pair(p):
 
 
 def match_switch_pool(x, templates, bias, padding=0, pool=2, stride=None, leak=0.0):
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(templates, dtype=np.float64)
-    ph, pw = _pair(padding)
-    pool = _pair(pool)
-    stride = pool if stride is None else _pair(stride)
-    n_, c_, h_, w_ = x.shape
-    k_, _, kh, kw = w.shape
-    ho, wo = h_ + 2 * ph - kh + 1, w_ + 2 * pw - kw + 1
-    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
-
-    def y_at(n, k, i, j):
-        z = float(bias[k])
-        for c in range(c_):
-            for u in range(kh):
-                for v in range(kw):
-                    r, s = i + u - ph, j + v - pw
-                    # padded positions hold a real zero: a NaN template tap still poisons z
-                    xv = x[n, c, r, s] if (0 <= r < h_ and 0 <= s < w_) else 0.0
-                    z += w[k, c, u, v] * xv
-        if z > 0 or math.isnan(z):
-            return z
-        return 0.0 if leak == 0 else leak * z
-
-    h = np.empty((n_, k_, hp, wp))
-    idx = np.empty((n_, k_, hp, wp), dtype=np.int64)
-    for n in range(n_):
-        for k in range(k_):
-            for p in range(hp):
-                for q in range(wp):
-                    best, where = None, None
-                    for a in range(pool[0]):
-                        for b in range(pool[1]):
-                            i, j = p * stride[0] + a, q * stride[1] + b
-                            val = y_at(n, k, i, j)
-                            if best is None or (not math.isnan(best) and (val > best or math.isnan(val))):
-                                best, where = val, i * wo + j
-                    h[n, k, p, q], idx[n, k, p, q] = best, where
-    return h, idx
+    """The fused op from its definition: the switched plane, then each window's first max."""
+    return pool_first_max(switched_plane(x, templates, bias, padding, leak), pool, stride)
 
 
 def unpool(code, idx, plane_shape, switches=None):

@@ -271,17 +271,14 @@ def test_a_real_sigint_exits_130_with_the_checkpoint_intact(tmp_path):
                              str(tmp_path / "m.npz")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
+
+    def after_the_first_checkpoint():
         deadline = time.monotonic() + 60
         while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ckpt.exists(), proc.communicate()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    err = interrupt_when(proc, after_the_first_checkpoint)
     assert proc.returncode == 130, err
     assert f"the last checkpoint, {ckpt} (epoch" in err and "Traceback" not in err
     assert fastdrmm.load(ckpt).n_iter_ >= 1  # complete and checked
@@ -445,6 +442,19 @@ def wait_for_heavy_imports(proc, timeout=30):
     return False
 
 
+def interrupt_when(proc, ready):
+    """Wait with ``ready()``, send ``proc`` SIGINT and return its stderr; the process never
+    outlives the call (killed if it did not end)."""
+    try:
+        ready()
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def launchers():
     """``python -m fastdrmm``, and the console script where it is installed beside Python."""
     found = [[sys.executable, "-m", "fastdrmm"]]
@@ -463,16 +473,13 @@ def test_ctrl_c_during_start_up_exits_130_with_one_line(launcher, tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=tmp_path,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
+
+        def during_start_up():
             if not wait_for_heavy_imports(proc):
                 time.sleep(1.0)  # no /proc: a moment well after the interpreter's start-up
             time.sleep(extra)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+
+        err = interrupt_when(proc, during_start_up)
         assert proc.returncode == 130, (extra, err)
         assert "Traceback" not in err and len(err.splitlines()) <= 2, (extra, err)
         assert "interrupted" in err, (extra, err)
