@@ -8,9 +8,10 @@ C-contiguous arrays of one floating dtype with consistent shapes.
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
 
 import numpy as np
+
+from .kernels.geometry import Geometry
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -157,16 +158,8 @@ def as_switches(switches, shape, dtype):
     return np.ascontiguousarray(switches, dtype=dtype)
 
 
-class MatchGeometry(NamedTuple):
-    padding: tuple
-    pool: tuple
-    stride: tuple
-    plane: tuple  # (Ho, Wo): the correlation plane
-    pooled: tuple  # (Hp, Wp)
-
-
 def match_geometry(input_hw, kernel_hw, padding, pool, stride):
-    """Sizes of the matching plane and the pooled grid, with errors naming the argument."""
+    """The Geometry of a pooled matching, with errors naming the argument."""
     padding = pair(padding, "padding", minimum=0)
     pool = pair(pool, "pool", minimum=1)
     stride = pool if stride is None else pair(stride, "stride", minimum=1)
@@ -174,7 +167,16 @@ def match_geometry(input_hw, kernel_hw, padding, pool, stride):
     if pool[0] > plane[0] or pool[1] > plane[1]:
         raise ValueError(f"pool {pool} is larger than the matching plane {plane}")
     pooled = ((plane[0] - pool[0]) // stride[0] + 1, (plane[1] - pool[1]) // stride[1] + 1)
-    return MatchGeometry(padding, pool, stride, plane, pooled)
+    return Geometry(tuple(input_hw), tuple(kernel_hw), padding, plane, pool, stride, pooled)
+
+
+def units_geometry(input_hw, kernel_hw, padding, units):
+    """The Geometry of an op that reads or writes given positions of the matching plane
+    (match_at, render, template_stats): no pooling, units on the (Hp, Wp) grid ``units``."""
+    padding = pair(padding, "padding", minimum=0)
+    plane = plane_shape_of(input_hw, kernel_hw, padding)
+    return Geometry(tuple(input_hw), tuple(kernel_hw), padding, plane, (1, 1), (1, 1),
+                    tuple(units))
 
 
 def plane_shape_of(input_hw, kernel_hw, padding):

@@ -165,8 +165,7 @@ def match_switch_pool(x, templates, bias, *, padding=0, pool=2, stride=None, lea
         raise ValueError(f"bias must have shape ({templates.shape[0]},), got {tuple(bias.shape)}")
     geometry = v.match_geometry(x.shape[2:], templates.shape[2:], padding, pool, stride)
     leak = v.check_leak(leak)
-    return io.module.match_switch_pool(x, templates, bias, geometry.padding, geometry.pool,
-                                       geometry.stride, leak)
+    return io.module.match_switch_pool(x, templates, bias, geometry, leak)
 
 
 def match_at(x, templates, idx, *, padding=0, switches=None, check_idx=True, backend="auto"):
@@ -201,14 +200,13 @@ def match_at(x, templates, idx, *, padding=0, switches=None, check_idx=True, bac
     io = _Inputs(backend, (x, templates, idx, switches))
     x, templates = _image_and_templates(io, x, templates)
     dtype = np.dtype(x.dtype)
-    padding = v.pair(padding, "padding", minimum=0)
-    plane = v.plane_shape_of(x.shape[2:], templates.shape[2:], padding)
     idx_obj = io.array(idx, "idx")
     v.check_ndim(idx_obj, "idx", 4, "(N, K, Hp, Wp)")
+    geometry = v.units_geometry(x.shape[2:], templates.shape[2:], padding, idx_obj.shape[2:])
     shape = (x.shape[0], templates.shape[0], *idx_obj.shape[2:])
-    idx = io.index(idx_obj, shape, plane, check_idx)
+    idx = io.index(idx_obj, shape, geometry.plane, check_idx)
     switches = io.switches(switches, shape, dtype)
-    return io.module.match_at(x, templates, idx, padding, switches)
+    return io.module.match_at(x, templates, idx, geometry, switches)
 
 
 def unpool(code, idx, plane_shape, *, switches=None, check_idx=True, backend="auto"):
@@ -241,11 +239,10 @@ def render(code, idx, templates, input_shape, *, padding=0, switches=None, check
             f"templates hold {templates.shape[0]} templates but code has {code.shape[1]} channels"
         )
     input_shape = v.pair(input_shape, "input_shape", minimum=1)
-    padding = v.pair(padding, "padding", minimum=0)
-    plane = v.plane_shape_of(input_shape, templates.shape[2:], padding)
-    idx = io.index(idx, code.shape, plane, check_idx)
+    geometry = v.units_geometry(input_shape, templates.shape[2:], padding, code.shape[2:])
+    idx = io.index(idx, code.shape, geometry.plane, check_idx)
     switches = io.switches(switches, code.shape, code.dtype)
-    return io.module.render(code, idx, templates, input_shape, padding, switches)
+    return io.module.render(code, idx, templates, geometry, switches)
 
 
 def template_stats(x, code, idx, kernel_size, *, padding=0, switches=None, gram=True,
@@ -262,10 +259,9 @@ def template_stats(x, code, idx, kernel_size, *, padding=0, switches=None, gram=
     if code.shape[0] != x.shape[0]:
         raise ValueError(f"code holds {code.shape[0]} samples but x holds {x.shape[0]}")
     kernel_size = v.pair(kernel_size, "kernel_size", minimum=1)
-    padding = v.pair(padding, "padding", minimum=0)
-    plane = v.plane_shape_of(x.shape[2:], kernel_size, padding)
-    idx = io.index(idx, code.shape, plane, check_idx)
+    geometry = v.units_geometry(x.shape[2:], kernel_size, padding, code.shape[2:])
+    idx = io.index(idx, code.shape, geometry.plane, check_idx)
     switches = io.switches(switches, code.shape, dtype)
     if not isinstance(gram, (bool, np.bool_)):
         raise TypeError(f"gram must be True or False, got {gram!r}")
-    return io.module.template_stats(x, code, idx, kernel_size, padding, switches, bool(gram))
+    return io.module.template_stats(x, code, idx, geometry, switches, bool(gram))

@@ -13,6 +13,7 @@ must come back as the same kind (NaN where NaN, the same infinity).
 from __future__ import annotations
 
 import numpy as np
+from fastdrmm._validation import units_geometry
 from fastdrmm.kernels.contracts import CONSTANTS, unit_roundoff
 from fastdrmm.kernels.numpy import matching as ref_matching
 from fastdrmm.kernels.numpy import rendering as ref_rendering
@@ -123,11 +124,12 @@ def check_render(code, idx, templates, input_shape, switches, r, padding, pool, 
     c = CONSTANTS["render"] if c is None else c
     pad = _pair(padding)
     k, _, kh, kw = np.shape(templates)
-    exact = ref_rendering.render(_f64(code), np.asarray(idx), _f64(templates),
-                                 tuple(input_shape), pad, _f64(switches))
+    geometry = units_geometry(tuple(input_shape), (kh, kw), pad, np.shape(code)[2:])
+    exact = ref_rendering.render(_f64(code), np.asarray(idx), _f64(templates), geometry,
+                                 _f64(switches))
     with np.errstate(invalid="ignore", over="ignore"):
-        s = ref_rendering.render(_abs64(code), np.asarray(idx), _abs64(templates),
-                                 tuple(input_shape), pad, _abs64(switches))
+        s = ref_rendering.render(_abs64(code), np.asarray(idx), _abs64(templates), geometry,
+                                 _abs64(switches))
     terms = k * kh * kw + _collisions(pool, stride)
     assert_within(r, exact, _scale(np.asarray(code).dtype, terms, c, s), "render")
 
@@ -137,7 +139,7 @@ def check_stats(x, code, idx, kernel_size, switches, got, padding, pool, stride,
     ks = _pair(kernel_size)
     n, _, hh, ww = np.shape(x)
     ho, wo = hh + 2 * pad[0] - ks[0] + 1, ww + 2 * pad[1] - ks[1] + 1
-    args = (np.asarray(idx), ks, pad)
+    args = (np.asarray(idx), units_geometry((hh, ww), ks, pad, np.shape(code)[2:]))
     exact = ref_statistics.template_stats(_f64(x), _f64(code), *args, _f64(switches), gram)
     with np.errstate(invalid="ignore", over="ignore"):
         s = ref_statistics.template_stats(_abs64(x), _abs64(code), *args, _abs64(switches),

@@ -10,6 +10,7 @@ import pytest
 from contract_checks import check_match, check_match_at, check_render, check_stats
 
 from fastdrmm import ops
+from fastdrmm._validation import match_geometry, units_geometry
 from fastdrmm.kernels.cpu import matching, rendering, statistics, winograd
 
 
@@ -30,7 +31,8 @@ def test_a_huge_input_on_a_zero_weight_is_matched_exactly(big):
     for backend in ("cpu", "numpy"):
         h, _ = ops.match_switch_pool(x, w, b, pool=1, backend=backend)
         assert h[0, 0, 1, 1] == expected, backend
-    h, idx = matching.match_switch_pool(x, w, b, (0, 0), (1, 1), (1, 1), 0.0,
+    h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (0, 0), (1, 1), (1, 1)),
+                                        0.0,
                                         algorithm="winograd")
     assert h[0, 0, 1, 1] == expected
     check_match(x, w, b, h, idx, 0, 1, 1, 0.0)
@@ -64,7 +66,8 @@ def test_a_channel_zero_on_one_output_does_not_certify_it(seed):
     # for channel 0's large input on a zero weight (a per-tile rule that left all-zero fields
     # out passed such tiles and returned ~1e-4 where the exact z is 0)
     x, w, b = _neighbour_pays_case(seed)
-    h, idx = matching.match_switch_pool(x, w, b, (0, 0), (1, 1), (1, 1), np.float32(1.0),
+    h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (0, 0), (1, 1), (1, 1)),
+                                        np.float32(1.0),
                                         algorithm="winograd")
     check_match(x, w, b, h, idx, 0, 1, 1, 1.0)
 
@@ -86,7 +89,8 @@ def test_a_single_input_on_a_zero_weight_gives_an_exact_zero(dtype):
     # product, which the contract bounds by a few ulps; Winograd's rounded transforms did not
     # cancel (|err| ~ u * sum |w|)
     x, w, b = _one_hot_case(dtype)
-    h, idx = matching.match_switch_pool(x, w, b, (1, 1), (1, 1), (1, 1), 1.0,
+    h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (1, 1), (1, 1), (1, 1)),
+                                        1.0,
                                         algorithm="winograd")
     check_match(x, w, b, h, idx, 1, 1, 1, 1.0)
 
@@ -120,7 +124,8 @@ def test_matching_meets_its_contract(algorithm, kind, dtype):
     w = _templates(kind, (16, 16, 3, 3), rng, dtype)
     b = (0.1 * rng.standard_normal(16)).astype(dtype)
     for pool, stride, leak in (((2, 2), (2, 2), 0.0), ((1, 1), (1, 1), 0.25)):
-        h, idx = matching.match_switch_pool(x, w, b, (1, 1), pool, stride, leak,
+        h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (1, 1), pool, stride),
+                                        leak,
                                             algorithm=algorithm)
         check_match(x, w, b, h, idx, 1, pool, stride, leak)
 
@@ -136,7 +141,8 @@ def test_match_at_meets_its_contract(algorithm, kind, dtype):
                                    backend="numpy")
     sw = (rng.random(idx.shape) < 0.7).astype(dtype)
     for switches in (None, sw):
-        out = matching.match_at(x, w, idx, (1, 1), switches, algorithm=algorithm)
+        out = matching.match_at(x, w, idx, units_geometry(x.shape[2:], w.shape[2:], (1, 1), idx.shape[2:]),
+                                switches, algorithm=algorithm)
         check_match_at(x, w, idx, switches, out, 1)
 
 

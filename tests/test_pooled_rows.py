@@ -6,6 +6,7 @@ import pytest
 
 from checks import DTYPES, assert_pooling_matches, random_layer
 from fastdrmm import ops
+from fastdrmm._validation import match_geometry
 from fastdrmm.kernels.cpu import matching, pooled_rows
 from fastdrmm.kernels.cpu._common import lanes
 
@@ -114,8 +115,9 @@ def test_non_contiguous_input(monkeypatch, dtype, rng):
     got = {}
     for force, data in ((True, view), (False, view), (True, np.ascontiguousarray(view))):
         monkeypatch.setattr(matching, "_POOLED_ROWS", force)
-        got[force, data is view] = matching.match_switch_pool(data, templates, bias, (1, 1),
-                                                              (2, 2), (2, 2), 0.0)
+        got[force, data is view] = matching.match_switch_pool(
+            data, templates, bias,
+            match_geometry(data.shape[2:], templates.shape[2:], (1, 1), (2, 2), (2, 2)), 0.0)
     assert_same_bits(got[True, True], got[False, True])
     assert_same_bits(got[True, True], got[True, False])
 

@@ -16,6 +16,17 @@ from checks import (DTYPES, assert_pooling_matches, assert_same_non_finite, chec
                     host_runner, random_layer)
 from fastdrmm import ops
 from fastdrmm.kernels.cpu import matching, winograd
+from fastdrmm._validation import match_geometry, units_geometry
+
+
+def _contract(x, templates, padding, pool, stride, leak):
+    """(geometry, leak): the backend contract's arguments of a pooled matching."""
+    return match_geometry(x.shape[2:], templates.shape[2:], padding, pool, stride), leak
+
+
+def _units(x, templates, idx, padding):
+    """The backend contract's geometry of match_at on the positions idx."""
+    return units_geometry(x.shape[2:], templates.shape[2:], padding, idx.shape[2:])
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +41,8 @@ def _winograd(x, templates, bias, padding=0, pool=2, stride=None, leak=0.0):
     pool = (pool, pool) if np.isscalar(pool) else tuple(pool)
     stride = pool if stride is None else ((stride, stride) if np.isscalar(stride)
                                           else tuple(stride))
-    return matching.match_switch_pool(x, templates, bias, padding, pool, stride, leak,
+    return matching.match_switch_pool(x, templates, bias,
+                                      *_contract(x, templates, padding, pool, stride, leak),
                                       algorithm="winograd")
 
 
@@ -94,9 +106,9 @@ def test_only_the_samples_with_non_finite_values_are_redone(rng):
     x[2, 1, 4, 4] = np.nan
     x[3, 0, 0, 0] = -np.inf
     geometry = ((1, 1), (2, 2), (2, 2), 0.0)
-    h, idx = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="winograd")
+    h, idx = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="winograd")
     wh, widx, redo = winograd.match_switch_pool(x, templates, bias, *geometry)
-    dh, didx = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="direct")
+    dh, didx = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="direct")
     np.testing.assert_array_equal(redo, [0, 0, 1, 1])
     np.testing.assert_array_equal(h[:2], wh[:2])        # Winograd's own results kept ...
     np.testing.assert_array_equal(idx[:2], widx[:2])
@@ -112,8 +124,8 @@ def test_overflow_in_the_transforms_is_redone():
     x[:, :, 0, 0], x[:, :, 2, 0] = 3e38, -3e38
     templates *= np.float32(1e-3)
     geometry = ((0, 0), (2, 2), (2, 2), 0.0)
-    got = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="winograd")
-    want = matching.match_switch_pool(x, templates, bias, *geometry, algorithm="direct")
+    got = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="winograd")
+    want = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="direct")
     assert np.isfinite(want[0]).all()
     assert winograd.match_switch_pool(x, templates, bias, *geometry)[2].all()
     np.testing.assert_array_equal(got[0], want[0])
@@ -182,7 +194,8 @@ def test_the_automatic_choice(rng):
     """Winograd for 3x3 layers with >= 16 channels and templates and finite parameters."""
     x, templates, bias = random_layer(rng, np.float32, 2, 16, 10, 10, 16, 3, 3)
     assert winograd.applies(x, templates, bias)
-    auto = matching.match_switch_pool(x, templates, bias, (1, 1), (2, 2), (2, 2), 0.0)
+    auto = matching.match_switch_pool(x, templates, bias,
+                                      *_contract(x, templates, (1, 1), (2, 2), (2, 2), 0.0))
     forced = _winograd(x, templates, bias, padding=1)
     np.testing.assert_array_equal(auto[0], forced[0])
     np.testing.assert_array_equal(auto[1], forced[1])
@@ -204,9 +217,9 @@ def test_bad_algorithm_arguments(rng):
     x, templates, bias = random_layer(rng, np.float32, 1, 2, 6, 6, 2, 2, 2)
     geometry = ((0, 0), (1, 1), (1, 1), 0.0)
     with pytest.raises(ValueError, match="algorithm"):
-        matching.match_switch_pool(x, templates, bias, *geometry, algorithm="fft")
+        matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="fft")
     with pytest.raises(ValueError, match="3x3"):
-        matching.match_switch_pool(x, templates, bias, *geometry, algorithm="winograd")
+        matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="winograd")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -339,8 +352,9 @@ def _winograd_match_at(x, templates, idx, padding=0, switches=None):
     templates = np.ascontiguousarray(templates, x.dtype)
     padding = (padding, padding) if np.isscalar(padding) else tuple(padding)
     switches = None if switches is None else np.ascontiguousarray(switches, x.dtype)
-    return matching.match_at(x, templates, np.ascontiguousarray(idx, np.int32), padding,
-                             switches, algorithm="winograd")
+    idx = np.ascontiguousarray(idx, np.int32)
+    return matching.match_at(x, templates, idx, _units(x, templates, idx, padding), switches,
+                             algorithm="winograd")
 
 
 def _match_at_runner(name, *args, **kwargs):
@@ -387,16 +401,20 @@ def test_match_at_agrees_with_the_unit_kernel(dtype, rng):
     two kernels differ by rounding only; exactly on small integers, and exactly 0 (not -0)
     where a switch is off."""
     x, templates, bias = random_layer(rng, dtype, 3, 64, 14, 14, 64, 3, 3)
-    _, idx = matching.match_switch_pool(x, templates, bias, (2, 2), (2, 2), (2, 2), 0.0)
+    _, idx = matching.match_switch_pool(x, templates, bias,
+                                        *_contract(x, templates, (2, 2), (2, 2), (2, 2), 0.0))
     switches = (rng.random(idx.shape) < 0.8).astype(dtype)
-    run = functools.partial(matching.match_at, x, templates, idx, (2, 2), switches)
+    run = functools.partial(matching.match_at, x, templates, idx,
+                            _units(x, templates, idx, (2, 2)), switches)
     rtol = 1e-5 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(run(algorithm="winograd"), run(algorithm="units"), rtol=rtol,
                                atol=rtol * float(np.abs(run(algorithm="units")).max()))
     x = rng.integers(-3, 4, x.shape).astype(dtype)
     templates = rng.integers(-3, 4, templates.shape).astype(dtype)
-    got = matching.match_at(x, templates, idx, (2, 2), switches, algorithm="winograd")
-    want = matching.match_at(x, templates, idx, (2, 2), switches, algorithm="units")
+    got = matching.match_at(x, templates, idx, _units(x, templates, idx, (2, 2)), switches,
+                             algorithm="winograd")
+    want = matching.match_at(x, templates, idx, _units(x, templates, idx, (2, 2)), switches,
+                             algorithm="units")
     np.testing.assert_array_equal(got, want)
     off = switches == 0
     assert (got[off] == 0).all() and not np.signbit(got[off]).any()
@@ -418,9 +436,11 @@ def test_match_at_bad_algorithm_arguments(rng):
     x, templates, bias = random_layer(rng, np.float32, 1, 2, 6, 6, 2, 2, 2)
     idx = np.zeros((1, 2, 2, 2), np.int32)
     with pytest.raises(ValueError, match="algorithm"):
-        matching.match_at(x, templates, idx, (0, 0), None, algorithm="fft")
+        matching.match_at(x, templates, idx, _units(x, templates, idx, (0, 0)), None,
+                          algorithm="fft")
     with pytest.raises(ValueError, match="3x3"):
-        matching.match_at(x, templates, idx, (0, 0), None, algorithm="winograd")
+        matching.match_at(x, templates, idx, _units(x, templates, idx, (0, 0)), None,
+                          algorithm="winograd")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def _match_whole(xf, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, leak, nchunks, h
                         h[n0 + p, k0 + l] = zb[p * kbw + l]
 
 
-def match_switch_pool(x, templates, bias, padding, pool, stride, leak, algorithm="auto"):
+def match_switch_pool(x, templates, bias, geometry, leak, algorithm="auto"):
     """The fused op (see ``fastdrmm.ops.match_switch_pool``).
 
     ``algorithm``: "direct" (this module's kernel), "winograd" (3x3 templates only, see
@@ -241,6 +241,7 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak, algorithm
     """
     if algorithm not in ("auto", "direct", "winograd"):
         raise ValueError(f"algorithm must be 'auto', 'direct' or 'winograd', got {algorithm!r}")
+    padding, pool, stride = geometry.padding, geometry.pool, geometry.stride
     if algorithm != "direct":
         from . import winograd  # imports this module's pieces
 
@@ -376,7 +377,7 @@ def _match_at_kernel(x, wt, idx, sw, use_sw, ph, pw, kh, row, wo, wp, woff, xoff
 _L1_BYTES = 24 * 1024  # the patches of one group of rows: half of a 48 KiB L1
 
 
-def match_at(x, templates, idx, padding, switches, algorithm="auto"):
+def match_at(x, templates, idx, geometry, switches, algorithm="auto"):
     """The matching read at ``idx`` (see ``fastdrmm.ops.match_at``).
 
     ``algorithm``: "units" (this module's kernel: one dot product per unit whose switch is
@@ -386,6 +387,7 @@ def match_at(x, templates, idx, padding, switches, algorithm="auto"):
     """
     if algorithm not in ("auto", "units", "winograd"):
         raise ValueError(f"algorithm must be 'auto', 'units' or 'winograd', got {algorithm!r}")
+    padding = geometry.padding
     if algorithm != "units" and templates.shape[2:] == (3, 3) and idx.size:
         from . import winograd
 

@@ -442,7 +442,8 @@ _DENSE_VS_SCATTER = 0.25
 _WINOGRAD = None  # None: by _use_winograd; True/False: force on (3x3 only) or off (tests)
 
 
-def render(code, idx, templates, input_shape, padding, switches):
+def render(code, idx, templates, geometry, switches):
+    input_shape, padding = geometry.input, geometry.padding
     if _use_winograd(code, templates, input_shape, padding):
         from . import winograd  # imports matching, which this module imports too
 

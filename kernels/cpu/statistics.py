@@ -714,7 +714,8 @@ def _exact_bs(x, code, idx, kernel_size, padding, switches):
     return big_b, s
 
 
-def template_stats(x, code, idx, kernel_size, padding, switches, gram):
+def template_stats(x, code, idx, geometry, switches, gram):
+    kernel_size, padding = geometry.kernel, geometry.padding
     n, c, hh, ww = x.shape
     k = code.shape[1]
     kh, kw = kernel_size

@@ -58,21 +58,23 @@ class _Device:
 _DEV = _Device()
 
 
-def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
-    return launch.match_switch_pool(_DEV, x, templates, bias, padding, pool, stride, leak)
+def match_switch_pool(x, templates, bias, geometry, leak):
+    return launch.match_switch_pool(_DEV, x, templates, bias, geometry.padding, geometry.pool,
+                                    geometry.stride, leak)
 
 
-def match_at(x, templates, idx, padding, switches):
-    return launch.match_at(_DEV, x, templates, idx, padding, switches)
+def match_at(x, templates, idx, geometry, switches):
+    return launch.match_at(_DEV, x, templates, idx, geometry.padding, switches)
 
 
 def unpool(code, idx, plane_shape, switches):
     return launch.unpool(_DEV, code, idx, tuple(plane_shape), switches)
 
 
-def render(code, idx, templates, input_shape, padding, switches):
-    return launch.render(_DEV, code, idx, templates, input_shape, padding, switches)
+def render(code, idx, templates, geometry, switches):
+    return launch.render(_DEV, code, idx, templates, geometry.input, geometry.padding, switches)
 
 
-def template_stats(x, code, idx, kernel_size, padding, switches, gram):
-    return launch.template_stats(_DEV, x, code, idx, kernel_size, padding, switches, gram)
+def template_stats(x, code, idx, geometry, switches, gram):
+    return launch.template_stats(_DEV, x, code, idx, geometry.kernel, geometry.padding,
+                                 switches, gram)

@@ -258,7 +258,8 @@ def plan(cfg, K, kh, kw, Hp, Wp, pool, stride):
             return None
 
 
-def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
+def match_switch_pool(x, templates, bias, geometry, leak):
+    padding, pool, stride = geometry.padding, geometry.pool, geometry.stride
     n, c, hh, ww = (int(s) for s in x.shape)
     k, _, kh, kw = (int(s) for s in templates.shape)
     ho, wo = hh + 2 * padding[0] - kh + 1, ww + 2 * padding[1] - kw + 1
@@ -289,7 +290,8 @@ def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
     return h, idx
 
 
-def match_at(x, templates, idx, padding, switches):
+def match_at(x, templates, idx, geometry, switches):
+    padding = geometry.padding
     n, c, hh, ww = (int(s) for s in x.shape)
     k, _, kh, kw = (int(s) for s in templates.shape)
     wo = ww + 2 * padding[1] - kw + 1

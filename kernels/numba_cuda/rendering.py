@@ -186,7 +186,8 @@ def plan(cfg, C, kh, kw, H, W):
             return None
 
 
-def render(code, idx, templates, input_shape, padding, switches):
+def render(code, idx, templates, geometry, switches):
+    input_shape, padding = geometry.input, geometry.padding
     n, k = int(code.shape[0]), int(code.shape[1])
     _, c, kh, kw = (int(s) for s in templates.shape)
     hh, ww = input_shape

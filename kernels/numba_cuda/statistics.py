@@ -139,7 +139,8 @@ def _gram_source(dtype, cfg):
 KERNELS = {"stats_bs": _stats_source, "stats_gram": _gram_source}
 
 
-def template_stats(x, code, idx, kernel_size, padding, switches, gram):
+def template_stats(x, code, idx, geometry, switches, gram):
+    kernel_size, padding = geometry.kernel, geometry.padding
     n, c, hh, ww = (int(s) for s in x.shape)
     k = int(code.shape[1])
     kh, kw = kernel_size

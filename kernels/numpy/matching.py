@@ -61,15 +61,15 @@ def pool_argmax(y, pool, stride):
     return best, idx.astype(np.int32)
 
 
-def match_switch_pool(x, templates, bias, padding, pool, stride, leak):
-    z = correlate(x, templates, padding) + bias[None, :, None, None]
-    return pool_argmax(switch(z, leak), pool, stride)
+def match_switch_pool(x, templates, bias, geometry, leak):
+    z = correlate(x, templates, geometry.padding) + bias[None, :, None, None]
+    return pool_argmax(switch(z, leak), geometry.pool, geometry.stride)
 
 
-def match_at(x, templates, idx, padding, switches):
+def match_at(x, templates, idx, geometry, switches):
     """The matching read at the positions idx (no bias, identity switch), times switches;
     exactly 0 where a switch is 0 (those units are not matched at all)."""
-    z = correlate(x, templates, padding)
+    z = correlate(x, templates, geometry.padding)
     n, k, ho, wo = z.shape
     rows = np.arange(n * k, dtype=np.intp).reshape(n, k, 1, 1) * (ho * wo)
     picked = z.reshape(-1)[idx.astype(np.intp) + rows]

@@ -26,7 +26,6 @@ def transposed_correlate(u, templates, input_shape, padding):
     return np.ascontiguousarray(rpad[:, :, ph:ph + input_shape[0], pw:pw + input_shape[1]])
 
 
-def render(code, idx, templates, input_shape, padding, switches):
-    kh, kw = templates.shape[2:]
-    plane = (input_shape[0] + 2 * padding[0] - kh + 1, input_shape[1] + 2 * padding[1] - kw + 1)
-    return transposed_correlate(unpool(code, idx, plane, switches), templates, input_shape, padding)
+def render(code, idx, templates, geometry, switches):
+    return transposed_correlate(unpool(code, idx, geometry.plane, switches), templates,
+                                geometry.input, geometry.padding)

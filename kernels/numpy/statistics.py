@@ -43,15 +43,13 @@ def weighted_patches(u, xpad, kernel_size):
     return big_b
 
 
-def template_stats(x, code, idx, kernel_size, padding, switches, gram):
-    n, c, h, w = x.shape
-    kh, kw = kernel_size
-    plane = (h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
-    u = unpool(code, idx, plane, switches)
+def template_stats(x, code, idx, geometry, switches, gram):
+    kernel_size, padding = geometry.kernel, geometry.padding
+    u = unpool(code, idx, geometry.plane, switches)
     big_b = weighted_patches(u, pad(x, padding), kernel_size).astype(x.dtype, copy=False)
     s = u.sum(axis=(0, 2, 3))
     big_g = None
     if gram:
-        planes = shifted_planes(u, kernel_size, (h, w), padding)
+        planes = shifted_planes(u, kernel_size, geometry.input, padding)
         big_g = planes @ planes.T
     return big_b, s, big_g
