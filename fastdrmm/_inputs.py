@@ -17,11 +17,13 @@ import numbers
 
 import numpy as np
 from sklearn.utils import check_random_state as _sklearn_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions, _Constraint
 
-__all__ = ["Count", "Number", "RANDOM_STATE", "as_labels", "check_choice", "check_images",
-           "check_labels", "check_magnitude", "check_random_state", "check_samples",
-           "seed_of", "unlabeled_mask"]
+from . import _backends
+
+__all__ = ["BackendName", "Count", "Number", "RANDOM_STATE", "as_labels", "check_choice",
+           "check_images", "check_labels", "check_magnitude", "check_random_state",
+           "check_samples", "seed_of", "unlabeled_mask"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,3 +272,21 @@ def unlabeled_mask(y, name="y"):
             _check_object_label(value, name)
         return mask
     raise TypeError(f"{name} must hold class labels (numbers or strings), got dtype {y.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# the backend parameter
+
+
+class BackendName(StrOptions):
+    """The constraint of a ``backend`` parameter: "auto" or a backend registered in
+    :mod:`fastdrmm._backends` when the check runs (not when the constraint was made)."""
+
+    def __init__(self):
+        _Constraint.__init__(self)  # StrOptions would store a fixed set of options
+        self.type = str
+        self.deprecated = set()
+
+    @property
+    def options(self):
+        return ("auto", *_backends.BACKENDS)

@@ -182,3 +182,14 @@ def test_serial_blas_limits_blas_to_one_thread_inside_only():
                 if info["user_api"] == "blas"]
     assert threads.__doc__ == "Doc."
     assert all(n == 1 for n in threads())
+
+
+def test_backend_names_are_read_when_checked(monkeypatch):
+    from fastdrmm import _backends
+    from fastdrmm._inputs import BackendName
+    constraint = BackendName()
+    assert constraint.is_satisfied_by("auto") and constraint.is_satisfied_by("numpy")
+    assert not constraint.is_satisfied_by("fortran") and not constraint.is_satisfied_by(1)
+    monkeypatch.setitem(_backends.BACKENDS, "fortran", _backends.BACKENDS["numpy"])
+    assert constraint.is_satisfied_by("fortran")
+    assert "'fortran'" in str(constraint)

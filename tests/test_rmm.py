@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 
 import fastdrmm
 from archive_tools import npy_bytes, rebuild_archive
-from fastdrmm import RMM, rmm
+from fastdrmm import RMM, _rmm_em, rmm
 
 
 def _cpu_available():
@@ -288,19 +288,19 @@ def test_n_init_keeps_the_best_run(digits, monkeypatch):
     x, _ = digits
     x = x[:400]
     finals = []
-    objective = RMM._objective
-    initialize = RMM._initialize
+    objective = _rmm_em.objective
+    initialize = rmm.initialize
 
-    def spy_init(self, *args, **kwargs):
+    def spy_init(*args, **kwargs):
         finals.append(None)
-        return initialize(self, *args, **kwargs)
+        return initialize(*args, **kwargs)
 
-    def spy_objective(self, *args, **kwargs):
-        finals[-1] = objective(self, *args, **kwargs)
+    def spy_objective(*args, **kwargs):
+        finals[-1] = objective(*args, **kwargs)
         return finals[-1]
 
-    monkeypatch.setattr(RMM, "_initialize", spy_init)
-    monkeypatch.setattr(RMM, "_objective", spy_objective)
+    monkeypatch.setattr(rmm, "initialize", spy_init)
+    monkeypatch.setattr(_rmm_em, "objective", spy_objective)
     model = fit(x, n_classes=6, n_nuisances=2, n_init=4, random_state=3)
     assert len(finals) == 4 and len(set(finals)) > 1
     assert model.lower_bound_ == max(finals)
@@ -369,13 +369,13 @@ def test_empty_component_is_reseeded(digits, monkeypatch):
     model = fit(x, y, n_classes=10, n_nuisances=3, max_iter=3)
     model.templates_[4, 1] = 1e6  # explains nothing: its a = 1 responsibility vanishes
     calls = []
-    reseed = rmm._reseed
+    reseed = _rmm_em.reseed
 
     def spy(mu, empty, *args):
         calls.append(np.argwhere(empty).tolist())
         return reseed(mu, empty, *args)
 
-    monkeypatch.setattr(rmm, "_reseed", spy)
+    monkeypatch.setattr(_rmm_em, "reseed", spy)
     quiet_fit(model.set_params(warm_start=True, max_iter=1), x, y)
     assert calls == [[[4, 1]]]
     moved = model.templates_[4, 1].reshape(-1)
@@ -410,7 +410,7 @@ def test_chunked_passes_give_the_same_fit(digits, monkeypatch):
     x, y = digits
     x, y = x[:300], keep_labels(y[:300], 5, 0)[0]
     whole = fit(x, y, n_classes=10, n_nuisances=2, max_iter=8)
-    monkeypatch.setattr(rmm, "_CHUNK_ELEMENTS", 7 * 64)  # 7 samples per chunk
+    monkeypatch.setattr(_rmm_em, "_CHUNK_ELEMENTS", 7 * 64)  # 7 samples per chunk
     chunked = fit(x, y, n_classes=10, n_nuisances=2, max_iter=8)
     np.testing.assert_allclose(chunked.lower_bounds_, whole.lower_bounds_, rtol=1e-12)
     np.testing.assert_allclose(chunked.templates_, whole.templates_, rtol=1e-10, atol=1e-12)
@@ -472,6 +472,10 @@ def test_clone_and_params(digits):
     (dict(verbose=-1), ValueError, "verbose"),
     (dict(backend="fortran"), ValueError, "backend"),
     (dict(random_state="seed"), ValueError, "random_state"),
+    (dict(random_state=-1), ValueError, "random_state"),
+    (dict(n_classes=True), TypeError, "n_classes"),
+    (dict(tol=True), TypeError, "tol"),
+    (dict(reg=float("inf")), ValueError, "reg"),
 ])
 def test_parameter_errors_name_the_parameter(kwargs, error, word):
     params = dict(n_classes=2, backend="numpy")
@@ -479,6 +483,14 @@ def test_parameter_errors_name_the_parameter(kwargs, error, word):
     x = np.random.default_rng(0).normal(size=(10, 4))
     with pytest.raises(error, match=word):
         RMM(**params).fit(x)
+
+
+def test_a_generator_or_a_large_int_seeds_a_reproducible_fit():
+    x = np.random.default_rng(0).normal(size=(30, 4))
+    for seed in (lambda: np.random.default_rng(5), lambda: 2**40):
+        first = quiet_fit(RMM(3, random_state=seed(), max_iter=3, backend="numpy"), x)
+        again = quiet_fit(RMM(3, random_state=seed(), max_iter=3, backend="numpy"), x)
+        np.testing.assert_array_equal(first.templates_, again.templates_)
 
 
 def test_input_errors_name_the_argument():
@@ -708,12 +720,12 @@ def test_a_fit_that_ends_non_finite_raises_and_changes_nothing(monkeypatch):
     x = small_data()
     model = fit(x, n_classes=3, max_iter=3)
     state = {k: np.copy(v) for k, v in fitted_state(model).items()}
-    m_step = RMM._m_step
+    m_step = _rmm_em.m_step
 
-    def broken(self, *args, **kwargs):
-        return m_step(self, *args, **kwargs).replace(s2=float("nan"))
+    def broken(*args, **kwargs):
+        return m_step(*args, **kwargs).replace(s2=float("nan"))
 
-    monkeypatch.setattr(RMM, "_m_step", broken)
+    monkeypatch.setattr(_rmm_em, "m_step", broken)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the E-step of the broken state
         with pytest.raises(ValueError, match="non-finite parameters.*noise variance nan"):
