@@ -51,7 +51,7 @@ EVAL_BATCH = 1000
 
 def epoch_batches(n, batch_size, seed, epoch):
     """fastdrmm's supervised EG order: the permutation of epoch ``epoch``, cut in batches,
-    each sorted (``fastdrmm.drmm._Run._eg_steps`` with every sample labeled)."""
+    each sorted (``fastdrmm._training.EG._steps`` with every sample labeled)."""
     order = np.random.default_rng([seed, 2, epoch]).permutation(n)
     return [np.sort(order[i:i + batch_size]) for i in range(0, n, batch_size)]
 

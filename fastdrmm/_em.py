@@ -188,6 +188,22 @@ def _top_rss(stats, net, mu):
             + P * float(np.sum(stats.class_weight * np.sum(mu * mu, axis=1))))
 
 
+def residual_variances(net, p, stats):
+    """The noise variances of the current templates of ``p`` (not of refitted ones): each
+    layer's and the top's residual sum of squares per unit weight and value, floored at
+    1e-12, as the entries ``noise_variance`` and ``top_noise_variance``."""
+    s2 = []
+    for l in range(net.n_layers):
+        D = float(np.prod(net.shapes[l].input_hw)) * net.shapes[l].channels_in
+        rss = _rss(stats, l, np.asarray(p[f"W{l}"], np.float64))
+        s2.append(max(rss / (stats.weight * D), 1e-12))
+    mu = np.asarray(p["mu"], np.float64)
+    D_top = float(net.feature_size * net.top_positions)
+    return {"noise_variance": np.array(s2),
+            "top_noise_variance": np.float64(
+                max(_top_rss(stats, net, mu) / (stats.weight * D_top), 1e-12))}
+
+
 def _xlogy_sum(counts, probs):
     return float(np.sum(counts * np.log(np.clip(probs, PROB_FLOOR, None))))
 

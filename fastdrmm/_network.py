@@ -91,6 +91,39 @@ class Network:
         """(K, Hp, Wp) of layer l's pooled code."""
         return (self.layers[l].n_templates, *self.shapes[l].pooled)
 
+    def parameter_shapes(self):
+        """name -> shape of every parameter this network's model holds."""
+        shapes = {}
+        for l, layer in enumerate(self.layers):
+            k, c = layer.n_templates, self.shapes[l].channels_in
+            shapes[f"W{l}"] = (k, c, *layer.kernel_size)
+            shapes[f"b{l}"] = (k,)
+            shapes[f"switch_prior{l}"] = (k,)
+            shapes[f"translation_prior{l}"] = (layer.window[0] * layer.window[1],)
+        k_top = self.feature_size
+        shapes.update({"noise_variance": (self.n_layers,), "mu": (self.n_classes, k_top),
+                       "beta": (self.n_classes,), "class_prior": (self.n_classes,),
+                       "top_noise_variance": (), "class_scale": ()})
+        return shapes
+
+    def draw_latents(self, p, n, rng, dtype):
+        """The latents of ``n`` samples drawn from the generative priors: per layer, the
+        argmax positions (each unit's position in its pooling window from the translation
+        prior) and the switches (from the switch prior)."""
+        idxs, switches = [], []
+        for l, layer in enumerate(self.layers):
+            k, (hp, wp), wo = layer.n_templates, self.shapes[l].pooled, self.shapes[l].plane[1]
+            ph, pw = layer.window
+            prior = np.asarray(p[f"translation_prior{l}"], np.float64)
+            offset = rng.choice(ph * pw, size=(n, k, hp, wp), p=prior / prior.sum())
+            di, dj = np.divmod(offset, pw)
+            rows = np.arange(hp)[:, None] * ph + di
+            cols = np.arange(wp)[None, :] * pw + dj
+            idxs.append((rows * wo + cols).astype(np.int32))
+            pa = np.asarray(p[f"switch_prior{l}"], np.float64)[None, :, None, None]
+            switches.append((rng.random((n, k, hp, wp)) < pa).astype(dtype))
+        return idxs, switches
+
     # ---------------------------------------------------------------------------------------
     # bottom-up
 
@@ -237,6 +270,13 @@ class Network:
 
     def zero_grads(self, p):
         return {name: np.zeros_like(p[name]) for name in trainable_names(self.n_layers)}
+
+
+def network_for(layers, input_shape, n_classes, backend, algorithm, top):
+    """The network of a DRMM trained by ``algorithm``: EM matches with normalised templates
+    (codes are amplitudes), EG with the templates themselves (a network's weights)."""
+    matching = "normalized" if algorithm == "em" else "tied"
+    return Network(layers, input_shape, n_classes, backend, matching, top)
 
 
 def one_hot(classes, n_classes, dtype=np.float64):

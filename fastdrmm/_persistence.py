@@ -32,14 +32,16 @@ def load(path):
 
 
 def _build(path, arrays, meta):
+    from ._checkpoint import load_checkpoint
+    from ._drmm_format import load_saved
     from .drmm import DRMM
     from .rmm import RMM
 
     kind = meta.get("model_class")
     if kind == "DRMM":
         if "checkpoint" in meta:
-            return DRMM._from_checkpoint(arrays, meta, path)
-        return DRMM._from_saved(arrays, meta, path)
+            return load_checkpoint(DRMM, arrays, meta, path)
+        return load_saved(DRMM, arrays, meta, path)
     if kind == "RMM":
         return RMM._from_saved(arrays, meta, path)
     raise ValueError(f"{path}: holds no fastdrmm model (model_class {kind!r:.100})")

@@ -15,7 +15,7 @@ from sklearn.exceptions import NotFittedError
 
 import fastdrmm
 from fastdrmm import DRMM, Layer, ops
-from fastdrmm import _em, drmm as drmm_module
+from fastdrmm import _drmm_format, _em, _training
 from fastdrmm._network import (LossWeights, Network, eg_loss_and_grads, trainable_names,
                                translate)
 from fastdrmm._optim import Adam
@@ -491,9 +491,9 @@ def test_corrupted_or_truncated_files_are_refused(rng, tmp_path):
 
 def test_load_refuses_a_wrong_model(rng, tmp_path):
     model, _, _ = fitted_small(rng)
-    arrays = drmm_module._param_arrays(model.parameters_)
+    arrays = _drmm_format.param_arrays(model.parameters_)
     arrays["W1"] = arrays["W1"][:, :2]
-    meta = model._metadata()
+    meta = _drmm_format.metadata(model)
     path = tmp_path / "bad.npz"
     fastdrmm.io.save_arrays(path, arrays, meta)
     with pytest.raises(ValueError, match="W1.*shape"):
@@ -512,19 +512,19 @@ def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(rng, tmp_path
     whole = DRMM(SMALL, 3, **settings).fit(X, y)
 
     ckpt = tmp_path / "run.ckpt"
-    original = drmm_module._Run.eg_epoch
+    original = _training.EG.epoch
     calls = []
 
-    def interrupted(self, epoch, constant_rate=False):
-        calls.append(epoch)
+    def interrupted(self, run, constant_rate=False):
+        calls.append(run.epoch)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, epoch, constant_rate)
+        return original(self, run, constant_rate)
 
-    monkeypatch.setattr(drmm_module._Run, "eg_epoch", interrupted)
+    monkeypatch.setattr(_training.EG, "epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         DRMM(SMALL, 3, checkpoint=ckpt, **settings).fit(X, y)
-    monkeypatch.setattr(drmm_module._Run, "eg_epoch", original)
+    monkeypatch.setattr(_training.EG, "epoch", original)
     partial = fastdrmm.load(ckpt)  # the checkpoint of epoch 1 is intact and loadable
     assert partial.n_iter_ == 1
 
@@ -903,7 +903,7 @@ _NO_COMPILE_IN_EPOCHS = r"""
 import sys
 import numpy as np
 from numba.core.registry import CPUDispatcher
-from fastdrmm import DRMM, Layer, drmm
+from fastdrmm import DRMM, Layer, _training
 
 def signatures():
     out = set()
@@ -915,12 +915,12 @@ def signatures():
     return out
 
 seen = {}
-warm_up = drmm._Run.warm_up
+warm_up = _training.Training.warm_up
 def recording_warm_up(self):
     result = warm_up(self)
     seen["warm"] = signatures()
     return result
-drmm._Run.warm_up = recording_warm_up
+_training.Training.warm_up = recording_warm_up
 
 def callback(snapshot, record):
     new = signatures() - seen["warm"]

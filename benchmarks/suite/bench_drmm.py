@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from fastdrmm import DRMM, load_mnist
 from fastdrmm._network import eg_loss_and_grads
-from fastdrmm.drmm import _Run
+from fastdrmm._training import Training
 from fastdrmm.layers import resolve_layers
 
 BATCH = 64
@@ -71,7 +71,7 @@ def _bound(model, x, y):
     net = model._network(resolve_layers(model.layers), x.shape[1:])
     params = model._init_params(net, x, y, 0)
     every = np.arange(x.shape[0])
-    run = _Run(model, net, weights, 0, x, y, every, every[:0])
+    run = Training(model, net, weights, 0, x, y, every, every[:0])
     run.params = params
     return net, params, weights, run
 
@@ -102,7 +102,7 @@ class DRMMBatch:
     def time_em_iteration(self, preset):
         self.em_run.params = self.em_params
         with threadpool_limits(limits=1, user_api="blas"):
-            self.em_run.em_iteration()
+            self.em_run.strategy.epoch(self.em_run)
 
     def time_predict(self, preset):
         self.model.predict(self.x)
