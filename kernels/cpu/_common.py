@@ -12,9 +12,9 @@ Every name this module had is re-exported from there; import from those modules 
 from __future__ import annotations
 
 from . import _vector
-from ._microkernels import (GPIX, NL_MAX, NV_MAX, PIX, PIX1, PIX2, PIX3, PIX4, PIX_MAX,  # noqa: F401
-                            axpy, conv_tile, copy_out, dot_tile, gather_dots, gemm_tile,
-                            pool_step, transpose_out)
+from ._microkernels import (  # noqa: F401
+    GPIX, NL_MAX, NV_MAX, PIX, PIX1, PIX2, PIX3, PIX4, PIX_MAX, axpy, conv_tile, copy_out,
+    dot_tile, gather_dots, gemm_tile, pool_step, transpose_out)
 from ._partition import (PARALLEL, chunk_bounds, num_chunks, place_table,  # noqa: F401
                          vector_empty, vector_zeros)
 from ._vector import VBYTES, _has_avx512, counted_loop, lanes, transpose_block  # noqa: F401
