@@ -105,8 +105,18 @@ class Settings(NamedTuple):
     """The hyper-parameters the EM steps read."""
 
     inference: str  # "soft" or "hard"
-    reg: float
+    reg: float  # as given: a NumPy float32 keeps its type (and its rounding) in the sums
     backend: str
+
+
+class Result(NamedTuple):
+    """The end of one EM run."""
+
+    objective: float  # the mean objective at ``params``
+    params: Params
+    bounds: list  # the mean objective after each iteration
+    n_iter: int
+    converged: bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,8 +318,8 @@ def run(data, params, settings, max_iter, tol, verbose):
     """EM from ``params`` until the mean objective changes by less than ``tol`` in one
     iteration, or for ``max_iter`` iterations.
 
-    Returns (objective, params, lower_bounds, n_iter, converged). With ``verbose``, one line
-    per iteration (objective and change; ``verbose >= 2`` adds its time) and one at the end.
+    Returns a :class:`Result`. With ``verbose``, one line per iteration (objective and change;
+    ``verbose >= 2`` adds its time) and one at the end.
     """
     ell, acc = e_step(data, params, settings, stats=max_iter > 0)
     current = objective(ell, data, params, settings.reg)
@@ -334,4 +344,4 @@ def run(data, params, settings, max_iter, tol, verbose):
             break
     say("Initialization converged." if converged else "Initialization did not converge.",
         verbose)
-    return current, params, bounds, n_iter, converged
+    return Result(current, params, bounds, n_iter, converged)

@@ -260,7 +260,7 @@ class RMM(ClassifierMixin, BaseEstimator):
         self._validate_params()
         warm = bool(self.warm_start) and hasattr(self, "templates_")
         classes, data, feature_shape = self._training_data(X, y, warm)
-        settings = em.Settings(self.inference, float(self.reg), self.backend)
+        settings = em.Settings(self.inference, self.reg, self.backend)
         max_iter, tol, verbose = int(self.max_iter), float(self.tol), int(self.verbose)
 
         rng = check_random_state(self.random_state)
@@ -273,7 +273,7 @@ class RMM(ClassifierMixin, BaseEstimator):
                 params = initialize(data, int(self.n_classes), int(self.n_nuisances),
                                     settings.reg, rng, feature_shape)
             result = em.run(data, params, settings, max_iter, tol, verbose)
-            if best is None or result[0] > best[0]:
+            if best is None or result.objective > best.objective:
                 best = result
 
         objective, params, bounds, n_iter, converged = best
