@@ -2,16 +2,25 @@
 
 The dispatch knows nothing about a backend but its name, where its arrays live, the
 third-party package it needs (and the pip extra that installs it) and its module. Every
-backend module exposes the same five functions with the same (already validated) arguments:
+backend module exposes the same five functions (``OPS``) with the same (already validated)
+positional arguments (``CONTRACT``):
 
-    match_switch_pool(x, templates, bias, padding, pool, stride, leak) -> (h, idx)
-    match_at(x, templates, idx, padding, switches) -> z
+    match_switch_pool(x, templates, bias, geometry, leak) -> (h, idx)
+    match_at(x, templates, idx, geometry, switches) -> z
     unpool(code, idx, plane_shape, switches) -> u
-    render(code, idx, templates, input_shape, padding, switches) -> r
-    template_stats(x, code, idx, kernel_size, padding, switches, gram) -> (B, s, G)
+    render(code, idx, templates, geometry, switches) -> r
+    template_stats(x, code, idx, geometry, switches, gram) -> (B, s, G)
 
-where every pair argument is a tuple of two ints, arrays are C-contiguous, floating arrays share
-one dtype, index arrays are int32 and switches is None or an array of the code's dtype.
+where ``geometry`` is the op's ``fastdrmm.kernels.geometry.Geometry`` (every size, computed
+and checked once by ``fastdrmm.ops``), ``plane_shape`` a tuple of two ints, arrays are
+C-contiguous, floating arrays share one dtype, index arrays are int32 and switches is None or
+an array of the code's dtype. A backend may add keyword-only or defaulted parameters (the
+cpu backend's ``algorithm=``). A device backend also exposes ``DEVICE_HOOKS``: ``asarray``
+(wrap a CUDA array without a copy), ``ascontiguousarray(arr, dtype)`` and ``index_range(idx)``
+(its (min, max) as Python ints).
+
+The built-in backends are listed in ``BACKENDS``; ``register`` adds another (or stands in for
+one, e.g. in tests) and undoes that on request.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -26,11 +36,21 @@ import numpy as np
 
 ENV_VAR = "FASTDRMM_BACKEND"
 
+CONTRACT = {
+    "match_switch_pool": ("x", "templates", "bias", "geometry", "leak"),
+    "match_at": ("x", "templates", "idx", "geometry", "switches"),
+    "unpool": ("code", "idx", "plane_shape", "switches"),
+    "render": ("code", "idx", "templates", "geometry", "switches"),
+    "template_stats": ("x", "code", "idx", "geometry", "switches", "gram"),
+}
+OPS = tuple(CONTRACT)
+DEVICE_HOOKS = ("asarray", "ascontiguousarray", "index_range")
+
 
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    module: str
+    module: str  # the dotted path imported on first use ("" for a module given to register)
     location: str  # "host" or "device"
     requires: tuple = ()  # importable top-level packages it needs
     extra: str | None = None  # the pip extra that installs them
@@ -135,7 +155,8 @@ def resolve(backend, arrays):
 
 
 def load(name):
-    """Import a backend's kernel module, with an ImportError naming the extra to install."""
+    """A backend's kernel module, imported on first use with an ImportError naming the extra
+    to install (or the module given to ``register``)."""
     _check_name(name)
     if name in _loaded:
         return _loaded[name]
@@ -152,6 +173,95 @@ def load(name):
         raise
     _loaded[name] = module
     return module
+
+
+def contract_problems(module, location="host"):
+    """How ``module`` breaks the backend contract, as a list of phrases (empty: it conforms).
+
+    Each of ``OPS`` must be a callable whose leading positional parameters are exactly those
+    of ``CONTRACT`` (names and order); any further parameter must be keyword-only or have a
+    default. A device backend must also have the ``DEVICE_HOOKS``.
+    """
+    problems = []
+    for op, expected in CONTRACT.items():
+        func = getattr(module, op, None)
+        if not callable(func):
+            problems.append(f"it has no function {op}")
+            continue
+        try:
+            params = list(inspect.signature(func).parameters.values())
+        except (TypeError, ValueError):  # a callable without a signature: cannot be checked
+            continue
+        positional = [p for p in params
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = tuple(p.name for p in positional[:len(expected)])
+        required = [p.name for p in positional[len(expected):] if p.default is p.empty]
+        if names != expected or required:
+            problems.append(f"{op}{inspect.signature(func)} does not take "
+                            f"({', '.join(expected)}) with only optional parameters after")
+    if location == "device":
+        problems += [f"it has no function {hook} (a device backend needs it)"
+                     for hook in DEVICE_HOOKS if not callable(getattr(module, hook, None))]
+    return problems
+
+
+class register:
+    """Add the backend ``spec`` (a ``BackendSpec``, or a name for a backend of
+    ``location``) to the registry, with its kernel ``module`` or, when ``module`` is None,
+    imported from ``spec.module`` on first use (its ImportError naming ``spec.extra``).
+
+    ``replace=True`` lets it stand in for a backend of that name (a built-in one included);
+    else a name in use is a ValueError. A module given here must meet the contract
+    (``contract_problems``), else a TypeError. Like ``set_backend``, the registration holds
+    from the call on; ``with register(...):`` holds it inside the block only and restores the
+    name's previous backend (or none) on exit::
+
+        with _backends.register("cuda-harness", harness_module):
+            ops.render(..., backend="cuda-harness")
+    """
+
+    def __init__(self, spec, module=None, *, location="host", replace=False):
+        if isinstance(spec, str):
+            spec = BackendSpec(spec, "", location)
+        if not isinstance(spec, BackendSpec):
+            raise TypeError(f"spec must be a BackendSpec or a name, got {spec!r}")
+        if not spec.name or spec.name == "auto":
+            raise ValueError(f"a backend cannot be named {spec.name!r}")
+        if spec.location not in ("host", "device"):
+            raise ValueError(f"location must be 'host' or 'device', got {spec.location!r}")
+        if spec.name in BACKENDS and not replace:
+            raise ValueError(f"a backend named {spec.name!r} exists; pass replace=True to "
+                             "stand in for it")
+        if module is None and not spec.module:
+            raise ValueError(f"backend {spec.name!r} needs a module or a module path")
+        if module is not None:
+            problems = contract_problems(module, spec.location)
+            if problems:
+                raise TypeError(f"backend {spec.name!r} does not meet the backend contract: "
+                                + "; ".join(problems))
+        self.name = spec.name
+        self._previous = (BACKENDS.get(spec.name), _loaded.get(spec.name))
+        BACKENDS[spec.name] = spec
+        _loaded.pop(spec.name, None)
+        if module is not None:
+            _loaded[spec.name] = module
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        spec, module = self._previous
+        if spec is None:
+            BACKENDS.pop(self.name, None)
+        else:
+            BACKENDS[self.name] = spec  # in its old place: the order of the names stays
+        _loaded.pop(self.name, None)
+        if module is not None:
+            _loaded[self.name] = module
+        return False
+
+    def __repr__(self):
+        return f"register({self.name!r})"
 
 
 def device_unavailable_reason(name):

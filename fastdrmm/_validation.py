@@ -104,17 +104,6 @@ def as_array(obj, name):
         raise TypeError(f"{name} must be an array, got {type(obj).__name__}") from exc
 
 
-def as_float(arr, name, dtype):
-    """Cast a real array to the working dtype, refusing integer/bool/complex data."""
-    if arr.dtype.kind != "f":
-        raise TypeError(f"{name} must hold floating-point data, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
-INDEX_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8,
-                                            np.uint16, np.uint32, np.uint64))
-
-
 def check_index_dtype(dtype, name):
     """A signed or unsigned integer dtype of any width, else a TypeError naming ``name``."""
     dtype = np.dtype(dtype)
@@ -130,13 +119,6 @@ def fits_int32(dtype):
     return info.min >= -2**31 and info.max <= MAX_INT
 
 
-def as_index(arr, name, shape):
-    check_index_dtype(arr.dtype, name)
-    if tuple(arr.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
-    return np.ascontiguousarray(arr, dtype=np.int32)
-
-
 def check_index_range(low, high, plane, name, dtype):
     """Positions ``low..high`` (exact ints, from the array in its own dtype) on the plane."""
     size = plane[0] * plane[1]
@@ -145,17 +127,6 @@ def check_index_range(low, high, plane, name, dtype):
             f"{name} out of range: entries must lie in [0, {size}) for the plane {tuple(plane)}, "
             f"found [{low}, {high}] (dtype {np.dtype(dtype)})"
         )
-
-
-def as_switches(switches, shape, dtype):
-    if switches is None:
-        return None
-    switches = as_array(switches, "switches")
-    if tuple(switches.shape) != tuple(shape):
-        raise ValueError(f"switches must have shape {tuple(shape)}, got {tuple(switches.shape)}")
-    if switches.dtype.kind not in "biuf":
-        raise TypeError(f"switches must be boolean or real, got dtype {switches.dtype}")
-    return np.ascontiguousarray(switches, dtype=dtype)
 
 
 def match_geometry(input_hw, kernel_hw, padding, pool, stride):

@@ -2,9 +2,10 @@
 g++ into a shared library, cached per source hash, and launch them through ctypes with the
 grid, block and arguments that the cupy backend computes (kernels/cuda/launch.py).
 
-``HostDevice`` implements launch.py's device interface on NumPy arrays; ``backend(cfg)`` is a
+``HostDevice`` implements launch.py's device interface on NumPy arrays; ``backend(dev)`` is a
 module-like object with the five backend functions, registered by the tests as a host
-backend so that ``fastdrmm.ops`` validates the arguments exactly as for every backend.
+backend (``fastdrmm._backends.register``) so that ``fastdrmm.ops`` validates the arguments
+exactly as for every backend.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-import types
 
 import numpy as np
 
@@ -179,18 +179,32 @@ class RecordingDevice(HostDevice):
         return proc.returncode, proc.stderr, outs
 
 
+class HarnessBackend:
+    """A backend module in all but name: the five functions of the backend contract
+    (``fastdrmm._backends.CONTRACT``), running launch.py's drivers on ``dev`` with its
+    configuration."""
+
+    def __init__(self, dev):
+        self.dev = dev
+
+    def match_switch_pool(self, x, templates, bias, geometry, leak):
+        return launch.match_switch_pool(self.dev, x, templates, bias, geometry, leak,
+                                        self.dev.cfg)
+
+    def match_at(self, x, templates, idx, geometry, switches):
+        return launch.match_at(self.dev, x, templates, idx, geometry, switches, self.dev.cfg)
+
+    def unpool(self, code, idx, plane_shape, switches):
+        return launch.unpool(self.dev, code, idx, tuple(plane_shape), switches, self.dev.cfg)
+
+    def render(self, code, idx, templates, geometry, switches):
+        return launch.render(self.dev, code, idx, templates, geometry, switches, self.dev.cfg)
+
+    def template_stats(self, x, code, idx, geometry, switches, gram):
+        return launch.template_stats(self.dev, x, code, idx, geometry, switches, gram,
+                                     self.dev.cfg)
+
+
 def backend(dev):
-    """A backend module (the five functions) running launch.py's drivers on ``dev``."""
-    cfg = dev.cfg
-    return types.SimpleNamespace(
-        match_switch_pool=lambda x, t, b, padding, pool, stride, leak: launch.match_switch_pool(
-            dev, x, t, b, padding, pool, stride, leak, cfg),
-        match_at=lambda x, t, idx, padding, sw: launch.match_at(dev, x, t, idx, padding, sw, cfg),
-        unpool=lambda code, idx, plane, sw: launch.unpool(dev, code, idx, tuple(plane), sw, cfg),
-        render=lambda code, idx, t, shape, padding, sw: launch.render(
-            dev, code, idx, t, shape, padding, sw, cfg),
-        template_stats=lambda x, code, idx, ks, padding, sw, gram: launch.template_stats(
-            dev, x, code, idx, ks, padding, sw, gram, cfg),
-    )
-
-
+    """The harness backend on ``dev`` (register it with ``fastdrmm._backends.register``)."""
+    return HarnessBackend(dev)

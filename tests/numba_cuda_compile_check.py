@@ -136,9 +136,9 @@ def main(argv=None):
                     failures.append(f"{name} sm_{arch} {dtype}: {spill} spill bytes")
                 if res["smem"] > STATIC_SMEM_LIMIT:
                     failures.append(f"{name} sm_{arch} {dtype}: {res['smem']} B static smem")
-                if res["regs"] is not None and res["regs"] * cfg[0] > 65536:
+                if res["regs"] is not None and res["regs"] * cfg.threads > 65536:
                     failures.append(f"{name} sm_{arch} {dtype}: {res['regs']} registers x "
-                                    f"{cfg[0]} threads exceed the 64K register file")
+                                    f"{cfg.threads} threads exceed the 64K register file")
                 if res["regs"] is None:
                     failures.append(f"{name} sm_{arch} {dtype}: no resource report")
     for f in failures:

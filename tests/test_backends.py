@@ -77,9 +77,10 @@ def test_missing_gpu_package_names_the_extra(name, extra, package, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(_backends.importlib.util, "find_spec",
                         lambda mod, *a: None if mod == package else real_find_spec(mod, *a))
-    monkeypatch.delitem(_backends._loaded, name, raising=False)
-    with pytest.raises(ImportError, match=rf"fastdrmm\[{extra}\]"):
-        ops.match_switch_pool(X, W, B, backend=name)
+    # registered afresh, the backend is imported again on first use (not taken from a cache)
+    with _backends.register(_backends.BACKENDS[name], replace=True):
+        with pytest.raises(ImportError, match=rf"fastdrmm\[{extra}\]"):
+            ops.match_switch_pool(X, W, B, backend=name)
 
 
 class FakeDeviceArray:
@@ -156,3 +157,103 @@ def test_why_a_gpu_backend_cannot_run_is_said_plainly(monkeypatch):
         "no CUDA GPU is usable on this machine"
     monkeypatch.setattr(_backends, "_cuda_device_count", lambda name: 1)
     assert _backends.device_unavailable_reason("cupy") is None
+
+
+class Recorder:
+    """A backend that answers every op with the numpy backend's result and records the call."""
+
+    def __init__(self):
+        self.calls = []
+        self.reference = _backends.load("numpy")
+
+    def _call(self, op, *args):
+        self.calls.append(op)
+        return getattr(self.reference, op)(*args)
+
+    def match_switch_pool(self, x, templates, bias, geometry, leak):
+        return self._call("match_switch_pool", x, templates, bias, geometry, leak)
+
+    def match_at(self, x, templates, idx, geometry, switches):
+        return self._call("match_at", x, templates, idx, geometry, switches)
+
+    def unpool(self, code, idx, plane_shape, switches):
+        return self._call("unpool", code, idx, plane_shape, switches)
+
+    def render(self, code, idx, templates, geometry, switches):
+        return self._call("render", code, idx, templates, geometry, switches)
+
+    def template_stats(self, x, code, idx, geometry, switches, gram, *, note=None):
+        return self._call("template_stats", x, code, idx, geometry, switches, gram)
+
+
+def test_register_adds_a_backend_for_a_block():
+    recorder = Recorder()
+    with _backends.register("recorder", recorder) as registration:
+        assert "recorder" in _backends.BACKENDS and registration.name == "recorder"
+        h, idx = ops.match_switch_pool(X, W, B, backend="recorder")
+        np.testing.assert_array_equal(h, ops.match_switch_pool(X, W, B, backend="numpy")[0])
+        with fastdrmm.set_backend("recorder"):
+            ops.render(h, idx, W, (6, 6))
+        assert recorder.calls == ["match_switch_pool", "render"]
+    assert "recorder" not in _backends.BACKENDS
+    with pytest.raises(ValueError, match="unknown backend 'recorder'"):
+        ops.match_switch_pool(X, W, B, backend="recorder")
+
+
+def test_register_as_a_call_holds_until_undone():
+    registration = _backends.register("recorder", Recorder())
+    try:
+        assert _backends.resolve("recorder", (X,))[0] == "recorder"
+    finally:
+        registration.__exit__(None, None, None)
+    assert "recorder" not in _backends.BACKENDS
+
+
+def test_register_stands_in_for_a_backend_and_restores_it():
+    names = list(_backends.BACKENDS)
+    numpy_module = _backends.load("numpy")
+    with pytest.raises(ValueError, match="replace=True"):
+        _backends.register("numpy", Recorder())
+    recorder = Recorder()
+    with _backends.register("numpy", recorder, replace=True):
+        ops.match_switch_pool(X, W, B, backend="numpy")
+        assert recorder.calls == ["match_switch_pool"]
+    assert _backends.load("numpy") is numpy_module
+    assert list(_backends.BACKENDS) == names  # in their order: error messages list them
+
+
+def test_register_lazily_imports_a_module_path_naming_the_extra():
+    spec = _backends.BackendSpec("lazy", "fastdrmm.kernels.numpy", "host")
+    with _backends.register(spec):
+        assert "lazy" in _backends.BACKENDS
+        assert _backends.load("lazy") is _backends.load("numpy")
+    spec = _backends.BackendSpec("absent", "fastdrmm.kernels.numpy", "host",
+                                 ("no_such_package_here",), "absent-extra")
+    with _backends.register(spec):
+        with pytest.raises(ImportError, match=r"fastdrmm\[absent-extra\]"):
+            ops.match_switch_pool(X, W, B, backend="absent")
+
+
+class Incomplete:
+    def match_switch_pool(self, x, templates, bias, padding, pool, stride, leak):
+        raise AssertionError("never called")
+
+
+@pytest.mark.parametrize("spec,module,error,message", [
+    ("auto", Recorder(), ValueError, "cannot be named 'auto'"),
+    ("", Recorder(), ValueError, "cannot be named ''"),
+    (("numpy",), Recorder(), TypeError, "BackendSpec or a name"),
+    ("bare", None, ValueError, "needs a module or a module path"),
+    ("old", Incomplete(), TypeError,
+     r"match_switch_pool\(x, templates, bias, padding, pool, stride, leak\) does not take "
+     r"\(x, templates, bias, geometry, leak\).*no function render"),
+])
+def test_register_refuses_what_cannot_work(spec, module, error, message):
+    with pytest.raises(error, match=message):
+        _backends.register(spec, module)
+    assert set(_backends.BACKENDS) == {"numpy", "cpu", "numba-cuda", "cupy"}
+
+
+def test_a_device_backend_needs_the_device_hooks():
+    with pytest.raises(TypeError, match="no function asarray"):
+        _backends.register("gpu-recorder", Recorder(), location="device")

@@ -22,6 +22,7 @@ from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
                     check_match_nan_and_inf, check_match_ties, check_template_stats,
                     check_unpool_and_render, random_layer, tol)
 from fastdrmm import _backends, ops
+from fastdrmm._validation import match_geometry, units_geometry
 from fastdrmm.kernels.cuda import launch, loader
 from test_ops_match import GEOMETRIES as MATCH_GEOMETRIES
 from test_ops_render import GEOMETRIES as RENDER_GEOMETRIES
@@ -47,13 +48,21 @@ def harness_lib():
 
 
 @pytest.fixture
-def host_backend(harness_lib, monkeypatch):
+def host_backend(harness_lib):
     """Registers the harness as a host backend named 'cuda-host' for this test."""
     dev = cudahost.HostDevice(harness_lib, cudahost.SMALL)
-    monkeypatch.setitem(_backends.BACKENDS, "cuda-host",
-                        _backends.BackendSpec("cuda-host", "tests.cudahost", "host"))
-    monkeypatch.setitem(_backends._loaded, "cuda-host", cudahost.backend(dev))
-    return dev
+    with _backends.register("cuda-host", cudahost.backend(dev)):
+        yield dev
+
+
+def pooled(x, templates, padding, pool, stride):
+    """The Geometry of a pooled matching of x by the templates (as fastdrmm.ops makes it)."""
+    return match_geometry(x.shape[2:], templates.shape[2:], padding, pool, stride)
+
+
+def at_units(input_hw, templates, padding, units):
+    """The Geometry of the ops that read or write the positions of ``units`` (N, K, Hp, Wp)."""
+    return units_geometry(input_hw, templates.shape[2:], padding, units.shape[2:])
 
 
 @pytest.fixture
@@ -229,9 +238,9 @@ def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
     small = cudahost.HostDevice(harness_lib, cudahost.SMALL)
     be = cudahost.backend(small)
     x, t, b = random_layer(rng, np.float64, 1, 2, 9, 9, 3, 7, 7)    # 2*49 > ws_cap: direct paths
-    h, idx = be.match_switch_pool(x, t, b, (1, 1), (2, 2), (2, 2), 0.0)
+    h, idx = be.match_switch_pool(x, t, b, pooled(x, t, 1, 2, 2), 0.0)
     assert_pooling_matches(h, idx, x, t, b, padding=(1, 1), pool=(2, 2))
-    r = be.render(h, idx, t, (9, 9), (1, 1), None)
+    r = be.render(h, idx, t, at_units((9, 9), t, 1, h), None)
     np.testing.assert_allclose(r, naive.render(h, idx, t, (9, 9), 1), rtol=1e-10, atol=1e-12)
     names = {name for name, _, _ in small.launches}
     assert {"match_pool_direct<double>", "render_direct<double>"} <= names
@@ -239,14 +248,14 @@ def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
     be = cudahost.backend(gpu)
     for dtype in DTYPES:
         x, t, b = random_layer(rng, dtype, 2, 5, 23, 19, 6, 3, 3)
-        h, idx = be.match_switch_pool(x, t, b, (2, 2), (2, 2), (2, 2), 0.0)
+        h, idx = be.match_switch_pool(x, t, b, pooled(x, t, 2, 2, 2), 0.0)
         assert_pooling_matches(h, idx, x, t, b, padding=(2, 2), pool=(2, 2), dtype=dtype)
-        r = be.render(h, idx, t, (23, 19), (2, 2), None)
+        r = be.render(h, idx, t, at_units((23, 19), t, 2, h), None)
         rtol, atol = tol(dtype)
         np.testing.assert_allclose(r, naive.render(h, idx, t, (23, 19), 2), rtol=rtol,
                                    atol=atol * 10)
         sw = (rng.random(h.shape) < 0.7).astype(dtype)  # 2*6*12*10 units: a partial last block
-        z = be.match_at(x, t, idx, (2, 2), sw)
+        z = be.match_at(x, t, idx, at_units((23, 19), t, 2, h), sw)
         np.testing.assert_allclose(z, mac.naive_match_at(x, t, idx, 2, sw), rtol=rtol,
                                    atol=atol * 10)
     assert all(block == (256, 1, 1) for _, _, block in gpu.launches)
@@ -267,15 +276,16 @@ def test_tsan_finds_no_race_in_any_kernel(harness_lib, tsan_exe, rng):
     be = cudahost.backend(dev)
     for dtype in DTYPES:
         x, t, b = random_layer(rng, dtype, 2, 3, 9, 8, 3, 3, 2)         # tiled, 2 channel chunks
-        h, idx = be.match_switch_pool(x, t, b, (1, 1), (2, 2), (1, 1), 0.1)
+        h, idx = be.match_switch_pool(x, t, b, pooled(x, t, 1, 2, 1), 0.1)
         sw = (rng.random(h.shape) < 0.7).astype(dtype)
-        be.render(h, idx, t, (9, 8), (1, 1), sw)
-        be.template_stats(x, h, idx, (3, 2), (1, 1), sw, True)
-        be.match_at(x, t, idx, (1, 1), sw)
-        be.match_at(x, t, idx, (1, 1), None)
+        units = at_units((9, 8), t, 1, h)
+        be.render(h, idx, t, units, sw)
+        be.template_stats(x, h, idx, units, sw, True)
+        be.match_at(x, t, idx, units, sw)
+        be.match_at(x, t, idx, units, None)
         x, t, b = random_layer(rng, dtype, 1, 1, 8, 8, 2, 6, 6)         # direct fallbacks
-        h, idx = be.match_switch_pool(x, t, b, (0, 0), (2, 2), (2, 2), 0.0)
-        be.render(h, idx, t, (8, 8), (0, 0), None)
+        h, idx = be.match_switch_pool(x, t, b, pooled(x, t, 0, 2, 2), 0.0)
+        be.render(h, idx, t, at_units((8, 8), t, 0, h), None)
     kernels = {name.split("<")[0] for name, _, _ in dev.launches}
     assert kernels == {k for ks in launch.SOURCES.values() for k in ks}
     with tempfile.TemporaryDirectory() as d:

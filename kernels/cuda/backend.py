@@ -59,12 +59,11 @@ _DEV = _Device()
 
 
 def match_switch_pool(x, templates, bias, geometry, leak):
-    return launch.match_switch_pool(_DEV, x, templates, bias, geometry.padding, geometry.pool,
-                                    geometry.stride, leak)
+    return launch.match_switch_pool(_DEV, x, templates, bias, geometry, leak)
 
 
 def match_at(x, templates, idx, geometry, switches):
-    return launch.match_at(_DEV, x, templates, idx, geometry.padding, switches)
+    return launch.match_at(_DEV, x, templates, idx, geometry, switches)
 
 
 def unpool(code, idx, plane_shape, switches):
@@ -72,9 +71,8 @@ def unpool(code, idx, plane_shape, switches):
 
 
 def render(code, idx, templates, geometry, switches):
-    return launch.render(_DEV, code, idx, templates, geometry.input, geometry.padding, switches)
+    return launch.render(_DEV, code, idx, templates, geometry, switches)
 
 
 def template_stats(x, code, idx, geometry, switches, gram):
-    return launch.template_stats(_DEV, x, code, idx, geometry.kernel, geometry.padding,
-                                 switches, gram)
+    return launch.template_stats(_DEV, x, code, idx, geometry, switches, gram)

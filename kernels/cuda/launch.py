@@ -1,16 +1,19 @@
 """Launch configuration of the CUDA C kernels: one source of truth for the GPU backend, the
 NVRTC compile check and the host harness under tests/.
 
-Everything here is pure Python (no CuPy): the op drivers below take a ``device`` object with
-``empty(shape, dtype)``, ``zeros(shape, dtype)`` and ``launch(name_expression, grid, block,
-args)``; ``backend.py`` implements it with CuPy, the tests with NumPy and ctypes. Arguments
-are passed in kernel order: arrays (pointers), ``numpy.int32`` and scalars of the dtype.
+Everything here is pure Python (no CuPy): the op drivers below take the op's Geometry
+(``fastdrmm.kernels.geometry``: every size, computed once by ``fastdrmm.ops``) and a
+``device`` object with ``empty(shape, dtype)``, ``zeros(shape, dtype)`` and
+``launch(name_expression, grid, block, args)``; ``backend.py`` implements it with CuPy, the
+tests with NumPy and ctypes. Arguments are passed in kernel order: arrays (pointers),
+``numpy.int32`` and scalars of the dtype.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,35 +75,56 @@ def _blocks(total, cfg):
     return max(1, -(-total // cfg.threads))
 
 
-def match_tiles(ho_wo, hp_wp, kernel, channels, pool, stride, cfg=GPU):
-    """(tph, tpw, cchunk) of match_pool_tiled, or None when even a 1x1 tile does not fit."""
-    (hp, wp), (kh, kw) = hp_wp, kernel
+def _fitting_tile(rows, cols, fits):
+    """(rows, cols) halved on the longer side until ``fits(rows, cols)``; None when even a
+    1 x 1 tile does not fit."""
+    while not fits(rows, cols):
+        if rows == 1 and cols == 1:
+            return None
+        if rows >= cols:
+            rows = max(1, rows // 2)
+        else:
+            cols = max(1, cols // 2)
+    return rows, cols
+
+
+class MatchTiles(NamedTuple):
+    """How match_pool_tiled splits the pooled grid: a ``rows`` x ``cols`` tile of pooled
+    units per block, input channels staged ``channels`` at a time."""
+
+    rows: int
+    cols: int
+    channels: int
+
+
+def match_tiles(geometry, channels, cfg=GPU):
+    """The MatchTiles of match_pool_tiled, or None when even a 1x1 tile does not fit."""
+    (hp, wp), (kh, kw) = geometry.pooled, geometry.kernel
+    pool, stride = geometry.pool, geometry.stride
+
+    def span(tph, tpw):
+        return (tph - 1) * stride[0] + pool[0], (tpw - 1) * stride[1] + pool[1]
 
     def fits(tph, tpw):
-        zh, zw = (tph - 1) * stride[0] + pool[0], (tpw - 1) * stride[1] + pool[1]
+        zh, zw = span(tph, tpw)
         return (cfg.kb * zh * zw <= cfg.zs_cap and (zh + kh - 1) * (zw + kw - 1) <= cfg.xs_cap
                 and cfg.kb * kh * kw <= cfg.ws_cap)
 
     side = max(1, math.isqrt(max(1, cfg.threads // cfg.kb)))
-    tph, tpw = min(side, hp), min(side, wp)
-    while not fits(tph, tpw):
-        if tph == 1 and tpw == 1:
-            return None
-        if tph >= tpw:
-            tph = max(1, tph // 2)
-        else:
-            tpw = max(1, tpw // 2)
-    zh, zw = (tph - 1) * stride[0] + pool[0], (tpw - 1) * stride[1] + pool[1]
+    tile = _fitting_tile(min(side, hp), min(side, wp), fits)
+    if tile is None:
+        return None
+    tph, tpw = tile
+    zh, zw = span(tph, tpw)
     patch = (zh + kh - 1) * (zw + kw - 1)
     cchunk = max(1, min(channels, cfg.xs_cap // patch, cfg.ws_cap // (cfg.kb * kh * kw)))
-    return tph, tpw, cchunk
+    return MatchTiles(tph, tpw, cchunk)
 
 
-def match_switch_pool(dev, x, templates, bias, padding, pool, stride, leak, cfg=GPU):
-    n, c, h, w = x.shape
-    k, _, kh, kw = templates.shape
-    ho, wo = h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
-    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+def match_switch_pool(dev, x, templates, bias, geometry, leak, cfg=GPU):
+    n, c = x.shape[:2]
+    k = templates.shape[0]
+    hp, wp = geometry.pooled
     dtype = np.dtype(x.dtype)
     out_h = dev.empty((n, k, hp, wp), dtype)
     out_idx = dev.empty((n, k, hp, wp), np.int32)
@@ -108,33 +132,34 @@ def match_switch_pool(dev, x, templates, bias, padding, pool, stride, leak, cfg=
         return out_h, out_idx
     _i(x.size, templates.size, out_h.size)
     args = (x, templates, bias, out_h, out_idx,
-            *_i(n, c, h, w, k, kh, kw, *padding, *pool, *stride, ho, wo, hp, wp),
+            *_i(n, c, *geometry.input, k, *geometry.kernel, *geometry.padding, *geometry.pool,
+                *geometry.stride, *geometry.plane, hp, wp),
             dtype.type(leak))
-    tiles = match_tiles((ho, wo), (hp, wp), (kh, kw), c, pool, stride, cfg)
+    tiles = match_tiles(geometry, c, cfg)
     if tiles is None:
         dev.launch(name_expression("match_pool_direct", dtype), (_blocks(out_h.size, cfg), 1, 1),
                    (cfg.threads, 1, 1), args)
     else:
-        tph, tpw, cchunk = tiles
-        grid = -(-hp // tph) * -(-wp // tpw) * -(-k // cfg.kb) * n
+        grid = -(-hp // tiles.rows) * -(-wp // tiles.cols) * -(-k // cfg.kb) * n
         dev.launch(name_expression("match_pool_tiled", dtype), (_i(grid)[0], 1, 1),
-                   (cfg.threads, 1, 1), (*args, *_i(tph, tpw, cchunk)))
+                   (cfg.threads, 1, 1), (*args, *_i(*tiles)))
     return out_h, out_idx
 
 
-def match_at(dev, x, templates, idx, padding, switches, cfg=GPU):
+def match_at(dev, x, templates, idx, geometry, switches, cfg=GPU):
     """The matching at the positions idx, times the switches: one thread per output unit."""
-    n, c, h, w = x.shape
-    k, _, kh, kw = templates.shape
-    wo = w + 2 * padding[1] - kw + 1
+    n, c = x.shape[:2]
+    k = templates.shape[0]
     dtype = np.dtype(x.dtype)
     out = dev.empty(idx.shape, dtype)
     if out.size == 0:
         return out
     _i(x.size, templates.size, out.size)
     has = switches is not None
+    units_per_plane = geometry.pooled[0] * geometry.pooled[1]
     args = (x, templates, idx, switches if has else x, out,  # x: a placeholder, never read
-            *_i(n, c, h, w, k, kh, kw, *padding, wo, idx.shape[2] * idx.shape[3], int(has)))
+            *_i(n, c, *geometry.input, k, *geometry.kernel, *geometry.padding,
+                geometry.plane[1], units_per_plane, int(has)))
     dev.launch(name_expression("match_at", dtype), (_blocks(out.size, cfg), 1, 1),
                (cfg.threads, 1, 1), args)
     return out
@@ -155,67 +180,71 @@ def unpool(dev, code, idx, plane_shape, switches, cfg=GPU):
     return u
 
 
-def render_tiles(hw, kernel, cfg=GPU):
-    """(th, tw, kchunk) of render_tiled, or None when even a 1x1 tile does not fit."""
-    (h, w), (kh, kw) = hw, kernel
+class RenderTiles(NamedTuple):
+    """How render_tiled splits the output: a ``rows`` x ``cols`` tile of rendered pixels per
+    block, code channels (templates) staged ``templates`` at a time."""
+
+    rows: int
+    cols: int
+    templates: int
+
+
+def render_tiles(geometry, cfg=GPU):
+    """The RenderTiles of render_tiled, or None when even a 1x1 tile does not fit."""
+    (h, w), (kh, kw) = geometry.input, geometry.kernel
     if cfg.kb * kh * kw > cfg.ws_cap:
         return None
     tw = min(w, cfg.threads)
-    th = min(h, max(1, cfg.threads // tw))
-    while (th + kh - 1) * (tw + kw - 1) > cfg.xs_cap:
-        if th == 1 and tw == 1:
-            return None
-        if th >= tw:
-            th = max(1, th // 2)
-        else:
-            tw = max(1, tw // 2)
+    tile = _fitting_tile(min(h, max(1, cfg.threads // tw)), tw,
+                         lambda th, tw: (th + kh - 1) * (tw + kw - 1) <= cfg.xs_cap)
+    if tile is None:
+        return None
+    th, tw = tile
     kchunk = max(1, min(cfg.xs_cap // ((th + kh - 1) * (tw + kw - 1)),
                         cfg.ws_cap // (cfg.kb * kh * kw)))
-    return th, tw, kchunk
+    return RenderTiles(th, tw, kchunk)
 
 
-def render(dev, code, idx, templates, input_shape, padding, switches, cfg=GPU):
-    k, c, kh, kw = templates.shape
+def render(dev, code, idx, templates, geometry, switches, cfg=GPU):
+    k, c = templates.shape[:2]
     n = code.shape[0]
-    h, w = input_shape
-    ho, wo = h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
+    h, w = geometry.input
     dtype = np.dtype(code.dtype)
     r = dev.empty((n, c, h, w), dtype)
     if r.size == 0:
         return r
-    u = unpool(dev, code, idx, (ho, wo), switches, cfg)
-    args = (u, templates, r, *_i(n, k, c, h, w, ho, wo, kh, kw, *padding))
-    tiles = render_tiles((h, w), (kh, kw), cfg)
+    u = unpool(dev, code, idx, geometry.plane, switches, cfg)
+    args = (u, templates, r, *_i(n, k, c, h, w, *geometry.plane, *geometry.kernel,
+                                 *geometry.padding))
+    tiles = render_tiles(geometry, cfg)
     if tiles is None:
         dev.launch(name_expression("render_direct", dtype), (_blocks(r.size, cfg), 1, 1),
                    (cfg.threads, 1, 1), args)
     else:
-        th, tw, kchunk = tiles
-        grid = -(-h // th) * -(-w // tw) * -(-c // cfg.kb) * n
+        grid = -(-h // tiles.rows) * -(-w // tiles.cols) * -(-c // cfg.kb) * n
         dev.launch(name_expression("render_tiled", dtype), (_i(grid)[0], 1, 1),
-                   (cfg.threads, 1, 1), (*args, *_i(th, tw, kchunk)))
+                   (cfg.threads, 1, 1), (*args, *_i(*tiles)))
     return r
 
 
-def template_stats(dev, x, code, idx, kernel_size, padding, switches, gram, cfg=GPU):
-    n, c, h, w = x.shape
+def template_stats(dev, x, code, idx, geometry, switches, gram, cfg=GPU):
+    n, c = x.shape[:2]
     k = code.shape[1]
-    kh, kw = kernel_size
-    ho, wo = h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
+    kh, kw = geometry.kernel
     dtype = np.dtype(x.dtype)
-    u = unpool(dev, code, idx, (ho, wo), switches, cfg)
+    u = unpool(dev, code, idx, geometry.plane, switches, cfg)
     big_b = dev.empty((k, c, kh, kw), dtype)
     s = dev.empty((k,), dtype)
     rows = k * kh * kw
     big_g = dev.empty((rows, rows), dtype) if gram else None
     block = (cfg.threads, 1, 1)
-    geometry = _i(n, k, c, h, w, ho, wo, kh, kw, *padding)
+    sizes = _i(*geometry.input, *geometry.plane, kh, kw, *geometry.padding)
     if big_b.size:
         dev.launch(name_expression("stats_b", dtype), (_i(big_b.size)[0], 1, 1), block,
-                   (u, x, big_b, *geometry))
+                   (u, x, big_b, *_i(n, k, c), *sizes))
     dev.launch(name_expression("stats_s", dtype), (k, 1, 1), block,
-               (u, s, *_i(n, k, ho * wo)))
+               (u, s, *_i(n, k, geometry.plane[0] * geometry.plane[1])))
     if gram:
         dev.launch(name_expression("stats_g", dtype), (_i(rows * rows)[0], 1, 1), block,
-                   (u, big_g, *_i(n, k, h, w, ho, wo, kh, kw, *padding)))
+                   (u, big_g, *_i(n, k), *sizes))
     return big_b, s, big_g

@@ -55,8 +55,32 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+def fit_tile(block, rows, cols, halo_fits, accumulators_fit):
+    """The largest (block, rows, cols) of a tiled kernel that fits the shared capacities, or
+    None when even one item of a 1 x 1 tile does not (the direct kernel then runs).
+
+    ``block`` templates or channels and a ``rows`` x ``cols`` tile per block: while the staged
+    halo ``halo_fits(rows, cols)`` but the accumulators do not
+    (``accumulators_fit(block, rows, cols)``), the block is halved; while the halo does not
+    fit, the longer side of the tile."""
+    while True:
+        halo = halo_fits(rows, cols)
+        if halo and accumulators_fit(block, rows, cols):
+            return block, rows, cols
+        if halo and block > 1:
+            block = max(1, block // 2)  # the accumulators are the limit: a smaller block
+        elif rows >= cols and rows > 1:
+            rows = (rows + 1) // 2
+        elif cols > 1:
+            cols = (cols + 1) // 2
+        elif block > 1:
+            block = max(1, block // 2)
+        else:
+            return None
+
+
 def fill_source(dtype, cfg):
-    threads = cfg[0]
+    threads = cfg.threads
 
     def fill(out, value):
         start = cuda.blockIdx.x * threads + cuda.threadIdx.x
@@ -70,13 +94,18 @@ def fill_source(dtype, cfg):
 
 def grid_for(n, cfg):
     """Blocks of a grid-stride loop over n items."""
-    return max(1, min(cdiv(n, cfg[0]), cfg[6]))
+    return max(1, min(cdiv(n, cfg.threads), cfg.max_blocks))
+
+
+def over_items(kern, n, cfg, stream):
+    """``kern`` configured for a grid-stride loop over n items (blocks of ``cfg.threads``)."""
+    return kern[grid_for(n, cfg), cfg.threads, stream]
 
 
 def zeros(shape, dtype, stream):
     out = empty(shape, dtype, stream)
     if out.size:
         cfg = config.snapshot()
-        get_kernel(fill_source, dtype, cfg)[grid_for(out.size, cfg), cfg[0], stream](
+        over_items(get_kernel(fill_source, dtype, cfg), out.size, cfg, stream)(
             flat(out), np.dtype(dtype).type(0))
     return out

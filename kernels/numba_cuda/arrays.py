@@ -166,12 +166,12 @@ def ascontiguousarray(arr, dtype):
     if arr.ndim == 0 or arr.ndim > 4:
         raise ValueError(f"arrays of 1 to 4 dimensions only, got {arr.ndim}")
     cfg = config.snapshot()
-    COPY_KERNELS[arr.ndim][_common.grid_for(out.size, cfg), cfg[0], stream](arr, out)
+    _common.over_items(COPY_KERNELS[arr.ndim], out.size, cfg, stream)(arr, out)
     return out
 
 
 def _range_source(dtype, cfg):
-    threads = cfg[0]
+    threads = cfg.threads
     p2 = 1
     while p2 < threads:
         p2 *= 2
@@ -216,7 +216,7 @@ def index_range(idx):
     out = cuda.to_device(np.array([np.iinfo(np.int64).max, np.iinfo(np.int64).min], np.int64),
                          stream=stream)
     kern = _common.get_kernel(_range_source, np.int64 if wide else np.int32, cfg)
-    kern[_common.grid_for(idx.size, cfg), cfg[0], stream](_common.flat(idx), out)
+    _common.over_items(kern, idx.size, cfg, stream)(_common.flat(idx), out)
     host = out.copy_to_host(stream=stream)
     stream.synchronize()
     # (uint64 entries above 2**63 wrap negative: reported out of range, as they are.)

@@ -19,6 +19,8 @@ or template does not fit even a 1 x 1 tile of one template runs the direct (glob
 kernels instead; the results are the same.
 """
 
+from typing import NamedTuple
+
 LAUNCH = {
     "threads": 256,
     "k_block": 8,
@@ -30,14 +32,27 @@ LAUNCH = {
 }
 
 
+class Launch(NamedTuple):
+    """One launch configuration, frozen (the fields of ``LAUNCH``, as ints); hashable, so it
+    is the memoisation key of the compiled kernels."""
+
+    threads: int
+    k_block: int
+    tile: tuple
+    x_smem: int
+    w_smem: int
+    z_smem: int
+    max_blocks: int
+
+
 def snapshot():
-    """The current configuration as a hashable tuple (the memoisation key of the kernels)."""
-    return (
-        int(LAUNCH["threads"]),
-        int(LAUNCH["k_block"]),
-        tuple(int(t) for t in LAUNCH["tile"]),
-        int(LAUNCH["x_smem"]),
-        int(LAUNCH["w_smem"]),
-        int(LAUNCH["z_smem"]),
-        int(LAUNCH["max_blocks"]),
+    """The current configuration (``LAUNCH`` read now) as a ``Launch``."""
+    return Launch(
+        threads=int(LAUNCH["threads"]),
+        k_block=int(LAUNCH["k_block"]),
+        tile=tuple(int(t) for t in LAUNCH["tile"]),
+        x_smem=int(LAUNCH["x_smem"]),
+        w_smem=int(LAUNCH["w_smem"]),
+        z_smem=int(LAUNCH["z_smem"]),
+        max_blocks=int(LAUNCH["max_blocks"]),
     )

@@ -19,6 +19,8 @@ match_at (the matching read at given positions, times the switches): one thread 
 unit, see ``_match_at_source``.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import cuda, types
 
@@ -26,7 +28,7 @@ from . import _common, config
 
 
 def _tiled_source(dtype, cfg):
-    threads, _, _, XS, WS, ZS, _ = cfg
+    threads, XS, WS, ZS = cfg.threads, cfg.x_smem, cfg.w_smem, cfg.z_smem
     nbt = _common.nb_type(dtype)
     zero = dtype.type(0)
 
@@ -126,7 +128,7 @@ def _tiled_source(dtype, cfg):
 
 
 def _direct_source(dtype, cfg):
-    threads = cfg[0]
+    threads = cfg.threads
     nbt = _common.nb_type(dtype)
     zero = dtype.type(0)
 
@@ -189,7 +191,7 @@ def _match_at_source(dtype, cfg):
     L1 cache serves. A switched-off unit writes 0 without reading x: a NaN there cannot leak.
     Taps in the padding multiply a zero, as in the reference (an inf template tap gives NaN).
     """
-    threads = cfg[0]
+    threads = cfg.threads
     nbt = _common.nb_type(dtype)
     zero, one = dtype.type(0), dtype.type(1)
 
@@ -231,39 +233,50 @@ KERNELS = {"match_tiled": _tiled_source, "match_direct": _direct_source,
            "match_at_units": _match_at_source}
 
 
-def plan(cfg, K, kh, kw, Hp, Wp, pool, stride):
-    """(KB, TPH, TPW, ZH, ZW) of the tiled kernel, or None when nothing fits (direct kernel)."""
-    _, k_block, tile, XS, WS, ZS, _ = cfg
-    kb = min(k_block, K, WS // (kh * kw))
+class Tiling(NamedTuple):
+    """How the tiled matching kernel splits the pooled grid: ``k_block`` templates and a
+    ``rows`` x ``cols`` tile of pooled units per block, reading a ``span`` of the z plane."""
+
+    k_block: int
+    rows: int
+    cols: int
+    span_rows: int
+    span_cols: int
+
+
+def plan(cfg, templates, geometry):
+    """The Tiling of the tiled kernel, or None when nothing fits (direct kernel)."""
+    (kh, kw), (hp, wp) = geometry.kernel, geometry.pooled
+    pool, stride = geometry.pool, geometry.stride
+    kb = min(cfg.k_block, templates, cfg.w_smem // (kh * kw))
     if kb < 1:
         return None
-    tph, tpw = min(tile[0], Hp), min(tile[1], Wp)
 
-    def span(t, d):
-        return (t - 1) * stride[d] + pool[d]
+    def span(rows, cols):  # of the z plane that a tile of pooled units reads
+        return (rows - 1) * stride[0] + pool[0], (cols - 1) * stride[1] + pool[1]
 
-    while True:
-        zh, zw = span(tph, 0), span(tpw, 1)
-        if (zh + kh - 1) * (zw + kw - 1) <= XS and kb * zh * zw <= ZS:
-            return kb, tph, tpw, zh, zw
-        if (zh + kh - 1) * (zw + kw - 1) <= XS and kb > 1:
-            kb = max(1, kb // 2)  # the accumulators are the limit: fewer templates per block
-        elif tph >= tpw and tph > 1:
-            tph = (tph + 1) // 2
-        elif tpw > 1:
-            tpw = (tpw + 1) // 2
-        elif kb > 1:
-            kb = max(1, kb // 2)
-        else:
-            return None
+    def halo_fits(rows, cols):
+        zh, zw = span(rows, cols)
+        return (zh + kh - 1) * (zw + kw - 1) <= cfg.x_smem
+
+    def accumulators_fit(block, rows, cols):
+        zh, zw = span(rows, cols)
+        return block * zh * zw <= cfg.z_smem
+
+    fitted = _common.fit_tile(kb, min(cfg.tile[0], hp), min(cfg.tile[1], wp), halo_fits,
+                              accumulators_fit)
+    if fitted is None:
+        return None
+    kb, rows, cols = fitted
+    return Tiling(kb, rows, cols, *span(rows, cols))
 
 
 def match_switch_pool(x, templates, bias, geometry, leak):
-    padding, pool, stride = geometry.padding, geometry.pool, geometry.stride
-    n, c, hh, ww = (int(s) for s in x.shape)
-    k, _, kh, kw = (int(s) for s in templates.shape)
-    ho, wo = hh + 2 * padding[0] - kh + 1, ww + 2 * padding[1] - kw + 1
-    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+    n, c = (int(s) for s in x.shape[:2])
+    k = int(templates.shape[0])
+    (hh, ww), (kh, kw), (ph, pw) = geometry.input, geometry.kernel, geometry.padding
+    wo = geometry.plane[1]
+    (hp, wp), pool, stride = geometry.pooled, geometry.pool, geometry.stride
     dtype = np.dtype(x.dtype)
     stream = _common.stream_of(x, templates, bias)
     h = _common.empty((n, k, hp, wp), dtype, stream)
@@ -271,30 +284,27 @@ def match_switch_pool(x, templates, bias, geometry, leak):
     if h.size == 0:
         return h, idx
     cfg = config.snapshot()
-    threads = cfg[0]
-    leak = dtype.type(leak)
     args = (_common.flat(x), _common.flat(templates), bias, _common.flat(h), _common.flat(idx),
-            leak)
-    geo = (kh, kw, padding[0], padding[1], wo, hp, wp, pool[0], pool[1], stride[0], stride[1])
-    tiling = plan(cfg, k, kh, kw, hp, wp, pool, stride)
+            dtype.type(leak))
+    geo = (kh, kw, ph, pw, wo, hp, wp, *pool, *stride)
+    tiling = plan(cfg, k, geometry)
     if tiling is None:
         kern = _common.get_kernel(_direct_source, dtype, cfg)
-        kern[_common.grid_for(h.size, cfg), threads, stream](*args, n, c, hh, ww, k, *geo)
+        _common.over_items(kern, h.size, cfg, stream)(*args, n, c, hh, ww, k, *geo)
         return h, idx
-    kb, tph, tpw, zh, zw = tiling
-    tiles_h, tiles_w, kgroups = _common.cdiv(hp, tph), _common.cdiv(wp, tpw), _common.cdiv(k, kb)
+    tiles_h, tiles_w = _common.cdiv(hp, tiling.rows), _common.cdiv(wp, tiling.cols)
+    kgroups = _common.cdiv(k, tiling.k_block)
     kern = _common.get_kernel(_tiled_source, dtype, cfg)
     blocks = n * kgroups * tiles_h * tiles_w
-    kern[blocks, threads, stream](*args, c, hh, ww, k, *geo, kb, tph, tpw, zh, zw,
-                                  tiles_h, tiles_w, kgroups)
+    kern[blocks, cfg.threads, stream](*args, c, hh, ww, k, *geo, *tiling,
+                                      tiles_h, tiles_w, kgroups)
     return h, idx
 
 
 def match_at(x, templates, idx, geometry, switches):
-    padding = geometry.padding
-    n, c, hh, ww = (int(s) for s in x.shape)
-    k, _, kh, kw = (int(s) for s in templates.shape)
-    wo = ww + 2 * padding[1] - kw + 1
+    c = int(x.shape[1])
+    k = int(templates.shape[0])
+    (hh, ww), (kh, kw), (ph, pw) = geometry.input, geometry.kernel, geometry.padding
     dtype = np.dtype(x.dtype)
     stream = _common.stream_of(x, templates, idx, switches)
     out = _common.empty(idx.shape, dtype, stream)
@@ -304,8 +314,8 @@ def match_at(x, templates, idx, geometry, switches):
     kern = _common.get_kernel(_match_at_source, dtype, cfg)
     xflat = _common.flat(x)
     sw = xflat if switches is None else _common.flat(switches)  # not read without switches
-    units_per_plane = int(idx.shape[2]) * int(idx.shape[3])
-    kern[_common.grid_for(out.size, cfg), cfg[0], stream](
+    units_per_plane = geometry.pooled[0] * geometry.pooled[1]
+    _common.over_items(kern, out.size, cfg, stream)(
         xflat, _common.flat(templates), _common.flat(idx), sw, switches is not None,
-        _common.flat(out), c, hh, ww, k, kh, kw, padding[0], padding[1], wo, units_per_plane)
+        _common.flat(out), c, hh, ww, k, kh, kw, ph, pw, geometry.plane[1], units_per_plane)
     return out

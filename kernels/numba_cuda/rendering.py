@@ -14,6 +14,8 @@ accumulators, written once at the end. A direct one-thread-per-pixel kernel is t
 when the halo or the taps exceed the shared capacities.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import cuda, types
 
@@ -21,7 +23,7 @@ from . import _common, config
 
 
 def _unpool_source(dtype, cfg):
-    threads = cfg[0]
+    threads = cfg.threads
     nbt = _common.nb_type(dtype)
 
     def unpool_scatter(code, idx, sw, has_sw, u, P, HW):
@@ -38,7 +40,7 @@ def _unpool_source(dtype, cfg):
 
 
 def _render_tiled_source(dtype, cfg):
-    threads, _, _, XS, WS, ZS, _ = cfg
+    threads, XS, WS, ZS = cfg.threads, cfg.x_smem, cfg.w_smem, cfg.z_smem
     nbt = _common.nb_type(dtype)
     zero = dtype.type(0)
 
@@ -111,7 +113,7 @@ def _render_tiled_source(dtype, cfg):
 
 
 def _render_direct_source(dtype, cfg):
-    threads = cfg[0]
+    threads = cfg.threads
     nbt = _common.nb_type(dtype)
 
     def render_direct(u, w, r, N, K, C, Ho, Wo, H, W, kh, kw, ph, pw):
@@ -144,74 +146,73 @@ KERNELS = {"unpool_scatter": _unpool_source, "render_tiled": _render_tiled_sourc
            "render_direct": _render_direct_source}
 
 
-def _unpool(code, idx, plane_shape, switches, stream):
+def unpool_on(stream, code, idx, plane_shape, switches):
+    """unpool, queued on ``stream`` (render and template_stats unpool on their own stream)."""
     n, k, hp, wp = (int(s) for s in code.shape)
     dtype = np.dtype(code.dtype)
-    u = _common.zeros((n, k, plane_shape[0], plane_shape[1]), dtype, stream)
+    u = _common.zeros((n, k, *plane_shape), dtype, stream)
     if code.size == 0:
         return u
     cfg = config.snapshot()
     kern = _common.get_kernel(_unpool_source, dtype, cfg)
     cflat = _common.flat(code)
     sw = cflat if switches is None else _common.flat(switches)
-    kern[_common.grid_for(code.size, cfg), cfg[0], stream](
+    _common.over_items(kern, code.size, cfg, stream)(
         cflat, _common.flat(idx), sw, switches is not None, _common.flat(u),
         hp * wp, plane_shape[0] * plane_shape[1])
     return u
 
 
 def unpool(code, idx, plane_shape, switches):
-    return _unpool(code, idx, plane_shape, switches, _common.stream_of(code, idx, switches))
+    return unpool_on(_common.stream_of(code, idx, switches), code, idx, plane_shape, switches)
 
 
-def plan(cfg, C, kh, kw, H, W):
-    """(CB, TH, TW) of the tiled render kernel, or None (direct kernel)."""
-    _, k_block, tile, XS, WS, ZS, _ = cfg
-    cb = min(k_block, C, WS // (kh * kw))
+class Tiling(NamedTuple):
+    """How the tiled render kernel splits the output: ``c_block`` channels and a ``rows`` x
+    ``cols`` tile of rendered pixels per block."""
+
+    c_block: int
+    rows: int
+    cols: int
+
+
+def plan(cfg, channels, geometry):
+    """The Tiling of the tiled render kernel, or None (direct kernel)."""
+    (kh, kw), (hh, ww) = geometry.kernel, geometry.input
+    cb = min(cfg.k_block, channels, cfg.w_smem // (kh * kw))
     if cb < 1:
         return None
-    th, tw = min(tile[0], H), min(tile[1], W)
-    while True:
-        if (th + kh - 1) * (tw + kw - 1) <= XS and cb * th * tw <= ZS:
-            return cb, th, tw
-        if (th + kh - 1) * (tw + kw - 1) <= XS and cb > 1:
-            cb = max(1, cb // 2)
-        elif th >= tw and th > 1:
-            th = (th + 1) // 2
-        elif tw > 1:
-            tw = (tw + 1) // 2
-        elif cb > 1:
-            cb = max(1, cb // 2)
-        else:
-            return None
+    fitted = _common.fit_tile(
+        cb, min(cfg.tile[0], hh), min(cfg.tile[1], ww),
+        lambda rows, cols: (rows + kh - 1) * (cols + kw - 1) <= cfg.x_smem,
+        lambda block, rows, cols: block * rows * cols <= cfg.z_smem)
+    return None if fitted is None else Tiling(*fitted)
 
 
 def render(code, idx, templates, geometry, switches):
-    input_shape, padding = geometry.input, geometry.padding
     n, k = int(code.shape[0]), int(code.shape[1])
-    _, c, kh, kw = (int(s) for s in templates.shape)
-    hh, ww = input_shape
-    ho, wo = hh + 2 * padding[0] - kh + 1, ww + 2 * padding[1] - kw + 1
+    c = int(templates.shape[1])
+    (hh, ww), (kh, kw), (ph, pw) = geometry.input, geometry.kernel, geometry.padding
+    ho, wo = geometry.plane
     dtype = np.dtype(code.dtype)
     stream = _common.stream_of(code, idx, templates, switches)
     cfg = config.snapshot()
-    tiling = plan(cfg, c, kh, kw, hh, ww)
+    tiling = plan(cfg, c, geometry)
     if n == 0:
         return _common.empty((n, c, hh, ww), dtype, stream)
-    u = _unpool(code, idx, (ho, wo), switches, stream)
-    geo = (kh, kw, padding[0], padding[1])
+    u = unpool_on(stream, code, idx, geometry.plane, switches)
+    args = (_common.flat(u), _common.flat(templates))
     if tiling is None:
         r = _common.zeros((n, c, hh, ww), dtype, stream)
         kern = _common.get_kernel(_render_direct_source, dtype, cfg)
-        kern[_common.grid_for(r.size, cfg), cfg[0], stream](
-            _common.flat(u), _common.flat(templates), _common.flat(r), n, k, c, ho, wo, hh, ww,
-            *geo)
+        _common.over_items(kern, r.size, cfg, stream)(
+            *args, _common.flat(r), n, k, c, ho, wo, hh, ww, kh, kw, ph, pw)
         return r
     r = _common.empty((n, c, hh, ww), dtype, stream)
-    cb, th, tw = tiling
-    tiles_h, tiles_w, cgroups = _common.cdiv(hh, th), _common.cdiv(ww, tw), _common.cdiv(c, cb)
+    tiles_h, tiles_w = _common.cdiv(hh, tiling.rows), _common.cdiv(ww, tiling.cols)
+    cgroups = _common.cdiv(c, tiling.c_block)
     kern = _common.get_kernel(_render_tiled_source, dtype, cfg)
-    kern[n * cgroups * tiles_h * tiles_w, cfg[0], stream](
-        _common.flat(u), _common.flat(templates), _common.flat(r), k, c, ho, wo, hh, ww, *geo,
-        cb, th, tw, tiles_h, tiles_w, cgroups)
+    kern[n * cgroups * tiles_h * tiles_w, cfg.threads, stream](
+        *args, _common.flat(r), k, c, ho, wo, hh, ww, kh, kw, ph, pw, *tiling,
+        tiles_h, tiles_w, cgroups)
     return r

@@ -1,6 +1,6 @@
 """M-step statistics of the templates (numba.cuda): B, s and the Gram matrix G.
 
-The code is unpooled once (``rendering._unpool``; collisions are summed first, G being
+The code is unpooled once (``rendering.unpool_on``; collisions are summed first, G being
 quadratic in U). Every entry of B, s and G is then a reduction over the batch and the plane,
 computed by one block: a strided per-thread partial sum in a fixed order, then a two-level sum
 in static shared memory (two barriers), so the results are deterministic (no float atomics). The shifted planes of the
@@ -13,12 +13,12 @@ import numpy as np
 from numba import cuda, types
 
 from . import _common, config
-from .rendering import _unpool
+from .rendering import unpool_on
 
 
 def _stats_source(dtype, cfg):
     """One kernel for B (blocks [0, K*C*kh*kw)) and s (the next K blocks)."""
-    threads = cfg[0]
+    threads = cfg.threads
     nbt = _common.nb_type(dtype)
     zero = dtype.type(0)
 
@@ -76,7 +76,7 @@ def _stats_source(dtype, cfg):
 
 
 def _gram_source(dtype, cfg):
-    threads = cfg[0]
+    threads = cfg.threads
     nbt = _common.nb_type(dtype)
     zero = dtype.type(0)
 
@@ -140,31 +140,28 @@ KERNELS = {"stats_bs": _stats_source, "stats_gram": _gram_source}
 
 
 def template_stats(x, code, idx, geometry, switches, gram):
-    kernel_size, padding = geometry.kernel, geometry.padding
-    n, c, hh, ww = (int(s) for s in x.shape)
+    n, c = (int(s) for s in x.shape[:2])
     k = int(code.shape[1])
-    kh, kw = kernel_size
-    ho, wo = hh + 2 * padding[0] - kh + 1, ww + 2 * padding[1] - kw + 1
+    (hh, ww), (kh, kw), (ph, pw) = geometry.input, geometry.kernel, geometry.padding
+    ho, wo = geometry.plane
     dtype = np.dtype(x.dtype)
     stream = _common.stream_of(x, code, idx, switches)
     cfg = config.snapshot()
-    threads = cfg[0]
+    rows = k * kh * kw  # of G: one per template tap (k, a, b)
     if n == 0:  # empty sums
-        t = k * kh * kw
         return (_common.zeros((k, c, kh, kw), dtype, stream), _common.zeros((k,), dtype, stream),
-                _common.zeros((t, t), dtype, stream) if gram else None)
-    u = _unpool(code, idx, (ho, wo), switches, stream)
+                _common.zeros((rows, rows), dtype, stream) if gram else None)
+    u = _common.flat(unpool_on(stream, code, idx, geometry.plane, switches))
     big_b = _common.empty((k, c, kh, kw), dtype, stream)
     s = _common.empty((k,), dtype, stream)
-    geo = (ho, wo, kh, kw, padding[0], padding[1])
+    geo = (ho, wo, kh, kw, ph, pw)
     kern = _common.get_kernel(_stats_source, dtype, cfg)
-    kern[k * c * kh * kw + k, threads, stream](
-        _common.flat(u), _common.flat(x), _common.flat(big_b), s, n, k, c, hh, ww, *geo)
+    kern[k * c * kh * kw + k, cfg.threads, stream](
+        u, _common.flat(x), _common.flat(big_b), s, n, k, c, hh, ww, *geo)
     big_g = None
     if gram:
-        t = k * kh * kw
-        big_g = _common.empty((t, t), dtype, stream)
+        big_g = _common.empty((rows, rows), dtype, stream)
         kern = _common.get_kernel(_gram_source, dtype, cfg)
-        kern[t * (t + 1) // 2, threads, stream](_common.flat(u), _common.flat(big_g), n, k, hh,
-                                                ww, *geo)
+        kern[rows * (rows + 1) // 2, cfg.threads, stream](u, _common.flat(big_g), n, k, hh,
+                                                          ww, *geo)
     return big_b, s, big_g
