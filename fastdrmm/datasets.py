@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils import Bunch
 
-from .io import atomic_write
+from ._atomic import atomic_write
 
 __all__ = [
     "load_mnist",

@@ -7,7 +7,7 @@ import io as _io
 
 import numpy as np
 
-from .io import atomic_write
+from ._atomic import atomic_write
 
 __all__ = ["require_matplotlib", "mosaic", "save_image_grid", "save_npy"]
 
@@ -62,6 +62,8 @@ def save_image_grid(path, rows, row_labels=None, title=None, cell_inches=0.45):
     the rows. Raises ImportError (naming the extra) without matplotlib.
     """
     require_matplotlib()
+    # a Figure on its own Agg canvas, not pyplot: the user's global backend stays as it was
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = np.asarray(rows)
@@ -69,6 +71,7 @@ def save_image_grid(path, rows, row_labels=None, title=None, cell_inches=0.45):
     n_rows, n_cols, _, h, w = rows.shape
     fig = Figure(figsize=(max(2.0, cell_inches * n_cols + 1.0),
                           max(1.5, cell_inches * n_rows * h / w + (0.6 if title else 0.2))))
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([])

@@ -63,6 +63,15 @@ def npy_array(data):
     return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
 
 
+def npy_data_offset(data):
+    """Where the array data start in ``.npy`` bytes (the header's size)."""
+    fp = io.BytesIO(data)
+    version = np.lib.format.read_magic(fp)
+    (np.lib.format.read_array_header_1_0 if version == (1, 0)
+     else np.lib.format.read_array_header_2_0)(fp)
+    return fp.tell()
+
+
 def rehash_arrays(members):
     """Set every declared array's shape, dtype and sha256 in ``metadata.json`` to those of its
     ``.npy`` member, so that only checks of the VALUES can refuse an altered array."""

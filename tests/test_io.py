@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 import fastdrmm
-from archive_tools import (alter_member, deflate_zeros, npy_bytes, peak_memory_of, raw_zip,
-                           read_members, rebuild_archive, write_archive)
+from archive_tools import (alter_member, deflate_zeros, npy_bytes, npy_data_offset,
+                           peak_memory_of, raw_zip, read_members, rebuild_archive,
+                           write_archive)
+from fastdrmm import _atomic
 from fastdrmm import io as fio
 
 
@@ -239,16 +241,6 @@ SMALL_META = {"model_class": "RMM", "params": {"tol": 0.001}}
 def small_arrays():
     return {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array(3),
             "e": np.zeros((0, 2))}
-
-
-def npy_data_offset(data):
-    """Where the array data start in a .npy member."""
-    import io
-    fp = io.BytesIO(data)
-    version = np.lib.format.read_magic(fp)
-    (np.lib.format.read_array_header_1_0 if version == (1, 0)
-     else np.lib.format.read_array_header_2_0)(fp)
-    return fp.tell()
 
 
 @pytest.mark.parametrize("xor", [0x01, 0x80])
@@ -736,7 +728,7 @@ def dead_pid():
 @pytest.mark.skipif(os.name != "posix", reason="pids probed with os.kill(pid, 0)")
 def test_stale_temp_files_of_the_destination_are_removed_on_the_next_save(tmp_path):
     path = tmp_path / "m.npz"
-    tag = fio._host_tag()
+    tag = _atomic._host_tag()
     other = "0" * 6 if tag != "0" * 6 else "1" * 6
     hour_ago = __import__("time").time() - 2 * 3600
 
@@ -779,7 +771,7 @@ def test_temp_files_are_named_with_host_and_pid(tmp_path, monkeypatch):
         return real_replace(src, dst)
     monkeypatch.setattr(fio.os, "replace", spy)
     fio.save_arrays(tmp_path / "m.npz", {"a": np.zeros(1)})
-    assert re.fullmatch(rf"\.m\.npz\.{fio._host_tag()}-{os.getpid()}\.[0-9a-f]{{12}}\.tmp",
+    assert re.fullmatch(rf"\.m\.npz\.{_atomic._host_tag()}-{os.getpid()}\.[0-9a-f]{{12}}\.tmp",
                         seen[0])
 
 
