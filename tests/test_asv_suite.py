@@ -1,19 +1,14 @@
 """The asv benchmark suite (benchmarks/suite) called as asv calls it: where MNIST is absent
 its MNIST benchmarks are skipped cleanly (NotImplementedError from setup), not failed."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import BENCHMARKS, load_script
 
-SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite"
+SUITE = BENCHMARKS / "suite"
 
 
 def load_suite_module(name):
-    spec = importlib.util.spec_from_file_location(f"asv_suite_{name}", SUITE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SUITE / f"{name}.py", f"asv_suite_{name}")
 
 
 def asv_setup_arguments(cache, params):

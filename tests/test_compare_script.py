@@ -1,25 +1,20 @@
 """benchmarks/compare.py runs end to end on a tiny shape and writes well-formed tables."""
 
-import importlib.util
 import io
 import json
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import BENCHMARKS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+SCRIPT = BENCHMARKS / "compare.py"
 TINY = ["--shapes", "l4", "--batch", "2", "--repeats", "1", "--warmup", "0", "--copies", "2"]
 OPS = {"match_switch_pool", "render", "template_stats B+s", "template_stats B+s+G"}
 
 
 @pytest.fixture(scope="module")
 def compare():
-    if not SCRIPT.exists():
-        pytest.skip("benchmarks/ is not shipped with this installation")
-    spec = importlib.util.spec_from_file_location("fastdrmm_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "fastdrmm_compare")
 
 
 def run(compare, tmp_path, *extra):

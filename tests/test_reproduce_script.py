@@ -1,6 +1,5 @@
 """benchmarks/reproduce_mnist.py runs end to end on a tiny MNIST subset and writes its table."""
 
-import importlib.util
 import io
 import json
 import os
@@ -8,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import BENCHMARKS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_mnist.py"
+SCRIPT = BENCHMARKS / "reproduce_mnist.py"
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 TINY = ["--train-size", "300", "--test-size", "200", "--data-dir", str(MNIST)]
 HEAD = ("| experiment | labels | epochs run | wall time | test error % | paper DRMM 5-layer % | "
@@ -18,12 +18,7 @@ HEAD = ("| experiment | labels | epochs run | wall time | test error % | paper D
 
 @pytest.fixture(scope="module")
 def reproduce():
-    if not SCRIPT.exists():
-        pytest.skip("benchmarks/ is not shipped with this installation")
-    spec = importlib.util.spec_from_file_location("fastdrmm_reproduce_mnist", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "fastdrmm_reproduce_mnist")
 
 
 @pytest.fixture(scope="module")
