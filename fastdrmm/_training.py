@@ -25,7 +25,7 @@ from ._optim import Adam, learning_rate
 from ._progress import announcer, bar_count, batches, progress_bar, say
 from .kernels.buffers import StepBuffers
 
-__all__ = ["Training", "EG", "EM", "INFERENCE_BATCH", "PRIOR_SAMPLES", "initial_parameters",
+__all__ = ["Training", "Strategy", "EG", "EM", "INFERENCE_BATCH", "PRIOR_SAMPLES", "initial_parameters",
            "validation_split", "check_input_scale"]
 
 #: samples per batch of every inference pass (bounded memory whatever N is)
@@ -36,9 +36,11 @@ PRIOR_SAMPLES = 2000
 
 class Training:
     """One training run of ``model`` (whose settings it reads) on the checked images ``X``
-    and labels ``yidx`` (-1: unlabeled), split into ``train`` and ``val`` sample indices."""
+    and labels ``yidx`` (-1: unlabeled), split into ``train`` and ``val`` sample indices,
+    with the network ``net``, the EG terms' ``weights`` and the run's ``seed``."""
 
-    def __init__(self, model, net, weights, seed, X, yidx, train, val):
+    def __init__(self, model, net, weights, seed, X, yidx, train, val, *, callback=None,
+                 data_identity=None):
         self.model, self.net, self.weights, self.seed = model, net, weights, seed
         self.X, self.yidx, self.train, self.val = X, yidx, train, val
         self.validation_size = int(val.size)
@@ -54,8 +56,10 @@ class Training:
         self.no_improve = 0
         self.converged = False
         self.verbose = int(model.verbose)
-        self.callback = None
-        self.data_identity = None
+        #: called after every epoch as callback(snapshot, record) (see DRMM.fit)
+        self.callback = callback
+        #: the identity of the training data, recorded in the checkpoint
+        self.data_identity = data_identity
 
     # -------------------------------------------------------------------------------- state
 
@@ -206,7 +210,27 @@ class Training:
 # the strategies: what one epoch is
 
 
-class EG:
+class Strategy:
+    """What one epoch is: :meth:`epoch` runs it on a :class:`Training` and returns its record
+    (the loss terms or the objective); the other steps default to nothing to do."""
+
+    #: the optimizer whose state a checkpoint keeps (None: the strategy has none)
+    optimizer = None
+
+    def start(self, run):
+        """Prepare for the run's first epoch (after a restore too)."""
+
+    def restore(self, run, state):
+        """Take back the strategy's part of a checkpoint's state."""
+
+    def warm_up(self, run, x, yidx):
+        """Call, once on the tiny batch (x, yidx), the kernels only this strategy uses."""
+
+    def epoch(self, run):
+        raise NotImplementedError
+
+
+class EG(Strategy):
     """Minibatch Adam on the EG objective; an epoch is one pass over the training samples
     (semi-supervised: over the larger of the labeled and unlabeled sets, the smaller cycled)."""
 
@@ -312,20 +336,10 @@ class EG:
         return x, targets
 
 
-class EM:
+class EM(Strategy):
     """Hard EM; an epoch is one iteration: the E-step over the training samples, the
-    closed-form M-step, the templates normalised and the top refitted to the new codes."""
-
-    optimizer = None
-
-    def start(self, run):
-        pass
-
-    def restore(self, run, state):
-        pass
-
-    def warm_up(self, run, x, yidx):
-        pass  # the E-step Training.warm_up runs is all an iteration's kernels
+    closed-form M-step, the templates normalised and the top refitted to the new codes (the
+    E-step that Training.warm_up runs calls every kernel of an iteration)."""
 
     def epoch(self, run):
         model = run.model

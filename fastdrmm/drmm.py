@@ -331,8 +331,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
         seed = seed_of(self.random_state) if state is None else state["seed"]
         train, val = validation_split(yidx, self.n_classes, float(self.validation_fraction),
                                       seed)
-        run = Training(self, net, weights, seed, X, yidx, train, val)
-        run.callback, run.data_identity = callback, data
+        run = Training(self, net, weights, seed, X, yidx, train, val, callback=callback,
+                       data_identity=data)
         if state is not None:
             run.restore(state)
         else:

@@ -570,6 +570,23 @@ def test_partial_fit_streams(rng):
 # argument checking
 
 
+def test_one_specification_covers_every_setting(rng):
+    """Every setting has its constraints (checked before any work, naming the setting), and
+    the settings a resumed run may change are settings."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from fastdrmm._drmm_params import RESUMABLE
+
+    names = set(DRMM().get_params())
+    assert set(DRMM._parameter_constraints) == names
+    assert set(RESUMABLE) < names
+    X, y = small_data(rng)
+    with pytest.raises(InvalidParameterError, match="'max_iter' parameter of DRMM"):
+        DRMM(SMALL, 3, max_iter=True).fit(X, y)
+    with pytest.raises(InvalidParameterError, match="'xent_weight' parameter of DRMM"):
+        DRMM(SMALL, 3, xent_weight=float("inf")).fit(X, y)
+
+
 def test_bad_arguments_are_named(rng):
     X, y = small_data(rng)
     for kw, match in [({"algorithm": "sgd"}, "algorithm"), ({"n_classes": 1}, "n_classes"),
