@@ -299,7 +299,8 @@ def log_softmax(scores):
 
 @dataclass(frozen=True)
 class LossWeights:
-    """The weights of the four EG terms (see :mod:`fastdrmm.drmm`)."""
+    """The weights of the six EG terms (cross-entropy, reconstruction, entropy,
+    nonnegativity, class-balance KL, translation consistency; see :mod:`fastdrmm.drmm`)."""
 
     xent: float = 1.0
     reconstruction: float = 0.1
