@@ -79,6 +79,80 @@ def fit_tile(block, rows, cols, halo_fits, accumulators_fit):
             return None
 
 
+# ------------------------------------------------------------------ device functions
+# Idioms the kernels share, inlined into each (Numba IR inlining: the kernels compile as if
+# written out in place).
+
+
+@cuda.jit(device=True, inline="always")
+def block_of(b, tiles_w, tiles_h, groups):
+    """(image, group, tile row, tile column) of block b of a tiled kernel; the blocks run
+    over images, groups (of templates or channels), tile rows, then tile columns."""
+    tj = b % tiles_w
+    b //= tiles_w
+    ti = b % tiles_h
+    b //= tiles_h
+    group = b % groups
+    return b // groups, group, ti, tj
+
+
+@cuda.jit(device=True, inline="always")
+def split(t, per_item, cols):
+    """(item, row, column) of the flat position t over items of ``per_item`` positions in
+    rows of ``cols``."""
+    item = t // per_item
+    rem = t - item * per_item
+    row = rem // cols
+    return item, row, rem - row * cols
+
+
+@cuda.jit(device=True, inline="always")
+def stage_window(dst, src, base, rows, cols, row0, col0, width, count, tid, threads, zero):
+    """dst[t] = the plane ``src[base * cols:]`` of ``rows`` x ``cols`` at (row0 + t // width,
+    col0 + t % width) for t < count, zero outside the plane (the padding); every thread of
+    the block takes its share."""
+    for t in range(tid, count, threads):
+        r = t // width
+        i = row0 + r
+        j = col0 + (t - r * width)
+        if i >= 0 and i < rows and j >= 0 and j < cols:
+            dst[t] = src[(base + i) * cols + j]
+        else:
+            dst[t] = zero
+
+
+@cuda.jit(device=True, inline="always")
+def switched(z, leak, zero):
+    """The switch of the matching: z where z > 0 or z is NaN, else 0 with ``leak == 0``
+    (-inf included) or leak * z."""
+    if z > 0 or z != z:
+        return z
+    if leak == 0:
+        return zero
+    return leak * z
+
+
+@cuda.jit(device=True, inline="always")
+def block_sum(red, tid, acc, threads):
+    """The sum of every thread's ``acc`` in a fixed order, so deterministic: 32 strided
+    partials in the shared array ``red`` (``threads`` long), then thread 0 adds them. The total
+    is returned to thread 0 (other threads get a partial)."""
+    red[tid] = acc
+    cuda.syncthreads()
+    if tid < 32:
+        part = red[tid]
+        for m in range(tid + 32, threads, 32):
+            part += red[m]
+        red[tid] = part
+    cuda.syncthreads()
+    total = acc
+    if tid == 0:
+        total = red[0]
+        for m in range(1, min(32, threads)):
+            total += red[m]
+    return total
+
+
 def fill_source(dtype, cfg):
     threads = cfg.threads
 

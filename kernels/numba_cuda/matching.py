@@ -38,18 +38,14 @@ def _tiled_source(dtype, cfg):
         ws = cuda.shared.array(WS, nbt)
         zs = cuda.shared.array(ZS, nbt)
         tid = cuda.threadIdx.x
-        b = cuda.blockIdx.x
-        tj = b % tiles_w
-        b //= tiles_w
-        ti = b % tiles_h
-        b //= tiles_h
-        kg = b % kgroups
-        n = b // kgroups
+        n, kg, ti, tj = _common.block_of(cuda.blockIdx.x, tiles_w, tiles_h, kgroups)
         p0 = ti * TPH
         q0 = tj * TPW
         k0 = kg * KB
         zr0 = p0 * sh
         zc0 = q0 * sw
+        xr0 = zr0 - ph  # the input position of the tile's first z (in the padding if < 0)
+        xc0 = zc0 - pw
         XW = ZW + kw - 1
         XN = (ZH + kh - 1) * XW
         taps = kh * kw
@@ -59,15 +55,8 @@ def _tiled_source(dtype, cfg):
             zs[t] = bias[k0 + kk] if k0 + kk < K else zero
         for c in range(C):
             cuda.syncthreads()  # the previous channel's taps are consumed
-            base = (n * C + c) * H
-            for t in range(tid, XN, threads):
-                r = t // XW
-                xr = zr0 + r - ph
-                xc = zc0 + (t - r * XW) - pw
-                if xr >= 0 and xr < H and xc >= 0 and xc < W:
-                    xs[t] = x[(base + xr) * W + xc]
-                else:
-                    xs[t] = zero
+            _common.stage_window(xs, x, (n * C + c) * H, H, W, xr0, xc0, XW, XN, tid, threads,
+                                 zero)
             for t in range(tid, KB * taps, threads):
                 kk = t // taps
                 if k0 + kk < K:
@@ -76,10 +65,7 @@ def _tiled_source(dtype, cfg):
                     ws[t] = zero
             cuda.syncthreads()
             for t in range(tid, KB * zhw, threads):
-                kk = t // zhw
-                rem = t - kk * zhw
-                zi = rem // ZW
-                zj = rem - zi * ZW
+                kk, zi, zj = _common.split(t, zhw, ZW)
                 if (zi % sh) < poolh and (zj % sw) < poolw:
                     acc = zs[t]
                     wb = kk * taps
@@ -91,10 +77,7 @@ def _tiled_source(dtype, cfg):
         cuda.syncthreads()
         tpp = TPH * TPW
         for t in range(tid, KB * tpp, threads):
-            kk = t // tpp
-            rem = t - kk * tpp
-            pi = rem // TPW
-            qi = rem - pi * TPW
+            kk, pi, qi = _common.split(t, tpp, TPW)
             p = p0 + pi
             q = q0 + qi
             k = k0 + kk
@@ -106,13 +89,7 @@ def _tiled_source(dtype, cfg):
                     zi = pi * sh + a
                     for bb in range(poolw):
                         zj = qi * sw + bb
-                        z = zs[kk * zhw + zi * ZW + zj]
-                        if z > 0 or z != z:
-                            y = z
-                        elif leak == 0:
-                            y = zero
-                        else:
-                            y = leak * z
+                        y = _common.switched(zs[kk * zhw + zi * ZW + zj], leak, zero)
                         if first or (best == best and (y > best or y != y)):
                             best = y
                             where = (zr0 + zi) * Wo + zc0 + zj
@@ -160,12 +137,7 @@ def _direct_source(dtype, cfg):
                                     if xc >= 0 and xc < W:
                                         z += (w[((k * C + c) * kh + u) * kw + v]
                                               * x[((n * C + c) * H + xr) * W + xc])
-                    if z > 0 or z != z:
-                        y = z
-                    elif leak == 0:
-                        y = zero
-                    else:
-                        y = leak * z
+                    y = _common.switched(z, leak, zero)
                     if first or (best == best and (y > best or y != y)):
                         best = y
                         where = i * Wo + j

@@ -50,13 +50,7 @@ def _render_tiled_source(dtype, cfg):
         ws = cuda.shared.array(WS, nbt)
         rs = cuda.shared.array(ZS, nbt)
         tid = cuda.threadIdx.x
-        b = cuda.blockIdx.x
-        tj = b % tiles_w
-        b //= tiles_w
-        ti = b % tiles_h
-        b //= tiles_h
-        cg = b % cgroups
-        n = b // cgroups
+        n, cg, ti, tj = _common.block_of(cuda.blockIdx.x, tiles_w, tiles_h, cgroups)
         y0 = ti * TH
         x0 = tj * TW
         c0 = cg * CB
@@ -70,15 +64,8 @@ def _render_tiled_source(dtype, cfg):
             rs[t] = zero
         for k in range(K):
             cuda.syncthreads()
-            base = (n * K + k) * Ho
-            for t in range(tid, UN, threads):
-                rr = t // UW
-                ui = ur0 + rr
-                uj = uc0 + (t - rr * UW)
-                if ui >= 0 and ui < Ho and uj >= 0 and uj < Wo:
-                    us[t] = u[(base + ui) * Wo + uj]
-                else:
-                    us[t] = zero
+            _common.stage_window(us, u, (n * K + k) * Ho, Ho, Wo, ur0, uc0, UW, UN, tid,
+                                 threads, zero)
             for t in range(tid, CB * taps, threads):
                 cc = t // taps
                 if c0 + cc < C:
@@ -87,10 +74,7 @@ def _render_tiled_source(dtype, cfg):
                     ws[t] = zero
             cuda.syncthreads()
             for t in range(tid, CB * thw, threads):
-                cc = t // thw
-                rem = t - cc * thw
-                ty = rem // TW
-                tx = rem - ty * TW
+                cc, ty, tx = _common.split(t, thw, TW)
                 acc = rs[t]
                 wb = cc * taps
                 for a in range(kh):
@@ -100,10 +84,7 @@ def _render_tiled_source(dtype, cfg):
                 rs[t] = acc
         cuda.syncthreads()
         for t in range(tid, CB * thw, threads):
-            cc = t // thw
-            rem = t - cc * thw
-            ty = rem // TW
-            tx = rem - ty * TW
+            cc, ty, tx = _common.split(t, thw, TW)
             if c0 + cc < C and y0 + ty < H and x0 + tx < W:
                 r[((n * C + c0 + cc) * H + y0 + ty) * W + x0 + tx] = rs[t]
 

@@ -50,25 +50,12 @@ def _stats_source(dtype, cfg):
             for e in range(tid, N * how, threads):
                 n = e // how
                 acc += u[(n * K + k) * how + e - n * how]
-        # deterministic two-level block sum: 32 strided partials, then thread 0
-        red[tid] = acc
-        cuda.syncthreads()
-        if tid < 32:
-            part = red[tid]
-            for m in range(tid + 32, threads, 32):
-                part += red[m]
-            red[tid] = part
-        cuda.syncthreads()
-        if tid == 0:
-            total = red[0]
-            for m in range(1, min(32, threads)):
-                total += red[m]
-            red[0] = total
+        total = _common.block_sum(red, tid, acc, threads)
         if tid == 0:
             if blk < nb:
-                big_b[blk] = red[0]
+                big_b[blk] = total
             else:
-                s[blk - nb] = red[0]
+                s[blk - nb] = total
 
     i64 = types.int64
     sig = types.void(nbt[::1], nbt[::1], nbt[::1], nbt[::1], *([i64] * 11))
@@ -113,23 +100,10 @@ def _gram_source(dtype, cfg):
                     and i2 >= 0 and i2 < Ho and j2 >= 0 and j2 < Wo):
                 acc += (u[(n * K + k1) * how + i1 * Wo + j1]
                         * u[(n * K + k2) * how + i2 * Wo + j2])
-        # deterministic two-level block sum: 32 strided partials, then thread 0
-        red[tid] = acc
-        cuda.syncthreads()
-        if tid < 32:
-            part = red[tid]
-            for m in range(tid + 32, threads, 32):
-                part += red[m]
-            red[tid] = part
-        cuda.syncthreads()
+        total = _common.block_sum(red, tid, acc, threads)
         if tid == 0:
-            total = red[0]
-            for m in range(1, min(32, threads)):
-                total += red[m]
-            red[0] = total
-        if tid == 0:
-            g[row * T + col] = red[0]
-            g[col * T + row] = red[0]
+            g[row * T + col] = total
+            g[col * T + row] = total
 
     i64 = types.int64
     sig = types.void(nbt[::1], nbt[::1], *([i64] * 10))
