@@ -1,17 +1,22 @@
 """Every host kernel against its accuracy contract (``kernels.contracts``), on ordinary and on
 adversarial inputs: a huge input on a zero weight, a single input on a zero weight, a wide
-dynamic range. Each algorithm of the cpu backend is forced in turn (the module switches the
-dispatchers read), so the Winograd kernels are judged as well as the direct ones."""
+dynamic range. The cpu backend's algorithms are forced in turn (``algorithm=``), so the
+Winograd kernels are judged as well as the direct ones."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from contract_checks import check_match, check_match_at, check_render, check_stats
+from cpu_algorithms import force
 
 from fastdrmm import ops
 from fastdrmm._validation import match_geometry, units_geometry
-from fastdrmm.kernels.cpu import matching, rendering, statistics, winograd
+from fastdrmm.kernels.cpu import matching, winograd
+
+
+def _geometry(x, w, padding, pool, stride):
+    return match_geometry(x.shape[2:], w.shape[2:], padding, pool, stride)
 
 
 def _issue_input(big):
@@ -31,9 +36,8 @@ def test_a_huge_input_on_a_zero_weight_is_matched_exactly(big):
     for backend in ("cpu", "numpy"):
         h, _ = ops.match_switch_pool(x, w, b, pool=1, backend=backend)
         assert h[0, 0, 1, 1] == expected, backend
-    h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (0, 0), (1, 1), (1, 1)),
-                                        0.0,
-                                        algorithm="winograd")
+    h, idx = matching.match_switch_pool(x, w, b, _geometry(x, w, (0, 0), (1, 1), (1, 1)),
+                                        0.0, algorithm="winograd")
     assert h[0, 0, 1, 1] == expected
     check_match(x, w, b, h, idx, 0, 1, 1, 0.0)
 
@@ -66,9 +70,8 @@ def test_a_channel_zero_on_one_output_does_not_certify_it(seed):
     # for channel 0's large input on a zero weight (a per-tile rule that left all-zero fields
     # out passed such tiles and returned ~1e-4 where the exact z is 0)
     x, w, b = _neighbour_pays_case(seed)
-    h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (0, 0), (1, 1), (1, 1)),
-                                        np.float32(1.0),
-                                        algorithm="winograd")
+    h, idx = matching.match_switch_pool(x, w, b, _geometry(x, w, (0, 0), (1, 1), (1, 1)),
+                                        np.float32(1.0), algorithm="winograd")
     check_match(x, w, b, h, idx, 0, 1, 1, 1.0)
 
 
@@ -89,9 +92,8 @@ def test_a_single_input_on_a_zero_weight_gives_an_exact_zero(dtype):
     # product, which the contract bounds by a few ulps; Winograd's rounded transforms did not
     # cancel (|err| ~ u * sum |w|)
     x, w, b = _one_hot_case(dtype)
-    h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (1, 1), (1, 1), (1, 1)),
-                                        1.0,
-                                        algorithm="winograd")
+    h, idx = matching.match_switch_pool(x, w, b, _geometry(x, w, (1, 1), (1, 1), (1, 1)),
+                                        1.0, algorithm="winograd")
     check_match(x, w, b, h, idx, 1, 1, 1, 1.0)
 
 
@@ -124,8 +126,7 @@ def test_matching_meets_its_contract(algorithm, kind, dtype):
     w = _templates(kind, (16, 16, 3, 3), rng, dtype)
     b = (0.1 * rng.standard_normal(16)).astype(dtype)
     for pool, stride, leak in (((2, 2), (2, 2), 0.0), ((1, 1), (1, 1), 0.25)):
-        h, idx = matching.match_switch_pool(x, w, b, match_geometry(x.shape[2:], w.shape[2:], (1, 1), pool, stride),
-                                        leak,
+        h, idx = matching.match_switch_pool(x, w, b, _geometry(x, w, (1, 1), pool, stride), leak,
                                             algorithm=algorithm)
         check_match(x, w, b, h, idx, 1, pool, stride, leak)
 
@@ -141,17 +142,18 @@ def test_match_at_meets_its_contract(algorithm, kind, dtype):
                                    backend="numpy")
     sw = (rng.random(idx.shape) < 0.7).astype(dtype)
     for switches in (None, sw):
-        out = matching.match_at(x, w, idx, units_geometry(x.shape[2:], w.shape[2:], (1, 1), idx.shape[2:]),
-                                switches, algorithm=algorithm)
+        geometry = units_geometry(x.shape[2:], w.shape[2:], (1, 1), idx.shape[2:])
+        out = matching.match_at(x, w, idx, geometry, switches, algorithm=algorithm)
         check_match_at(x, w, idx, switches, out, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("use_winograd", [False, True])
-def test_render_and_stats_meet_their_contracts(use_winograd, kind, dtype, monkeypatch):
-    monkeypatch.setattr(rendering, "_WINOGRAD", use_winograd)
-    monkeypatch.setattr(statistics, "_WINOGRAD", use_winograd)
+@pytest.mark.parametrize("algorithm", ["auto", "winograd"])
+def test_render_and_stats_meet_their_contracts(algorithm, kind, dtype, monkeypatch):
+    if algorithm != "auto":
+        force(monkeypatch, "render", algorithm)
+        force(monkeypatch, "template_stats", algorithm)
     rng = np.random.default_rng([3, KINDS.index(kind)])
     x = _inputs(kind, (3, 16, 8, 8), rng, dtype)
     w = _templates(kind, (16, 16, 3, 3), rng, dtype)

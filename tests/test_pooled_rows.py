@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from checks import DTYPES, assert_pooling_matches, random_layer
+from cpu_algorithms import force
 from fastdrmm import ops
 from fastdrmm._validation import match_geometry
 from fastdrmm.kernels.cpu import matching, pooled_rows
@@ -22,11 +23,11 @@ def both_kernels(monkeypatch, x, templates, bias, padding, leak):
         return real(*args)
 
     monkeypatch.setattr(pooled_rows, "match_switch_pool", spy)
-    monkeypatch.setattr(matching, "_POOLED_ROWS", True)
+    force(monkeypatch, "match_switch_pool", "pooled_rows")
     rows = ops.match_switch_pool(x, templates, bias, padding=padding, pool=2, leak=leak,
                                  backend="cpu")
     assert calls, "the pooled-rows kernel did not run"
-    monkeypatch.setattr(matching, "_POOLED_ROWS", False)
+    force(monkeypatch, "match_switch_pool", "direct")
     direct = ops.match_switch_pool(x, templates, bias, padding=padding, pool=2, leak=leak,
                                    backend="cpu")
     assert len(calls) == 1
@@ -106,20 +107,21 @@ def test_ties_take_the_first_position(monkeypatch, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_input(monkeypatch, dtype, rng):
+def test_non_contiguous_input(dtype, rng):
     """A strided x straight into the kernels (the ops layer would have made it contiguous):
     the same bits as the direct kernel and as the contiguous copy."""
     x, templates, bias = random_layer(rng, dtype, 4, 2, 24, 60, 5, 3, 3)
     view = x[::2, :, :, ::2]
     assert not view.flags.c_contiguous
     got = {}
-    for force, data in ((True, view), (False, view), (True, np.ascontiguousarray(view))):
-        monkeypatch.setattr(matching, "_POOLED_ROWS", force)
-        got[force, data is view] = matching.match_switch_pool(
+    for algorithm, data in (("pooled_rows", view), ("direct", view),
+                            ("pooled_rows", np.ascontiguousarray(view))):
+        got[algorithm, data is view] = matching.match_switch_pool(
             data, templates, bias,
-            match_geometry(data.shape[2:], templates.shape[2:], (1, 1), (2, 2), (2, 2)), 0.0)
-    assert_same_bits(got[True, True], got[False, True])
-    assert_same_bits(got[True, True], got[True, False])
+            match_geometry(data.shape[2:], templates.shape[2:], (1, 1), (2, 2), (2, 2)), 0.0,
+            algorithm=algorithm)
+    assert_same_bits(got["pooled_rows", True], got["direct", True])
+    assert_same_bits(got["pooled_rows", True], got["pooled_rows", False])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -142,6 +144,8 @@ def test_conv_small_layer_one_takes_it(monkeypatch, rng):
     monkeypatch.setattr(pooled_rows, "match_switch_pool",
                         lambda *a: calls.append(1) or real(*a))
     x, templates, bias = random_layer(rng, np.float32, 2, 1, 28, 28, 32, 5, 5)
+    geometry = match_geometry(x.shape[2:], templates.shape[2:], (4, 4), (2, 2), (2, 2))
+    assert matching.plan_match_switch_pool(x, templates, bias, geometry) == "pooled_rows"
     ops.match_switch_pool(x, templates, bias, padding=4, pool=2, backend="cpu")
     assert calls
 
@@ -174,7 +178,7 @@ def test_layer_one_never_falls_back_whatever_the_values(monkeypatch, rng, varian
                         lambda *a: direct_calls.append(1) or real_direct(*a))
     got = ops.match_switch_pool(x, templates, bias, padding=4, pool=2, backend="cpu")
     assert len(rows_calls) == 1 and not direct_calls
-    monkeypatch.setattr(matching, "_POOLED_ROWS", False)
+    force(monkeypatch, "match_switch_pool", "direct")
     want = ops.match_switch_pool(x, templates, bias, padding=4, pool=2, backend="cpu")
     assert len(direct_calls) == 1
     assert_same_bits(got, want)

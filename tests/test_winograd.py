@@ -14,9 +14,11 @@ import naive
 from checks import (DTYPES, assert_pooling_matches, assert_same_non_finite, check_match_geometry,
                     check_match_nan_and_inf, check_template_stats, check_unpool_and_render,
                     host_runner, random_layer)
+from cpu_algorithms import force
 from fastdrmm import ops
-from fastdrmm.kernels.cpu import matching, winograd
 from fastdrmm._validation import match_geometry, units_geometry
+from fastdrmm.kernels.cpu import matching, rendering, statistics, winograd
+from fastdrmm.kernels.geometry import Geometry
 
 
 def _contract(x, templates, padding, pool, stride, leak):
@@ -106,9 +108,12 @@ def test_only_the_samples_with_non_finite_values_are_redone(rng):
     x[2, 1, 4, 4] = np.nan
     x[3, 0, 0, 0] = -np.inf
     geometry = ((1, 1), (2, 2), (2, 2), 0.0)
-    h, idx = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="winograd")
-    wh, widx, redo = winograd.match_switch_pool(x, templates, bias, *geometry)
-    dh, didx = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="direct")
+    h, idx = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry),
+                                        algorithm="winograd")
+    wh, widx, redo = winograd.match_switch_pool(x, templates, bias,
+                                                *_contract(x, templates, *geometry))
+    dh, didx = matching.match_switch_pool(x, templates, bias,
+                                          *_contract(x, templates, *geometry), algorithm="direct")
     np.testing.assert_array_equal(redo, [0, 0, 1, 1])
     np.testing.assert_array_equal(h[:2], wh[:2])        # Winograd's own results kept ...
     np.testing.assert_array_equal(idx[:2], widx[:2])
@@ -124,10 +129,12 @@ def test_overflow_in_the_transforms_is_redone():
     x[:, :, 0, 0], x[:, :, 2, 0] = 3e38, -3e38
     templates *= np.float32(1e-3)
     geometry = ((0, 0), (2, 2), (2, 2), 0.0)
-    got = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="winograd")
-    want = matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="direct")
+    run = functools.partial(matching.match_switch_pool, x, templates, bias,
+                            *_contract(x, templates, *geometry))
+    got, want = run(algorithm="winograd"), run(algorithm="direct")
     assert np.isfinite(want[0]).all()
-    assert winograd.match_switch_pool(x, templates, bias, *geometry)[2].all()
+    assert winograd.match_switch_pool(x, templates, bias,
+                                      *_contract(x, templates, *geometry))[2].all()
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
 
@@ -171,14 +178,17 @@ def test_the_same_for_any_thread_count(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_samples_tiled_together_give_the_same_bits(monkeypatch, dtype, rng):
+def test_samples_tiled_together_give_the_same_bits(dtype, rng):
     """Each tile's products do not depend on which tiles share the micro-kernel call, so any
     number of samples per work item gives the same result, bit for bit."""
     x, templates, bias = random_layer(rng, dtype, 7, 16, 8, 8, 40, 3, 3)
+    geometry = _contract(x, templates, (0, 0), (1, 1), (1, 1), 0.0)
     results = []
     for spi in (1, 2, 3, 5, 7):
-        monkeypatch.setattr(winograd, "_SPI", spi)
-        results.append(_winograd(x, templates, bias, pool=1))
+        h, idx, redo = winograd.match_switch_pool(x, templates, bias, *geometry,
+                                                  samples_per_item=spi)
+        assert not redo.any()
+        results.append((h, idx))
     for h, idx in results[1:]:
         np.testing.assert_array_equal(h, results[0][0])
         np.testing.assert_array_equal(idx, results[0][1])
@@ -193,33 +203,36 @@ def test_empty_batch():
 def test_the_automatic_choice(rng):
     """Winograd for 3x3 layers with >= 16 channels and templates and finite parameters."""
     x, templates, bias = random_layer(rng, np.float32, 2, 16, 10, 10, 16, 3, 3)
-    assert winograd.applies(x, templates, bias)
-    auto = matching.match_switch_pool(x, templates, bias,
-                                      *_contract(x, templates, (1, 1), (2, 2), (2, 2), 0.0))
+    assert winograd.applies(templates, bias, (8, 8))
+    geometry = _contract(x, templates, (1, 1), (2, 2), (2, 2), 0.0)
+    assert matching.plan_match_switch_pool(x, templates, bias, geometry[0]) == "winograd"
+    auto = matching.match_switch_pool(x, templates, bias, *geometry)
     forced = _winograd(x, templates, bias, padding=1)
     np.testing.assert_array_equal(auto[0], forced[0])
     np.testing.assert_array_equal(auto[1], forced[1])
-    assert not winograd.applies(x[:, :8], templates[:, :8], bias)       # too few channels
-    assert not winograd.applies(x, templates[:8], bias[:8])              # too few templates
-    assert not winograd.applies(x, np.zeros((16, 16, 5, 5)), bias)       # not 3x3
+    assert not winograd.applies(templates[:, :8], bias, (8, 8))          # too few channels
+    assert not winograd.applies(templates[:8], bias[:8], (8, 8))         # too few templates
+    assert not winograd.applies(np.zeros((16, 16, 5, 5)), bias, (6, 6))  # not 3x3
     poisoned = templates.copy()
     poisoned[0, 0, 0, 0] = np.inf
-    assert not winograd.applies(x, poisoned, bias)
+    assert not winograd.applies(poisoned, bias, (8, 8))
     # planes where the 2x2 blocks save products: 5x5 (9 blocks, 144 vs 225), not 1x1 or
     # 1x7 (4 half-used blocks, 64 vs 63)
-    assert winograd.applies(x[:, :, :7, :7], templates, bias)
-    assert not winograd.applies(x[:, :, :3, :3], templates, bias)
-    assert not winograd.applies(x[:, :, :3, :9], templates, bias)
-    assert winograd.applies(x[:, :, :3, :9], templates, bias, padding=(1, 1))
+    assert winograd.applies(templates, bias, (5, 5))
+    assert not winograd.applies(templates, bias, (1, 1))
+    assert not winograd.applies(templates, bias, (1, 7))
+    assert winograd.applies(templates, bias, (3, 9))   # 3x9 padded by 1: a 3x9 plane
 
 
 def test_bad_algorithm_arguments(rng):
     x, templates, bias = random_layer(rng, np.float32, 1, 2, 6, 6, 2, 2, 2)
-    geometry = ((0, 0), (1, 1), (1, 1), 0.0)
+    geometry = _contract(x, templates, (0, 0), (1, 1), (1, 1), 0.0)
     with pytest.raises(ValueError, match="algorithm"):
-        matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="fft")
+        matching.match_switch_pool(x, templates, bias, *geometry, algorithm="fft")
     with pytest.raises(ValueError, match="3x3"):
-        matching.match_switch_pool(x, templates, bias, *_contract(x, templates, *geometry), algorithm="winograd")
+        matching.match_switch_pool(x, templates, bias, *geometry, algorithm="winograd")
+    with pytest.raises(ValueError, match="2x2 windows at stride 2"):
+        matching.match_switch_pool(x, templates, bias, *geometry, algorithm="pooled_rows")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -228,8 +241,8 @@ def test_agrees_with_the_direct_kernel_on_a_preset_layer(dtype, rng):
     rounding only."""
     x, templates, bias = random_layer(rng, dtype, 3, 64, 14, 14, 64, 3, 3)
     templates *= dtype(1 / 24)  # unit-scale z, as in a trained layer
-    run = functools.partial(matching.match_switch_pool, x, templates, bias, (2, 2), (2, 2),
-                            (2, 2), 0.0)
+    run = functools.partial(matching.match_switch_pool, x, templates, bias,
+                            *_contract(x, templates, (2, 2), (2, 2), (2, 2), 0.0))
     got, want = run(algorithm="winograd"), run(algorithm="direct")
     assert_pooling_matches(*got, x, templates, bias, padding=(2, 2), pool=(2, 2), dtype=dtype)
     rtol = 1e-5 if dtype == np.float32 else 1e-13
@@ -252,10 +265,7 @@ RENDER_GEOMETRIES = [
 
 @pytest.fixture
 def winograd_render(monkeypatch):
-    from fastdrmm.kernels.cpu import rendering
-
-    monkeypatch.setattr(rendering, "_WINOGRAD", True)
-    return rendering
+    force(monkeypatch, "render", "winograd")
 
 
 def _latents(rng, dtype, geom):
@@ -275,7 +285,7 @@ def _latents(rng, dtype, geom):
 def test_render_matches_the_oracle(winograd_render, dtype, geom, use_switches, rng):
     templates, code, idx, switches = _latents(rng, dtype, geom)
     padding = (geom[7],) * 2 if np.isscalar(geom[7]) else geom[7]
-    assert winograd_render._use_winograd(code, templates, geom[2:4], padding)
+    assert winograd.render_applies(templates, padding, any_size=True)
     check_unpool_and_render(host_runner("cpu"), dtype, geom, code, idx, templates,
                             switches if use_switches else None)
 
@@ -299,20 +309,22 @@ def test_render_automatic_choice():
     """3x3 layers with >= 16 channels both sides and finite templates take the Winograd
     kernel, dense codes only where it saves products; fewer channels, other template sizes
     and padding > 2 do not."""
-    from fastdrmm.kernels.cpu import rendering
+    def takes(code, t, input_hw, padding):
+        geometry = units_geometry(input_hw, t.shape[2:], padding, code.shape[2:])
+        return rendering.plan_render(code, None, t, geometry, None) == "winograd"
 
     t = np.zeros((16, 16, 3, 3), np.float32)
     code = np.zeros((1, 16, 4, 4), np.float32)              # pooled: the plane is 8x8
-    assert rendering._use_winograd(code, t, (8, 8), (1, 1))
-    assert not rendering._use_winograd(code[:0], t, (8, 8), (1, 1))
-    assert not rendering._use_winograd(code, t[:8], (8, 8), (1, 1))
-    assert not rendering._use_winograd(code, t[:, :8], (8, 8), (1, 1))
-    assert not rendering._use_winograd(code, t, (4, 4), (3, 3))
-    assert not rendering._use_winograd(code, np.zeros((16, 16, 5, 5)), (10, 10), (1, 1))
-    assert not rendering._use_winograd(code, np.full((16, 16, 3, 3), np.inf), (8, 8), (1, 1))
+    assert takes(code, t, (8, 8), (1, 1))
+    assert not takes(code[:0], t, (8, 8), (1, 1))
+    assert not takes(code, t[:8], (8, 8), (1, 1))
+    assert not takes(code, t[:, :8], (8, 8), (1, 1))
+    assert not takes(code, t, (4, 4), (3, 3))
+    assert not takes(code, np.zeros((16, 16, 5, 5)), (10, 10), (1, 1))
+    assert not takes(code, np.full((16, 16, 3, 3), np.inf), (8, 8), (1, 1))
     # dense codes: 14x14 -> 16x16 saves products (1024 vs 1764), 5x5 -> 7x7 does not
-    assert rendering._use_winograd(np.zeros((1, 16, 14, 14)), t, (16, 16), (0, 0))
-    assert not rendering._use_winograd(np.zeros((1, 16, 5, 5)), t, (7, 7), (0, 0))
+    assert takes(np.zeros((1, 16, 14, 14)), t, (16, 16), (0, 0))
+    assert not takes(np.zeros((1, 16, 5, 5)), t, (7, 7), (0, 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -333,12 +345,12 @@ def test_render_dense_code_with_other_positions_is_redone(winograd_render, dtype
     want = naive.render(code, idx, templates, (9, 11), 1, switches if use_switches else None)
     rtol, atol = (2e-4, 2e-3) if dtype == np.float32 else (1e-10, 1e-9)
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
-    from fastdrmm.kernels.cpu import winograd as w
-
     flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    redo = w._correlate(code, True, idx, switches.astype(dtype) if use_switches else None,
-                        (9, 11), flipped, np.zeros(20, dtype), (1, 1), (1, 1), (1, 1), 1.0,
-                        False)[2]
+    # the render's correlation: the unpooled 9x11 plane at padding 2 - 1 onto the 9x11 image
+    geometry = Geometry((9, 11), (3, 3), (1, 1), (9, 11), (1, 1), (1, 1), (9, 11))
+    redo = winograd._correlate(code, flipped, np.zeros(20, dtype), geometry, 1.0, False,
+                               code_idx=idx,
+                               code_sw=switches.astype(dtype) if use_switches else None)[2]
     np.testing.assert_array_equal(redo, [0, 1, 1, 0])
 
 
@@ -391,7 +403,7 @@ def test_match_at_non_finite_values_are_redone(dtype, rng):
     x[1, 5, 0, 6] = np.inf
     templates = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
     idx = np.zeros((3, 16, 1, 1), np.int32)   # the unit reads a position far from the inf
-    _, redo = winograd.match_at(x, templates, idx, (1, 1), None)
+    _, redo = winograd.match_at(x, templates, idx, _units(x, templates, idx, (1, 1)), None)
     np.testing.assert_array_equal(redo, [0, 1, 0])
 
 
@@ -424,12 +436,12 @@ def test_match_at_automatic_choice(rng):
     """Winograd where enough of the plane is read, on layers where it applies."""
     x, templates, bias = random_layer(rng, np.float32, 2, 16, 10, 10, 16, 3, 3)
     plane_units = 2 * 16 * 10 * 10          # padding 1: a 10 x 10 plane
-    assert winograd.match_at_applies(x, templates, (1, 1), plane_units // 4)
-    assert not winograd.match_at_applies(x, templates, (1, 1), plane_units // 25)
-    assert not winograd.match_at_applies(x[:, :8], templates[:, :8], (1, 1), plane_units)
+    assert winograd.match_at_applies(2, templates, (10, 10), plane_units // 4)
+    assert not winograd.match_at_applies(2, templates, (10, 10), plane_units // 25)
+    assert not winograd.match_at_applies(2, templates[:, :8], (10, 10), plane_units)
     poisoned = templates.copy()
     poisoned[0, 0, 0, 0] = np.nan
-    assert not winograd.match_at_applies(x, poisoned, (1, 1), plane_units)
+    assert not winograd.match_at_applies(2, poisoned, (10, 10), plane_units)
 
 
 def test_match_at_bad_algorithm_arguments(rng):
@@ -449,10 +461,7 @@ def test_match_at_bad_algorithm_arguments(rng):
 
 @pytest.fixture
 def winograd_stats(monkeypatch):
-    from fastdrmm.kernels.cpu import statistics
-
-    monkeypatch.setattr(statistics, "_WINOGRAD", True)
-    return statistics
+    force(monkeypatch, "template_stats", "winograd")
 
 
 STATS_GEOMETRIES = RENDER_GEOMETRIES + [
@@ -548,21 +557,24 @@ def test_stats_left_out_samples_are_added_exactly(winograd_stats, where, rng):
                                   gram=False, backend="numpy")
     for g, w in zip(got[:2], want[:2]):
         assert_same_non_finite(g, w, 1e-10)
-    redo = ws.template_stats_bs(x, code, idx, (1, 1), switches.astype(np.float64))[2]
+    geometry = units_geometry(x.shape[2:], (3, 3), (1, 1), code.shape[2:])
+    redo = ws.template_stats_bs(x, code, idx, geometry, switches.astype(np.float64))[2]
     np.testing.assert_array_equal(redo, [0, 1, 1, 0])
 
 
 def test_stats_automatic_choice():
     """Unpooled 3x3 layers with >= 16 channels and templates; pooled ones keep the sparse
     kernel."""
-    from fastdrmm.kernels.cpu import statistics
+    def takes(x, code, kernel):
+        geometry = units_geometry(x.shape[2:], kernel, (0, 0), code.shape[2:])
+        return statistics.plan_template_stats(x, code, None, geometry, None) == "winograd"
 
     x = np.zeros((1, 16, 8, 8), np.float32)
     dense, pooled = np.zeros((1, 16, 6, 6), np.float32), np.zeros((1, 16, 3, 3), np.float32)
-    assert statistics._use_winograd(x, dense, (3, 3), (0, 0))
-    assert not statistics._use_winograd(x, pooled, (3, 3), (0, 0))
-    assert not statistics._use_winograd(x[:, :8], dense, (3, 3), (0, 0))
-    assert not statistics._use_winograd(x, dense[:, :8], (3, 3), (0, 0))
-    assert not statistics._use_winograd(x, np.zeros((1, 16, 4, 4)), (5, 5), (0, 0))
+    assert takes(x, dense, (3, 3))
+    assert not takes(x, pooled, (3, 3))
+    assert not takes(x[:, :8], dense, (3, 3))
+    assert not takes(x, dense[:, :8], (3, 3))
+    assert not takes(x, np.zeros((1, 16, 4, 4), np.float32), (5, 5))
     thin = np.zeros((1, 16, 3, 7), np.float32)                       # a 1x5 plane
-    assert not statistics._use_winograd(thin, np.zeros((1, 16, 1, 5)), (3, 3), (0, 0))
+    assert not takes(thin, np.zeros((1, 16, 1, 5), np.float32), (3, 3))

@@ -15,7 +15,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import PARALLEL, _data, chunk_bounds, counted_loop
+from ._partition import PARALLEL, chunk_bounds
+from ._vector import array_data, counted_loop
 
 __all__ = ["sum_squares", "negative_sum_squares", "index_range", "step_mask",
            "mask_add_negative", "count_nonzero", "adam_update"]
@@ -52,8 +53,8 @@ def _square_lanes(typingctx, part, body, negative_only, acc):
         body_ = context.cast(builder, body_, aty[1], types.int64)
         neg_ = context.cast(builder, neg_, aty[2], types.boolean)
         neg_ = builder.trunc(neg_, i1) if neg_.type != i1 else neg_
-        pp = _data(context, builder, aty[0], part_)
-        ap = builder.bitcast(_data(context, builder, aty[3], acc_), vty.as_pointer())
+        pp = array_data(context, builder, aty[0], part_)
+        ap = builder.bitcast(array_data(context, builder, aty[3], acc_), vty.as_pointer())
         zero = ir.Constant(vty, [0.0] * 8)
         undef = ir.Constant(ir.VectorType(i1, 8), ir.Undefined)
         negv = builder.shuffle_vector(builder.insert_element(undef, neg_, i32(0)), undef,

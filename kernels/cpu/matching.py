@@ -16,129 +16,36 @@ Design
   z is never stored beyond one block of one group of rows.
 * When the templates cover the whole (unpadded) input the plane is 1 x 1 and the matching is
   a matrix product: the micro-kernel then tiles over samples instead of pixels.
-* 3x3 layers with at least 16 channels and templates go to ``winograd`` instead (16
-  multiplications per 2x2 outputs instead of 36); this module's kernel redoes the samples
-  where that one meets a non-finite value.
+* Algorithms (``plan_match_switch_pool`` picks, ``algorithm=`` forces): "direct" (this
+  kernel), "pooled_rows" (few channels, 2x2 windows at stride 2: ``pooled_rows``, the same
+  bits) and "winograd" (3x3 templates: ``winograd``, 16 multiplications per 2x2 outputs
+  instead of 36; the exact kernels redo the samples where it meets a non-finite value).
+* ``match_at`` (below) reads the matching at given positions: "units" (one dot product per
+  unit) or "winograd" (the whole plane, then read).
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 from numba import njit, prange
 
 from .. import buffers
-from ._common import (NV_MAX, PARALLEL, PIX1, PIX2, PIX3, PIX4, PIX_MAX, chunk_bounds, conv_tile,
-                      dot_tile, lanes, num_chunks, place_table, pool_step, vector_empty,
-                      vector_zeros)
-from . import pooled_rows
+from . import pooled_rows, winograd
+from ._microkernels import NV_MAX, PIX, PIX_MAX, conv_tile, dot_tile
+from ._partition import (PARALLEL, chunk_bounds, num_chunks, place_table, vector_empty,
+                         vector_zeros)
+from ._dispatch import choose, redo_flagged
+from ._tiles import pool_group, relayout
+from ._vector import lanes
 from .elementwise import count_nonzero
 
-__all__ = ["match_switch_pool", "match_at"]
+__all__ = ["ALGORITHMS", "MATCH_AT_ALGORITHMS", "plan_match_switch_pool", "match_switch_pool",
+           "plan_match_at", "match_at"]
+
+ALGORITHMS = ("direct", "pooled_rows", "winograd")
+MATCH_AT_ALGORITHMS = ("units", "winograd")
 
 _TARGET_PIXELS = 192  # plane pixels per row group (per channel block) to amortise tile waste
-
-
-@functools.lru_cache(maxsize=256)
-def _blocks(k, vl):
-    """Split ceil(k / vl) vectors of channels into near-equal blocks of at most NV_MAX.
-
-    Cached (~20 calls a training step): the arrays are shared, read them only."""
-    nvec = -(-k // vl)
-    nblk = -(-nvec // NV_MAX)
-    sizes = [nvec // nblk + (1 if i < nvec % nblk else 0) for i in range(nblk)]
-    k0 = np.zeros(nblk, dtype=np.int64)
-    nv = np.asarray(sizes, dtype=np.int64)
-    k0[1:] = np.cumsum(nv[:-1]) * vl
-    return k0, nv, nvec
-
-
-def _relayout(templates, bias, vl):
-    """Templates -> flat blocks [b][t][lane]; bias -> padded to whole vectors."""
-    k, c, kh, kw = templates.shape
-    k0, nv, nvec = _blocks(k, vl)
-    kpad = nvec * vl
-    taps = c * kh * kw
-    wk = np.zeros((kpad, taps), dtype=templates.dtype)
-    wk[:k] = templates.reshape(k, taps)
-    wr = buffers.aligned_zeros(taps * kpad, templates.dtype)
-    wofs = np.zeros(len(k0), dtype=np.int64)
-    pos = 0
-    for b in range(len(k0)):
-        width = nv[b] * vl
-        wr[pos:pos + taps * width].reshape(taps, width)[...] = wk[k0[b]:k0[b] + width].T
-        wofs[b] = pos
-        pos += taps * width
-    bpad = buffers.aligned_zeros(kpad, bias.dtype)
-    bpad[:k] = bias
-    return wr, bpad, k0, nv, wofs
-
-
-@njit(inline="always")
-def _tile(nv, wr, wofs, xp, xb, off, bpad, k0, zb, zofs, kbw, leak):
-    ntaps = off.shape[0]
-    if nv == 4:
-        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 4, PIX4)
-    elif nv == 3:
-        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 3, PIX3)
-    elif nv == 2:
-        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 2, PIX2)
-    else:
-        conv_tile(wr, wofs, xp, xb, off, ntaps, bpad, k0, zb, zofs, kbw, leak, 1, PIX1)
-
-
-@njit(inline="always")
-def _pix(nv):
-    if nv == 4:
-        return PIX4
-    if nv == 3:
-        return PIX3
-    if nv == 2:
-        return PIX2
-    return PIX1
-
-
-@njit(inline="always")
-def _pool_candidate(nv, zb, zofs, best, barg, bofs, flat, first):
-    if first:
-        if nv == 4:
-            pool_step(zb, zofs, best, barg, bofs, flat, 4, 1)
-        elif nv == 3:
-            pool_step(zb, zofs, best, barg, bofs, flat, 3, 1)
-        elif nv == 2:
-            pool_step(zb, zofs, best, barg, bofs, flat, 2, 1)
-        else:
-            pool_step(zb, zofs, best, barg, bofs, flat, 1, 1)
-    else:
-        if nv == 4:
-            pool_step(zb, zofs, best, barg, bofs, flat, 4, 0)
-        elif nv == 3:
-            pool_step(zb, zofs, best, barg, bofs, flat, 3, 0)
-        elif nv == 2:
-            pool_step(zb, zofs, best, barg, bofs, flat, 2, 0)
-        else:
-            pool_step(zb, zofs, best, barg, bofs, flat, 1, 0)
-
-
-@njit(inline="always")
-def _pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best, barg):
-    """Max-pool the switched rows of one group, vectorised over the block's channels.
-
-    Candidates in row-major order; the first maximum wins; a NaN wins over every number and
-    the first NaN sticks (see ``pool_step``).
-    """
-    for pp in range(g0, g1):
-        rr = pp * sh - r0
-        for q in range(wp):
-            cc = q * sw
-            e = ((pp - g0) * wp + q) * kbw
-            flat0 = pp * sh * wo + cc
-            for a in range(poolh):
-                for bb in range(poolw):
-                    src = ((rr + a) * wused + cc + bb) * kbw
-                    _pool_candidate(nv, zb, src, best, barg, e, np.int32(flat0 + a * wo + bb),
-                                    a == 0 and bb == 0)
 
 
 @njit(parallel=PARALLEL, cache=True)
@@ -175,7 +82,7 @@ def _match_planes(x, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, ph, pw, poolh, p
             nv = blk_nv[b]
             kbw = nv * vl
             kval = min(kbw, k_ - k0)
-            npx = _pix(nv)
+            npx = PIX[nv]
             wofs = wofs_b[b]
             for g0 in range(0, hp, group):
                 g1 = min(g0 + group, hp)
@@ -192,9 +99,10 @@ def _match_planes(x, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, ph, pw, poolh, p
                             if j == wused:
                                 j = 0
                                 r += 1
-                    _tile(nv, wr, wofs, xp, xb, off, bpad, k0, zb, f0 * kbw, kbw, leak)
-                _pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best,
-                            barg)
+                    conv_tile(wr, wofs, xp, xb, off, off.shape[0], bpad, k0, zb, f0 * kbw, kbw,
+                              leak, nv, PIX)
+                pool_group(zb, nv, kbw, g0, g1, r0, wused, wp, wo, sh, sw, poolh, poolw, best,
+                           barg)
                 # channel-major copy-out: contiguous runs per channel (register transposes,
                 # as in the Winograd kernel, made layer 1 at N = 256 slower: 7.9 -> 10.6 ms)
                 ne = (g1 - g0) * wp
@@ -222,62 +130,87 @@ def _match_whole(xf, wr, wofs_b, bpad, off, blk_k0, blk_nv, vl, leak, nchunks, h
             nv = blk_nv[b]
             kbw = nv * vl
             kval = min(kbw, k_ - k0)
-            npx = _pix(nv)
+            npx = PIX[nv]
             for n0 in range(lo, hi, npx):
                 for p in range(npx):
                     xb[p] = min(n0 + p, hi - 1) * taps
-                _tile(nv, wr, wofs_b[b], xf, xb, off, bpad, k0, zb, 0, kbw, leak)
+                conv_tile(wr, wofs_b[b], xf, xb, off, off.shape[0], bpad, k0, zb, 0, kbw, leak,
+                          nv, PIX)
                 for p in range(min(npx, hi - n0)):
                     for l in range(kval):
                         h[n0 + p, k0 + l] = zb[p * kbw + l]
 
 
-def match_switch_pool(x, templates, bias, geometry, leak, algorithm="auto"):
-    """The fused op (see ``fastdrmm.ops.match_switch_pool``).
-
-    ``algorithm``: "direct" (this module's kernel), "winograd" (3x3 templates only, see
-    ``winograd``) or "auto": Winograd where ``winograd.applies``, else direct. Samples the
-    Winograd kernel flags (a non-finite z) are recomputed by the direct kernel.
-    """
-    if algorithm not in ("auto", "direct", "winograd"):
-        raise ValueError(f"algorithm must be 'auto', 'direct' or 'winograd', got {algorithm!r}")
-    padding, pool, stride = geometry.padding, geometry.pool, geometry.stride
-    if algorithm != "direct":
-        from . import winograd  # imports this module's pieces
-
-        if algorithm == "winograd" or (winograd.AUTO
-                                       and winograd.applies(x, templates, bias, padding)):
-            if templates.shape[2:] != (3, 3):
-                raise ValueError("algorithm='winograd' needs 3x3 templates, got "
-                                 f"{templates.shape[2]}x{templates.shape[3]}")
-            h, idx, redo = winograd.match_switch_pool(x, templates, bias, padding, pool,
-                                                      stride, leak)
-            again = np.flatnonzero(redo)
-            if again.size:
-                h[again], idx[again] = _match_direct(x[again], templates, bias, padding, pool,
-                                                     stride, leak)
-            return h, idx
-    return _match_direct(x, templates, bias, padding, pool, stride, leak)
+def plan_match_switch_pool(x, templates, bias, geometry):
+    """The algorithm the automatic choice takes: "winograd" where ``winograd.AUTO`` and
+    ``winograd.applies`` (3x3, >= 16 channels and templates, finite parameters, a plane where
+    it saves products), else ``_plan_exact``'s."""
+    if winograd.AUTO and winograd.applies(templates, bias, geometry.plane):
+        return "winograd"
+    return _plan_exact(x, geometry)
 
 
 _POOLED_ROWS = None  # None: where pooled_rows.applies; True: any 2x2/2 pooling; False: off
 
 
-def _match_direct(x, templates, bias, padding, pool, stride, leak):
+def _plan_exact(x, geometry):
+    """"pooled_rows" where ``pooled_rows.applies`` (2x2 windows at stride 2, few channels,
+    full vectors of pooled columns), else "direct": the same bits either way."""
+    if x.shape[0] and _POOLED_ROWS is not False and pooled_rows.applies(
+            x.shape[1], geometry.pool, geometry.stride, geometry.pooled[1], x.dtype,
+            any_shape=bool(_POOLED_ROWS)):
+        return "pooled_rows"
+    return "direct"
+
+
+def match_switch_pool(x, templates, bias, geometry, leak, algorithm="auto"):
+    """The fused op (see ``fastdrmm.ops.match_switch_pool``) by ``algorithm``: one of
+    ``ALGORITHMS`` or "auto" (``plan_match_switch_pool``). "pooled_rows" needs 2x2 windows
+    at stride 2, "winograd" 3x3 templates; the samples the Winograd kernel flags (a
+    non-finite z) are recomputed by the exact kernels."""
+    name = choose(algorithm, ALGORITHMS,
+                  lambda: plan_match_switch_pool(x, templates, bias, geometry))
+    if name == "winograd":
+        _need_3x3(templates)
+        h, idx, redo = winograd.match_switch_pool(x, templates, bias, geometry, leak)
+        redo_flagged(redo, lambda xs: _match_exact(xs, templates, bias, geometry, leak), x,
+                     into=(h, idx))
+        return h, idx
+    if name == "pooled_rows":
+        if not pooled_rows.applies(x.shape[1], geometry.pool, geometry.stride,
+                                   geometry.pooled[1], x.dtype, any_shape=True):
+            raise ValueError("algorithm='pooled_rows' needs 2x2 windows at stride 2, got "
+                             f"pool {geometry.pool}, stride {geometry.stride}")
+        return pooled_rows.match_switch_pool(x, templates, bias, geometry, leak)
+    return _match_direct(x, templates, bias, geometry, leak)
+
+
+def _need_3x3(templates):
+    if templates.shape[2:] != (3, 3):
+        raise ValueError("algorithm='winograd' needs 3x3 templates, got "
+                         f"{templates.shape[2]}x{templates.shape[3]}")
+
+
+def _match_exact(x, templates, bias, geometry, leak):
+    """The op by the exact kernels (direct or pooled rows: the same bits)."""
+    if _plan_exact(x, geometry) == "pooled_rows":
+        return pooled_rows.match_switch_pool(x, templates, bias, geometry, leak)
+    return _match_direct(x, templates, bias, geometry, leak)
+
+
+def _match_direct(x, templates, bias, geometry, leak):
     n, c, hh, ww = x.shape
     k, _, kh, kw = templates.shape
-    ph, pw = padding
-    ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
-    hp, wp = (ho - pool[0]) // stride[0] + 1, (wo - pool[1]) // stride[1] + 1
+    ph, pw = geometry.padding
+    pool, stride = geometry.pool, geometry.stride
+    ho, wo = geometry.plane
+    hp, wp = geometry.pooled
     dtype = x.dtype
-    if n and _POOLED_ROWS is not False and pooled_rows.applies(c, pool, stride, wp, dtype,
-                                                               any_shape=bool(_POOLED_ROWS)):
-        return pooled_rows.match_switch_pool(x, templates, bias, padding, leak)
     h = buffers.empty((n, k, hp, wp), dtype)
     if n == 0:
         return h, np.empty((n, k, hp, wp), dtype=np.int32)
     vl = lanes(dtype)
-    wr, bpad, k0, nv, wofs = _relayout(templates, bias, vl)
+    wr, bpad, k0, nv, wofs = relayout(templates, bias, vl)
     leak = float(leak)
     if ho == 1 and wo == 1 and ph == 0 and pw == 0:
         taps = c * kh * kw
@@ -377,43 +310,42 @@ def _match_at_kernel(x, wt, idx, sw, use_sw, ph, pw, kh, row, wo, wp, woff, xoff
 _L1_BYTES = 24 * 1024  # the patches of one group of rows: half of a 48 KiB L1
 
 
+def plan_match_at(x, templates, idx, geometry, switches):
+    """The algorithm the automatic choice takes: "winograd" where ``winograd.AUTO`` and
+    ``winograd.match_at_applies`` (3x3, >= 16 channels and templates, finite templates, at
+    least 5 % of the plane's units to read), else "units"."""
+    if not winograd.AUTO or templates.shape[2:] != (3, 3) or not idx.size:
+        return "units"
+    on = idx.size if switches is None else count_nonzero(switches)
+    return ("winograd" if winograd.match_at_applies(x.shape[0], templates, geometry.plane, on)
+            else "units")
+
+
 def match_at(x, templates, idx, geometry, switches, algorithm="auto"):
-    """The matching read at ``idx`` (see ``fastdrmm.ops.match_at``).
-
-    ``algorithm``: "units" (this module's kernel: one dot product per unit whose switch is
-    on), "winograd" (3x3 templates only: the whole plane, then read; see ``winograd``) or
-    "auto": Winograd where ``winograd.match_at_applies`` (enough of the plane is read), else
-    units. Samples the Winograd kernel flags (a non-finite value) are redone unit by unit.
+    """The matching read at ``idx`` (see ``fastdrmm.ops.match_at``) by ``algorithm``: one of
+    ``MATCH_AT_ALGORITHMS`` or "auto" (``plan_match_at``). "units": this module's kernel, one
+    dot product per unit whose switch is on; "winograd" (3x3 templates only): the whole
+    plane, then read; the samples it flags (a non-finite value) are redone unit by unit.
     """
-    if algorithm not in ("auto", "units", "winograd"):
-        raise ValueError(f"algorithm must be 'auto', 'units' or 'winograd', got {algorithm!r}")
-    padding = geometry.padding
-    if algorithm != "units" and templates.shape[2:] == (3, 3) and idx.size:
-        from . import winograd
+    name = choose(algorithm, MATCH_AT_ALGORITHMS,
+                  lambda: plan_match_at(x, templates, idx, geometry, switches))
+    if name == "winograd":
+        _need_3x3(templates)
+        if idx.size:
+            def by_units(xs, ids, sws):
+                return _match_at_units(xs, templates, ids, geometry, sws)
 
-        if algorithm == "auto":
-            on = idx.size if switches is None else count_nonzero(switches)
-            use = winograd.AUTO and winograd.match_at_applies(x, templates, padding, on)
-        else:
-            use = True
-        if use:
-            out, redo = winograd.match_at(x, templates, idx, padding, switches)
-            again = np.flatnonzero(redo)
-            if again.size:
-                out[again] = _match_at_units(x[again], templates, idx[again], padding,
-                                             None if switches is None else switches[again])
+            out, redo = winograd.match_at(x, templates, idx, geometry, switches)
+            redo_flagged(redo, by_units, x, idx, switches, into=out)
             return out
-    elif algorithm == "winograd" and templates.shape[2:] != (3, 3):
-        raise ValueError("algorithm='winograd' needs 3x3 templates, got "
-                         f"{templates.shape[2]}x{templates.shape[3]}")
-    return _match_at_units(x, templates, idx, padding, switches)
+    return _match_at_units(x, templates, idx, geometry, switches)
 
 
-def _match_at_units(x, templates, idx, padding, switches):
+def _match_at_units(x, templates, idx, geometry, switches):
     n, c, hh, ww = x.shape
     k, _, kh, kw = templates.shape
-    ph, pw = padding
-    ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
+    ph, pw = geometry.padding
+    ho, wo = geometry.plane
     hp = idx.shape[2]
     out = buffers.empty(idx.shape, x.dtype)
     if out.size == 0:

@@ -40,8 +40,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import (PARALLEL, VBYTES, _data, chunk_bounds, counted_loop, lanes, num_chunks,
-                      vector_empty, vector_helpers, vector_zeros)
+from ._partition import PARALLEL, chunk_bounds, num_chunks, vector_empty, vector_zeros
+from ._vector import VBYTES, array_data, counted_loop, lanes, vector_helpers
 
 __all__ = ["applies", "match_switch_pool"]
 
@@ -86,7 +86,8 @@ def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, 
         (xs_, xbase_, toff_, ntaps_, w_, wofs_, b_, bofs_, leak_, h_, hofs_, hstr_, idx_,
          flat0_, wo_, _) = args
         aty = signature.args
-        vty, vload, vstore, splat = vector_helpers(context, builder, dt)
+        k = vector_helpers(context, builder, dt)
+        vty, vload, vstore, splat = k.vty, k.vload, k.vstore, k.splat
         vl = vty.count
         size = context.get_abi_sizeof(vty.element)
         i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -101,12 +102,12 @@ def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, 
         flat0_ = context.cast(builder, flat0_, aty[13], types.int32)
         wo_ = context.cast(builder, wo_, aty[14], types.int32)
         leak_ = context.cast(builder, leak_, aty[8], dt)
-        xp = _data(context, builder, aty[0], xs_)
-        tp = _data(context, builder, aty[2], toff_)
-        wp_ = _data(context, builder, aty[4], w_)
-        bp = _data(context, builder, aty[6], b_)
-        hp_ = _data(context, builder, aty[9], h_)
-        ip = _data(context, builder, aty[12], idx_)
+        xp = array_data(context, builder, aty[0], xs_)
+        tp = array_data(context, builder, aty[2], toff_)
+        wp_ = array_data(context, builder, aty[4], w_)
+        bp = array_data(context, builder, aty[6], b_)
+        hp_ = array_data(context, builder, aty[9], h_)
+        ip = array_data(context, builder, aty[12], idx_)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                              "llvm.fmuladd.v%df%d" % (vl, 8 * size))
         init = [splat(builder.load(builder.gep(bp, [builder.add(bofs_, i64(j))],
@@ -219,14 +220,14 @@ def _match_pool2(x, wt, bpad, toff, ph, pw, hpad, w2, leak, wo, vl, nchunks, h, 
                                     idf[at + j * plane + l] = ti[j * vl + l]
 
 
-def match_switch_pool(x, templates, bias, padding, leak):
+def match_switch_pool(x, templates, bias, geometry, leak):
     """h and idx of the fused op for 2x2 windows at stride 2 (see ``applies``)."""
     n, c, hh, ww = x.shape
     k, _, kh, kw = templates.shape
-    ph, pw = padding
+    ph, pw = geometry.padding
     hpad, wpad = hh + 2 * ph, ww + 2 * pw
-    ho, wo = hpad - kh + 1, wpad - kw + 1
-    hp, wp = ho // 2, wo // 2
+    wo = geometry.plane[1]
+    hp, wp = geometry.pooled
     dtype = x.dtype
     vl = lanes(dtype)
     h = buffers.empty((n, k, hp, wp), dtype)

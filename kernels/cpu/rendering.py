@@ -1,30 +1,33 @@
-"""Top-down: unpooling and rendering (transposed correlation), Numba CPU.
+"""Top-down rendering (the transposed correlation of the unpooled code), Numba CPU.
 
-Design
-------
-* ``unpool``: parallel over (sample, channel) planes; each plane is zeroed and the code (times
-  the switches) is added at its argmax positions in row-major unit order, so collisions from
-  overlapping windows add up in the same order as the reference's ``np.add.at``.
-* ``render``: parallel over chunks of samples (samples are independent, so there is no race
-  and no reduction). Each thread keeps one zero-padded, channel-last image buffer
-  (Hpad x Wpad x C). For every pooled unit with a non-zero value the templates, re-laid out
-  as (K, kh, kw, C), are scattered straight from the pooled code: for each template row the
-  kw*C contiguous weights are added with one SIMD ``axpy`` into kw*C contiguous buffer
-  entries. Only Hp*Wp units per channel are visited, never the whole unpooled plane. The
-  buffer is then cropped by the padding and transposed into r (N, C, H, W).
-* Few output channels (C < lanes, finite templates: the first layer) render by dot products
-  over the templates instead (``_render_dots_kernel``): the unpooled code channel-last with a
-  zero border, each output pixel one ``dot_tile`` of its flipped templates with the buffer
-  around it; vectors over C or kw*C would be mostly empty there.
-* The unit loops find a flat argmax's buffer offset in a per-call table (``place_table``)
-  rather than by a division per unit.
-* 3x3 layers with at least 16 channels on both sides render by the Winograd kernel
-  (``winograd.render``); the paths below redo its flagged samples (non-finite values, or a
-  dense code whose argmax positions are not the identity).
-* Exact IEEE semantics of the dense reference: skipping a zero unit drops terms ``0 * w``,
-  which is exact only when every template entry is finite and the unit values are finite.
-  When the templates hold inf/NaN, or a sample's values do, that sample is rendered densely
-  (every plane position, zeros included), as the reference does.
+Algorithms (``plan_render`` picks, ``algorithm=`` forces one of ``ALGORITHMS``)
+-----------------------------------------------------------------------------
+* "scatter" (``_render_kernel``): parallel over chunks of samples (samples are independent,
+  so there is no race and no reduction). Each thread keeps one zero-padded, channel-last
+  image buffer (Hpad x Wpad x C). For every pooled unit with a non-zero value the templates,
+  re-laid out as (K, kh, kw, C), are scattered straight from the pooled code: for each
+  template row the kw*C contiguous weights are added with one SIMD ``axpy`` into kw*C
+  contiguous buffer entries. Only Hp*Wp units per channel are visited, never the whole
+  unpooled plane. The buffer is then cropped by the padding and transposed into r (N, C, H,
+  W).
+* "conv" (``_render_conv_kernel``): the dense correlation of the unpooled code with the
+  flipped templates by ``conv_tile`` (finite templates); "gemm" (``_render_gemm_kernel``):
+  small GEMMs per tap, every term computed (any values). The cheapest of the three by a
+  measured cost model.
+* "dots": few output channels (C < lanes, finite templates: the first layer) render by dot
+  products over the templates instead (``_render_dots_kernel``): the unpooled code
+  channel-last with a zero border, each output pixel one ``dot_tile`` of its flipped
+  templates with the buffer around it; vectors over C or kw*C would be mostly empty there.
+* "winograd": 3x3 layers with at least 16 channels on both sides (where ``winograd.AUTO``);
+  the exact algorithms redo its flagged samples (non-finite values, or a dense code whose
+  argmax positions are not the identity).
+
+The unit loops find a flat argmax's buffer offset in a per-call table (``place_table``)
+rather than by a division per unit. Exact IEEE semantics of the dense reference: skipping a
+zero unit drops terms ``0 * w``, which is exact only when every template entry is finite and
+the unit values are finite. When the templates hold inf/NaN, or a sample's values do, the
+scatter kernel renders that sample densely (every plane position, zeros included), as the
+reference does. ``unpool`` lives in ``_units``.
 """
 
 from __future__ import annotations
@@ -33,69 +36,21 @@ import numpy as np
 from numba import njit, prange
 
 from .. import buffers
-from ._common import (GPIX, NV_MAX, PARALLEL, PIX_MAX, axpy, chunk_bounds, copy_out, dot_tile,
-                      gemm_tile, lanes, num_chunks, place_table, vector_empty, vector_zeros)
+from . import winograd
+from ._microkernels import (GPIX, NV_MAX, PIX, PIX_MAX, axpy, conv_tile, copy_out, dot_tile,
+                            gemm_tile)
+from ._partition import (PARALLEL, chunk_bounds, num_chunks, place_table, vector_empty,
+                         vector_zeros)
+from ._dispatch import choose, redo_flagged
+from ._tiles import channel_blocks, relayout
+from ._units import (sample_finite, switch_args, unit_value, unpool, unpool_bordered,
+                     unpool_sample)
+from ._vector import lanes
 from .elementwise import count_nonzero
-from .matching import _blocks, _pix, _relayout, _tile
 
-__all__ = ["unpool", "render"]
+__all__ = ["ALGORITHMS", "plan_render", "render", "unpool"]
 
-
-@njit(parallel=PARALLEL, cache=True)
-def _unpool_kernel(code, idx, sw, use_sw, u):
-    n_, k_, hp, wp = code.shape
-    plane = u.shape[2]
-    for nk in prange(n_ * k_):
-        n = nk // k_
-        k = nk - n * k_
-        row = u[n, k]
-        for f in range(plane):
-            row[f] = 0
-        for p in range(hp):
-            for q in range(wp):
-                val = code[n, k, p, q]
-                if use_sw:
-                    val = val * sw[n, k, p, q]
-                row[idx[n, k, p, q]] += val
-
-
-def unpool(code, idx, plane_shape, switches):
-    n, k = code.shape[:2]
-    ho, wo = plane_shape
-    u = buffers.empty((n, k, ho * wo), code.dtype)
-    if n * k:
-        use_sw, sw = _switch_args(code, switches)
-        _unpool_kernel(code, idx, sw, use_sw, u)
-    return u.reshape(n, k, ho, wo)
-
-
-def _switch_args(code, switches):
-    """One compiled signature whatever ``switches`` is: a flag and an array."""
-    if switches is None:
-        return False, np.zeros((1, 1, 1, 1), dtype=code.dtype)
-    return True, switches
-
-
-@njit(inline="always")
-def unit_value(code, sw, use_sw, n, k, p, q):
-    val = code[n, k, p, q]
-    if use_sw:
-        val = val * sw[n, k, p, q]
-    return val
-
-
-@njit(cache=True)
-def sample_finite(code, sw, use_sw, n):
-    """True when every value code*switches of sample n is finite."""
-    _, k_, hp, wp = code.shape
-    for k in range(k_):
-        for p in range(hp):
-            for q in range(wp):
-                v = unit_value(code, sw, use_sw, n, k, p, q)
-                if not np.isfinite(v):
-                    return False
-    return True
-
+ALGORITHMS = ("scatter", "conv", "gemm", "dots", "winograd")
 
 @njit(parallel=PARALLEL, cache=True)
 def _render_kernel(code, idx, sw, use_sw, wr, w_finite, ho, wo, ph, pw, nchunks, r):
@@ -179,7 +134,7 @@ def _render_conv_kernel(code, idx, sw, use_sw, wr, wofs_b, bzero, off, blk_c0, b
                 c0 = blk_c0[b]
                 nv = blk_nv[b]
                 kbw = nv * vl
-                npx = _pix(nv)
+                npx = PIX[nv]
                 y = 0
                 x = 0
                 for f0 in range(0, npix, npx):
@@ -190,76 +145,13 @@ def _render_conv_kernel(code, idx, sw, use_sw, wr, wofs_b, bzero, off, blk_c0, b
                             if x == ww:
                                 x = 0
                                 y += 1
-                    _tile(nv, wr, wofs_b[b], upad, xb, off, bzero, 0, zb, f0 * kbw, kbw, 1.0)
+                    conv_tile(wr, wofs_b[b], upad, xb, off, off.shape[0], bzero, 0, zb,
+                              f0 * kbw, kbw, 1.0, nv, PIX)
                 for l in range(min(kbw, c_ - c0)):
                     out = r[n, c0 + l]
                     for f in range(npix):
                         out[f] = zb[f * kbw + l]
 
-
-@njit(inline="always")
-def _gemm(nv, acc, aofs, a, abase, aoff, b, boff, t0, t1):
-    if nv == 4:
-        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 4, GPIX[4])
-    elif nv == 3:
-        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 3, GPIX[3])
-    elif nv == 2:
-        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 2, GPIX[2])
-    else:
-        gemm_tile(acc, aofs, a, abase, aoff, b, boff, t0, t1, 1, GPIX[1])
-
-
-@njit(inline="always")
-def _gpix(nv):
-    if nv == 4:
-        return GPIX[4]
-    if nv == 3:
-        return GPIX[3]
-    if nv == 2:
-        return GPIX[2]
-    return GPIX[1]
-
-
-@njit(inline="always")
-def _unpool_sample(code, idx, sw, use_sw, n, npos, u, uofs):
-    """u[uofs + k*npos + f] = the unpooled plane k of sample n (collisions summed in unit
-    order); where the argmaxes are the identity (pool 1) a straight copy, checked in the
-    same pass. One flat view per sample: views per (sample, template) cost more than the
-    copy on small planes (1.07 -> 0.2 ms on conv-small's layer 4)."""
-    _, k_, hp, wp = code.shape
-    nunit = hp * wp
-    cf = code[n].reshape(k_ * nunit)
-    jf = idx[n].reshape(k_ * nunit)
-    sf = sw[n if use_sw else 0].reshape(-1)  # (a 1-element placeholder without switches)
-    if nunit == npos:
-        ident = True
-        for k in range(k_):
-            src = k * nunit
-            dst = uofs + k * npos
-            for f in range(nunit):
-                val = cf[src + f]
-                if use_sw:
-                    val = val * sf[src + f]
-                u[dst + f] = val
-                ident &= jf[src + f] == f
-        if ident:
-            return
-    for k in range(k_):
-        src = k * nunit
-        dst = uofs + k * npos
-        for f in range(npos):
-            u[dst + f] = 0
-        for f in range(nunit):
-            val = cf[src + f]
-            if use_sw:
-                val = val * sf[src + f]
-            u[dst + jf[src + f]] += val
-
-
-@njit(inline="always")
-def _tap_rect(size_plane, size_img, pad, a):
-    """Plane rows [lo, hi) whose tap a lands inside the cropped image (one axis)."""
-    return max(0, pad - a), min(size_plane, pad - a + size_img)
 
 
 @njit(parallel=PARALLEL, cache=True)
@@ -302,7 +194,7 @@ def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo,
             out[:ns * opl] = 0
             m = 0
             for s in range(ns):
-                _unpool_sample(code, idx, sw, use_sw, g0 + s, npos, u, s * kplane)
+                unpool_sample(code, idx, sw, use_sw, g0 + s, npos, u, s * kplane)
                 for i in range(ho):
                     for j in range(wo):
                         posa[m] = s * kplane + i * wo + j
@@ -315,44 +207,20 @@ def _render_gemm_kernel(code, idx, sw, use_sw, wt, blk_c0, blk_nv, cpad, ho, wo,
             for blk in range(nb):
                 c0 = blk_c0[blk]
                 nv = blk_nv[blk]
-                npx = _gpix(nv)
+                npx = GPIX[nv]
                 for m0 in range(0, total, npx):
                     pa = posa[m0:]
                     po = poso[m0:]
                     for a in range(kh):
                         for b in range(kw):
-                            _gemm(nv, out[(a * wu + b) * cpad + c0:], po, u, pa, aoff,
-                                  wt[(a * kw + b) * k_ * cpad + c0:], boff, 0, k_)
+                            gemm_tile(out[(a * wu + b) * cpad + c0:], po, u, pa, aoff,
+                                      wt[(a * kw + b) * k_ * cpad + c0:], boff, 0, k_, nv,
+                                      GPIX)
             # the crop, channel-last -> channel-first, by register transposes
             for s in range(ns):
                 copy_out(out, s * opl, crop, cpad, hh * ww, c_, vl, rf, (g0 + s) * c_ * hh * ww,
                          hh * ww)
 
-
-@njit(inline="always")
-def unpool_bordered(code, idx, sw, use_sw, n, place, ho, wo, kh, kw, wu, kpad, u):
-    """Sample n unpooled channel-last, ``u[place[f] + k]`` (collisions summed in unit order),
-    in a buffer whose zero border of (kh-1, kw-1) is left as it is."""
-    _, k_, hp, wp = code.shape
-    for i in range(ho):
-        row = ((i + kh - 1) * wu + kw - 1) * kpad
-        u[row:row + wo * kpad] = 0
-    for k in range(k_):
-        for p in range(hp):
-            for q in range(wp):
-                u[place[idx[n, k, p, q]] + k] += unit_value(code, sw, use_sw, n, k, p, q)
-
-
-@njit(inline="always")
-def _dots(npx, out, w, wofs, u, bases, woff, xoff, nsteps):
-    if npx == 8:
-        dot_tile(out, w, wofs, u, bases, woff, xoff, nsteps, 8)
-    elif npx == 4:
-        dot_tile(out, w, wofs, u, bases, woff, xoff, nsteps, 4)
-    elif npx == 2:
-        dot_tile(out, w, wofs, u, bases, woff, xoff, nsteps, 2)
-    else:
-        dot_tile(out, w, wofs, u, bases, woff, xoff, nsteps, 1)
 
 
 @njit(parallel=PARALLEL, cache=True)
@@ -401,7 +269,7 @@ def _render_dots_kernel(code, idx, sw, use_sw, wl, kpad, vl, ho, wo, ph, pw, kh,
                                                      (2 if ww - x >= 2 else 1))
                         for p in range(npx):
                             bases[p] = row + (x + p) * kpad
-                        _dots(npx, rf[out + x:], wl, wofs, u, bases, woff, xoff, nsteps)
+                        dot_tile(rf[out + x:], wl, wofs, u, bases, woff, xoff, nsteps, npx)
                         x += npx
 
 
@@ -418,14 +286,10 @@ def _render_dots(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
 _GEMM_POSITIONS = 192  # plane positions per tap and group of samples in the GEMM render
 
 
-_GEMM = None  # None: pick by cost; True/False: force the GEMM path on or off (tests)
-_DOTS = None  # None: by the channel count; True/False: force the dot-product path (tests)
-
-
 def _render_gemm(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
     n, c, hh, ww = r.shape
     k, _, kh, kw = templates.shape
-    c0, nv, nvec = _blocks(c, vl)
+    c0, nv, nvec = channel_blocks(c, vl)
     cpad = nvec * vl
     wt = buffers.aligned_zeros((kh, kw, k, cpad), r.dtype)
     wt[..., :c] = templates.transpose(2, 3, 0, 1)
@@ -439,25 +303,34 @@ def _render_gemm(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
 _DENSE_VS_SCATTER = 0.25
 
 
-_WINOGRAD = None  # None: by _use_winograd; True/False: force on (3x3 only) or off (tests)
+def _render_conv(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
+    n, c, hh, ww = r.shape
+    k, _, kh, kw = templates.shape
+    flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    wr, _, c0, nv, wofs = relayout(flipped, np.zeros(c, dtype=code.dtype), vl)
+    bzero = buffers.aligned_zeros(-(-c // vl) * vl, code.dtype)
+    hu, wu = ho + 2 * (kh - 1), wo + 2 * (kw - 1)
+    kk, aa, bb = np.meshgrid(np.arange(k), np.arange(kh), np.arange(kw), indexing="ij")
+    off = (kk * hu * wu + aa * wu + bb).reshape(-1).astype(np.int64)
+    _render_conv_kernel(code, idx, sw, use_sw, wr, wofs, bzero, off, c0, nv, vl, ho, wo,
+                        ph, pw, kh, kw, ww, num_chunks(n), r.reshape(n, c, hh * ww))
 
 
-def render(code, idx, templates, geometry, switches):
-    input_shape, padding = geometry.input, geometry.padding
-    if _use_winograd(code, templates, input_shape, padding):
-        from . import winograd  # imports matching, which this module imports too
-
-        r, redo = winograd.render(code, idx, templates, input_shape, padding, switches)
-        again = np.flatnonzero(redo)
-        if again.size:
-            r[again] = _render(code[again], idx[again], templates, input_shape, padding,
-                               None if switches is None else switches[again])
-        return r
-    return _render(code, idx, templates, input_shape, padding, switches)
+_GEMM = None  # None: pick by cost; True/False: force the GEMM path on or off (tests)
+_DOTS = None  # None: by the channel count; True/False: force the dot-product path (tests)
+_WINOGRAD = None  # None: by the plan; True/False: force on (3x3 only) or off (tests)
 
 
-def _use_winograd(code, templates, input_shape, padding):
-    """Whether render takes the Winograd kernel (see winograd.render_applies).
+def plan_render(code, idx, templates, geometry, switches):
+    """The algorithm the automatic choice takes: "winograd" where ``_winograd_pays``, else
+    ``_plan_exact``'s."""
+    if _winograd_pays(code, templates, geometry):
+        return "winograd"
+    return _plan_exact(code, templates, geometry)
+
+
+def _winograd_pays(code, templates, geometry):
+    """Whether the automatic choice takes the Winograd kernel (see winograd.render_applies).
 
     It computes the whole rendered plane, 16 products per 2x2 block, where the transposed
     correlation of a dense code costs 9 per code unit: on small planes the rendered border
@@ -466,62 +339,95 @@ def _use_winograd(code, templates, input_shape, padding):
     A pooled code's other path scatters unit by unit and is slower per product (l3: 10.3 vs
     15.1 ms).
     """
-    from . import winograd
-
+    padding = geometry.padding
     if code.shape[0] == 0 or _WINOGRAD is False:
         return False
     if _WINOGRAD:
         return winograd.render_applies(templates, padding, any_size=True)
-    hh, ww = input_shape
+    hh, ww = geometry.input
     units = code.shape[2] * code.shape[3]
-    plane = (hh + 2 * padding[0] - 2) * (ww + 2 * padding[1] - 2)
+    ho, wo = geometry.plane
     blocks = -(-hh // 2) * -(-ww // 2)
-    cheaper = units < plane or blocks * 16 <= 0.9 * units * 9
+    cheaper = units < ho * wo or blocks * 16 <= 0.9 * units * 9
     return winograd.AUTO and cheaper and winograd.render_applies(templates, padding)
 
 
-def _render(code, idx, templates, input_shape, padding, switches):
+def _plan_exact(code, templates, geometry):
+    """"dots" for few output channels (C < lanes) and finite templates, else the cheapest of
+    "gemm", "conv" (finite templates) and "scatter"."""
     n, k = code.shape[:2]
     _, c, kh, kw = templates.shape
-    hh, ww = input_shape
-    ph, pw = padding
-    ho, wo = hh + 2 * ph - kh + 1, ww + 2 * pw - kw + 1
-    r = buffers.empty((n, c, hh, ww), code.dtype)
-    if n == 0:
-        return r
-    use_sw, sw = _switch_args(code, switches)
+    hh, ww = geometry.input
+    ho, wo = geometry.plane
     vl = lanes(code.dtype)
     w_finite = bool(np.isfinite(templates).all())
     # few output channels: dot products over the templates (vectors over C or kw*C would be
     # mostly empty; measured at N = 256, C = 1, 5x5: 15.5 -> 4.5 ms; C = 3, 3x3: 31 -> 12 ms)
     if _DOTS if _DOTS is not None else (w_finite and c < vl and _GEMM is None):
-        if not w_finite:
-            raise ValueError("the dot-product render needs finite templates")
-        _render_dots(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r)
-        return r
+        return "dots"
     # dense correlation (every plane position, SIMD over output channels) or scatter from the
     # non-zero units (SIMD over kw*C): pick the cheaper
     dense = n * hh * ww * k * -(-c // vl) * kh * kw * _DENSE_VS_SCATTER
     scatter = count_nonzero(code) * kh * -(-(kw * c) // vl)
     # the GEMM path: every plane position with every tap (no border, exact for any values)
     gemm = n * ho * wo * kh * kw * k * -(-c // vl) * _DENSE_VS_SCATTER
-    if _GEMM is not None:
-        use_gemm = _GEMM
-    else:
-        use_gemm = gemm < min(scatter, dense if w_finite else np.inf)
-    if use_gemm:
-        _render_gemm(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r)
-        return r
+    if _GEMM if _GEMM is not None else gemm < min(scatter, dense if w_finite else np.inf):
+        return "gemm"
     if w_finite and dense < scatter:
-        flipped = np.ascontiguousarray(templates[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        wr, _, c0, nv, wofs = _relayout(flipped, np.zeros(c, dtype=code.dtype), vl)
-        bzero = buffers.aligned_zeros(-(-c // vl) * vl, code.dtype)
-        hu, wu = ho + 2 * (kh - 1), wo + 2 * (kw - 1)
-        kk, aa, bb = np.meshgrid(np.arange(k), np.arange(kh), np.arange(kw), indexing="ij")
-        off = (kk * hu * wu + aa * wu + bb).reshape(-1).astype(np.int64)
-        _render_conv_kernel(code, idx, sw, use_sw, wr, wofs, bzero, off, c0, nv, vl, ho, wo,
-                            ph, pw, kh, kw, ww, num_chunks(n), r.reshape(n, c, hh * ww))
-        return r
+        return "conv"
+    return "scatter"
+
+
+def render(code, idx, templates, geometry, switches, algorithm="auto"):
+    """The top-down render (see ``fastdrmm.ops.render``) by ``algorithm``: one of
+    ``ALGORITHMS`` or "auto" (``plan_render``). "dots" and "conv" need finite templates,
+    "winograd" 3x3 templates and a padding of at most 2; the samples the Winograd kernel
+    flags are re-rendered by the exact automatic choice."""
+    name = choose(algorithm, ALGORITHMS,
+                  lambda: plan_render(code, idx, templates, geometry, switches))
+    if name == "winograd":
+        if not winograd.render_applies(templates, geometry.padding, any_size=True):
+            raise ValueError("algorithm='winograd' needs 3x3 templates and a padding of at "
+                             f"most 2, got {templates.shape[2]}x{templates.shape[3]} and "
+                             f"{geometry.padding}")
+        if code.shape[0]:
+            r, redo = winograd.render(code, idx, templates, geometry, switches)
+            redo_flagged(redo, lambda c, i, s: _render_exact(c, i, templates, geometry, s),
+                         code, idx, switches, into=r)
+            return r
+        name = "scatter"  # an empty batch: nothing to render
+    return _render_with(name, code, idx, templates, geometry, switches)
+
+
+def _render_exact(code, idx, templates, geometry, switches):
+    """The render by the exact automatic choice (never Winograd)."""
+    return _render_with(_plan_exact(code, templates, geometry), code, idx, templates, geometry,
+                        switches)
+
+
+def _render_scatter(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
     wr = np.ascontiguousarray(templates.transpose(0, 2, 3, 1))  # (K, kh, kw, C)
-    _render_kernel(code, idx, sw, use_sw, wr, w_finite, ho, wo, ph, pw, num_chunks(n), r)
+    w_finite = bool(np.isfinite(templates).all())
+    _render_kernel(code, idx, sw, use_sw, wr, w_finite, ho, wo, ph, pw, num_chunks(len(r)), r)
+
+
+_RENDERERS = {"scatter": _render_scatter, "conv": _render_conv, "gemm": _render_gemm,
+              "dots": _render_dots}
+_NEED_FINITE = {"conv": "the dense-correlation render (algorithm='conv')",
+                "dots": "the dot-product render (algorithm='dots')"}
+
+
+def _render_with(name, code, idx, templates, geometry, switches):
+    """The render by the exact algorithm ``name``."""
+    n = code.shape[0]
+    c = templates.shape[1]
+    hh, ww = geometry.input
+    r = buffers.empty((n, c, hh, ww), code.dtype)
+    if n == 0:
+        return r
+    if name in _NEED_FINITE and not np.isfinite(templates).all():
+        raise ValueError(f"{_NEED_FINITE[name]} needs finite templates")
+    use_sw, sw = switch_args(code, switches)
+    _RENDERERS[name](code, idx, sw, use_sw, templates, *geometry.plane, *geometry.padding,
+                     lanes(code.dtype), r)
     return r

@@ -31,12 +31,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import buffers
-from ._common import (PARALLEL, PIX_MAX, _data, chunk_bounds, lanes, vector_empty, vector_helpers,
-                      vector_zeros)
-from .rendering import _gemm, _gpix
-from .matching import _blocks
-from .winograd import (any_non_finite, code_in, input_in,
-                       saves_products, transform_blocks)
+from ..contracts import CONSTANTS, unit_roundoff
+from ._microkernels import GPIX, PIX_MAX, gemm_tile
+from ._partition import PARALLEL, chunk_bounds, vector_empty, vector_zeros
+from ._tiles import channel_blocks
+from ._units import unpool
+from ._vector import array_data, lanes, vector_helpers
+from .winograd import saves_products
+from .winograd_transforms import any_non_finite, code_in, input_in, transform_blocks
 
 __all__ = ["applies", "certified", "same_signs", "template_stats_bs"]
 
@@ -45,12 +47,11 @@ _CHUNKS = 4           # fixed sample chunks (determinism; each holds a partial M
 _REDUCTION = 64       # tiles per product call at least, when samples are small
 
 
-def applies(x, code, kernel_size, padding=(0, 0)):
+def applies(x, code, geometry):
     """3x3 templates with >= 16 input channels and >= 16 templates, on a plane where the
     blocks save products (``winograd.saves_products``)."""
-    plane = (x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
-    return (tuple(kernel_size) == (3, 3) and x.shape[1] >= _MIN_CHANNELS
-            and code.shape[1] >= _MIN_CHANNELS and saves_products(plane))
+    return (tuple(geometry.kernel) == (3, 3) and x.shape[1] >= _MIN_CHANNELS
+            and code.shape[1] >= _MIN_CHANNELS and saves_products(geometry.plane))
 
 
 @intrinsic
@@ -67,14 +68,15 @@ def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
     def codegen(context, builder, signature, args):
         cb_, base_, cs_, rs_, w_, wofs_, ws_ = args
         aty = signature.args
-        _, vload, vstore, _ = vector_helpers(context, builder, cb.dtype)
+        k = vector_helpers(context, builder, cb.dtype)
+        vload, vstore = k.vload, k.vstore
         i64 = ir.IntType(64)
         base_, cs_, rs_, wofs_, ws_ = (
             context.cast(builder, a, t, types.int64)
             for a, t in ((base_, aty[1]), (cs_, aty[2]), (rs_, aty[3]), (wofs_, aty[5]),
                          (ws_, aty[6])))
-        cptr = _data(context, builder, aty[0], cb_)
-        wptr = _data(context, builder, aty[4], w_)
+        cptr = array_data(context, builder, aty[0], cb_)
+        wptr = array_data(context, builder, aty[4], w_)
         dy = [[vload(cptr, builder.add(base_, builder.add(builder.mul(rs_, i64(i)),
                                                           builder.mul(cs_, i64(j)))))
                for j in range(2)] for i in range(2)]
@@ -164,14 +166,14 @@ def _bs_kernel(x, xf, xplace, codef, indf, swf, use_sw, dense, cplace, plane, th
                 for blk in range(blk_c0.shape[0]):
                     c0 = blk_c0[blk]
                     nv = blk_nv[blk]
-                    npx = _gpix(nv)
+                    npx = GPIX[nv]
                     vb = v[xi * vstride + c0:]
                     for k0 in range(0, k_, npx):
                         for p in range(npx):
                             kk = k0 + p
                             abase[p] = min(kk, k_ - 1)
                             aofs[p] = (kk if kk < k_ else kpad + p) * cpad + c0
-                        _gemm(nv, mb, aofs, wb, abase, aoff, vb, boff, 0, m)
+                        gemm_tile(mb, aofs, wb, abase, aoff, vb, boff, 0, m, nv, GPIX)
 
 
 @njit(inline="always")
@@ -215,13 +217,13 @@ def _finish(mpart, spart, big_b, s):
         s[k] = acc
 
 
-def template_stats_bs(x, code, idx, padding, switches):
+def template_stats_bs(x, code, idx, geometry, switches):
     """B (K, C, 3, 3) and s (K,) by Winograd, and the flags (int8, 1 = left out) of the
     samples whose share the caller must add with the exact kernels."""
     n, c, hh, ww = x.shape
     k = code.shape[1]
-    ph, pw = padding
-    ho, wo = hh + 2 * ph - 2, ww + 2 * pw - 2
+    ph, pw = geometry.padding
+    ho, wo = geometry.plane
     dtype = x.dtype
     vl = lanes(dtype)
     cpad, kpad = -(-c // vl) * vl, -(-k // vl) * vl
@@ -236,7 +238,7 @@ def template_stats_bs(x, code, idx, padding, switches):
     spi = max(1, _REDUCTION // (th * tw))
     ngroups = -(-n // spi)
     nchunks = min(_CHUNKS, ngroups)
-    c0, nv, _ = _blocks(c, vl)
+    c0, nv, _ = channel_blocks(c, vl)
     mpart = buffers.empty((nchunks, 16, kpad + PIX_MAX, cpad), dtype)  # zeroed by the kernel
     spart = np.empty((nchunks, k), dtype=dtype)
     redo = np.zeros(n, dtype=np.int8)
@@ -275,8 +277,6 @@ def template_stats_bs(x, code, idx, padding, switches):
 # with mixed signs it rarely can, so the dispatcher asks ``same_signs`` first.
 
 _HIGHER_ORDER = 1.0 + 2.0 ** -10
-_CHECK = True   # False: no check and no sign rule (only to measure their cost: results may
-                # then break the accuracy contract)
 
 
 def same_signs(x, code, switches):
@@ -284,8 +284,6 @@ def same_signs(x, code, switches):
     def one_sign(a):
         return a.size == 0 or bool(a.min() >= 0) or bool(a.max() <= 0)
 
-    if not _CHECK:
-        return True
     if not one_sign(x):
         return False
     if switches is None:
@@ -294,19 +292,16 @@ def same_signs(x, code, switches):
         return one_sign(code * switches)
 
 
-def certified(x, code, idx, padding, switches, big_b, c=None):
+def certified(x, code, idx, geometry, switches, big_b, c=None):
     """Whether every entry of ``big_b`` (Winograd's B plus the exact share of the samples it
     left out) is within the accuracy contract (``kernels.contracts``)."""
-    from ..contracts import CONSTANTS, unit_roundoff
-    from .rendering import unpool  # imports matching, as this module does
-
     c = CONSTANTS["template_stats.B"] if c is None else c
-    n, ch, hh, ww = x.shape
+    n, ch = x.shape[:2]
     k = code.shape[1]
-    ph, pw = padding
-    ho, wo = hh + 2 * ph - 2, ww + 2 * pw - 2
+    ph, pw = geometry.padding
+    ho, wo = geometry.plane
     th, tw = -(-ho // 2), -(-wo // 2)
-    if n == 0 or th <= 0 or tw <= 0 or not _CHECK:
+    if n == 0 or th <= 0 or tw <= 0:
         return True
     # the tiles' sums of |code * switches| (2x2 positions of the unpooled plane) and of |xpad|
     # (its 4x4 blocks), compiled: NumPy's float64 temporaries took ~30 ms at N = 128
