@@ -1,8 +1,11 @@
-"""Comparison helpers shared by the op tests: float64 oracles and tie-aware pooling checks."""
+"""Comparison helpers shared by the op tests: tie-aware pooling checks against the float64
+oracles of ``naive``, and the per-op scenario checks that every backend's tests run (their
+inputs come from ``scenarios``)."""
 
 import numpy as np
 
 import naive
+from scenarios import latents, pair, plane_of, random_layer
 
 HOST_BACKENDS = ["numpy", "cpu"]
 DTYPES = [np.float32, np.float64]
@@ -113,19 +116,9 @@ def clearly_negative_windows(x, templates, bias, padding, pool, stride, dtype):
 # runs match_switch_pool on the backend under test, taking and returning host NumPy arrays.
 
 
-def random_layer(rng, dtype, n, c, h, w, k, kh, kw):
-    """x (N,C,H,W), templates (K,C,kh,kw) and bias (K,) of standard-normal-ish values."""
-    x = rng.standard_normal((n, c, h, w)).astype(dtype)
-    templates = rng.standard_normal((k, c, kh, kw)).astype(dtype)
-    bias = (0.5 * rng.standard_normal(k)).astype(dtype)
-    return x, templates, bias
-
-
 def as_pairs(padding, pool, stride):
-    p = (padding, padding) if np.isscalar(padding) else padding
-    q = (pool, pool) if np.isscalar(pool) else pool
-    s = q if stride is None else ((stride, stride) if np.isscalar(stride) else stride)
-    return p, q, s
+    q = pair(pool)
+    return pair(padding), q, q if stride is None else pair(stride)
 
 
 def check_match_geometry(match, rng, dtype, geom):
@@ -198,8 +191,7 @@ def host_runner(backend):
 def check_unpool_and_render(run, dtype, geom, code, idx, templates, switches):
     """unpool and render of given latents against the explicit-loop oracles."""
     n, c, h, w, k, kh, kw, padding = geom[:8]
-    p = (padding, padding) if np.isscalar(padding) else padding
-    plane = (h + 2 * p[0] - kh + 1, w + 2 * p[1] - kw + 1)
+    plane = plane_of(geom)
     rtol, atol = tol(dtype)
     u = run("unpool", code, idx, plane, switches=switches)
     assert u.shape == (n, k, *plane) and u.dtype == dtype
@@ -208,6 +200,25 @@ def check_unpool_and_render(run, dtype, geom, code, idx, templates, switches):
     assert r.shape == (n, c, h, w) and r.dtype == dtype
     want = naive.render(code, idx, templates, (h, w), padding, switches)
     np.testing.assert_allclose(r, want, rtol=rtol, atol=atol * 10)
+
+
+def check_render_adjoint_of_matching(run, rng, dtype, geom):
+    """<match(x) at the fixed latents, code> == <x, render(code)> for a fresh x, both ops on
+    the backend under test."""
+    _, templates, code, idx, switches = latents(rng, dtype, geom)
+    n, c, h, w = geom[:4]
+    padding = geom[7]
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    # the linear part of the matching on the whole plane: zero bias, identity switch, no pool
+    z, _ = run("match_switch_pool", x, templates, np.zeros(len(templates), dtype),
+               padding=padding, pool=1, leak=1.0)
+    z_at = np.take_along_axis(z.reshape(*z.shape[:2], -1).astype(np.float64),
+                              idx.reshape(*idx.shape[:2], -1).astype(np.int64), axis=2)
+    lhs = np.sum(z_at * (code * switches).reshape(*code.shape[:2], -1))
+    r = run("render", code, idx, templates, (h, w), padding=padding, switches=switches)
+    rhs = np.sum(x.astype(np.float64) * r)
+    scale = np.sum(np.abs(z_at)) + 1.0
+    assert abs(lhs - rhs) <= (1e-5 if dtype == np.float32 else 1e-12) * scale
 
 
 def check_template_stats(run, dtype, geom, x, code, idx, switches, *, repeat_exact=True):

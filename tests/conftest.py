@@ -1,4 +1,5 @@
-"""Shared fixtures. At import (before any test module imports numba.cuda): the CUDA simulator
+"""Shared fixtures: ``rng`` (seeded per test), ``backend`` and ``run`` (an op on every backend,
+see runners.py). At import (before any test module imports numba.cuda): the CUDA simulator
 switch for the numba-cuda backend's tests."""
 
 import os
@@ -34,6 +35,7 @@ import zlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import runners  # noqa: E402
 from campaign import BASE_SEED, LONG, SCALE  # noqa: E402
 
 
@@ -47,3 +49,22 @@ def rng(request):
     """A generator per test, seeded from the session seed and the test's id (crc32, stable
     across processes, unlike hash()), so a failure reproduces with the printed seed."""
     return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.fixture(params=runners.ALL)
+def backend(request, monkeypatch):
+    """The name of a backend to test, each in turn, ready to run (the CUDA harness registered,
+    numba-cuda's launch settings small); skips where it is unavailable. A test narrows the
+    list with ``@pytest.mark.parametrize("backend", runners.HOST, indirect=True)``."""
+    reason = runners.unavailable(request.param)
+    if reason:
+        pytest.skip(reason)
+    with runners.prepare(request.param, monkeypatch):
+        yield request.param
+
+
+@pytest.fixture
+def run(backend):
+    """``run(op_name, *args, **kwargs)``: fastdrmm.ops.<op_name> on ``backend``, host NumPy
+    arrays in and out."""
+    return runners.runner(backend)

@@ -1,17 +1,14 @@
-"""match_at scenarios shared by the GPU backends' tests (test_numba_cuda.py: the simulator or a
-GPU; test_cuda_c.py: the CUDA-on-CPU harness or CuPy). ``run(op_name, *args, **kwargs)`` calls
-fastdrmm.ops.<op_name> on the backend under test, taking and returning host NumPy arrays; the
-oracle is the explicit-loop ``naive.match_at``, the same one the host backends are held to."""
+"""match_at checks that every backend is held to (test_ops_match_at.py on each backend of the
+``run`` fixture; test_numba_cuda.py, test_cuda_c.py and test_winograd.py on theirs).
+``run(op_name, *args, **kwargs)`` calls fastdrmm.ops.<op_name> on the backend under test,
+taking and returning host NumPy arrays; the oracle is the explicit-loop ``naive.match_at``; the
+inputs come from ``scenarios``."""
 
 import numpy as np
 
 from checks import tol
 from naive import match_at as naive_match_at
-from test_ops_render import latents
-
-SWITCH_KINDS = ["none", "bool", "real"]
-# rows of kw*C values: shorter than a warp's worth, about one, several (long dot products)
-ROW_SHAPES = [(1, 5), (3, 2), (20, 3)]
+from scenarios import ROW_SHAPES, SWITCH_KINDS, latents, switches_of  # noqa: F401
 
 
 def check_match_at(run, dtype, x, templates, idx, padding, switches):
@@ -25,15 +22,6 @@ def check_match_at(run, dtype, x, templates, idx, padding, switches):
         off = np.asarray(switches) == 0
         assert (got[off] == 0).all() and not np.signbit(got[off]).any()
     return got
-
-
-def switches_of(kind, rng, on, dtype):
-    """None, the boolean mask, or real values that are (signed) zeros where the mask is off."""
-    if kind == "none":
-        return None
-    if kind == "bool":
-        return on
-    return on * rng.standard_normal(on.shape).astype(dtype)  # off & negative: -0.0
 
 
 def check_geometry(run, rng, dtype, geom, switch_kind):
@@ -94,16 +82,17 @@ def check_zeros_and_ties(run, rng, dtype):
     idx[..., 2] = idx[..., 1] = idx[..., 0] = 7
     got = run("match_at", x, templates, idx, switches=np.ones(idx.shape, bool))
     assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
-    check_match_at(run, dtype, x, templates, idx, 0, None)
+    got = check_match_at(run, dtype, x, templates, idx, 0, None)
+    assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
 
 
 def check_non_contiguous(run, rng, dtype):
     """Strided x, a transposed view of the templates, strided int64 idx and bool switches (the
     ops layer makes contiguous copies); equal to the contiguous call and to the oracle."""
     big = rng.standard_normal((3, 8, 20, 22)).astype(dtype)
-    x = big[::2, 1::3, ::2, 1::2]                                     # (2, 3, 10, 11)
+    x = big[::2, 1::3, ::2, 1::2]                # (2, 3, 10, 11): an 11 x 11 plane at padding 1
     templates = rng.standard_normal((4, 3, 3, 2)).astype(dtype).transpose(0, 1, 3, 2)
-    idx = rng.integers(0, 10 * 11, (2, 4, 5, 6)).astype(np.int64)[:, :, ::2, ::2]
+    idx = rng.integers(0, 11 * 11, (2, 4, 5, 6)).astype(np.int64)[:, :, ::2, ::2]
     switches = (rng.random((2, 4, 6, 6)) < 0.5)[:, :, ::2, 1::2]
     assert not (x.flags.c_contiguous or templates.flags.c_contiguous
                 or idx.flags.c_contiguous or switches.flags.c_contiguous)

@@ -1,4 +1,5 @@
-"""Explicit-loop oracles for the four ops, written straight from DESIGN.md section 2.
+"""Explicit-loop oracles for the five ops (match_switch_pool, match_at, unpool, render,
+template_stats), written straight from DESIGN.md section 2.
 
 Deliberately naive (scalar Python loops in float64, tiny sizes only) so that they share no
 code and no vectorisation trick with any backend they judge.

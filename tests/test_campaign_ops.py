@@ -22,10 +22,13 @@ from contract_checks import check_match, check_match_at, check_render, check_sta
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cpu_algorithms import ALGORITHMS, force
 from fastdrmm import ops
+from fastdrmm._validation import match_geometry, units_geometry
 from fastdrmm.kernels import buffers
 from fastdrmm.kernels.contracts import DIRECT
-from fastdrmm.kernels.cpu import matching, rendering, statistics
+from fastdrmm.kernels.cpu import matching
+from scenarios import KINDS, values
 
 GUARD_BYTES = 128           # a whole number of 64-byte lines: outputs stay aligned
 SENTINEL = {np.dtype(np.float32): np.float32(-1.2345e-3), np.dtype(np.float64): -1.2345e-3,
@@ -79,29 +82,10 @@ def assert_untouched(inputs):
         assert np.array_equal(parent.view(np.uint8), before.view(np.uint8)), "an input changed"
 
 
-def values(rng, shape, kind, dtype):
-    """Test data of one kind: ordinary, sparse with ties, small integers (ties), a wide
-    dynamic range, or ordinary with a few NaN/inf."""
-    a = rng.standard_normal(shape)
-    if kind == "sparse":
-        a = np.where(rng.random(shape) < 0.7, 0.0, np.round(a, 1))
-    elif kind == "ties":
-        a = rng.integers(-2, 3, size=shape).astype(np.float64)
-    elif kind == "wide":
-        a = a * np.exp2(rng.integers(-30, 31, size=shape))
-        a[rng.random(shape) < 0.2] = 0
-    elif kind == "nonfinite":
-        bad = rng.random(shape) < 0.03
-        a[bad] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
-    return a.astype(dtype)
-
-
-KINDS = ("normal", "sparse", "ties", "wide", "nonfinite")
-
-
 @st.composite
 def op_cases(draw):
-    """One op case: geometry, dtype, data kinds, layout, the cpu algorithm switches."""
+    """One op case: geometry, dtype, data kinds (finite templates: every render algorithm
+    takes them), layout, the cpu algorithms."""
     square = draw(st.booleans()) or draw(st.booleans())   # 3x3 three times in four
     kh, kw = (3, 3) if square else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     pad = draw(st.integers(0, max(kh, kw) - 1))
@@ -120,8 +104,8 @@ def op_cases(draw):
         switches=draw(st.sampled_from(("none", "mask", "values"))),
         strided=draw(st.booleans()),
         algorithm=draw(st.sampled_from(("auto", "direct", "winograd"))),
-        render_winograd=draw(st.sampled_from((None, True, False))),
-        stats_winograd=draw(st.sampled_from((None, True, False))),
+        render_algorithm=draw(st.sampled_from(("auto",) + ALGORITHMS["render"])),
+        stats_algorithm=draw(st.sampled_from(("auto",) + ALGORITHMS["template_stats"])),
         seed=draw(st.integers(0, 2**32 - 1)))
 
 
@@ -144,11 +128,10 @@ def test_campaign_ops_meet_the_contract_inside_guard_zones(case, monkeypatch):
     b = values(rng, (k,), "normal" if case["w_kind"] != "wide" else "wide", dtype)
     outputs = GuardedOutputs()
     monkeypatch.setattr(buffers, "empty", outputs.empty)
-    monkeypatch.setattr(rendering, "_WINOGRAD", case["render_winograd"])
-    monkeypatch.setattr(statistics, "_WINOGRAD", case["stats_winograd"])
-    if (kh, kw) != (3, 3):  # forcing Winograd needs 3x3 templates
-        monkeypatch.setattr(rendering, "_WINOGRAD", case["render_winograd"] and None)
-        monkeypatch.setattr(statistics, "_WINOGRAD", case["stats_winograd"] and None)
+    for op, name in (("render", case["render_algorithm"]),
+                     ("template_stats", case["stats_algorithm"])):
+        if name != "auto" and (name != "winograd" or (kh, kw) == (3, 3)):  # 3x3 only
+            force(monkeypatch, op, name)
     ins = [guarded_input(a, case["strided"]) for a in (x, tw, b)]
     xv, wv, bv = (g[0] for g in ins)
 
@@ -161,7 +144,8 @@ def test_campaign_ops_meet_the_contract_inside_guard_zones(case, monkeypatch):
         check_match(x, tw, b, h, idx, pad, pool, stride, leak, c=c_numpy)
     algorithm = case["algorithm"] if (kh, kw) == (3, 3) else "auto"
     h, idx = _check_op(outputs, ins, lambda: matching.match_switch_pool(
-        x, tw, b, (pad, pad), pool, stride, leak, algorithm=algorithm))
+        x, tw, b, match_geometry(x.shape[2:], (kh, kw), pad, pool, stride), leak,
+        algorithm=algorithm))
     check_match(x, tw, b, h, idx, pad, pool, stride, leak)
 
     # the code, positions and switches of the top-down ops
@@ -180,7 +164,8 @@ def test_campaign_ops_meet_the_contract_inside_guard_zones(case, monkeypatch):
             xv, wv, idxv, padding=pad, switches=swv, backend=backend))
         check_match_at(x, tw, idx, sw, out, pad, c=None if backend == "cpu" else DIRECT)
     out = _check_op(outputs, ins, lambda: matching.match_at(
-        x, tw, idx, (pad, pad), sw, algorithm=at_algorithm))
+        x, tw, idx, units_geometry(x.shape[2:], (kh, kw), pad, idx.shape[2:]), sw,
+        algorithm=at_algorithm))
     check_match_at(x, tw, idx, sw, out, pad)
 
     for backend in ("cpu", "numpy"):

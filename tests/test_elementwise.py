@@ -7,16 +7,9 @@ import pytest
 from checks import DTYPES
 from fastdrmm import _elementwise
 from fastdrmm.kernels.cpu import elementwise
+from scenarios import special
 
 SIZES = [1, 7, 16, 17, 1000, 12345]
-
-
-def special(rng, n, dtype):
-    """Random values with zeros, +-0, NaN and +-inf sprinkled in."""
-    a = rng.standard_normal(n).astype(dtype)
-    picks = rng.integers(0, n, size=min(n, 6))
-    a[picks] = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 0.0], dtype)[:picks.size]
-    return a
 
 
 @pytest.fixture(params=["kernels", "fallback"])
