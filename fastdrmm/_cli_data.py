@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = ["CLIError", "DATASETS", "DIGITS_TEST_FRACTION", "LAYER_LIMITS", "MAX_LAYERS",
            "MAX_LAYER_SPEC", "MAX_PARAMETERS", "load_split", "dataset_for_shape",
-           "take_subset", "select_labels", "parse_layers", "check_layer_sizes",
+           "take_subset", "select_labels", "parse_layers", "layers_label", "check_layer_sizes",
            "check_output_path", "check_distinct_outputs", "data_identity",
            "check_resume_data", "write_data_identity"]
 
@@ -201,6 +201,13 @@ def _check_layer_fields(i, fields):
                                f"maximum of {limit}")
 
 
+def layers_label(layers):
+    """Layers as the command line prints them: a preset's name, or ``K:k,...`` (custom)."""
+    if isinstance(layers, str):
+        return layers
+    return ",".join(f"{la.n_templates}:{la.kernel_size[0]}" for la in layers) + " (custom)"
+
+
 def check_layer_sizes(shapes, layers):
     """Refuse a model with more than :data:`MAX_PARAMETERS` template entries (``shapes``
     from :func:`fastdrmm.layers.layer_shapes`)."""
@@ -222,14 +229,20 @@ def _one_line(exc):
 # files
 
 
+def _path_text(path, what, hint=""):
+    """``path`` as text, refused (naming ``what``) when empty or holding a NUL character."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise CLIError(f"{what}: empty path{hint}")
+    if "\0" in text:
+        raise CLIError(f"{what}: the path contains a NUL character")
+    return text
+
+
 def check_output_path(path, option):
     """Fail early (before any work) when ``path`` cannot be written: it must be a non-empty
     path whose directory exists and is writable, and not a directory."""
-    text = os.fspath(path)
-    if not text.strip():
-        raise CLIError(f"{option}: empty path (give a file name)")
-    if "\0" in text:
-        raise CLIError(f"{option}: the path contains a NUL character")
+    text = _path_text(path, option, " (give a file name)")
     target = Path(text)
     if target.is_dir():
         raise CLIError(f"{option} {path}: is a directory (give a file name)")
@@ -271,12 +284,7 @@ def check_distinct_outputs(*named_paths):
 def check_input_file(path, what="model file"):
     """The path of an existing regular file to read, else a CLIError (before opening it, so
     that a FIFO cannot block)."""
-    text = os.fspath(path)
-    if not text.strip():
-        raise CLIError(f"{what}: empty path")
-    if "\0" in text:
-        raise CLIError(f"{what}: the path contains a NUL character")
-    target = Path(text)
+    target = Path(_path_text(path, what))
     if not target.exists():
         raise CLIError(f"{what} not found: {path}")
     if target.is_dir():
@@ -327,7 +335,7 @@ def read_data_identity(checkpoint):
 
 def write_data_identity(checkpoint, identity):
     """Record (atomically) the data identity beside ``checkpoint``; None removes it."""
-    from .io import atomic_write
+    from ._atomic import atomic_write
 
     path = data_identity_path(checkpoint)
     if identity is None:

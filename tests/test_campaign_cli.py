@@ -202,7 +202,10 @@ def run_main(argv):
     return status, out.getvalue(), err.getvalue()
 
 
-def assert_clean_exit(argv, status, err):
+def check_clean_exit(argv):
+    """Run ``argv``: exit status 0, 1 or 2, no traceback or raw exception, at most one error
+    line (exactly one for status 1)."""
+    status, _, err = run_main(argv)
     assert status in (0, 1, 2), (argv, status, err)
     assert "Traceback" not in err, (argv, err)
     assert "Error:" not in err and "Exception" not in err, (argv, err)  # no raw exception
@@ -212,33 +215,30 @@ def assert_clean_exit(argv, status, err):
         assert len(errors) == 1, (argv, err)
 
 
-@campaign(40)
-@given(data=st.data())
-def test_campaign_cli_train(paths, data):
-    argv = data.draw(train_argv(path_choices(paths)))
-    status, _, err = run_main(argv)
-    assert_clean_exit(argv, status, err)
+def command_line_campaign(argv_of, n_examples, then=None):
+    """A campaign over the command lines ``argv_of(path_choices(paths))`` draws; ``then``
+    checks the files afterwards."""
+
+    @campaign(n_examples)
+    @given(data=st.data())
+    def test(paths, data):
+        check_clean_exit(data.draw(argv_of(path_choices(paths))))
+        if then is not None:
+            then(paths)
+
+    return test
 
 
-@campaign(40)
-@given(data=st.data())
-def test_campaign_cli_model_commands(paths, data):
-    argv = data.draw(model_argv(path_choices(paths)))
-    status, _, err = run_main(argv)
-    assert_clean_exit(argv, status, err)
+def model_kept(paths):
     assert (paths / "model.npz").stat().st_size > 1000  # never written over
 
 
-@campaign(15)
-@given(data=st.data())
-def test_campaign_cli_demo(paths, data):
-    argv = data.draw(demo_argv(path_choices(paths)))
-    status, _, err = run_main(argv)
-    assert_clean_exit(argv, status, err)
+test_campaign_cli_train = command_line_campaign(train_argv, 40)
+test_campaign_cli_model_commands = command_line_campaign(model_argv, 40, then=model_kept)
+test_campaign_cli_demo = command_line_campaign(demo_argv, 15)
 
 
 @campaign(40)
 @given(argv=junk_argv())
 def test_campaign_cli_junk_command_lines(argv):
-    status, _, err = run_main(argv)
-    assert_clean_exit(argv, status, err)
+    check_clean_exit(argv)
