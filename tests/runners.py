@@ -32,12 +32,17 @@ ATOMIC = ["cuda-harness", "cupy"]
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
+def only(names):
+    """Narrow a test's ``backend`` fixture (and so ``run``) to ``names``."""
+    return pytest.mark.parametrize("backend", names, indirect=True)
+
+
 def all_but_the_simulator(why):
-    """ALL, numba-cuda skipped where it runs on the simulator (for ``indirect=True``): for the
-    cases the simulator would take minutes over, which test_numba_cuda.py covers on smaller
-    layers."""
+    """``only`` ALL, numba-cuda skipped where it runs on the simulator: for the cases the
+    simulator would take minutes over, which test_numba_cuda.py covers on smaller layers."""
     skip = pytest.mark.skipif(SIMULATOR, reason=f"numba-cuda on the CUDA simulator: {why}")
-    return [pytest.param(name, marks=skip) if name == "numba-cuda" else name for name in ALL]
+    return only([pytest.param(name, marks=skip) if name == "numba-cuda" else name
+                 for name in ALL])
 
 
 # numba-cuda's launch settings for the tests: several tiles and template groups per plane on

@@ -14,11 +14,9 @@ from checks import (DTYPES, assert_pooling_matches, assert_same_non_finite, chec
 from fastdrmm import ops
 from scenarios import LAYER_CASES, MATCH_GEOMETRIES, layer_of, random_layer
 
-GEOMETRIES = MATCH_GEOMETRIES  # for test_numba_cuda.py and test_cuda_c.py until they import
-#                                scenarios.MATCH_GEOMETRIES
+# for test_numba_cuda.py and test_cuda_c.py until they import it from scenarios
+GEOMETRIES = MATCH_GEOMETRIES
 
-
-HOST_ARRAYS = pytest.mark.parametrize("backend", runners.HOST_ARRAYS, indirect=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -27,11 +25,10 @@ def test_matches_naive_oracle(run, dtype, geom, rng):
     check_match_geometry(functools.partial(run, "match_switch_pool"), rng, dtype, geom)
 
 
-@pytest.mark.parametrize("backend", runners.HOST + ["cuda-harness", "cupy"], indirect=True)
+@runners.all_but_the_simulator("a minute for this layer")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_larger_random_layer(run, dtype, rng):
-    """A layer large enough to cross any tiling/blocking boundary of the fast kernels (too
-    large for the CUDA simulator, whose tiling the numba-cuda tests cross with small tiles)."""
+    """A layer large enough to cross any tiling/blocking boundary of the fast kernels."""
     x, templates, bias = random_layer(rng, dtype, 5, 7, 23, 19, 13, 3, 3)
     got = run("match_switch_pool", x, templates, bias, padding=2, pool=2)
     assert_pooling_matches(*got, x, templates, bias, padding=(2, 2), pool=(2, 2), dtype=dtype)
@@ -69,7 +66,7 @@ def test_nan_in_a_template_poisons_its_channel_only(run, rng):
     assert (idx[:, 1] == naive.match_switch_pool(x, templates, np.zeros(2))[1][:, 1]).all()
 
 
-@HOST_ARRAYS
+@runners.only(runners.HOST_ARRAYS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_inputs(run, dtype, rng):
     big = rng.standard_normal((3, 8, 20, 22)).astype(dtype)
@@ -100,7 +97,7 @@ def test_templates_and_bias_take_the_dtype_of_x(run, rng):
     assert h.dtype == np.float32
 
 
-@HOST_ARRAYS
+@runners.only(runners.HOST_ARRAYS)
 def test_deterministic(run, rng):
     x, templates, bias = random_layer(rng, np.float32, 4, 5, 17, 15, 9, 3, 3)
     a = run("match_switch_pool", x, templates, bias, padding=1)
@@ -109,7 +106,7 @@ def test_deterministic(run, rng):
     np.testing.assert_array_equal(a[1], b[1])
 
 
-@HOST_ARRAYS
+@runners.only(runners.HOST_ARRAYS)
 def test_agrees_with_pytorch(run, rng):
     """conv2d -> leaky_relu -> max_pool2d(return_indices=True) is the same computation."""
     torch = pytest.importorskip("torch")

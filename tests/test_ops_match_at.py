@@ -56,7 +56,7 @@ def test_zeros_and_ties(run, dtype, rng):
     mac.check_zeros_and_ties(run, rng, dtype)
 
 
-@pytest.mark.parametrize("backend", runners.HOST_ARRAYS, indirect=True)
+@runners.only(runners.HOST_ARRAYS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_inputs(run, dtype, rng):
     """Strided x, idx and switches and a transposed view of the templates, as the backend

@@ -5,16 +5,15 @@ import pytest
 
 import naive
 import runners
-from cpu_algorithms import force
 from checks import (DTYPES, assert_same_non_finite, check_render_adjoint_of_matching,
                     check_unpool_and_render, tol)
+from cpu_algorithms import force
 from fastdrmm import ops
 from scenarios import (CONV_GEOMETRIES, GEMM_GEOMETRIES, RENDER_GEOMETRIES, latents, plane_of,
                        poisoned_code)
 
 # for test_numba_cuda.py and test_cuda_c.py until they import these from scenarios
 GEOMETRIES = RENDER_GEOMETRIES
-HOST_ARRAYS = pytest.mark.parametrize("backend", runners.HOST_ARRAYS, indirect=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -41,7 +40,7 @@ def test_render_is_the_adjoint_of_matching(run, dtype, geom, rng):
     check_render_adjoint_of_matching(run, rng, dtype, geom)
 
 
-@HOST_ARRAYS
+@runners.only(runners.HOST_ARRAYS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_and_integer_idx(run, dtype, rng):
     geom = RENDER_GEOMETRIES[0]
@@ -74,7 +73,7 @@ def test_empty_batch(run, dtype):
     assert r.shape == (0, 2, 6, 6) and r.dtype == dtype
 
 
-@HOST_ARRAYS
+@runners.only(runners.HOST_ARRAYS)
 def test_render_agrees_with_pytorch(run, rng):
     """max_unpool2d -> conv_transpose2d is the same computation (non-overlapping windows)."""
     torch = pytest.importorskip("torch")

@@ -6,15 +6,13 @@ import pytest
 
 import naive
 import runners
-from cpu_algorithms import force
 from checks import DTYPES, assert_same_non_finite, check_template_stats, tol
+from cpu_algorithms import force
 from fastdrmm import ops
 from scenarios import CONV_GEOMETRIES, GEMM_GEOMETRIES, RENDER_GEOMETRIES, latents, poisoned_code
 
-HOST_ARRAYS = pytest.mark.parametrize("backend", runners.HOST_ARRAYS, indirect=True)
 # G takes a block per upper-triangle entry: a minute per layer on the CUDA simulator
-WITH_G = pytest.mark.parametrize(
-    "backend", runners.all_but_the_simulator("G of these layers takes minutes"), indirect=True)
+WITH_G = runners.all_but_the_simulator("G of these layers takes minutes")
 
 
 @WITH_G
@@ -70,7 +68,7 @@ def test_least_squares_recovers_planted_templates(run, dtype, padding, pool, str
                                atol=1e-3 if dtype == np.float32 else 1e-7)
 
 
-@HOST_ARRAYS
+@runners.only(runners.HOST_ARRAYS)
 def test_code_dtype_follows_x_and_views_work(run, rng):
     x, templates, code, idx, switches = latents(rng, np.float64, RENDER_GEOMETRIES[0])
     x32 = x.astype(np.float32)
@@ -92,7 +90,7 @@ def test_empty_batch(run, dtype):
     assert big_b.shape == (3, 2, 3, 3) and big_g.shape == (27, 27)
 
 
-@pytest.mark.parametrize("backend", runners.HOST, indirect=True)
+@runners.only(runners.HOST)
 def test_deterministic(run, rng):
     x, _, code, idx, switches = latents(rng, np.float32, (6, 4, 15, 13, 5, 3, 3, 1, 2, None))
     a = run("template_stats", x, code, idx, (3, 3), padding=1, switches=switches)
@@ -101,7 +99,7 @@ def test_deterministic(run, rng):
         np.testing.assert_array_equal(p, q)
 
 
-@HOST_ARRAYS
+@runners.only(runners.HOST_ARRAYS)
 def test_b_agrees_with_pytorch_weight_gradient(run, rng):
     torch = pytest.importorskip("torch")
     x = rng.standard_normal((3, 2, 11, 9))
