@@ -18,41 +18,25 @@ import cudahost
 import match_at_checks as mac
 import naive
 import nvrtc_compile_check
+import runners
 from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
-                    check_match_nan_and_inf, check_match_ties, check_template_stats,
-                    check_unpool_and_render, random_layer, tol)
+                    check_match_nan_and_inf, check_match_ties, check_render_adjoint_of_matching,
+                    check_template_stats, check_unpool_and_render, tol)
 from fastdrmm import _backends, ops
 from fastdrmm._validation import match_geometry, units_geometry
 from fastdrmm.kernels.cuda import launch, loader
-from test_ops_match import GEOMETRIES as MATCH_GEOMETRIES
-from test_ops_render import GEOMETRIES as RENDER_GEOMETRIES
-from test_ops_render import latents
+from scenarios import (MATCH_GEOMETRIES, RENDER_GEOMETRIES, ROW_SHAPES, SWITCH_KINDS, latents,
+                       random_layer)
 
 
-def _gpu_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-GPU = _gpu_available()
-BACKENDS = ["cuda-host", pytest.param("cupy", marks=pytest.mark.skipif(
-    not GPU, reason="backend 'cupy' needs CuPy and a CUDA GPU (none here)"))]
+GPU = runners.unavailable("cupy") is None
+# the conftest's backend fixture registers the harness (runners.prepare) or skips cupy
+BACKENDS = ["cuda-harness", "cupy"]
 
 
 @pytest.fixture(scope="session")
 def harness_lib():
     return cudahost.build(cudahost.SMALL)
-
-
-@pytest.fixture
-def host_backend(harness_lib):
-    """Registers the harness as a host backend named 'cuda-host' for this test."""
-    dev = cudahost.HostDevice(harness_lib, cudahost.SMALL)
-    with _backends.register("cuda-host", cudahost.backend(dev)):
-        yield dev
 
 
 def pooled(x, templates, padding, pool, stride):
@@ -63,24 +47,6 @@ def pooled(x, templates, padding, pool, stride):
 def at_units(input_hw, templates, padding, units):
     """The Geometry of the ops that read or write the positions of ``units`` (N, K, Hp, Wp)."""
     return units_geometry(input_hw, templates.shape[2:], padding, units.shape[2:])
-
-
-@pytest.fixture
-def run(request, host_backend):
-    """op(name, *args, **kw) on the chosen backend, taking and returning NumPy arrays."""
-    backend = request.node.callspec.params["backend"]
-    if backend == "cuda-host":
-        return lambda name, *a, **kw: getattr(ops, name)(*a, backend="cuda-host", **kw)
-    import cupy
-
-    def on_gpu(name, *a, **kw):
-        a = [cupy.asarray(v) if isinstance(v, np.ndarray) else v for v in a]
-        kw = {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
-        out = getattr(ops, name)(*a, backend="cupy", **kw)
-        if isinstance(out, tuple):
-            return tuple(None if o is None else cupy.asnumpy(o) for o in out)
-        return cupy.asnumpy(out)
-    return on_gpu
 
 
 # ---------------------------------------------------------------- 1. NVRTC compile check
@@ -110,27 +76,27 @@ def test_loader_inlines_the_shared_header():
 # ---------------------------------------------------------------- 2. harness and 3. GPU
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", MATCH_GEOMETRIES)
 def test_match_against_oracles(backend, dtype, geom, run, rng):
     check_match_geometry(functools.partial(run, "match_switch_pool"), rng, dtype, geom)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_match_ties_take_the_first_position(backend, dtype, run, rng):
     check_match_ties(functools.partial(run, "match_switch_pool"), rng, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("leak", [0.0, 0.25])
 def test_match_nan_and_inf(backend, dtype, leak, run, rng):
     check_match_nan_and_inf(functools.partial(run, "match_switch_pool"), rng, dtype, leak)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
 @pytest.mark.parametrize("use_switches", [False, True])
@@ -142,73 +108,62 @@ def test_unpool_render_stats_against_oracles(backend, dtype, geom, use_switches,
     check_template_stats(run, dtype, geom, x, code, idx, switches, repeat_exact=False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", RENDER_GEOMETRIES[:4])
 def test_render_is_the_adjoint_of_matching(backend, dtype, geom, run, rng):
-    _, templates, code, idx, switches = latents(rng, dtype, geom)
-    n, c, h, w = geom[:4]
-    padding = geom[7]
-    x = rng.standard_normal((n, c, h, w)).astype(dtype)
-    z, _ = run("match_switch_pool", x, templates, np.zeros(len(templates), dtype),
-               padding=padding, pool=1, leak=1.0)
-    z_at = np.take_along_axis(z.reshape(*z.shape[:2], -1).astype(np.float64),
-                              idx.reshape(*idx.shape[:2], -1).astype(np.int64), axis=2)
-    lhs = np.sum(z_at * (code * switches).reshape(*code.shape[:2], -1))
-    r = run("render", code, idx, templates, (h, w), padding=padding, switches=switches)
-    rhs = np.sum(x.astype(np.float64) * r)
-    assert abs(lhs - rhs) <= (1e-5 if dtype == np.float32 else 1e-12) * (np.abs(z_at).sum() + 1)
+    check_render_adjoint_of_matching(run, rng, dtype, geom)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
-@pytest.mark.parametrize("switch_kind", mac.SWITCH_KINDS)
+@pytest.mark.parametrize("switch_kind", SWITCH_KINDS)
 def test_match_at_against_oracle(backend, dtype, geom, switch_kind, run, rng):
     mac.check_geometry(run, rng, dtype, geom, switch_kind)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("c, kw", mac.ROW_SHAPES)
+@pytest.mark.parametrize("c, kw", ROW_SHAPES)
 def test_match_at_any_positions_and_row_lengths(backend, dtype, c, kw, run, rng):
     mac.check_any_positions(run, rng, dtype, c, kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c, kw", [(1, 5), (20, 3)])
 def test_match_at_nan_and_inf_stay_in_their_patches(backend, dtype, c, kw, run, rng):
     mac.check_nan_and_inf(run, rng, dtype, c, kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_match_at_zeros_and_ties(backend, dtype, run, rng):
     mac.check_zeros_and_ties(run, rng, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_match_at_non_contiguous_inputs(backend, dtype, run, rng):
     mac.check_non_contiguous(run, rng, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", RENDER_GEOMETRIES[:4])
 def test_match_at_is_the_adjoint_of_render(backend, dtype, geom, run, rng):
     mac.check_adjoint_of_render(run, rng, dtype, geom)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", [RENDER_GEOMETRIES[0], RENDER_GEOMETRIES[2]])
 def test_match_at_is_the_full_matching_gathered(backend, dtype, geom, run, rng):
     mac.check_full_matching_gathered(run, rng, dtype, geom)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_unpool_sums_collisions(backend, run):
     code = np.array([[[[1.0, 2.0, 4.0]]]])
     idx = np.array([[[[1, 1, 3]]]], dtype=np.int32)
@@ -217,7 +172,7 @@ def test_unpool_sums_collisions(backend, run):
     np.testing.assert_array_equal(u, [[[[0.0, 1.0, 0.0, 4.0]]]])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_batch(backend, dtype, run):
     h, idx = run("match_switch_pool", np.zeros((0, 2, 6, 6), dtype), np.ones((3, 2, 3, 3), dtype),
@@ -256,7 +211,7 @@ def test_both_code_paths_and_the_gpu_configuration_run(harness_lib, rng):
                                    atol=atol * 10)
         sw = (rng.random(h.shape) < 0.7).astype(dtype)  # 2*6*12*10 units: a partial last block
         z = be.match_at(x, t, idx, at_units((23, 19), t, 2, h), sw)
-        np.testing.assert_allclose(z, mac.naive_match_at(x, t, idx, 2, sw), rtol=rtol,
+        np.testing.assert_allclose(z, naive.match_at(x, t, idx, 2, sw), rtol=rtol,
                                    atol=atol * 10)
     assert all(block == (256, 1, 1) for _, _, block in gpu.launches)
     assert {"match_pool_tiled<float>", "render_tiled<double>",

@@ -7,6 +7,7 @@ block barrier, so shapes are tiny and the launch config is patched small). With 
 for real. Nothing here skips on a machine with numba-cuda installed.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -17,12 +18,13 @@ import pytest
 
 import match_at_checks as mac
 import naive
+import runners
 from checks import (DTYPES, assert_pooling_matches, check_match_geometry,
-                    check_match_nan_and_inf, check_match_ties, check_template_stats,
-                    check_unpool_and_render, random_layer, tol)
+                    check_match_nan_and_inf, check_match_ties, check_render_adjoint_of_matching,
+                    check_template_stats, check_unpool_and_render, tol)
 from fastdrmm import _backends, ops
-from test_ops_match import GEOMETRIES as MATCH_GEOMETRIES
-from test_ops_render import GEOMETRIES as RENDER_GEOMETRIES
+from scenarios import (MATCH_GEOMETRIES, RENDER_GEOMETRIES, ROW_SHAPES, SWITCH_KINDS, latents,
+                       random_layer)
 
 pytest.importorskip("numba_cuda", reason="the numba-cuda backend needs the numba-cuda package")
 from numba import cuda  # noqa: E402
@@ -31,8 +33,7 @@ from fastdrmm.kernels import numba_cuda as nc  # noqa: E402
 from fastdrmm.kernels.numba_cuda import config  # noqa: E402
 
 B = "numba-cuda"
-SMALL = {"threads": 8, "k_block": 4, "tile": (8, 8), "x_smem": 256, "w_smem": 128,
-         "z_smem": 256, "max_blocks": 8}
+SMALL = runners.NUMBA_CUDA_SMALL  # the op tests' settings too
 # several tiles per plane and template groups per block (tiling boundaries) ...
 MULTI_TILE = {**SMALL, "k_block": 2, "tile": (2, 3), "threads": 4}
 # ... and capacities too small for any tile: the direct (global memory) kernels
@@ -60,37 +61,9 @@ def host(a):
     return a.copy_to_host()
 
 
-def device_match(x, templates, bias, **geometry):
-    """match_switch_pool on this backend, host arrays in and out."""
-    h, idx = ops.match_switch_pool(dev(x), dev(templates), dev(bias), backend=B, **geometry)
-    return host(h), host(idx)
-
-
-def device_run(name, *args, **kwargs):
-    """fastdrmm.ops.<name> on this backend, host arrays in and out."""
-    args = [dev(a) if isinstance(a, np.ndarray) else a for a in args]
-    kwargs = {k: dev(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
-    out = getattr(ops, name)(*args, backend=B, **kwargs)
-    if isinstance(out, tuple):
-        return tuple(None if o is None else host(o) for o in out)
-    return host(out)
-
-
-def plane_of(h, w, kh, kw, padding):
-    p = (padding, padding) if np.isscalar(padding) else padding
-    return h + 2 * p[0] - kh + 1, w + 2 * p[1] - kw + 1
-
-
-def device_latents(rng, dtype, geom):
-    n, c, h, w, k, kh, kw, padding, pool, stride = geom
-    x = rng.standard_normal((n, c, h, w)).astype(dtype)
-    templates = rng.standard_normal((k, c, kh, kw)).astype(dtype)
-    _, idx = ops.match_switch_pool(x, templates, rng.standard_normal(k).astype(dtype),
-                                   padding=padding, pool=pool, stride=stride, leak=0.3,
-                                   backend="numpy")
-    code = rng.standard_normal(idx.shape).astype(dtype)
-    switches = rng.random(code.shape) < 0.7
-    return x, templates, code, idx, switches
+# fastdrmm.ops.<name> on this backend, host arrays in and out (device arrays on the way)
+device_run = runners.runner(B)
+device_match = functools.partial(device_run, "match_switch_pool")
 
 
 # ------------------------------------------------------------------------- matching
@@ -163,7 +136,7 @@ def test_empty_batch(dtype):
 @pytest.mark.parametrize("gi", range(len(RENDER_GEOMETRIES)))
 def test_unpool_and_render_match_naive(dtype, gi, rng):
     geom = RENDER_GEOMETRIES[gi]
-    x, templates, code, idx, switches = device_latents(rng, dtype, geom)
+    x, templates, code, idx, switches = latents(rng, dtype, geom)
     check_unpool_and_render(device_run, dtype, geom, code, idx, templates,
                             switches if gi % 2 else None)
 
@@ -173,7 +146,7 @@ def test_unpool_and_render_match_naive(dtype, gi, rng):
 def test_render_tiling_and_direct_kernels(launch, dtype, rng, monkeypatch):
     use(monkeypatch, launch)
     geom = RENDER_GEOMETRIES[0]
-    x, templates, code, idx, switches = device_latents(rng, dtype, geom)
+    x, templates, code, idx, switches = latents(rng, dtype, geom)
     r = ops.render(dev(code), dev(idx), dev(templates), (9, 8), padding=1,
                    switches=dev(switches), backend=B)
     want = naive.render(code, idx, templates, (9, 8), 1, switches)
@@ -192,28 +165,13 @@ def test_unpool_sums_collisions():
 @pytest.mark.parametrize("gi", [0, 1, 6])
 def test_render_is_the_adjoint_of_matching(dtype, gi, rng):
     """<match(x) at the fixed latents, code> == <x, render(code)>, both on the device."""
-    geom = RENDER_GEOMETRIES[gi]
-    _, templates, code, idx, switches = device_latents(rng, dtype, geom)
-    n, c, h, w = geom[:4]
-    padding = geom[7]
-    x = rng.standard_normal((n, c, h, w)).astype(dtype)
-    z, _ = ops.match_switch_pool(dev(x), dev(templates), dev(np.zeros(len(templates), dtype)),
-                                 padding=padding, pool=1, leak=1.0, backend=B)
-    z = host(z)
-    z_at = np.take_along_axis(z.reshape(*z.shape[:2], -1).astype(np.float64),
-                              idx.reshape(*idx.shape[:2], -1).astype(np.int64), axis=2)
-    lhs = np.sum(z_at * (code * switches).reshape(*code.shape[:2], -1))
-    r = ops.render(dev(code), dev(idx), dev(templates), (h, w), padding=padding,
-                   switches=dev(switches), backend=B)
-    rhs = np.sum(x.astype(np.float64) * host(r))
-    scale = np.sum(np.abs(z_at)) + 1.0
-    assert abs(lhs - rhs) <= (1e-5 if dtype == np.float32 else 1e-12) * scale
+    check_render_adjoint_of_matching(device_run, rng, dtype, RENDER_GEOMETRIES[gi])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_render_non_contiguous_int64_idx_and_bool_switches(dtype, rng):
     geom = RENDER_GEOMETRIES[0]
-    _, templates, code, idx, switches = device_latents(rng, dtype, geom)
+    _, templates, code, idx, switches = latents(rng, dtype, geom)
     t_dev = cuda.to_device(np.ascontiguousarray(templates.transpose(1, 0, 2, 3)))
     t_view = t_dev.transpose((1, 0, 2, 3))
     assert not t_view.is_c_contiguous()
@@ -237,13 +195,13 @@ def test_nan_in_code_stays_local():
 # ------------------------------------------------------------------------- match_at
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
-@pytest.mark.parametrize("switch_kind", mac.SWITCH_KINDS)
+@pytest.mark.parametrize("switch_kind", SWITCH_KINDS)
 def test_match_at_matches_naive(dtype, geom, switch_kind, rng):
     mac.check_geometry(device_run, rng, dtype, geom, switch_kind)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("c, kw", mac.ROW_SHAPES)
+@pytest.mark.parametrize("c, kw", ROW_SHAPES)
 def test_match_at_any_positions_and_row_lengths(dtype, c, kw, rng):
     mac.check_any_positions(device_run, rng, dtype, c, kw)
 
@@ -315,14 +273,14 @@ STATS_GEOMETRIES = [  # K*kh*kw kept small: G takes one block per upper-triangle
 @pytest.mark.parametrize("gi", range(len(STATS_GEOMETRIES)))
 def test_stats_match_naive(dtype, gi, rng):
     geom = STATS_GEOMETRIES[gi]
-    x, _, code, idx, switches = device_latents(rng, dtype, geom)
+    x, _, code, idx, switches = latents(rng, dtype, geom)
     check_template_stats(device_run, dtype, geom, x, code, idx, switches if gi != 0 else None)
 
 
 def test_stats_with_more_threads_than_a_warp(monkeypatch, rng):
     """The two-level block sum with threads > 32 and not a multiple of 32."""
     monkeypatch.setitem(config.LAUNCH, "threads", 40)
-    x, _, code, idx, switches = device_latents(rng, np.float64, STATS_GEOMETRIES[1])
+    x, _, code, idx, switches = latents(rng, np.float64, STATS_GEOMETRIES[1])
     big_b, s, big_g = ops.template_stats(dev(x), dev(code), dev(idx), (3, 2),
                                          switches=dev(switches), backend=B)
     want_b, want_s, want_g = naive.template_stats(x, code, idx, (3, 2), 0, switches)
