@@ -85,15 +85,16 @@ def fit_tile(block, rows, cols, halo_fits, accumulators_fit):
 
 
 @cuda.jit(device=True, inline="always")
-def block_of(b, tiles_w, tiles_h, groups):
-    """(image, group, tile row, tile column) of block b of a tiled kernel; the blocks run
-    over images, groups (of templates or channels), tile rows, then tile columns."""
-    tj = b % tiles_w
-    b //= tiles_w
-    ti = b % tiles_h
-    b //= tiles_h
-    group = b % groups
-    return b // groups, group, ti, tj
+def unravel(o, d1, d2, d3):
+    """(i0, i1, i2, i3) of the flat position o = ((i0 * d1 + i1) * d2 + i2) * d3 + i3: an
+    output unit's (n, k, p, q), or a tiled kernel's block's (image, group, tile row, tile
+    column)."""
+    i3 = o % d3
+    o //= d3
+    i2 = o % d2
+    o //= d2
+    i1 = o % d1
+    return o // d1, i1, i2, i3
 
 
 @cuda.jit(device=True, inline="always")

@@ -38,7 +38,7 @@ def _tiled_source(dtype, cfg):
         ws = cuda.shared.array(WS, nbt)
         zs = cuda.shared.array(ZS, nbt)
         tid = cuda.threadIdx.x
-        n, kg, ti, tj = _common.block_of(cuda.blockIdx.x, tiles_w, tiles_h, kgroups)
+        n, kg, ti, tj = _common.unravel(cuda.blockIdx.x, kgroups, tiles_h, tiles_w)
         p0 = ti * TPH
         q0 = tj * TPW
         k0 = kg * KB
@@ -114,12 +114,7 @@ def _direct_source(dtype, cfg):
         total = N * K * Hp * Wp
         for o in range(cuda.blockIdx.x * threads + cuda.threadIdx.x, total,
                        cuda.gridDim.x * threads):
-            q = o % Wp
-            r = o // Wp
-            p = r % Hp
-            r //= Hp
-            k = r % K
-            n = r // K
+            n, k, p, q = _common.unravel(o, K, Hp, Wp)
             best = zero
             where = 0
             first = True

@@ -50,7 +50,7 @@ def _render_tiled_source(dtype, cfg):
         ws = cuda.shared.array(WS, nbt)
         rs = cuda.shared.array(ZS, nbt)
         tid = cuda.threadIdx.x
-        n, cg, ti, tj = _common.block_of(cuda.blockIdx.x, tiles_w, tiles_h, cgroups)
+        n, cg, ti, tj = _common.unravel(cuda.blockIdx.x, cgroups, tiles_h, tiles_w)
         y0 = ti * TH
         x0 = tj * TW
         c0 = cg * CB
@@ -100,12 +100,7 @@ def _render_direct_source(dtype, cfg):
     def render_direct(u, w, r, N, K, C, Ho, Wo, H, W, kh, kw, ph, pw):
         for o in range(cuda.blockIdx.x * threads + cuda.threadIdx.x, N * C * H * W,
                        cuda.gridDim.x * threads):
-            x = o % W
-            t = o // W
-            y = t % H
-            t //= H
-            c = t % C
-            n = t // C
+            n, c, y, x = _common.unravel(o, C, H, W)
             acc = r[o]  # zero-filled
             for k in range(K):
                 for a in range(kh):

@@ -30,12 +30,7 @@ def _stats_source(dtype, cfg):
         how = Ho * Wo
         acc = zero
         if blk < nb:
-            b = blk % kw
-            t = blk // kw
-            a = t % kh
-            t //= kh
-            c = t % C
-            k = t // C
+            k, c, a, b = _common.unravel(blk, C, kh, kw)
             for e in range(tid, N * how, threads):
                 n = e // how
                 pos = e - n * how
@@ -88,10 +83,7 @@ def _gram_source(dtype, cfg):
         hw = H * W
         acc = zero
         for e in range(tid, N * hw, threads):
-            n = e // hw
-            pos = e - n * hw
-            y = pos // W
-            x = pos - y * W
+            n, y, x = _common.split(e, hw, W)
             i1 = y + ph - a1
             j1 = x + pw - b1
             i2 = y + ph - a2
