@@ -5,9 +5,9 @@ inputs come from ``scenarios``)."""
 import numpy as np
 
 import naive
+import runners
 from scenarios import latents, pair, plane_of, random_layer
 
-HOST_BACKENDS = ["numpy", "cpu"]
 DTYPES = [np.float32, np.float64]
 
 
@@ -183,9 +183,8 @@ def check_match_nan_and_inf(match, rng, dtype, leak, size=9):
 
 
 def host_runner(backend):
-    from fastdrmm import ops
-
-    return lambda name, *args, **kwargs: getattr(ops, name)(*args, backend=backend, **kwargs)
+    """The ``run`` of a host backend (runners.runner, the adapter of the ``run`` fixture)."""
+    return runners.runner(backend)
 
 
 def check_unpool_and_render(run, dtype, geom, code, idx, templates, switches):

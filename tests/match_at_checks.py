@@ -6,9 +6,9 @@ inputs come from ``scenarios``."""
 
 import numpy as np
 
+import naive
 from checks import tol
-from naive import match_at as naive_match_at
-from scenarios import ROW_SHAPES, SWITCH_KINDS, latents, switches_of  # noqa: F401
+from scenarios import latents, switches_of
 
 
 def check_match_at(run, dtype, x, templates, idx, padding, switches):
@@ -16,7 +16,7 @@ def check_match_at(run, dtype, x, templates, idx, padding, switches):
     got = run("match_at", x, templates, idx, padding=padding, switches=switches)
     assert got.shape == idx.shape and got.dtype == dtype
     rtol, atol = tol(dtype)
-    want = naive_match_at(x, templates, idx, padding, switches)
+    want = naive.match_at(x, templates, idx, padding, switches)
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * 10)
     if switches is not None:
         off = np.asarray(switches) == 0

@@ -14,10 +14,6 @@ from checks import (DTYPES, assert_pooling_matches, assert_same_non_finite, chec
 from fastdrmm import ops
 from scenarios import LAYER_CASES, MATCH_GEOMETRIES, layer_of, random_layer
 
-# for test_numba_cuda.py and test_cuda_c.py until they import it from scenarios
-GEOMETRIES = MATCH_GEOMETRIES
-
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", MATCH_GEOMETRIES)

@@ -12,10 +12,6 @@ from fastdrmm import ops
 from scenarios import (CONV_GEOMETRIES, GEMM_GEOMETRIES, RENDER_GEOMETRIES, latents, plane_of,
                        poisoned_code)
 
-# for test_numba_cuda.py and test_cuda_c.py until they import these from scenarios
-GEOMETRIES = RENDER_GEOMETRIES
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geom", RENDER_GEOMETRIES)
 @pytest.mark.parametrize("use_switches", [False, True])
