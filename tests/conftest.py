@@ -55,7 +55,7 @@ def rng(request):
 def backend(request, monkeypatch):
     """The name of a backend to test, each in turn, ready to run (the CUDA harness registered,
     numba-cuda's launch settings small); skips where it is unavailable. A test narrows the
-    list with ``@pytest.mark.parametrize("backend", runners.HOST, indirect=True)``."""
+    list with ``@runners.only(runners.HOST)``."""
     reason = runners.unavailable(request.param)
     if reason:
         pytest.skip(reason)
