@@ -1,8 +1,9 @@
 """fastdrmm: fast, faithful inference and EM training of the Deep Rendering Mixture Model.
 
-Public names: ``ops`` (the four fused ops), ``RMM`` (the shallow model), ``DRMM`` and
+Public names: ``ops`` (the five ops), ``RMM`` (the shallow model), ``DRMM`` and
 ``Layer`` (the deep model and its layers; ``PRESETS``), ``load`` (a saved model),
-``set_backend`` and ``get_backend`` (the default kernel backend), ``datasets``
+``set_backend`` and ``get_backend`` (the default kernel backend), ``register_backend`` (add a
+kernel backend, or stand in for one), ``datasets``
 (``load_mnist``, ``load_digits``) and ``io`` (the versioned, atomic on-disk array format).
 
 The names are imported on first use (PEP 562): ``import fastdrmm`` itself loads neither
@@ -20,11 +21,12 @@ _LAZY = {
     "ops": None, "datasets": None, "io": None,
     "RMM": ".rmm", "DRMM": ".drmm", "Layer": ".layers", "PRESETS": ".layers",
     "load": "._persistence", "set_backend": "._backends", "get_backend": "._backends",
+    "register_backend": "._backends",
     "load_mnist": ".datasets", "load_digits": ".datasets",
 }
 
 __all__ = ["ops", "RMM", "DRMM", "Layer", "PRESETS", "load", "set_backend", "get_backend",
-           "datasets", "io", "load_mnist", "load_digits", "__version__"]
+           "register_backend", "datasets", "io", "load_mnist", "load_digits", "__version__"]
 
 
 def __getattr__(name):

@@ -264,6 +264,9 @@ class register:
         return f"register({self.name!r})"
 
 
+register_backend = register  # the public name (``fastdrmm.register_backend``)
+
+
 def device_unavailable_reason(name):
     """Why the GPU backend ``name`` cannot run on this machine, as a short phrase ("the
     package 'cupy' is not installed (...)", "no CUDA GPU is usable on this machine (...)"),
