@@ -200,6 +200,15 @@ def test_register_adds_a_backend_for_a_block():
         ops.match_switch_pool(X, W, B, backend="recorder")
 
 
+def test_register_backend_is_the_public_plug_in_point():
+    recorder = Recorder()
+    assert "register_backend" in fastdrmm.__all__
+    with fastdrmm.register_backend("recorder", recorder):
+        ops.unpool(np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int32), (3, 3),
+                   backend="recorder")
+    assert recorder.calls == ["unpool"] and "recorder" not in _backends.BACKENDS
+
+
 def test_register_as_a_call_holds_until_undone():
     registration = _backends.register("recorder", Recorder())
     try:
