@@ -9,7 +9,7 @@ from cpu_algorithms import force
 from fastdrmm import ops
 from fastdrmm._validation import match_geometry
 from fastdrmm.kernels.cpu import matching, pooled_rows
-from fastdrmm.kernels.cpu._common import lanes
+from fastdrmm.kernels.cpu._vector import lanes
 
 
 def both_kernels(monkeypatch, x, templates, bias, padding, leak):

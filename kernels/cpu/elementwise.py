@@ -16,7 +16,7 @@ from numba.extending import intrinsic
 
 from .. import buffers
 from ._partition import PARALLEL, chunk_bounds
-from ._vector import array_data, counted_loop
+from ._vector import I1, I64, counted_loop, vector_helpers
 
 __all__ = ["sum_squares", "negative_sum_squares", "index_range", "step_mask",
            "mask_add_negative", "count_nonzero", "adam_update"]
@@ -42,23 +42,20 @@ def _square_lanes(typingctx, part, body, negative_only, acc):
     sig = types.void(part, body, negative_only, acc)
 
     def codegen(context, builder, signature, args):
-        part_, body_, neg_, acc_ = args
-        aty = signature.args
+        # eight float64 lanes whatever the input's dtype
+        k = vector_helpers(context, builder, types.float64, signature, args, vl=8)
         dt = part.dtype
         elt = context.get_data_type(dt)  # as stored: a bool is a byte
-        f64 = ir.DoubleType()
-        i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
-        vin, vty = ir.VectorType(elt, 8), ir.VectorType(f64, 8)
+        f64, vty = k.elt, k.vty
+        vin = ir.VectorType(elt, 8)
         size = context.get_abi_sizeof(elt)
-        body_ = context.cast(builder, body_, aty[1], types.int64)
-        neg_ = context.cast(builder, neg_, aty[2], types.boolean)
-        neg_ = builder.trunc(neg_, i1) if neg_.type != i1 else neg_
-        pp = array_data(context, builder, aty[0], part_)
-        ap = builder.bitcast(array_data(context, builder, aty[3], acc_), vty.as_pointer())
-        zero = ir.Constant(vty, [0.0] * 8)
-        undef = ir.Constant(ir.VectorType(i1, 8), ir.Undefined)
-        negv = builder.shuffle_vector(builder.insert_element(undef, neg_, i32(0)), undef,
-                                      ir.Constant(ir.VectorType(i32, 8), [0] * 8))
+        body_ = k.int64("body")
+        neg_ = k.arg("negative_only", types.boolean)
+        neg_ = builder.trunc(neg_, I1) if neg_.type != I1 else neg_
+        pp, acc_ = k.data("part", "acc")
+        ap = builder.bitcast(acc_, vty.as_pointer())
+        zero = k.zero
+        negv = k.splat(neg_)
         def step(i, carried):
             v = builder.load(builder.bitcast(builder.gep(pp, [i], inbounds=True),
                                              vin.as_pointer()), align=size)
@@ -74,7 +71,7 @@ def _square_lanes(typingctx, part, body, negative_only, acc):
             v = builder.select(drop, zero, v)
             return [builder.fadd(carried[0], builder.fmul(v, v))]
 
-        (s,), _ = counted_loop(builder, "squares", i64(0), body_, 8, [zero], step)
+        (s,), _ = counted_loop(builder, "squares", I64(0), body_, 8, [zero], step)
         builder.store(s, ap, align=8)
         return context.get_dummy_value()
 

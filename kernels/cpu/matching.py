@@ -150,15 +150,11 @@ def plan_match_switch_pool(x, templates, bias, geometry):
     return _plan_exact(x, geometry)
 
 
-_POOLED_ROWS = None  # None: where pooled_rows.applies; True: any 2x2/2 pooling; False: off
-
-
 def _plan_exact(x, geometry):
     """"pooled_rows" where ``pooled_rows.applies`` (2x2 windows at stride 2, few channels,
     full vectors of pooled columns), else "direct": the same bits either way."""
-    if x.shape[0] and _POOLED_ROWS is not False and pooled_rows.applies(
-            x.shape[1], geometry.pool, geometry.stride, geometry.pooled[1], x.dtype,
-            any_shape=bool(_POOLED_ROWS)):
+    if x.shape[0] and pooled_rows.applies(x.shape[1], geometry.pool, geometry.stride,
+                                          geometry.pooled[1], x.dtype):
         return "pooled_rows"
     return "direct"
 

@@ -33,15 +33,13 @@ the pooled row's vectors in use.
 
 from __future__ import annotations
 
-import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import buffers
 from ._partition import PARALLEL, chunk_bounds, num_chunks, vector_empty, vector_zeros
-from ._vector import VBYTES, array_data, counted_loop, lanes, vector_helpers
+from ._vector import I32, I64, VBYTES, counted_loop, lanes, literal_int, vector_helpers
 
 __all__ = ["applies", "match_switch_pool"]
 
@@ -75,79 +73,46 @@ def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, 
     ``xs``, ``w``, ``bias`` and ``h`` share a float dtype; ``toff`` is int64, ``idx`` int32;
     ``NT`` is a compile-time constant. No bounds checks.
     """
-    if not isinstance(NT_, types.IntegerLiteral):
-        return None
-    nt = NT_.literal_value
+    nt = literal_int("pool2_tile", "NT_", NT_, "it sets how many templates of accumulators "
+                     "the tile holds in registers")
     dt = xs.dtype
     sig = types.void(xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, hofs, hstride, idx,
                      flat0, wo, NT_)
 
     def codegen(context, builder, signature, args):
-        (xs_, xbase_, toff_, ntaps_, w_, wofs_, b_, bofs_, leak_, h_, hofs_, hstr_, idx_,
-         flat0_, wo_, _) = args
-        aty = signature.args
-        k = vector_helpers(context, builder, dt)
-        vty, vload, vstore, splat = k.vty, k.vload, k.vstore, k.splat
-        vl = vty.count
-        size = context.get_abi_sizeof(vty.element)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        ity = ir.VectorType(i32, vl)
-
-        def as_i64(val, ty):
-            return context.cast(builder, val, ty, types.int64)
-
-        xbase_, ntaps_ = as_i64(xbase_, aty[1]), as_i64(ntaps_, aty[3])
-        wofs_, bofs_ = as_i64(wofs_, aty[5]), as_i64(bofs_, aty[7])
-        hofs_, hstr_ = as_i64(hofs_, aty[10]), as_i64(hstr_, aty[11])
-        flat0_ = context.cast(builder, flat0_, aty[13], types.int32)
-        wo_ = context.cast(builder, wo_, aty[14], types.int32)
-        leak_ = context.cast(builder, leak_, aty[8], dt)
-        xp = array_data(context, builder, aty[0], xs_)
-        tp = array_data(context, builder, aty[2], toff_)
-        wp_ = array_data(context, builder, aty[4], w_)
-        bp = array_data(context, builder, aty[6], b_)
-        hp_ = array_data(context, builder, aty[9], h_)
-        ip = array_data(context, builder, aty[12], idx_)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             "llvm.fmuladd.v%df%d" % (vl, 8 * size))
-        init = [splat(builder.load(builder.gep(bp, [builder.add(bofs_, i64(j))],
-                                               inbounds=True))) for j in range(nt)]
+        k = vector_helpers(context, builder, dt, signature, args)
+        vl = k.vl
+        xbase_, ntaps_, wofs_, bofs_, hofs_, hstr_ = k.int64("xbase", "ntaps", "wofs", "bofs",
+                                                             "hofs", "hstride")
+        flat0_, wo_ = k.arg("flat0", types.int32), k.arg("wo", types.int32)
+        switch = k.switch(k.arg("leak", dt))
+        xp, tp, wp_, bp, hp_, ip = k.data("xs", "toff", "w", "bias", "h", "idx")
+        init = [k.splat(k.load(bp, builder.add(bofs_, I64(j)))) for j in range(nt)]
 
         def step(t, accs):
-            t4 = builder.mul(t, i64(4))
-            xv = []
-            for e in range(4):
-                off = builder.load(builder.gep(tp, [builder.add(t4, i64(e))], inbounds=True))
-                xv.append(vload(xp, builder.add(xbase_, off)))
-            wrow = builder.add(wofs_, builder.mul(t, i64(nt)))
+            t4 = builder.mul(t, I64(4))
+            xv = [k.vload(xp, builder.add(xbase_, k.load(tp, builder.add(t4, I64(e)))))
+                  for e in range(4)]
+            wrow = builder.add(wofs_, builder.mul(t, I64(nt)))
             new = []
             for j in range(nt):
-                wv = splat(builder.load(builder.gep(wp_, [builder.add(wrow, i64(j))],
-                                                    inbounds=True)))
+                wv = k.splat(k.load(wp_, builder.add(wrow, I64(j))))
                 for e in range(4):
-                    new.append(builder.call(fma, [wv, xv[e], accs[4 * j + e]]))
+                    new.append(k.fmuladd(wv, xv[e], accs[4 * j + e]))
             return new
 
-        accs, _ = counted_loop(builder, "p2", i64(0), ntaps_, 1,
+        accs, _ = counted_loop(builder, "p2", I64(0), ntaps_, 1,
                                [v for v in init for _e in range(4)], step)
-        zero = ir.Constant(vty, [0.0] * vl)
-        leakv = splat(leak_)
-        leak_zero = builder.fcmp_ordered("==", leak_, ir.Constant(leak_.type, 0.0))
-        lane2 = ir.Constant(ity, [2 * l for l in range(vl)])
-        base = builder.add(splat_int(builder, flat0_, ity), lane2)
+        base = builder.add(k.splat(flat0_), k.mask([2 * l for l in range(vl)]))
         flats = []
         for r in range(2):
             for s in range(2):
-                shift = builder.add(builder.mul(wo_, i32(r)), i32(s))
-                flats.append(builder.add(base, splat_int(builder, shift, ity)))
+                shift = builder.add(builder.mul(wo_, I32(r)), I32(s))
+                flats.append(builder.add(base, k.splat(shift)))
         for j in range(nt):
             best = arg = None
             for e in range(4):
-                z = accs[4 * j + e]
-                keep = builder.or_(builder.fcmp_ordered(">", z, zero),
-                                   builder.fcmp_unordered("uno", z, z))
-                other = builder.select(leak_zero, zero, builder.fmul(z, leakv))
-                v = builder.select(keep, z, other)
+                v = switch(accs[4 * j + e])
                 if best is None:
                     best, arg = v, flats[e]
                     continue
@@ -156,20 +121,12 @@ def pool2_tile(typingctx, xs, xbase, toff, ntaps, w, wofs, bias, bofs, leak, h, 
                                                 builder.fcmp_unordered("uno", v, v)))
                 best = builder.select(take, v, best)
                 arg = builder.select(take, flats[e], arg)
-            at = builder.add(hofs_, builder.mul(hstr_, i64(j)))
-            vstore(best, hp_, at)
-            builder.store(arg, builder.bitcast(builder.gep(ip, [at], inbounds=True),
-                                               ity.as_pointer()), align=4)
+            at = builder.add(hofs_, builder.mul(hstr_, I64(j)))
+            k.vstore(best, hp_, at)
+            k.vstore(arg, ip, at)
 
     return sig, codegen
 
-
-def splat_int(builder, val, ity):
-    """(IR) ``val`` in every lane of the integer vector type ``ity``."""
-    undef = ir.Constant(ity, ir.Undefined)
-    i32 = ir.IntType(32)
-    return builder.shuffle_vector(builder.insert_element(undef, val, i32(0)), undef,
-                                  ir.Constant(ity, [0] * ity.count))
 
 
 @njit(inline="always")

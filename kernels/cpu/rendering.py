@@ -316,11 +316,6 @@ def _render_conv(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
                         ph, pw, kh, kw, ww, num_chunks(n), r.reshape(n, c, hh * ww))
 
 
-_GEMM = None  # None: pick by cost; True/False: force the GEMM path on or off (tests)
-_DOTS = None  # None: by the channel count; True/False: force the dot-product path (tests)
-_WINOGRAD = None  # None: by the plan; True/False: force on (3x3 only) or off (tests)
-
-
 def plan_render(code, idx, templates, geometry, switches):
     """The algorithm the automatic choice takes: "winograd" where ``_winograd_pays``, else
     ``_plan_exact``'s."""
@@ -339,17 +334,14 @@ def _winograd_pays(code, templates, geometry):
     A pooled code's other path scatters unit by unit and is slower per product (l3: 10.3 vs
     15.1 ms).
     """
-    padding = geometry.padding
-    if code.shape[0] == 0 or _WINOGRAD is False:
+    if code.shape[0] == 0 or not winograd.AUTO:
         return False
-    if _WINOGRAD:
-        return winograd.render_applies(templates, padding, any_size=True)
     hh, ww = geometry.input
     units = code.shape[2] * code.shape[3]
     ho, wo = geometry.plane
     blocks = -(-hh // 2) * -(-ww // 2)
     cheaper = units < ho * wo or blocks * 16 <= 0.9 * units * 9
-    return winograd.AUTO and cheaper and winograd.render_applies(templates, padding)
+    return cheaper and winograd.render_applies(templates, geometry.padding)
 
 
 def _plan_exact(code, templates, geometry):
@@ -363,7 +355,7 @@ def _plan_exact(code, templates, geometry):
     w_finite = bool(np.isfinite(templates).all())
     # few output channels: dot products over the templates (vectors over C or kw*C would be
     # mostly empty; measured at N = 256, C = 1, 5x5: 15.5 -> 4.5 ms; C = 3, 3x3: 31 -> 12 ms)
-    if _DOTS if _DOTS is not None else (w_finite and c < vl and _GEMM is None):
+    if w_finite and c < vl:
         return "dots"
     # dense correlation (every plane position, SIMD over output channels) or scatter from the
     # non-zero units (SIMD over kw*C): pick the cheaper
@@ -371,7 +363,7 @@ def _plan_exact(code, templates, geometry):
     scatter = count_nonzero(code) * kh * -(-(kw * c) // vl)
     # the GEMM path: every plane position with every tap (no border, exact for any values)
     gemm = n * ho * wo * kh * kw * k * -(-c // vl) * _DENSE_VS_SCATTER
-    if _GEMM if _GEMM is not None else gemm < min(scatter, dense if w_finite else np.inf):
+    if gemm < min(scatter, dense if w_finite else np.inf):
         return "gemm"
     if w_finite and dense < scatter:
         return "conv"

@@ -330,11 +330,6 @@ def _bs_kvec(x, code, idx, sw, use_sw, kh, kw, ph, pw, ho, wo, nch):
     return bpart, spart, kpad, ntap_pad
 
 
-_GEMM = None  # None: pick by cost; True/False: force the GEMM path on or off (tests)
-_KVEC = None  # None: pick by cost; True/False: force the k-vector path on or off (tests)
-_WINOGRAD = None  # None: by the plan; True/False: force on (3x3 only) or off (tests)
-
-
 def plan_template_stats(x, code, idx, geometry, switches):
     """The algorithm of B and s the automatic choice takes: "winograd" where
     ``_winograd_pays``, else ``_plan_exact``'s."""
@@ -347,11 +342,7 @@ def _winograd_pays(x, code, geometry, switches):
     """B and s by Winograd on unpooled 3x3 layers with >= 16 channels and templates. On
     pooled layers the sparse kernel wins (it skips the 3/4 zero units: measured l3 11.2 vs
     15.4 ms, c128 46 vs 59 ms), on unpooled ones Winograd (l2 8.8 vs 11.6, l4 6.2 vs 8.4)."""
-    if _WINOGRAD is False or tuple(geometry.kernel) != (3, 3) or x.shape[0] == 0:
-        return False
-    if _WINOGRAD:
-        return True
-    if not winograd.AUTO:
+    if not winograd.AUTO or tuple(geometry.kernel) != (3, 3) or x.shape[0] == 0:
         return False
     ho, wo = geometry.plane
     dense = code.shape[2] * code.shape[3] == ho * wo
@@ -369,10 +360,8 @@ def _plan_exact(x, code, geometry):
     vl = lanes(x.dtype)
     # few channels: vectors over the templates (over kw*C or C they would be mostly empty;
     # measured C = 1 / 3 / 8: 2.3x / 2.2x / 1.8x faster than either, even at C = 16)
-    if _KVEC if _KVEC is not None else (c < vl and _GEMM is None):
+    if c < vl:
         return "kvec"
-    if _GEMM is not None:
-        return "gemm" if _GEMM else "sparse"
     # sparse: one vector FMA per unit, row and vector of kw*C; GEMM: every plane position
     # with every tap, templates padded to whole tiles, measured ~3x cheaper per FMA
     sparse = count_nonzero(code) * kh * -(-(kw * c) // vl)

@@ -59,7 +59,8 @@ a block share one L1 set), and the micro-kernel runs on gemm_tile's tile sizes.
 Modules: the transforms and channel-last copies are in ``winograd_transforms``, the accuracy
 screen and the direct recomputation of what it flags in ``winograd_screen``; this module
 holds the kernel, its work plan and the three ops' entries (each returns flags of the samples
-its caller redoes with an exact kernel).
+its caller redoes with an exact kernel). The kernel inlines the transforms: Numba's cache of
+it sees changes to this file only, so clear its cache files after editing those.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ only where x and the code keep one sign, where B cannot cancel), else the exact 
 
 from __future__ import annotations
 
-import llvmlite.ir as ir
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -36,7 +37,7 @@ from ._microkernels import GPIX, PIX_MAX, gemm_tile
 from ._partition import PARALLEL, chunk_bounds, vector_empty, vector_zeros
 from ._tiles import channel_blocks
 from ._units import unpool
-from ._vector import array_data, lanes, vector_helpers
+from ._vector import I64, lanes, vector_helpers
 from .winograd import saves_products
 from .winograd_transforms import any_non_finite, code_in, input_in, transform_blocks
 
@@ -66,19 +67,11 @@ def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
     sig = types.boolean(cb, base, cs, rs, w, wofs, ws)
 
     def codegen(context, builder, signature, args):
-        cb_, base_, cs_, rs_, w_, wofs_, ws_ = args
-        aty = signature.args
-        k = vector_helpers(context, builder, cb.dtype)
-        vload, vstore = k.vload, k.vstore
-        i64 = ir.IntType(64)
-        base_, cs_, rs_, wofs_, ws_ = (
-            context.cast(builder, a, t, types.int64)
-            for a, t in ((base_, aty[1]), (cs_, aty[2]), (rs_, aty[3]), (wofs_, aty[5]),
-                         (ws_, aty[6])))
-        cptr = array_data(context, builder, aty[0], cb_)
-        wptr = array_data(context, builder, aty[4], w_)
-        dy = [[vload(cptr, builder.add(base_, builder.add(builder.mul(rs_, i64(i)),
-                                                          builder.mul(cs_, i64(j)))))
+        k = vector_helpers(context, builder, cb.dtype, signature, args)
+        base_, cs_, rs_, wofs_, ws_ = k.int64("base", "cs", "rs", "wofs", "ws")
+        cptr, wptr = k.data("cb", "w")
+        dy = [[k.vload(cptr, builder.add(base_, builder.add(builder.mul(rs_, I64(i)),
+                                                            builder.mul(cs_, I64(j)))))
                for j in range(2)] for i in range(2)]
 
         def a_times(a0, a1):  # A applied to a column (or A^T from the right to a row)
@@ -89,16 +82,50 @@ def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
         for a in range(4):
             row = a_times(cols[0][a], cols[1][a])
             for b in range(4):
-                vstore(row[b], wptr, builder.add(wofs_, builder.mul(ws_, i64(4 * a + b))))
+                k.vstore(row[b], wptr, builder.add(wofs_, builder.mul(ws_, I64(4 * a + b))))
             out.extend(row)
         return any_non_finite(builder, out)
 
     return sig, codegen
 
 
+class Code(NamedTuple):
+    """The code, its positions and switches (if ``use_sw``), flat; ``dense``: one unit per
+    plane position; plane position f goes to ``cplace[f]`` of the channel-last code
+    buffer."""
+    codef: np.ndarray
+    indf: np.ndarray
+    swf: np.ndarray
+    use_sw: bool
+    dense: bool
+    cplace: np.ndarray
+
+
+class Layout(NamedTuple):
+    """Sizes of one call: plane positions, the tile grid (th, tw), the padded channel-last
+    input (hrow x wrow x cpad), the code buffer's columns (ccol) and templates (kpad), lanes,
+    samples per product group, chunks."""
+    plane: int
+    th: int
+    tw: int
+    hrow: int
+    wrow: int
+    ccol: int
+    cpad: int
+    kpad: int
+    vl: int
+    spi: int
+    nchunks: int
+
+
 @njit(parallel=PARALLEL, cache=True)
-def _bs_kernel(x, xf, xplace, codef, indf, swf, use_sw, dense, cplace, plane, th, tw, hrow, wrow,
-               ccol, cpad, kpad, blk_c0, blk_nv, vl, spi, nchunks, mpart, spart, redo):
+def _bs_kernel(x, xf, xplace, code, layout, blk_c0, blk_nv, mpart, spart, redo):
+    """Partial M and s per chunk of samples (``mpart``, ``spart``) of the input x (flat in
+    ``xf``, channel-last places ``xplace``) and the ``code`` (a ``Code``), sizes ``layout``
+    (a ``Layout``); ``redo[n]`` = 1 flags a sample left out (a non-finite value, or a dense
+    code whose positions are not the identity)."""
+    codef, indf, swf, use_sw, dense, cplace = code
+    plane, th, tw, hrow, wrow, ccol, cpad, kpad, vl, spi, nchunks = layout
     n_, c_ = x.shape[:2]
     k_ = spart.shape[1]
     tiles = th * tw
@@ -250,8 +277,9 @@ def template_stats_bs(x, code, idx, geometry, switches):
     xf = np.ascontiguousarray(x).reshape(-1)
     rows, cols = np.divmod(np.arange(hh * ww, dtype=np.int64), ww)
     xplace = ((rows + ph) * wrow + pw + cols) * cpad
-    _bs_kernel(x, xf, xplace, codef, indf, swf, use_sw, dense, cplace, ho * wo, th, tw, hrow, wrow,
-               ccol, cpad, kpad, c0, nv, vl, spi, nchunks, mpart, spart, redo)
+    _bs_kernel(x, xf, xplace, Code(codef, indf, swf, use_sw, dense, cplace),
+               Layout(ho * wo, th, tw, hrow, wrow, ccol, cpad, kpad, vl, spi, nchunks), c0, nv,
+               mpart, spart, redo)
     big_b = buffers.empty((k, c, 3, 3), dtype)
     s = np.empty(k, dtype=dtype)
     _finish(mpart, spart, big_b, s)

@@ -22,9 +22,9 @@ from numba.extending import intrinsic
 from .. import buffers
 from ._partition import PARALLEL, chunk_bounds
 from ._tiles import channel_blocks
-from ._vector import array_data, transpose_block, vector_helpers
+from ._vector import I1, I32, I64, literal_int, transpose_block, vector_helpers
 
-__all__ = ["transformed_templates", "any_non_finite", "input_transform", "transpose_in",
+__all__ = ["transformed_templates", "any_non_finite", "any_lane", "input_transform", "transpose_in",
            "output_transform", "transform_blocks", "input_in", "code_in"]
 
 _TRANSFORM_CHUNKS = 8  # template transform: work chunks (scratch each)
@@ -106,8 +106,13 @@ def any_non_finite(builder, vectors):
     for val in vectors:
         ne = builder.fcmp_unordered("!=", builder.fsub(val, val), zero)
         bad = ne if bad is None else builder.or_(bad, ne)
-    mask = builder.bitcast(bad, ir.IntType(vty.count))
-    return builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(vty.count), 0))
+    return any_lane(builder, bad)
+
+
+def any_lane(builder, flags):
+    """(IR) An i1: whether any lane of the i1 vector ``flags`` is set."""
+    mask = builder.bitcast(flags, ir.IntType(flags.type.count))
+    return builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(flags.type.count), 0))
 
 
 @intrinsic(prefer_literal=True)
@@ -122,25 +127,16 @@ def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs, CHECK):
     some V with a coefficient +-1, so a non-finite d always shows), else False. No bounds
     checks.
     """
-    if not isinstance(CHECK, types.IntegerLiteral):
-        return None
-    check = bool(CHECK.literal_value)
+    check = bool(literal_int("input_transform", "CHECK", CHECK,
+                             "it decides whether the non-finite test is emitted"))
     sig = types.boolean(xp, base, cs, rs, v, vofs, vs, CHECK)
 
     def codegen(context, builder, signature, args):
-        xp_, base_, cs_, rs_, v_, vofs_, vs_, _ = args
-        aty = signature.args
-        k = vector_helpers(context, builder, xp.dtype)
-        vload, vstore = k.vload, k.vstore
-        i64 = ir.IntType(64)
-        base_, cs_, rs_ = (context.cast(builder, a, t, types.int64)
-                           for a, t in ((base_, aty[1]), (cs_, aty[2]), (rs_, aty[3])))
-        vofs_, vs_ = (context.cast(builder, a, t, types.int64)
-                      for a, t in ((vofs_, aty[5]), (vs_, aty[6])))
-        xptr = array_data(context, builder, aty[0], xp_)
-        vptr = array_data(context, builder, aty[4], v_)
-        d = [[vload(xptr, builder.add(base_, builder.add(builder.mul(rs_, i64(i)),
-                                                         builder.mul(cs_, i64(j)))))
+        k = vector_helpers(context, builder, xp.dtype, signature, args)
+        base_, cs_, rs_, vofs_, vs_ = k.int64("base", "cs", "rs", "vofs", "vs")
+        xptr, vptr = k.data("xp", "v")
+        d = [[k.vload(xptr, builder.add(base_, builder.add(builder.mul(rs_, I64(i)),
+                                                           builder.mul(cs_, I64(j)))))
               for j in range(4)] for i in range(4)]
         sub, add = builder.fsub, builder.fadd
 
@@ -152,9 +148,9 @@ def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs, CHECK):
         for i in range(4):
             row = bt(*(cols[j][i] for j in range(4)))
             for j in range(4):
-                vstore(row[j], vptr, builder.add(vofs_, builder.mul(vs_, i64(4 * i + j))))
+                k.vstore(row[j], vptr, builder.add(vofs_, builder.mul(vs_, I64(4 * i + j))))
             out.extend(row)
-        return any_non_finite(builder, out) if check else ir.Constant(ir.IntType(1), 0)
+        return any_non_finite(builder, out) if check else I1(0)
 
     return sig, codegen
 
@@ -174,54 +170,33 @@ def transpose_in(typingctx, src, sofs, sstride, sw, ind, f0, dst, place, c0, USE
     int64; ``USE_SW`` and ``CHECK`` are compile-time constants (without them ``sw`` and
     ``ind`` are not read). No bounds checks.
     """
-    if not isinstance(USE_SW, types.IntegerLiteral) or not isinstance(CHECK, types.IntegerLiteral):
-        return None
-    use_sw = bool(USE_SW.literal_value)
-    check = bool(CHECK.literal_value)
+    use_sw = bool(literal_int("transpose_in", "USE_SW", USE_SW,
+                              "it decides whether the switches are read"))
+    check = bool(literal_int("transpose_in", "CHECK", CHECK,
+                             "it decides whether the positions are checked"))
     sig = types.boolean(src, sofs, sstride, sw, ind, f0, dst, place, c0, USE_SW, CHECK)
 
     def codegen(context, builder, signature, args):
-        src_, sofs_, sstr_, sw_, ind_, f0_, dst_, place_, c0_, _, _ = args
-        aty = signature.args
-        k = vector_helpers(context, builder, src.dtype)
-        vty, vload, vstore = k.vty, k.vload, k.vstore
-        vl = vty.count
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        ity = ir.VectorType(i32, vl)
-        sofs_, sstr_, f0_, c0_ = (context.cast(builder, a, t, types.int64) for a, t in
-                                  ((sofs_, aty[1]), (sstr_, aty[2]), (f0_, aty[5]),
-                                   (c0_, aty[8])))
-        sp = array_data(context, builder, aty[0], src_)
-        wp = array_data(context, builder, aty[3], sw_)
-        ip = array_data(context, builder, aty[4], ind_)
-        dp = array_data(context, builder, aty[6], dst_)
-        pp = array_data(context, builder, aty[7], place_)
-        f0v = builder.trunc(f0_, i32)
-        undef = ir.Constant(ity, ir.Undefined)
-        want = builder.add(builder.shuffle_vector(builder.insert_element(undef, f0v, i32(0)),
-                                                  undef, ir.Constant(ity, [0] * vl)),
-                           ir.Constant(ity, list(range(vl))))
+        k = vector_helpers(context, builder, src.dtype, signature, args)
+        vl = k.vl
+        sofs_, sstr_, f0_, c0_ = k.int64("sofs", "sstride", "f0", "c0")
+        sp, wp, ip, dp, pp = k.data("src", "sw", "ind", "dst", "place")
+        want = builder.add(k.splat(builder.trunc(f0_, I32)), k.mask(range(vl)))
         rows, bad = [], None
         for i in range(vl):
-            at = builder.add(sofs_, builder.mul(sstr_, i64(i)))
-            val = vload(sp, at)
+            at = builder.add(sofs_, builder.mul(sstr_, I64(i)))
+            val = k.vload(sp, at)
             if use_sw:
-                val = builder.fmul(val, vload(wp, at))
+                val = builder.fmul(val, k.vload(wp, at))
             rows.append(val)
             if not check:
                 continue
-            got = builder.load(builder.bitcast(builder.gep(ip, [at], inbounds=True),
-                                               ity.as_pointer()), align=4)
-            ne = builder.icmp_unsigned("!=", got, want)
+            ne = builder.icmp_unsigned("!=", k.vload(ip, at, k.ity), want)
             bad = ne if bad is None else builder.or_(bad, ne)
         rows = transpose_block(builder, rows, vl)
         for q in range(vl):
-            where = builder.load(builder.gep(pp, [builder.add(f0_, i64(q))], inbounds=True))
-            vstore(rows[q], dp, builder.add(where, c0_))
-        if not check:
-            return ir.Constant(ir.IntType(1), 0)
-        mask = builder.bitcast(bad, ir.IntType(vl))
-        return builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(vl), 0))
+            k.vstore(rows[q], dp, builder.add(k.load(pp, builder.add(f0_, I64(q))), c0_))
+        return any_lane(builder, bad) if check else I1(0)
 
     return sig, codegen
 
@@ -240,21 +215,12 @@ def output_transform(typingctx, mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o1
     sig = types.boolean(mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o10, o11)
 
     def codegen(context, builder, signature, args):
-        mb_, mofs_, ms_, b_, bofs_, leak_, zb_, *outs = args
-        aty = signature.args
-        dt = mb.dtype
-        k = vector_helpers(context, builder, dt)
-        vty, vload, vstore, splat = k.vty, k.vload, k.vstore, k.splat
-        i64 = ir.IntType(64)
-        mofs_, ms_ = (context.cast(builder, a, t, types.int64)
-                      for a, t in ((mofs_, aty[1]), (ms_, aty[2])))
-        bofs_ = context.cast(builder, bofs_, aty[4], types.int64)
-        outs = [context.cast(builder, o, t, types.int64) for o, t in zip(outs, aty[7:])]
-        leak_ = context.cast(builder, leak_, aty[5], dt)
-        mptr = array_data(context, builder, aty[0], mb_)
-        bptr = array_data(context, builder, aty[3], b_)
-        zptr = array_data(context, builder, aty[6], zb_)
-        m = [[vload(mptr, builder.add(mofs_, builder.mul(ms_, i64(4 * i + j))))
+        k = vector_helpers(context, builder, mb.dtype, signature, args)
+        mofs_, ms_, bofs_ = k.int64("mofs", "ms", "bofs")
+        outs = k.int64("o00", "o01", "o10", "o11")
+        switch = k.switch(k.arg("leak", mb.dtype))
+        mptr, bptr, zptr = k.data("mb", "bias", "zb")
+        m = [[k.vload(mptr, builder.add(mofs_, builder.mul(ms_, I64(4 * i + j))))
               for j in range(4)] for i in range(4)]
         sub, add = builder.fsub, builder.fadd
 
@@ -262,24 +228,17 @@ def output_transform(typingctx, mb, mofs, ms, bias, bofs, leak, zb, o00, o01, o1
             return add(add(a0, a1), a2), sub(sub(a1, a2), a3)
 
         cols = [at(m[0][j], m[1][j], m[2][j], m[3][j]) for j in range(4)]  # cols[j][a]
-        bv = vload(bptr, bofs_)
-        zero = ir.Constant(vty, [0.0] * vty.count)
-        leakv = splat(leak_)
-        leak_zero = builder.fcmp_ordered("==", leak_, ir.Constant(leak_.type, 0.0))
+        bv = k.vload(bptr, bofs_)
         zs = []
         for a in range(2):
             row = at(*(cols[j][a] for j in range(4)))
             for b in range(2):
                 z = add(row[b], bv)
                 zs.append(z)
-                keep = builder.or_(builder.fcmp_ordered(">", z, zero),
-                                   builder.fcmp_unordered("uno", z, z))
-                other = builder.select(leak_zero, zero, builder.fmul(z, leakv))
-                vstore(builder.select(keep, z, other), zptr, outs[2 * a + b])
+                k.vstore(switch(z), zptr, outs[2 * a + b])
         return any_non_finite(builder, zs)
 
     return sig, codegen
-
 
 
 @njit(inline="always")
