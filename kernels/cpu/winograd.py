@@ -60,7 +60,8 @@ Modules: the transforms and channel-last copies are in ``winograd_transforms``, 
 screen and the direct recomputation of what it flags in ``winograd_screen``; this module
 holds the kernel, its work plan and the three ops' entries (each returns flags of the samples
 its caller redoes with an exact kernel). The kernel inlines the transforms: Numba's cache of
-it sees changes to this file only, so clear its cache files after editing those.
+it sees changes to this file only, so clear its cache files after editing those
+(``winograd_transforms``).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ from ._tiles import channel_blocks
 from ._units import unpool
 from ._vector import I64, lanes, vector_helpers
 from .winograd import saves_products
-from .winograd_transforms import any_non_finite, code_in, input_in, transform_blocks
+from .winograd_transforms import (any_non_finite, code_in, input_in, load_block,
+                                  transform_blocks)
 
 __all__ = ["applies", "certified", "same_signs", "template_stats_bs"]
 
@@ -70,9 +71,7 @@ def code_transform(typingctx, cb, base, cs, rs, w, wofs, ws):
         k = vector_helpers(context, builder, cb.dtype, signature, args)
         base_, cs_, rs_, wofs_, ws_ = k.int64("base", "cs", "rs", "wofs", "ws")
         cptr, wptr = k.data("cb", "w")
-        dy = [[k.vload(cptr, builder.add(base_, builder.add(builder.mul(rs_, I64(i)),
-                                                            builder.mul(cs_, I64(j)))))
-               for j in range(2)] for i in range(2)]
+        dy = load_block(k, cptr, base_, rs_, cs_, 2)
 
         def a_times(a0, a1):  # A applied to a column (or A^T from the right to a row)
             return a0, builder.fadd(a0, a1), builder.fsub(a0, a1), builder.fneg(a1)

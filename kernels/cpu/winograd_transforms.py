@@ -24,8 +24,9 @@ from ._partition import PARALLEL, chunk_bounds
 from ._tiles import channel_blocks
 from ._vector import I1, I32, I64, literal_int, transpose_block, vector_helpers
 
-__all__ = ["transformed_templates", "any_non_finite", "any_lane", "input_transform", "transpose_in",
-           "output_transform", "transform_blocks", "input_in", "code_in"]
+__all__ = ["transformed_templates", "any_non_finite", "any_lane", "load_block",
+           "input_transform", "transpose_in", "output_transform", "transform_blocks", "input_in",
+           "code_in"]
 
 _TRANSFORM_CHUNKS = 8  # template transform: work chunks (scratch each)
 
@@ -109,6 +110,14 @@ def any_non_finite(builder, vectors):
     return any_lane(builder, bad)
 
 
+def load_block(k, ptr, base, rs, cs, n):
+    """(IR) The n x n block of vectors ``ptr[base + i*rs + j*cs]`` (row i, column j) of the
+    ``VectorIR`` ``k``'s dtype."""
+    b = k.builder
+    return [[k.vload(ptr, b.add(base, b.add(b.mul(rs, I64(i)), b.mul(cs, I64(j)))))
+             for j in range(n)] for i in range(n)]
+
+
 def any_lane(builder, flags):
     """(IR) An i1: whether any lane of the i1 vector ``flags`` is set."""
     mask = builder.bitcast(flags, ir.IntType(flags.type.count))
@@ -135,9 +144,7 @@ def input_transform(typingctx, xp, base, cs, rs, v, vofs, vs, CHECK):
         k = vector_helpers(context, builder, xp.dtype, signature, args)
         base_, cs_, rs_, vofs_, vs_ = k.int64("base", "cs", "rs", "vofs", "vs")
         xptr, vptr = k.data("xp", "v")
-        d = [[k.vload(xptr, builder.add(base_, builder.add(builder.mul(rs_, I64(i)),
-                                                           builder.mul(cs_, I64(j)))))
-              for j in range(4)] for i in range(4)]
+        d = load_block(k, xptr, base_, rs_, cs_, 4)
         sub, add = builder.fsub, builder.fadd
 
         def bt(a0, a1, a2, a3):  # B^T applied to a column (or B to a row)
