@@ -53,7 +53,7 @@ cancel), and a larger constant lets it pass ordinary data with a margin.
 The cpu backend's automatic choice takes the Winograd kernels only where ``winograd.AUTO`` is
 set (off: with the screen they no longer pay, see there), so by default every op meets the
 ``DIRECT`` constant; the table keeps the constants that hold whichever algorithm an op takes
-(whichever ``algorithm=`` a cpu op is given).
+(the one a cpu op is given by ``algorithm=`` included).
 """
 
 from __future__ import annotations
