@@ -75,7 +75,7 @@ def option_choices(constraints, default=None):
     choices = set()
     for constraint in map(make_constraint, constraints):
         if isinstance(constraint, StrOptions) and not getattr(constraint, "hidden", False):
-            choices |= constraint.options - constraint.deprecated
+            choices |= set(constraint.options) - set(constraint.deprecated)
     if not choices:
         raise ValueError(f"no string options among the constraints {constraints!r}")
     return sorted(choices, key=lambda choice: (choice != default, choice))

@@ -15,7 +15,8 @@ from numbers import Real
 import numpy as np
 from sklearn.utils._param_validation import StrOptions
 
-from ._inputs import RANDOM_STATE, Count, Number
+from . import _backends
+from ._inputs import NON_NEGATIVE, POSITIVE, RANDOM_STATE, Count, Number
 from ._optim import SCHEDULES
 
 __all__ = ["PARAMETER_CONSTRAINTS", "RESUMABLE", "DTYPES", "HOST_BACKENDS", "LOSS_WEIGHTS"]
@@ -31,31 +32,30 @@ LOSS_WEIGHTS = {"xent_weight": "xent", "reconstruction_weight": "reconstruction"
                 "kl_weight": "kl", "consistency_weight": "consistency"}
 
 # an interval open at an unbounded end refuses infinity too (a weight of inf is no weight)
-_NON_NEGATIVE = Number(Real, 0, None, closed="left")
-_POSITIVE = Number(Real, 0, None, closed="neither")
 _FRACTION = Number(Real, 0, 1, closed="both")
 
-#: what every setting may hold (``layers`` is resolved, with its own errors, after this)
+#: what every setting may hold (``layers`` is resolved, with its own errors, after this;
+#: a device ``backend`` gets its own hint first: see ``check_host_backend``)
 PARAMETER_CONSTRAINTS = {
-    "layers": [str, list, tuple],
+    "layers": "no_validation",  # resolve_layers checks it (any sequence of layers)
     "n_classes": [Count(2)],
     "algorithm": [StrOptions({"eg", "em"})],
     "max_iter": [Count(0)],
     "batch_size": [Count(1)],
-    "learning_rate": [_POSITIVE],
+    "learning_rate": [POSITIVE],
     "lr_schedule": [StrOptions(set(SCHEDULES))],
-    **{name: [_NON_NEGATIVE] for name in LOSS_WEIGHTS},
+    **{name: [NON_NEGATIVE] for name in LOSS_WEIGHTS},
     "translation": [Count(0)],
     # 1 would freeze the targets' model
     "teacher_decay": [Number(Real, 0, 1, closed="left")],
     "confidence_threshold": [_FRACTION],
-    "weight_decay": [_NON_NEGATIVE],
-    "ridge": [_POSITIVE],
+    "weight_decay": [NON_NEGATIVE],
+    "ridge": [POSITIVE],
     "bias": [StrOptions({"generative", "fixed"})],
-    "unlabeled_weight": [_NON_NEGATIVE],
+    "unlabeled_weight": [NON_NEGATIVE],
     "validation_fraction": [Number(Real, 0, 0.5, closed="both")],
     "n_iter_no_change": [None, Count(1)],
-    "tol": [_NON_NEGATIVE],
+    "tol": [NON_NEGATIVE],
     "init": [StrOptions({"auto", "he", "patches"})],
     "dtype": [StrOptions(set(DTYPES))],
     "backend": [StrOptions(set(HOST_BACKENDS))],
@@ -68,3 +68,13 @@ PARAMETER_CONSTRAINTS = {
 #: the settings a resumed run may change (where it runs, how long, how it reports, where it
 #: writes): the rest shape the run's result and must match the checkpoint's
 RESUMABLE = ("max_iter", "n_iter_no_change", "verbose", "checkpoint", "backend")
+
+
+def check_host_backend(backend):
+    """A ValueError with the hint a GPU backend name needs: the DRMM keeps its arrays on the
+    host (the GPU backends serve ``fastdrmm.ops``). Other bad values are left to the
+    constraints."""
+    if isinstance(backend, str) and backend not in HOST_BACKENDS and backend in _backends.BACKENDS:
+        raise ValueError(f"backend must be one of {HOST_BACKENDS}, got {backend!r}: the model "
+                         "keeps its arrays on the host (the GPU backends are available through "
+                         "fastdrmm.ops)")

@@ -1,4 +1,4 @@
-"""Input checks shared by the models: sample arrays, labels, choices and seeds.
+"""Input checks shared by the models: sample arrays, labels, seeds and parameter constraints.
 
 Every check raises a TypeError (wrong kind of value) or a ValueError (wrong value) whose
 message names the argument, before any work is done.
@@ -21,8 +21,8 @@ from sklearn.utils._param_validation import Interval, StrOptions, _Constraint
 
 from . import _backends
 
-__all__ = ["BackendName", "Count", "Number", "RANDOM_STATE", "as_labels", "check_choice",
-           "check_images", "check_labels", "check_magnitude", "check_random_state",
+__all__ = ["BackendName", "Count", "NON_NEGATIVE", "Number", "POSITIVE", "RANDOM_STATE",
+           "as_labels", "check_images", "check_labels", "check_magnitude", "check_random_state",
            "check_samples", "seed_of", "unlabeled_mask"]
 
 
@@ -45,17 +45,15 @@ def Count(minimum):
     return Number(numbers.Integral, minimum, None, closed="left")
 
 
+#: a finite real >= 0 / > 0 (weights, tolerances, rates)
+NON_NEGATIVE = Number(numbers.Real, 0, None, closed="left")
+POSITIVE = Number(numbers.Real, 0, None, closed="neither")
+
+
 #: the values a ``random_state`` parameter takes (both models): see the module docstring
 RANDOM_STATE = [None, Count(0), np.random.RandomState, np.random.Generator]
 
 _RANDOM_STATE_KINDS = "None, an int >= 0, a numpy RandomState or Generator"
-
-
-def check_choice(value, name, choices):
-    """``value`` if it is one of ``choices``, else a ValueError listing them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------

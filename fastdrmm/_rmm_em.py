@@ -1,5 +1,6 @@
-"""The shallow RMM's EM mathematics: the E-step, the closed-form M-step, the k-means++
-initialisation, the re-seeding of empty templates and the EM loop of one initialisation.
+"""The shallow RMM's EM mathematics: the E-step, the closed-form M-step, the re-seeding of
+empty templates and the EM loop of one initialisation (the k-means++ initialisation is in
+:mod:`fastdrmm._rmm_init`).
 
 The model and its formulas are in :mod:`fastdrmm.rmm`'s docstring. The matches of all samples
 against all templates come from :func:`fastdrmm.ops.match_switch_pool` and the M-step's

@@ -83,9 +83,6 @@ def _lookup(classes, values):
     return pos >= 0, pos
 
 
-    raise TypeError(f"y must hold class labels (numbers or strings), got dtype {y.dtype}")
-
-
 def _latent_classes(seen, extra):
     """``seen`` (sorted distinct labels) followed by ``extra`` new labels for the latent
     classes: numbers after the largest label when they fit the labels' dtype exactly (else the

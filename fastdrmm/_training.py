@@ -25,8 +25,8 @@ from ._optim import Adam, learning_rate
 from ._progress import announcer, bar_count, batches, progress_bar, say
 from .kernels.buffers import StepBuffers
 
-__all__ = ["Training", "Strategy", "EG", "EM", "INFERENCE_BATCH", "PRIOR_SAMPLES", "initial_parameters",
-           "validation_split", "check_input_scale"]
+__all__ = ["Training", "Strategy", "EG", "EM", "INFERENCE_BATCH", "PRIOR_SAMPLES",
+           "initial_parameters", "validation_split", "check_input_scale"]
 
 #: samples per batch of every inference pass (bounded memory whatever N is)
 INFERENCE_BATCH = 512
@@ -116,12 +116,12 @@ class Training:
         return clock.seconds
 
     def loop(self):
-        """Run epochs until ``max_iter``, early stopping or the strategy's convergence."""
-        max_iter = int(self.model.max_iter)
+        """Run epochs until ``max_iter``, early stopping or the strategy's convergence.
+        ``max_iter`` is read from the model before each epoch (a callback may change it)."""
         self.strategy.start(self)
-        if self.epoch < max_iter and not self.converged:
+        if self.epoch < int(self.model.max_iter) and not self.converged:
             self.warm_up()
-        while self.epoch < max_iter and not self.converged:
+        while self.epoch < int(self.model.max_iter) and not self.converged:
             tic = time.perf_counter()
             with CompileClock(announcer(self.verbose)) as clock:
                 record = self.strategy.epoch(self)
@@ -137,7 +137,7 @@ class Training:
                 if isinstance(extra, dict):
                     record.update(extra)
             self.history.append(record)
-            say(_epoch_line(record, max_iter), self.verbose)
+            say(_epoch_line(record, int(self.model.max_iter)), self.verbose)
             self.save_checkpoint()
 
     def _validate(self, record):

@@ -61,19 +61,6 @@ def check_int(value, name, minimum, maximum=None):
     return int(value)
 
 
-def check_real(value, name, minimum=0.0, maximum=np.inf, open_low=False):
-    """A finite real in [minimum, maximum] ((minimum, maximum] with open_low) as a float."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    low_ok = value > minimum if open_low else value >= minimum
-    if not (np.isfinite(value) and low_ok and value <= maximum):
-        bound = f"> {minimum}" if open_low else f">= {minimum}"
-        upper = f" and <= {maximum}" if np.isfinite(maximum) else ""
-        raise ValueError(f"{name} must be a finite number {bound}{upper}, got {value!r}")
-    return value
-
-
 def float_dtype(arr, name):
     """The dtype of a floating array (float32/float64), else a TypeError naming it."""
     dtype = np.dtype(arr.dtype)

@@ -104,7 +104,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _drmm_format
 from ._checkpoint import check_checkpoint_path, data_identity, read_checkpoint
-from ._drmm_params import DTYPES, LOSS_WEIGHTS, PARAMETER_CONSTRAINTS
+from ._drmm_params import DTYPES, LOSS_WEIGHTS, PARAMETER_CONSTRAINTS, check_host_backend
 from ._inputs import check_images, check_labels, seed_of
 from ._network import LossWeights, network_for, softmax
 from ._progress import batches, serial_blas
@@ -264,6 +264,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
     def _check_params(self):
         """Check every setting (InvalidParameterError naming it, before any work) ->
         (layers resolved, the EG terms' weights)."""
+        check_host_backend(self.backend)
         self._validate_params()
         weights = LossWeights(**{term: float(getattr(self, name))
                                  for name, term in LOSS_WEIGHTS.items()})

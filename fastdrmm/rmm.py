@@ -28,7 +28,6 @@ checks and saved form in :mod:`fastdrmm._rmm_saved`.
 from __future__ import annotations
 
 import warnings
-from numbers import Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -39,7 +38,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _rmm_em as em
 from . import _rmm_saved as saved
 from . import io
-from ._inputs import (RANDOM_STATE, BackendName, Count, Number, check_magnitude,
+from ._inputs import (NON_NEGATIVE, RANDOM_STATE, BackendName, Count, check_magnitude,
                       check_random_state, check_samples)
 from ._progress import say
 from ._rmm_init import initialize
@@ -47,10 +46,6 @@ from ._rmm_labels import class_indices
 from ._validation import check_int as _check_int
 
 __all__ = ["RMM"]
-
-#: a finite real >= 0 (a closed-left interval with no upper end refuses infinity and NaN)
-_NON_NEGATIVE = Number(Real, 0, None, closed="left")
-
 
 # --------------------------------------------------------------------------------------------
 # the estimator
@@ -162,12 +157,12 @@ class RMM(ClassifierMixin, BaseEstimator):
         "n_nuisances": [Count(1)],
         "inference": [StrOptions({"soft", "hard"})],
         "max_iter": [Count(0)],
-        "tol": [_NON_NEGATIVE],
+        "tol": [NON_NEGATIVE],
         "n_init": [Count(1)],
-        "reg": [_NON_NEGATIVE],
-        "unlabeled_weight": [_NON_NEGATIVE],
+        "reg": [NON_NEGATIVE],
+        "unlabeled_weight": [NON_NEGATIVE],
         "random_state": RANDOM_STATE,
-        "warm_start": ["boolean"],
+        "warm_start": [bool, np.bool_],
         "verbose": [Count(0)],
         "backend": [BackendName()],
     }

@@ -15,6 +15,6 @@ class Geometry(NamedTuple):
     kernel: tuple   # (kh, kw): the templates'
     padding: tuple  # (ph, pw): zeros around the input
     plane: tuple    # (Ho, Wo): the matching plane
-    pool: tuple     # (ph, pw) pooling window; (1, 1) for the ops that read given positions
+    pool: tuple     # (pool_h, pool_w) window; (1, 1) for the ops that read given positions
     stride: tuple   # pooling stride; (1, 1) likewise
     pooled: tuple   # (Hp, Wp): the grid of units (h, idx, code, switches)

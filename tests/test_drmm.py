@@ -587,6 +587,24 @@ def test_one_specification_covers_every_setting(rng):
         DRMM(SMALL, 3, xent_weight=float("inf")).fit(X, y)
 
 
+def test_layers_may_be_any_sequence_of_layers(rng):
+    # resolve_layers takes any iterable of Layer or dicts; the constraints leave it to it
+    X, y = small_data(rng)
+    as_array = np.empty(len(SMALL), object)
+    as_array[:] = SMALL
+    for layers in (as_array, [layer.to_dict() for layer in SMALL]):
+        model = DRMM(layers, 3, max_iter=1, random_state=0).fit(X, y)
+        assert model.predict(X).shape == (len(X),)
+
+
+def test_a_callback_may_change_max_iter_of_the_model_it_trains(rng):
+    # max_iter is read before every epoch, as the loop has always done
+    X, y = small_data(rng)
+    model = DRMM(SMALL, 3, max_iter=5, random_state=0)
+    model.fit(X, y, callback=lambda snapshot, record: model.set_params(max_iter=2) and None)
+    assert model.n_iter_ == 2
+
+
 def test_bad_arguments_are_named(rng):
     X, y = small_data(rng)
     for kw, match in [({"algorithm": "sgd"}, "algorithm"), ({"n_classes": 1}, "n_classes"),
@@ -599,7 +617,8 @@ def test_bad_arguments_are_named(rng):
                       ({"consistency_weight": "x"}, "consistency_weight"),
                       ({"teacher_decay": 1.0}, "teacher_decay"),
                       ({"confidence_threshold": 1.5}, "confidence_threshold"),
-                      ({"backend": "cupy"}, "backend"), ({"backend": "gpu"}, "backend")]:
+                      ({"backend": "cupy"}, "GPU backends are available through fastdrmm.ops"),
+                      ({"backend": "gpu"}, "backend")]:
         with pytest.raises((TypeError, ValueError), match=match):
             DRMM(**{"layers": SMALL, "n_classes": 3, **kw}).fit(X, y)
     model = DRMM(SMALL, 3, max_iter=0)

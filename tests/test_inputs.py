@@ -14,7 +14,7 @@ from sklearn.utils._param_validation import (InvalidParameterError,
 from threadpoolctl import threadpool_info
 
 from fastdrmm import _inputs, _progress
-from fastdrmm._inputs import (RANDOM_STATE, Count, Number, as_labels, check_choice,
+from fastdrmm._inputs import (RANDOM_STATE, Count, Number, as_labels,
                               check_images, check_labels, check_random_state, check_samples,
                               seed_of, unlabeled_mask)
 
@@ -93,12 +93,6 @@ def test_labels_of_any_kind_keep_their_values_and_markers():
         unlabeled_mask(np.array([object()], object), "labels")
     with pytest.raises(TypeError, match="labels must hold class labels"):
         unlabeled_mask(np.array([1j]), "labels")
-
-
-def test_choice_lists_the_choices():
-    assert check_choice("em", "algorithm", ("em", "eg")) == "em"
-    with pytest.raises(ValueError, match=r"algorithm must be one of \['em', 'eg'\], got 'sgd'"):
-        check_choice("sgd", "algorithm", ("em", "eg"))
 
 
 # -------------------------------------------------------------------------------------- seeds

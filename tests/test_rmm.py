@@ -469,6 +469,7 @@ def test_clone_and_params(digits):
     (dict(reg=-1e-3), ValueError, "reg"),
     (dict(unlabeled_weight=float("nan")), ValueError, "unlabeled_weight"),
     (dict(warm_start="yes"), TypeError, "warm_start"),
+    (dict(warm_start=1), TypeError, "warm_start"),
     (dict(verbose=-1), ValueError, "verbose"),
     (dict(backend="fortran"), ValueError, "backend"),
     (dict(random_state="seed"), ValueError, "random_state"),

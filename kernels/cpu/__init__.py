@@ -28,7 +28,8 @@ template_stats    kvec          C < lanes                                      -
 B and s           gemm          cheaper than sparse by cost                    --
 (statistics)      sparse        otherwise                                      --
                   winograd      ``winograd.AUTO``, unpooled code, 3x3, >= 16   3x3 templates
-                                channels and templates, one sign
+                                channels and templates, one sign, a plane
+                                where it saves products
 ================  ============  =============================================  ==============
 
 Force one with e.g. ``rendering.render(code, idx, templates, geometry, switches,

@@ -278,8 +278,3 @@ def transpose_block(builder, rows, vl):
                 new[j] = builder.shuffle_vector(rows[i], rows[j], ir.Constant(ity, high))
         rows, width = new, 2 * width
     return rows
-
-
-def array_data(context, builder, aryty, ary):
-    """(IR) The data pointer of an array value (for intrinsics without ``vector_helpers``)."""
-    return make_array(aryty)(context, builder, ary).data

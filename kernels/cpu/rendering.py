@@ -316,12 +316,12 @@ def _render_conv(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
                         ph, pw, kh, kw, ww, num_chunks(n), r.reshape(n, c, hh * ww))
 
 
-def plan_render(code, idx, templates, geometry, switches):
+def plan_render(code, idx, templates, geometry, switches, w_finite=None):
     """The algorithm the automatic choice takes: "winograd" where ``_winograd_pays``, else
-    ``_plan_exact``'s."""
+    ``_plan_exact``'s. ``w_finite``: whether the templates are finite, where known."""
     if _winograd_pays(code, templates, geometry):
         return "winograd"
-    return _plan_exact(code, templates, geometry)
+    return _plan_exact(code, templates, geometry, w_finite)
 
 
 def _winograd_pays(code, templates, geometry):
@@ -344,7 +344,7 @@ def _winograd_pays(code, templates, geometry):
     return cheaper and winograd.render_applies(templates, geometry.padding)
 
 
-def _plan_exact(code, templates, geometry):
+def _plan_exact(code, templates, geometry, w_finite=None):
     """"dots" for few output channels (C < lanes) and finite templates, else the cheapest of
     "gemm", "conv" (finite templates) and "scatter"."""
     n, k = code.shape[:2]
@@ -352,7 +352,8 @@ def _plan_exact(code, templates, geometry):
     hh, ww = geometry.input
     ho, wo = geometry.plane
     vl = lanes(code.dtype)
-    w_finite = bool(np.isfinite(templates).all())
+    if w_finite is None:
+        w_finite = _finite(templates)
     # few output channels: dot products over the templates (vectors over C or kw*C would be
     # mostly empty; measured at N = 256, C = 1, 5x5: 15.5 -> 4.5 ms; C = 3, 3x3: 31 -> 12 ms)
     if w_finite and c < vl:
@@ -375,8 +376,9 @@ def render(code, idx, templates, geometry, switches, algorithm="auto"):
     ``ALGORITHMS`` or "auto" (``plan_render``). "dots" and "conv" need finite templates,
     "winograd" 3x3 templates and a padding of at most 2; the samples the Winograd kernel
     flags are re-rendered by the exact automatic choice."""
+    w_finite = _finite(templates)  # one pass, for the plan and the kernels alike
     name = choose(algorithm, ALGORITHMS,
-                  lambda: plan_render(code, idx, templates, geometry, switches))
+                  lambda: plan_render(code, idx, templates, geometry, switches, w_finite))
     if name == "winograd":
         if not winograd.render_applies(templates, geometry.padding, any_size=True):
             raise ValueError("algorithm='winograd' needs 3x3 templates and a padding of at "
@@ -384,22 +386,26 @@ def render(code, idx, templates, geometry, switches, algorithm="auto"):
                              f"{geometry.padding}")
         if code.shape[0]:
             r, redo = winograd.render(code, idx, templates, geometry, switches)
-            redo_flagged(redo, lambda c, i, s: _render_exact(c, i, templates, geometry, s),
+            redo_flagged(redo, lambda c, i, s: _render_exact(c, i, templates, geometry, s,
+                                                             w_finite),
                          code, idx, switches, into=r)
             return r
         name = "scatter"  # an empty batch: nothing to render
-    return _render_with(name, code, idx, templates, geometry, switches)
+    return _render_with(name, code, idx, templates, geometry, switches, w_finite)
 
 
-def _render_exact(code, idx, templates, geometry, switches):
+def _finite(templates):
+    return bool(np.isfinite(templates).all())
+
+
+def _render_exact(code, idx, templates, geometry, switches, w_finite):
     """The render by the exact automatic choice (never Winograd)."""
-    return _render_with(_plan_exact(code, templates, geometry), code, idx, templates, geometry,
-                        switches)
+    return _render_with(_plan_exact(code, templates, geometry, w_finite), code, idx, templates,
+                        geometry, switches, w_finite)
 
 
-def _render_scatter(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r):
+def _render_scatter(code, idx, sw, use_sw, templates, ho, wo, ph, pw, vl, r, w_finite):
     wr = np.ascontiguousarray(templates.transpose(0, 2, 3, 1))  # (K, kh, kw, C)
-    w_finite = bool(np.isfinite(templates).all())
     _render_kernel(code, idx, sw, use_sw, wr, w_finite, ho, wo, ph, pw, num_chunks(len(r)), r)
 
 
@@ -409,17 +415,18 @@ _NEED_FINITE = {"conv": "the dense-correlation render (algorithm='conv')",
                 "dots": "the dot-product render (algorithm='dots')"}
 
 
-def _render_with(name, code, idx, templates, geometry, switches):
-    """The render by the exact algorithm ``name``."""
+def _render_with(name, code, idx, templates, geometry, switches, w_finite):
+    """The render by the exact algorithm ``name`` (``w_finite``: the templates are finite)."""
     n = code.shape[0]
     c = templates.shape[1]
     hh, ww = geometry.input
     r = buffers.empty((n, c, hh, ww), code.dtype)
     if n == 0:
         return r
-    if name in _NEED_FINITE and not np.isfinite(templates).all():
+    if name in _NEED_FINITE and not w_finite:
         raise ValueError(f"{_NEED_FINITE[name]} needs finite templates")
     use_sw, sw = switch_args(code, switches)
+    extra = (w_finite,) if name == "scatter" else ()  # the scatter kernel guards non-finite
     _RENDERERS[name](code, idx, sw, use_sw, templates, *geometry.plane, *geometry.padding,
-                     lanes(code.dtype), r)
+                     lanes(code.dtype), r, *extra)
     return r
