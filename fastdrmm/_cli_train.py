@@ -22,14 +22,10 @@ from ._cli_data import (DATASETS, CLIError, check_distinct_outputs, check_layer_
 from ._cli_options import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_TRANSLATION,
                            add_backend_option, add_data_options, host_backend)
 
-__all__ = ["DEFAULT_MODEL", "LOSS_WEIGHTS", "TRAIN_DEFAULTS", "Interrupted",
+__all__ = ["DEFAULT_MODEL", "TRAIN_DEFAULTS", "Interrupted",
            "add_train_parser", "run_train"]
 
 DEFAULT_MODEL = "fastdrmm-model.npz"
-#: the EG loss weights: option -> DRMM parameter
-LOSS_WEIGHTS = {"xent": "xent_weight", "reconstruction": "reconstruction_weight",
-                "entropy": "entropy_weight", "nonnegativity": "nonnegativity_weight",
-                "kl": "kl_weight", "consistency": "consistency_weight"}
 #: where ``fastdrmm train`` departs from DRMM's own defaults: the settings that learn in a
 #: short run (the fully connected top reaches far higher accuracy in a few epochs than the
 #: global average; see the README)
@@ -104,8 +100,10 @@ def add_train_parser(sub):
                    default=d["learning_rate"], help=f"Adam's step (default {d['learning_rate']})")
     p.add_argument("--lr-schedule", choices=option_choices(c["lr_schedule"], d["lr_schedule"]),
                    default=d["lr_schedule"], help=f"(default {d['lr_schedule']})")
-    for term, name in LOSS_WEIGHTS.items():
-        p.add_argument(f"--{term}-weight", type=option_type(c[name]), metavar="W",
+    from ._drmm_params import LOSS_WEIGHTS  # the EG terms' weight settings, named once
+
+    for name in LOSS_WEIGHTS:  # option --xent-weight sets xent_weight, ...
+        p.add_argument(f"--{name.replace('_', '-')}", type=option_type(c[name]), metavar="W",
                        default=d[name], help=f"EG loss weight (default {d[name]})")
     p.add_argument("--translation",
                    type=option_type(c["translation"], integers(0, MAX_TRANSLATION)),
@@ -185,6 +183,7 @@ def run_train(args, out=None):
     """Train a DRMM as the arguments say; returns a dict (model, test_accuracy, paths)."""
     import numpy as np
 
+    from ._drmm_params import LOSS_WEIGHTS
     from .drmm import DRMM
 
     out = sys.stdout if out is None else out
@@ -208,7 +207,7 @@ def run_train(args, out=None):
     model = DRMM(layers, 10, algorithm=args.algorithm, max_iter=args.epochs,
                  batch_size=args.batch_size, learning_rate=args.learning_rate,
                  lr_schedule=args.lr_schedule, top=args.top,
-                 **{name: getattr(args, f"{term}_weight") for term, name in LOSS_WEIGHTS.items()},
+                 **{name: getattr(args, name) for name in LOSS_WEIGHTS},
                  translation=args.translation, teacher_decay=args.teacher_decay,
                  confidence_threshold=args.confidence_threshold,
                  validation_fraction=args.validation_fraction, random_state=args.seed,
