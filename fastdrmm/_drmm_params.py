@@ -56,13 +56,16 @@ PARAMETER_CONSTRAINTS = {
     "validation_fraction": [Number(Real, 0, 0.5, closed="both")],
     "n_iter_no_change": [None, Count(1)],
     "tol": [NON_NEGATIVE],
-    "init": [StrOptions({"auto", "he", "patches"})],
+    "init": [StrOptions({"auto", "he", "patches", "em"})],
     "dtype": [StrOptions(set(DTYPES))],
     "backend": [StrOptions(set(HOST_BACKENDS))],
     "random_state": RANDOM_STATE,
     "verbose": [Count(0)],
     "checkpoint": [None, str, os.PathLike],
     "top": [StrOptions({"average", "full"})],
+    "amplitude_steps": [Count(0)],
+    "em_targets": [StrOptions({"bottom-up", "top-down"})],
+    "shrinkage": [StrOptions({"auto", "oas"}), _FRACTION],
 }
 
 #: the settings a resumed run may change (where it runs, how long, how it reports, where it

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
+from . import _amplitudes, ops
 from ._elementwise import sum_squares
 
 _LOG_2PI = float(np.log(2 * np.pi))
@@ -96,19 +96,30 @@ class Statistics:
         return self
 
 
-def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True):
+def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_steps=0,
+           threshold=0.0):
     """Infer the latents of batch x and add their statistics to ``stats`` (``layers=False``:
-    only those of the top, which is all :func:`fit_top` reads)."""
+    only those of the top, which is all :func:`fit_top` reads).
+
+    ``amplitude_steps``: the codes are refined that many steps towards rendering the layer
+    below (:func:`fastdrmm._amplitudes.refine_codes`) before the layers' statistics are
+    taken. ``threshold`` > 0: an unlabeled sample whose chosen class has a posterior below it
+    weighs nothing this iteration."""
     n = x.shape[0]
     fw = net.bottom_up(p, x)
     labeled = yidx >= 0
     classes = np.where(labeled, yidx, np.asarray(fw.scores).argmax(axis=1))
     switches = [fw.switches(l, x.dtype) for l in range(net.n_layers)]
     w = np.where(labeled, 1.0, float(unlabeled_weight))
+    if threshold > 0 and not labeled.all():
+        posterior = _posterior_of_best(fw.scores)
+        w = np.where(labeled | (posterior >= threshold), w, 0.0)
     weighted = not np.all(w == 1.0)
     root = np.sqrt(w).astype(x.dtype)[:, None, None, None]
+    hs = (_amplitudes.refine_codes(net, p, fw, switches, amplitude_steps)
+          if layers and amplitude_steps else fw.hs)
     for l, layer in enumerate(net.layers if layers else ()):
-        target, code = fw.hs[l], fw.hs[l + 1]
+        target, code = hs[l], hs[l + 1]
         if weighted:  # ||sqrt(w) (T - render(r))||^2 = ||sqrt(w) T - render(sqrt(w) r)||^2
             target, code = target * root, code * root
         B, _, G = ops.template_stats(target, code, fw.idxs[l], layer.kernel_size,
@@ -121,7 +132,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True):
         on = switches[l]
         if stats.patches[l] is None:
             rng = np.random.default_rng([n, l, layer.n_templates])
-            stats.patches[l] = random_patches(fw.hs[l], layer, layer.n_templates, rng)
+            stats.patches[l] = random_patches(hs[l], layer, layer.n_templates, rng)
         stats.n_on[l] += np.einsum("nkij,n->k", on, w, dtype=np.float64)
         stats.n_units[l] += float(w.sum()) * on[0, 0].size
         stats.offsets[l] += _offset_counts(net, l, fw.idxs[l], on, w)
@@ -132,6 +143,13 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True):
     stats.top_sq += float(np.einsum("nkij,nkij,n->", h_top, h_top, w, dtype=np.float64))
     stats.weight += float(w.sum())
     return fw, classes
+
+
+def _posterior_of_best(scores):
+    """The softmax probability of each row's best class."""
+    s = np.asarray(scores, np.float64)
+    t = np.exp(s - s.max(axis=1, keepdims=True))
+    return 1.0 / t.sum(axis=1)
 
 
 def _offset_counts(net, l, idx, on, w):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from sklearn.base import clone
 
-from . import _em, ops
+from . import _em, _em_topdown, ops
 from ._checkpoint import write_checkpoint
 from ._compiling import CompileClock
 from ._network import eg_loss_and_grads, softmax, trainable_names, translate
@@ -174,7 +174,9 @@ class Training:
             for sl in batches(rows.size, INFERENCE_BATCH):
                 chunk = rows[sl]
                 _em.e_step(self.net, params, self.X[chunk], self.yidx[chunk],
-                           float(self.model.unlabeled_weight), stats, layers)
+                           float(self.model.unlabeled_weight), stats, layers,
+                           amplitude_steps=int(self.model.amplitude_steps),
+                           threshold=float(self.model.confidence_threshold))
                 bar.update(1)
         finally:
             bar.close()
@@ -348,6 +350,8 @@ class EM(Strategy):
         before = _em.objective(run.net, run.params, stats, ridge)
         generative = model.bias == "generative"
         fitted = _em.m_step(run.net, run.params, stats, ridge, generative)
+        if model.em_targets == "top-down":
+            fitted = _em_topdown.m_step(run, run.params, fitted, stats)
         after = _em.objective(run.net, fitted, stats, ridge)
         run.params = _em.normalize_templates(run.net, fitted, generative)
         # the M-step moved the codes the class templates were fitted to: refit the top to

@@ -225,7 +225,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
                  unlabeled_weight=1.0,
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
-                 checkpoint=None, top="average"):
+                 checkpoint=None, top="average", amplitude_steps=10, em_targets="bottom-up",
+                 shrinkage="auto"):
         self.layers = layers
         self.n_classes = n_classes
         self.algorithm = algorithm
@@ -256,6 +257,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.checkpoint = checkpoint
         self.top = top
+        self.amplitude_steps = amplitude_steps
+        self.em_targets = em_targets
+        self.shrinkage = shrinkage
 
 
     # ---------------------------------------------------------------------------------------
