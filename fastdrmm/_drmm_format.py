@@ -193,7 +193,14 @@ def params_from_arrays(arrays, net, dtype):
     float32 cast is not): every value finite, every probability in (0, 1] (and each
     distribution summing to 1), every variance and the class scale > 0."""
     p = {}
-    for name, shape in net.parameter_shapes().items():
+    optional = net.optional_parameter_shapes()
+    present = [name for name in optional if name in arrays]
+    if present and len(present) != len(optional):
+        missing = sorted(set(optional) - set(present))
+        raise ValueError(f"the array {missing[0]!r} is missing (the shared-covariance top "
+                         f"needs {' and '.join(sorted(optional))})")
+    for name, shape in {**net.parameter_shapes(),
+                        **{name: optional[name] for name in present}}.items():
         if name not in arrays:
             raise ValueError(f"the array {name!r} is missing")
         arr = np.asarray(arrays[name])
@@ -201,7 +208,8 @@ def params_from_arrays(arrays, net, dtype):
             raise ValueError(f"the array {name!r} has shape {arr.shape}, expected {shape}")
         if arr.dtype.kind != "f":
             raise ValueError(f"the array {name!r} has dtype {arr.dtype}, expected floats")
-        trainable = name[:1] in "Wb" and name[1:].isdigit() or name in ("mu", "beta")
+        trainable = name[:1] in "Wb" and name[1:].isdigit() or name in ("mu", "beta",
+                                                                          "class_weights")
         with np.errstate(over="ignore"):
             p[name] = np.array(arr, dtype if trainable else np.float64)
         _check_parameter_values(name, p[name])
@@ -220,6 +228,10 @@ def _check_parameter_values(name, value):
                          f"{float(np.sum(value))!r}, not 1")
     if stem in _POSITIVE and not np.all(value > 0):
         raise ValueError(f"the array {name!r} must be > 0")
+    if name == "top_covariance" and not (
+            np.array_equal(value, value.T) and np.all(np.diagonal(value) >= 0)):
+        raise ValueError(f"the array {name!r} must be a symmetric matrix with a non-negative "
+                         "diagonal (a covariance)")
 
 
 def _check_probe_scores(model):

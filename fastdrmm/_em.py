@@ -28,12 +28,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _amplitudes, ops
+from . import _amplitudes, _top, ops
 from ._elementwise import sum_squares
 
 _LOG_2PI = float(np.log(2 * np.pi))
 #: probabilities are kept in [PROB_FLOOR, 1 - PROB_FLOOR] so that every log is finite
 PROB_FLOOR = 1e-12
+#: the most samples stepwise EM (partial_fit) keeps for the shared-covariance top
+TOP_SAMPLES = 20000
+
+
+def _newest(batches, limit):
+    """The trailing batches holding at most ``limit`` rows (a batch cut at its tail end)."""
+    out, kept = [], 0
+    for batch in reversed(batches):
+        if kept >= limit:
+            break
+        take = min(len(batch), limit - kept)
+        out.append(batch[len(batch) - take:])
+        kept += take
+    return out[::-1]
 
 
 def _mat(arr):
@@ -65,14 +79,21 @@ class Statistics:
         self.top_sq = 0.0
         #: candidate patches per layer (from the first batch) to re-seed unused templates
         self.patches = [None] * L
+        #: the bottom-up top features, their classes and weights, batch by batch: the
+        #: shared-covariance top (:mod:`fastdrmm._top`) is fitted by scikit-learn's
+        #: estimators on the samples themselves
+        self.features = []
+        self.feature_classes = []
+        self.feature_weights = []
 
     def scaled(self, factor):
-        """A copy with every sum times ``factor`` (stepwise EM)."""
+        """A copy with every sum (and every sample's weight) times ``factor`` (stepwise
+        EM)."""
         out = Statistics(self.net)
         for name, value in vars(self).items():
-            if name == "net":
-                continue
-            if name == "patches":
+            if name in ("net", "features", "feature_classes"):
+                value = list(value) if isinstance(value, list) else value
+            elif name == "patches":
                 pass
             elif isinstance(value, list):
                 value = [None if v is None else v * factor for v in value]
@@ -86,7 +107,10 @@ class Statistics:
             if name == "net":
                 continue
             o = getattr(other, name)
-            if name == "patches":
+            if name in ("features", "feature_classes", "feature_weights"):
+                # the newest TOP_SAMPLES samples (stepwise EM: a sliding window)
+                setattr(self, name, _newest(value + o, TOP_SAMPLES))
+            elif name == "patches":
                 setattr(self, name, [b if a is None else a for a, b in zip(value, o)])
             elif isinstance(value, list):
                 setattr(self, name, [b if a is None else (a if b is None else a + b)
@@ -137,6 +161,10 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
         stats.n_units[l] += float(w.sum()) * on[0, 0].size
         stats.offsets[l] += _offset_counts(net, l, fw.idxs[l], on, w)
     f = np.asarray(fw.f, np.float64)
+    if net.matching == "normalized":
+        stats.features.append(np.array(fw.f))
+        stats.feature_classes.append(classes)
+        stats.feature_weights.append(w)
     stats.class_weight += np.bincount(classes, weights=w, minlength=net.n_classes)
     np.add.at(stats.class_sum, classes, f * w[:, None])
     h_top = fw.hs[-1]
@@ -271,9 +299,11 @@ def _normalised(counts):
     return probs / probs.sum()
 
 
-def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8):
+def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8, *,
+           shrinkage="auto", top=True):
     """The parameters minimising the objective at these statistics (a new dict; p is not
-    changed). Templates of layers whose statistics are empty are kept."""
+    changed). Templates of layers whose statistics are empty are kept. ``top=False`` leaves
+    the top's entries (:func:`fit_top`) as they are."""
     new = dict(p)
     total = stats.weight
     dtype = np.asarray(p["W0"]).dtype
@@ -300,13 +330,39 @@ def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8):
         if generative_bias:
             new[f"b{l}"] = generative_bias_of(W, s2_all[l], pa).astype(dtype)
     new["noise_variance"] = s2_all
-    new.update(fit_top(net, p, stats, generative_bias, variance_floor))
+    if top:
+        new.update(fit_top(net, p, stats, generative_bias, variance_floor, shrinkage))
     return new
 
 
-def fit_top(net, p, stats, generative_bias=True, variance_floor=1e-8):
-    """The M-step of the top: class templates, top noise variance, class prior and (with
-    ``generative_bias``) the class scores' scale and biases, as a dict of those entries."""
+def fit_top(net, p, stats, generative_bias=True, variance_floor=1e-8, shrinkage="auto"):
+    """The M-step of the top, as a dict of its entries: class templates, top noise
+    variance, class prior and the class scores.
+
+    An EM model's class scores are those of class-conditional Gaussians with one shared,
+    shrunk covariance (:mod:`fastdrmm._top`, fitted on the E-step's top features: entries
+    ``class_weights``, ``top_covariance`` and ``beta``); otherwise (with
+    ``generative_bias``) those of the isotropic top (``class_scale``, ``beta``)."""
+    new = {}
+    if net.matching == "normalized" and stats.features:
+        new.update(_isotropic_top(net, p, stats, False, variance_floor))
+        fitted = _top.fit_gaussian_top(np.concatenate(stats.features),
+                                       np.concatenate(stats.feature_classes),
+                                       np.concatenate(stats.feature_weights),
+                                       net.n_classes, p["mu"], shrinkage)
+        dtype = np.asarray(p["mu"]).dtype
+        new["mu"] = fitted["mu"].astype(dtype)
+        new["class_prior"] = fitted["class_prior"]
+        new["class_weights"] = fitted["class_weights"].astype(dtype)
+        new["beta"] = fitted["beta"].astype(dtype)
+        new["top_covariance"] = fitted["top_covariance"]
+        new["class_scale"] = np.float64(1.0)
+        return new
+    return _isotropic_top(net, p, stats, generative_bias, variance_floor)
+
+
+def _isotropic_top(net, p, stats, generative_bias, variance_floor):
+    """Class means, one noise variance, class prior (and the scores they imply)."""
     new = {}
     total = stats.weight
     dtype = np.asarray(p["mu"]).dtype
@@ -364,7 +420,13 @@ def normalize_templates(net, p, generative_bias=True):
     tau = float(p["top_noise_variance"]) * float(np.mean(carry ** 2))
     new["mu"] = mu.astype(dtype)
     new["top_noise_variance"] = np.float64(tau)
-    if generative_bias:
+    if "class_weights" in p:
+        # the shared-covariance top of features scaled by per_feature: the same scores
+        new["class_weights"] = (np.asarray(p["class_weights"], np.float64)
+                                / per_feature[None, :]).astype(dtype)
+        new["top_covariance"] = (np.asarray(p["top_covariance"], np.float64)
+                                 * np.outer(per_feature, per_feature))
+    elif generative_bias:
         new["class_scale"] = np.float64(net.top_positions / tau)
         new["beta"] = (-net.top_positions * np.sum(mu * mu, axis=1) / (2 * tau)
                        + np.log(np.asarray(p["class_prior"], np.float64))).astype(dtype)

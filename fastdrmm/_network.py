@@ -106,6 +106,15 @@ class Network:
                        "top_noise_variance": (), "class_scale": ()})
         return shapes
 
+    def optional_parameter_shapes(self):
+        """name -> shape of the parameters a model of this network may hold: an EM model's
+        shared-covariance top (absent from models saved before it existed, which score
+        with the isotropic top)."""
+        if self.matching != "normalized":
+            return {}
+        F = self.feature_size
+        return {"class_weights": (self.n_classes, F), "top_covariance": (F, F)}
+
     def draw_latents(self, p, n, rng, dtype):
         """The latents of ``n`` samples drawn from the generative priors: per layer, the
         argmax positions (each unit's position in its pooling window from the translation
@@ -157,6 +166,11 @@ class Network:
             return h.mean(axis=(2, 3))
         return h.reshape(h.shape[0], -1)
 
+    def top_plane_of(self, f, dtype):
+        """The top code whose feature is f (N, F): f on every top position ("average"),
+        or f reshaped to the top code ("full")."""
+        return self._to_top_plane(np.asarray(f), dtype)
+
     def _to_top_plane(self, v, dtype):
         """The adjoint of top_feature (up to the 1/P of the average): (N, F) -> top code."""
         n = v.shape[0]
@@ -169,6 +183,10 @@ class Network:
 
     @staticmethod
     def class_scores(p, f):
+        """``<w_c, f> + beta_c`` with the shared-covariance top's ``class_weights`` (EM),
+        else ``class_scale * <mu_c, f> + beta_c``."""
+        if "class_weights" in p:
+            return f @ p["class_weights"].T + p["beta"]
         return (f @ p["mu"].T) * p["class_scale"] + p["beta"]
 
     # ---------------------------------------------------------------------------------------

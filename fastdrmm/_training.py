@@ -184,6 +184,17 @@ class Training:
             raise ValueError("unlabeled_weight=0 and no labeled samples: nothing to fit")
         return stats
 
+    def fit_top(self, params, stats):
+        """The top's entries fitted to ``stats`` (see :func:`fastdrmm._em.fit_top`)."""
+        return _em.fit_top(self.net, params, stats, shrinkage=self.model.shrinkage)
+
+    def refit_top(self, params):
+        """The parameters with the top refitted to the bottom-up features of every training
+        sample (the shared-covariance top needs them all, not a subsample)."""
+        out = dict(params)
+        out.update(self.fit_top(params, self.em_statistics(params, layers=False)))
+        return out
+
     def refit_priors(self, params, top=False, only_top=False):
         """The parameters with the generative priors and noise variances refitted from the
         E-step's choices on up to PRIOR_SAMPLES training samples, layer templates and biases
@@ -194,9 +205,10 @@ class Training:
         stats = self.em_statistics(params, rows, layers=not only_top)
         out = dict(params)
         if only_top:  # the top's statistics only: no Gram matrices
-            out.update(_em.fit_top(self.net, params, stats))
+            out.update(self.fit_top(params, stats))
             return out
-        fitted = _em.m_step(self.net, params, stats, float(self.model.ridge), top)
+        fitted = _em.m_step(self.net, params, stats, float(self.model.ridge), top,
+                            top=top, shrinkage=self.model.shrinkage)
         for name in fitted:
             if name.startswith(("switch_prior", "translation_prior")) or name in (
                     "class_prior", "top_noise_variance"):
@@ -349,15 +361,16 @@ class EM(Strategy):
         stats = run.em_statistics(run.params)
         before = _em.objective(run.net, run.params, stats, ridge)
         generative = model.bias == "generative"
-        fitted = _em.m_step(run.net, run.params, stats, ridge, generative)
+        fitted = _em.m_step(run.net, run.params, stats, ridge, generative,
+                            shrinkage=model.shrinkage)
         if model.em_targets == "top-down":
             fitted = _em_topdown.m_step(run, run.params, fitted, stats)
         after = _em.objective(run.net, fitted, stats, ridge)
         run.params = _em.normalize_templates(run.net, fitted, generative)
         # the M-step moved the codes the class templates were fitted to: refit the top to
-        # the new codes (on a subsample) so that validation and the next E-step's class
-        # choices read consistent parameters
-        run.params = run.refit_priors(run.params, top=True, only_top=True)
+        # the new codes so that validation and the next E-step's class choices read
+        # consistent parameters
+        run.params = run.refit_top(run.params)
         if run.objective_history and abs(before - run.objective_history[-1][0]) < float(
                 model.tol):
             run.converged = True
@@ -377,7 +390,8 @@ class EM(Strategy):
             stats = previous.scaled(1 - eta).add(stats.scaled(eta))
         generative = model.bias == "generative"
         run.params = _em.normalize_templates(run.net, _em.m_step(
-            run.net, run.params, stats, float(model.ridge), generative), generative)
+            run.net, run.params, stats, float(model.ridge), generative,
+            shrinkage=model.shrinkage), generative)
         return stats
 
 

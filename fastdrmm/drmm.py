@@ -98,7 +98,7 @@ import os
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
@@ -107,12 +107,16 @@ from ._checkpoint import check_checkpoint_path, data_identity, read_checkpoint
 from ._drmm_params import DTYPES, LOSS_WEIGHTS, PARAMETER_CONSTRAINTS, check_host_backend
 from ._inputs import check_images, check_labels, seed_of
 from ._network import LossWeights, network_for, softmax
+from ._top import draw_features
 from ._progress import batches, serial_blas
 from ._training import (EM, INFERENCE_BATCH, Training, check_input_scale, initial_parameters,
                         validation_split)
 from .layers import resolve_layers
 
 __all__ = ["DRMM"]
+
+#: the EM iterations that ``init="em"`` runs before EG
+EM_START_ITERATIONS = 3
 
 
 class DRMM(ClassifierMixin, BaseEstimator):
@@ -287,7 +291,32 @@ class DRMM(ClassifierMixin, BaseEstimator):
         init = self.init
         if init == "auto":
             init = "patches" if self.algorithm == "em" else "he"
+        if init == "em":
+            if self.algorithm == "eg":
+                return self._em_start(X, yidx, seed)
+            init = "patches"  # EM itself starts from the data's patches
         return initial_parameters(net, X, yidx, seed, init, self._np_dtype, self.backend)
+
+    def _em_start(self, X, yidx, seed):
+        """EG's starting parameters from ``EM_START_ITERATIONS`` iterations of EM (init="em").
+
+        EM's templates end at unit norm, where its normalised matching is EG's tied one,
+        so the network is the same; the shared-covariance top becomes EG's linear class
+        scores (``mu`` := the class weights ``Sigma^-1 mu_c``, ``class_scale`` 1, the same
+        ``beta``): the EG run starts from exactly the EM model's predictions."""
+        em = clone(self).set_params(algorithm="em", init="patches",
+                                    max_iter=EM_START_ITERATIONS, validation_fraction=0.0,
+                                    n_iter_no_change=None, checkpoint=None, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            em.fit(X, yidx)
+        p = dict(em.parameters_)
+        weights = p.pop("class_weights", None)
+        p.pop("top_covariance", None)
+        if weights is not None:
+            p["mu"] = np.asarray(weights, self._np_dtype)
+            p["class_scale"] = np.float64(1.0)
+        return p
 
     # ---------------------------------------------------------------------------------------
     # fitting
@@ -402,7 +431,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
     def _finish(self, run, refit_priors=True):
         params = run.best_params if run.best_params is not None else run.params
         if refit_priors and run.epoch > 0:
-            params = run.refit_priors(params, top=self.algorithm == "em")
+            # EM's top was refitted to every training sample after the last iteration
+            params = run.refit_priors(params)
         best = run.best_epoch if run.best_params is not None else run.epoch
         self._set_fitted(run.net, params, n_iter=run.epoch, history=run.history,
                          objective_history=run.objective_history,
@@ -517,8 +547,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
         """Generate images of the given classes from the generative model.
 
         Every unit's switch is drawn from its layer's switch prior and its position in the
-        pooling window from the translation prior; the class template is rendered down with
-        those latents. ``classes`` is an int or an array of class indices; returns
+        pooling window from the translation prior; the top code (an EM model's: drawn from
+        its class's Gaussian ``N(mu_c, Sigma)``; else the class template ``mu_c``) is
+        rendered down with those latents. ``classes`` is an int or an array of class indices; returns
         (len(classes), C, H, W).
         """
         net = self._net()
@@ -533,7 +564,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
         out = np.empty((cls.size, *self.input_shape_), dtype)
         for sl in batches(cls.size, INFERENCE_BATCH):
             idxs, switches = net.draw_latents(p, sl.stop - sl.start, rng, dtype)
-            top = net.top_code(p, np.eye(n_classes)[cls[sl]], dtype)
+            if "top_covariance" in p:  # the shared-covariance top: f ~ N(mu_c, Sigma)
+                top = net.top_plane_of(draw_features(p, cls[sl], rng), dtype)
+            else:
+                top = net.top_code(p, np.eye(n_classes)[cls[sl]], dtype)
             out[sl] = net.render_down(p, top, idxs, switches)[0]
         return out
 
