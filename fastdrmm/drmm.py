@@ -27,12 +27,25 @@ match of a patch ``a * W[l][k]`` is ``a``), so every code keeps the units of the
 renders. With ``bias="generative"`` the M-step sets ``b[l][k] = -1/2 + s2_l ln(pa/(1-pa)) /
 ||W[l][k]||^2``: the switch's log-odds ``<W, p>/s2 - ||W||^2/(2 s2) + ln(pa/(1-pa))`` of the
 generative model times the positive factor ``s2 / ||W[l][k]||^2``, so every switch and argmax
-is the generative model's; and ``class_scale = P / tau``, ``beta_c = -P ||mu_c||^2 / (2 tau) +
-ln pi_c`` (P top positions), so the class score is the top Gaussian's log-likelihood plus the
-log-prior. ``bias="fixed"`` keeps the biases as they are.
+is the generative model's. ``bias="fixed"`` keeps the biases as they are.
+
+The top of an EM model is a class-conditional Gaussian over the top feature with one
+shared, shrunk covariance, ``f | c ~ N(mu_c, Sigma)`` (:mod:`fastdrmm._top`: scikit-learn's
+linear discriminant estimate, shrinkage chosen by Ledoit-Wolf, OAS or fixed by
+``shrinkage``), fitted after every M-step to the bottom-up features of every training
+sample: the class score ``<Sigma^-1 mu_c, f> - 1/2 mu_c^T Sigma^-1 mu_c + ln pi_c`` (entries
+``class_weights`` and ``beta``) is the class log-posterior up to a constant and linear in f,
+so inference stays the network's forward pass. (The isotropic top it replaces, one noise
+variance for every entry of f, threw away the correlated within-class variation that the
+nuisances leave in the top code.)
 
 E-step: bottom-up inference records every latent (switches, argmax positions, the codes
-h[l]); labeled samples take their label, unlabeled ones the best-scoring class. M-step, in
+h[l]); labeled samples take their label, unlabeled ones the best-scoring class (weighing
+``unlabeled_weight``, and nothing where ``confidence_threshold`` > 0 and that class's
+posterior is below it). Given those latents, ``amplitude_steps`` projected-gradient steps
+refine the codes so that each renders the layer below in the least-squares sense, non-
+negative (:mod:`fastdrmm._amplitudes`): the bottom-up amplitudes, matched under many
+overlapping patches, overshoot. M-step, in
 closed form (:mod:`fastdrmm._em` writes the objective out): the templates of layer 1 by
 least squares of the *image* on the layer's code, ``render(h[1], idx[1], W, switches=a[1])
 ~ x`` (``W = solve(G + ridge I, B)``, ``B, G`` from :func:`fastdrmm.ops.template_stats`); those
@@ -46,8 +59,9 @@ channels scaled inversely so that every rendering is unchanged: least squares fi
 template's scale only together with the amplitudes, and without this the scale drifts
 geometrically. The E-step is the bottom-up pass, exact max-sum within a layer but not
 jointly over overlapping patches and layers, so a whole iteration is not guaranteed to lower
-the objective. After the last iteration the class templates and priors are refitted to the
-final codes (on at most 2,000 training samples).
+the objective. After every iteration the top is refitted to the new bottom-up features of
+every training sample; after the last one the switch and translation priors and the noise
+variances are refitted to the final latents (on at most 2,000 training samples).
 
 Training: EG (``algorithm="eg"``)
 ---------------------------------
@@ -155,7 +169,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
     confidence_threshold : float in [0, 1], default 0.0
         With ``consistency_weight``: > 0 replaces each target by its most probable class
         (the E-step's hard choice) where that class's posterior is at least this, and leaves
-        the other unlabeled samples out of the term; 0 keeps the soft posteriors.
+        the other unlabeled samples out of the term; 0 keeps the soft posteriors. EM: an
+        unlabeled sample whose chosen class's posterior is below it weighs nothing in that
+        iteration's statistics.
     weight_decay : float, default 0.0
         L2 penalty on the layer templates added to their EG gradient.
     ridge : float, default 1e-3
@@ -171,9 +187,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
         Stop early after this many epochs without a better validation score.
     tol : float, default 1e-4
         EM stops when the objective (per sample) changes by less than this.
-    init : {"auto", "he", "patches"}, default "auto"
-        Random (He) templates, or templates drawn from the data's patches; "auto" picks
-        "patches" for EM and "he" for EG.
+    init : {"auto", "he", "patches", "em"}, default "auto"
+        Random (He) templates, templates drawn from the data's patches, or (EG) the model
+        of ``EM_START_ITERATIONS`` (3) EM iterations, its shared-covariance top becoming the
+        linear class scores EG trains on; "auto" picks "patches" for EM and "he" for EG.
     dtype : {"float32", "float64"}, default "float32"
         The working precision of the kernels (M-step solves are float64).
     backend : str, default "auto"
@@ -189,6 +206,17 @@ class DRMM(ClassifierMixin, BaseEstimator):
         the identity of the training data); ``fit(..., resume=True)`` continues from it.
         ``fit`` checks that it can be written (not a directory, in an existing writable
         directory) before training.
+    amplitude_steps : int, default 10
+        EM: the projected-gradient steps per E-step that refine the codes, given the
+        latents chosen bottom-up, to render the layer below (0: the bottom-up codes).
+    em_targets : {"bottom-up", "top-down"}, default "bottom-up"
+        EM: each layer's templates fitted to render the layer below's (refined) code
+        ("bottom-up"), or, as in the paper, to render it from the top-down rendering of
+        the chosen class through the recorded latents ("top-down", top layer first: one
+        pass over the data per layer).
+    shrinkage : "auto", "oas" or float in [0, 1], default "auto"
+        EM: the shrinkage of the top's shared covariance: Ledoit-Wolf (on standardized
+        features), Oracle-Approximating Shrinkage, or fixed.
     top : {"average", "full"}, default "average"
         How the class templates meet the top code: "average" (global average pooling, as in
         the paper's Conv-Small: a template of K_L numbers rendered on every top position) or
@@ -200,7 +228,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
     parameters_ : dict of arrays
         W0.., b0.. (layer templates and biases), mu, beta, class_scale (top), and the
         generative noise_variance, switch_prior{l}, translation_prior{l}, class_prior,
-        top_noise_variance.
+        top_noise_variance; an EM model also class_weights (Sigma^-1 mu_c) and
+        top_covariance (Sigma).
     layers_ : tuple of Layer
     input_shape_ : (C, H, W)
     classes_ : ndarray, ``arange(n_classes)``
@@ -485,7 +514,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
 
     @serial_blas
     def decision_function(self, X):
-        """Class scores (N, n_classes): ``class_scale * <mu_c, f> + beta_c``."""
+        """Class scores (N, n_classes): ``<class_weights_c, f> + beta_c`` (EM), else
+        ``class_scale * <mu_c, f> + beta_c``."""
         with np.errstate(over="ignore", invalid="ignore"):
             out = self._raw_scores(X)
         if not np.all(np.isfinite(out)):
