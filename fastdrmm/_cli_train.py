@@ -19,7 +19,7 @@ from ._cli_data import (DATASETS, CLIError, check_distinct_outputs, check_layer_
                         check_output_path, check_resume_data, data_identity,
                         data_identity_path, layers_label, load_split, parse_layers,
                         read_data_identity, select_labels, take_subset, write_data_identity)
-from ._cli_options import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_TRANSLATION,
+from ._cli_options import (MAX_BATCH, MAX_EM_ITER, MAX_EPOCHS, MAX_SEED, MAX_TRANSLATION,
                            add_backend_option, add_data_options, host_backend)
 
 __all__ = ["DEFAULT_MODEL", "TRAIN_DEFAULTS", "Interrupted",
@@ -120,8 +120,25 @@ def add_train_parser(sub):
                    type=option_type(c["confidence_threshold"], reals(0, 1, closed="left")),
                    metavar="TAU", default=d["confidence_threshold"],
                    help="EG: consistency targets become the most probable class where its "
-                        "posterior is >= TAU, other samples are left out (default "
+                        "posterior is >= TAU, other samples are left out; EM: unlabeled images "
+                        "below TAU weigh nothing in that iteration (default "
                         f"{d['confidence_threshold']}: soft targets)")
+    p.add_argument("--init", choices=option_choices(c["init"], d["init"]), default=d["init"],
+                   help="the starting templates: 'he' (random), 'patches' (the data's), 'em' "
+                        "(EG from a few EM iterations) or 'auto' (patches for EM, he for EG) "
+                        f"(default {d['init']})")
+    p.add_argument("--amplitude-steps", type=option_type(c["amplitude_steps"],
+                                                         integers(0, MAX_EM_ITER)),
+                   metavar="N", default=d["amplitude_steps"],
+                   help="EM: steps per E-step refining the codes to render the layer below "
+                        f"(default {d['amplitude_steps']}; 0: the bottom-up codes)")
+    p.add_argument("--em-targets", choices=option_choices(c["em_targets"], d["em_targets"]),
+                   default=d["em_targets"],
+                   help="EM: fit each layer to the code below ('bottom-up') or to the "
+                        f"top-down rendering of the chosen class (default {d['em_targets']})")
+    p.add_argument("--unlabeled-weight", type=option_type(c["unlabeled_weight"]), metavar="W",
+                   default=d["unlabeled_weight"],
+                   help=f"EM: the weight of an unlabeled image (default {d['unlabeled_weight']})")
     p.add_argument("--validation-fraction", type=option_type(c["validation_fraction"]),
                    metavar="F", default=d["validation_fraction"],
                    help="fraction of the labeled images held out to pick the best epoch "
@@ -209,7 +226,9 @@ def run_train(args, out=None):
                  lr_schedule=args.lr_schedule, top=args.top,
                  **{name: getattr(args, name) for name in LOSS_WEIGHTS},
                  translation=args.translation, teacher_decay=args.teacher_decay,
-                 confidence_threshold=args.confidence_threshold,
+                 confidence_threshold=args.confidence_threshold, init=args.init,
+                 amplitude_steps=args.amplitude_steps, em_targets=args.em_targets,
+                 unlabeled_weight=args.unlabeled_weight,
                  validation_fraction=args.validation_fraction, random_state=args.seed,
                  backend=args.backend, verbose=int(verbose), checkpoint=checkpoint)
     if verbose:
