@@ -50,8 +50,8 @@ def layer_gradient(net, p, new, X, y, l, ridge, unlabeled_weight, upper=None,
     """The gradient of layer l's top-down least-squares objective at ``new``'s templates,
     sum_n w_n ||T[l] - render(r[l+1], W)||^2 + ridge_l ||W||^2, computed on all samples at
     once with r[l+1] rendered from new["mu"] through ``upper``'s templates (default:
-    ``new``'s) and T[l] the (refined) bottom-up code; returns (gradient, ||B||, the objective's residual per unit weight and
-    value including the ridge term)."""
+    ``new``'s) and T[l] the (refined) bottom-up code; returns (gradient, ||B||, the
+    objective's residual per unit weight and value including the ridge term)."""
     upper = new if upper is None else upper
     fw = net.bottom_up(p, X)
     labeled = y >= 0
