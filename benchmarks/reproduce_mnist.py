@@ -12,6 +12,7 @@ Usage::
     python benchmarks/reproduce_mnist.py --time-budget 36000 --out results/mnist   # 10 hours
     python benchmarks/reproduce_mnist.py --preset two-layer --train-size 2000 --epochs 2
     python benchmarks/reproduce_mnist.py --algorithm em --experiments supervised
+    python benchmarks/reproduce_mnist.py --tables eg,em --experiments 100,600,1000,3000
 
 Experiments: ``supervised`` and ``semi-<N_L>`` (``100``, ``600``, ``1000``, ``3000``, or any
 other count written as ``semi-N`` or ``N``). The N_L labels are balanced over the classes
@@ -20,6 +21,20 @@ from the training set (or its ``--train-size`` subset); every other training ima
 y = -1. The model is ``DRMM(--preset, algorithm=--algorithm, ...)`` with the loss weights,
 rate, schedule and batch size given here, ``validation_fraction`` 0 by default (every label
 trains; the last epoch's parameters are kept), seeded by ``--seed``.
+
+The EM table
+------------
+``--tables eg,em`` (or ``em`` alone) adds a second table: the same experiments fitted by
+semi-supervised hard EM, ``DRMM(--preset, algorithm="em", top=--em-top,
+max_iter=--em-iterations, ...)`` with the same labels, beside EM on those N_L labeled images
+alone (``--no-em-labels-only`` skips that) and the first table's error. The EM settings
+(``--em-unlabeled-weight``, ``--em-confidence-threshold``, ``--em-amplitude-steps``,
+``--em-targets``, ``--em-shrinkage``, ``--em-ridge``, ``--em-bias``, ``--em-init``,
+``--em-tol``, ``--em-param NAME=VALUE``) are DRMM's own defaults unless given; the EG-only
+settings (rate, loss weights, few-labels terms) are not passed to EM. ``--time-budget`` is the
+first table's; each EM fit runs its ``--em-iterations`` (``--test-every-epoch`` records its
+test error after every iteration too). In the JSON: ``em_experiments`` (each with its
+``labels_alone`` run) and ``em_settings``.
 
 Time budget
 -----------
@@ -60,6 +75,9 @@ import time
 import warnings
 
 import numpy as np
+
+# the EM helpers of benchmarks/em_mnist.py (imported where the EM table needs them)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: the paper's MNIST test errors (%), Patel, Nguyen & Baraniuk 2016; None where not reported
 PAPER = {
@@ -150,9 +168,12 @@ def training_options(args):
 
 
 def model_params(args):
-    """DRMM keyword arguments common to every experiment (max_iter/checkpoint apart)."""
-    return dict(layers=args.preset, n_classes=N_CLASSES, random_state=args.seed,
-                verbose=int(args.verbose), **training_options(args))
+    """DRMM keyword arguments common to every experiment (max_iter/checkpoint apart); the EM
+    table's settings beyond TRAINING_OPTIONS come from ``args.extra_params``."""
+    params = dict(layers=args.preset, n_classes=N_CLASSES, random_state=args.seed,
+                  verbose=int(args.verbose), **training_options(args))
+    params.update(getattr(args, "extra_params", None) or {})
+    return params
 
 
 def checkpoint_name(key, args, n_train):
@@ -194,17 +215,21 @@ def fit_by_epochs(params, X, y, max_epochs, share_s, checkpoint, callback=None):
     return model, time.perf_counter() - tic, calls
 
 
-def run_experiment(key, args, X, y, X_test, y_test, share_s, checkpoint):
-    """Fit one experiment and score it on the test set: a result dict."""
+def run_experiment(key, args, X, y, X_test, y_test, share_s, checkpoint, labels_only=False):
+    """Fit one experiment and score it on the test set: a result dict. ``labels_only``: fit
+    on the experiment's labeled images alone (the EM table's comparison)."""
     n_labels = None if key == "supervised" else key
     y_train = y if n_labels is None else choose_labels(y, n_labels, args.seed)
+    if labels_only:
+        X, y_train = np.ascontiguousarray(X[y_train >= 0]), y_train[y_train >= 0]
     labeled = int(np.sum(y_train >= 0))
     params = model_params(args)
     curve = [] if args.test_every_epoch else None
 
     def track(snapshot, record):  # test error after every epoch: reported, never used to select
         curve.append(100.0 * (1.0 - float(snapshot.score(X_test, y_test))))
-        print(f"reproduce_mnist.py: {experiment_name(key)} epoch {record['epoch']}: test error "
+        print(f"reproduce_mnist.py: {experiment_name(key)}"
+              f"{' labels only' if labels_only else ''} epoch {record['epoch']}: test error "
               f"{curve[-1]:.2f} %", file=sys.stderr, flush=True)
 
     callback = track if curve is not None else None
@@ -237,7 +262,7 @@ def run_experiment(key, args, X, y, X_test, y_test, share_s, checkpoint):
         target_met=None if target is None else bool(error <= target),
         converged=bool(model.converged_), validation_score=model.validation_score_,
         best_iteration=int(model.best_iteration_), history=history,
-        test_error_by_epoch_pct=curve,
+        test_error_by_epoch_pct=curve, labels_only=bool(labels_only),
         warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught}))
 
 
@@ -266,6 +291,16 @@ def _few_label_terms(s):
 
 
 def markdown(report):
+    """The first table (where it ran) and the EM table (where it ran)."""
+    parts = []
+    if report["experiments"] or not report.get("em_experiments"):
+        parts.append(main_markdown(report))
+    if report.get("em_experiments"):
+        parts.append(em_markdown(report))
+    return "\n".join(parts)
+
+
+def main_markdown(report):
     s = report["settings"]
     lines = [f"# DRMM on MNIST: {s['preset']}, {s['algorithm'].upper()}, seed {s['seed']}", "",
              f"top {s['top']}, "
@@ -299,6 +334,89 @@ def markdown(report):
     if notes:
         lines += [""] + [f"warning: {w}" for w in notes]
     return "\n".join(lines) + "\n"
+
+
+def em_markdown(report):
+    """The EM table: semi-supervised EM beside EM on the labels alone and the first table."""
+    s, em = report["settings"], report["em_settings"]
+    main = {r["experiment"]: r for r in report["experiments"]}
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(em["given"].items()))
+    lines = [f"# Semi-supervised EM on MNIST: {s['preset']}, top {em['top']}, seed {s['seed']}",
+             "", f"train images {s['train_images']}, test images {s['test_images']}, EM "
+             f"iterations <= {em['iterations']}; EM settings: {settings or 'DRMM defaults'}"
+             + (f"; first table: {s['algorithm'].upper()} (top {s['top']})" if main else ""),
+             ""]
+    head = ["experiment", "labels", "iterations run", "wall time", "EM test error %",
+            "EM on the labels alone %", "unlabeled helps", "first table %",
+            "paper DRMM 5-layer %", "paper DRMM 2-layer %"]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in report["em_experiments"]:
+        alone = r.get("labels_alone")
+        helps = "" if alone is None else (
+            "yes" if r["test_error_pct"] < alone["test_error_pct"] else "no")
+        first = main.get(r["experiment"])
+        lines.append("| " + " | ".join([
+            r["experiment"], str(r["labels"]), f"{r['epochs']}/{r['max_epochs']}",
+            _duration(r["wall_s"]), f"{r['test_error_pct']:.2f}",
+            "—" if alone is None else f"{alone['test_error_pct']:.2f}", helps,
+            "—" if first is None else f"{first['test_error_pct']:.2f}",
+            _f(r["paper"].get("drmm_5layer")), _f(r["paper"].get("drmm_2layer"))]) + " |")
+    lines += ["", "EM on the labels alone: the same EM fitted on the N_L labeled images only "
+              "(no unlabeled data); unlabeled helps: the semi-supervised error is the lower. "
+              "wall time: training only."]
+    notes = sorted({w for r in report["em_experiments"] for w in r["warnings"]}
+                   | {w for r in report["em_experiments"] if r.get("labels_alone")
+                      for w in r["labels_alone"]["warnings"]})
+    if notes:
+        lines += [""] + [f"warning: {w}" for w in notes]
+    return "\n".join(lines) + "\n"
+
+
+#: DRMM settings only EG reads: the EM table leaves them at DRMM's defaults
+EG_ONLY = ("batch_size", "learning_rate", "lr_schedule", "xent_weight", "reconstruction_weight",
+           "entropy_weight", "nonnegativity_weight", "kl_weight", "consistency_weight",
+           "translation", "teacher_decay", "weight_decay")
+
+
+def em_table_args(args):
+    """The arguments of the EM table's experiments: algorithm em, --em-top, --em-iterations,
+    the --em-* settings, every other setting DRMM's default (the dtype, validation fraction,
+    seed and verbosity kept)."""
+    import copy
+
+    import em_mnist
+    from fastdrmm import DRMM
+
+    defaults = DRMM().get_params()
+    em = em_mnist.em_params(args, prefix="em-")
+    out = copy.copy(args)
+    out.algorithm, out.top, out.epochs = "em", args.em_top, args.em_iterations
+    for name in EG_ONLY + ("unlabeled_weight", "confidence_threshold"):
+        setattr(out, name, em.pop(name, defaults[name]))
+    out.extra_params = em
+    return out
+
+
+def run_em_table(keys, args, X, y, X_test, y_test, ck_dir):
+    """The EM table's experiments (each with its labels-only run): a list of result dicts."""
+    em_args = em_table_args(args)
+    results = []
+    for key in keys:
+        name = checkpoint_name(key, em_args, y.size)
+        print(f"reproduce_mnist.py: EM table {experiment_name(key)} ({args.preset}, top "
+              f"{em_args.top}, <= {em_args.epochs} iterations)", file=sys.stderr, flush=True)
+        result = run_experiment(key, em_args, X, y, X_test, y_test, None,
+                                os.path.join(ck_dir, "em-table-" + name))
+        if key != "supervised" and args.em_labels_only:
+            result["labels_alone"] = run_experiment(
+                key, em_args, X, y, X_test, y_test, None,
+                os.path.join(ck_dir, "em-labels-only-" + name), labels_only=True)
+        print(f"reproduce_mnist.py: EM table {result['experiment']}: test error "
+              f"{result['test_error_pct']:.2f} %" + (
+                  f" (labels alone {result['labels_alone']['test_error_pct']:.2f} %)"
+                  if "labels_alone" in result else ""), file=sys.stderr, flush=True)
+        results.append(result)
+    return results, em_args
 
 
 def write_outputs(path, report, text):
@@ -374,6 +492,18 @@ def build_parser():
                          "stderr, never used to select; its time counts in the wall time)")
     ap.add_argument("--verbose", "-v", action="store_true",
                     help="DRMM progress bars and per-epoch lines")
+    ap.add_argument("--tables", default="eg",
+                    help="comma-separated: eg (the table of --algorithm, default) and em (the "
+                         "semi-supervised EM table; see the module docstring)")
+    ap.add_argument("--em-iterations", type=int, default=10,
+                    help="EM table: iterations per experiment, at most")
+    ap.add_argument("--em-top", choices=["average", "full"], default="full",
+                    help="EM table: DRMM(top=...) (default full)")
+    ap.add_argument("--em-labels-only", action=argparse.BooleanOptionalAction, default=True,
+                    help="EM table: also fit EM on the N_L labeled images alone")
+    import em_mnist
+
+    em_mnist.add_em_options(ap, prefix="em-")
     return ap
 
 
@@ -381,6 +511,11 @@ def main(argv=None, out=None):
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     keys = parse_experiments(args.experiments)
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    if not tables or any(t not in ("eg", "em") for t in tables):
+        raise SystemExit("--tables: a comma-separated subset of eg,em")
+    if args.em_iterations < 1:
+        raise SystemExit("--em-iterations must be >= 1")
     if args.epochs < 1:
         raise SystemExit("--epochs must be >= 1")
     if args.time_budget is not None and not args.time_budget > 0:
@@ -434,7 +569,7 @@ def main(argv=None, out=None):
     os.makedirs(ck_dir, exist_ok=True)
     start = time.perf_counter()
     try:
-        for i, key in enumerate(keys):
+        for i, key in enumerate(keys if "eg" in tables else []):
             share = None
             if args.time_budget is not None:
                 used = time.perf_counter() - start
@@ -449,6 +584,17 @@ def main(argv=None, out=None):
             print(f"reproduce_mnist.py: {result['experiment']}: {result['epochs']} epochs, "
                   f"{_duration(result['wall_s'])}, test error {result['test_error_pct']:.2f} %",
                   file=sys.stderr, flush=True)
+        if "em" in tables:
+            import em_mnist
+
+            report["em_experiments"], em_args = run_em_table(keys, args, X, y, X_test, y_test,
+                                                             ck_dir)
+            report["em_settings"] = dict(top=em_args.top, iterations=em_args.epochs,
+                                         labels_only=bool(args.em_labels_only),
+                                         given=em_mnist.em_params(args, prefix="em-"),
+                                         params={k: v for k, v in model_params(em_args).items()
+                                                 if k not in ("layers", "n_classes",
+                                                              "random_state", "verbose")})
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Wall time to a test accuracy on MNIST: fastdrmm's DRMM (EG) vs the same model in PyTorch.
+"""Wall time to a test accuracy on MNIST: fastdrmm's DRMM (EG, and EM) vs the same model in
+PyTorch.
 
 Usage::
 
@@ -6,8 +7,9 @@ Usage::
     python benchmarks/time_to_accuracy.py --target 0.99 --max-epochs 20 --out results/tta
     python benchmarks/time_to_accuracy.py --preset two-layer --train-size 2000 --max-epochs 2
     python benchmarks/time_to_accuracy.py --contenders torch --learning-rate 3e-3
+    python benchmarks/time_to_accuracy.py --contenders fastdrmm,torch,em --em-top full
 
-Both contenders train the same model on the same data, supervised (every training label):
+The contenders train the same layers on the same data, supervised (every training label):
 
 * ``fastdrmm``: ``DRMM(preset, algorithm="eg", lr_schedule="constant",
   validation_fraction=0, ...)``, one ``partial_fit(X, y)`` per epoch (an EG epoch with Adam at
@@ -15,16 +17,28 @@ Both contenders train the same model on the same data, supervised (every trainin
 * ``torch``: the architecture and EG loss of ``compare.py --drmm-step`` (conv2d, leaky_relu,
   max_pool2d up; max_unpool2d, conv_transpose2d down; cross-entropy, reconstruction and
   non-negativity terms with fastdrmm's weights) in autograd, ``torch.optim.Adam`` with the same
-  rate, betas and eps.
+  rate, betas and eps;
+* ``em``: ``DRMM(preset, algorithm="em", top=--em-top, max_iter=--em-max-iter,
+  validation_fraction=0, random_state=--seed, **EM settings)``, one ``fit`` whose
+  ``callback=`` measures the test accuracy after every EM iteration (a full pass: E-step over
+  every training image, closed-form M-step) and ends the fit (by lowering ``max_iter``) at the
+  target or the time limit. Its "epochs" are EM iterations; its training time is the wall
+  time since ``fit`` was called minus the measurements, so it includes the kernels' warm-up
+  before the first iteration. The EM settings (``--em-amplitude-steps``, ``--em-targets``,
+  ``--em-shrinkage``, ``--em-ridge``, ``--em-bias``, ``--em-init``, ``--em-tol``,
+  ``--em-param NAME=VALUE``) are passed only where given (DRMM's defaults otherwise).
+  ``--em-top`` defaults to "full" (EM's class model on the whole top code; "average" is the
+  paper's Conv-Small top, the EG contenders' default); the layers are the same.
 
-They start from the very same parameters (``DRMM._init_params`` with ``--seed``), and the
-PyTorch run visits the training images in fastdrmm's order (the permutation of epoch e is
-``numpy.random.default_rng([seed, 2, e])``, batches of ``--batch-size``, sorted within a
-batch), so the two differ only by floating-point rounding and by speed. After every epoch the
-test accuracy is measured (not timed); a contender stops at the first epoch that reaches
-``--target``, after ``--max-epochs``, or once its training time passes ``--time-limit``.
-The reported time to accuracy is the training time (evaluation excluded) summed up to that
-epoch. Both use every core (``--threads``).
+The EG contenders start from the very same parameters (``DRMM._init_params`` with
+``--seed``), and the PyTorch run visits the training images in fastdrmm's order (the
+permutation of epoch e is ``numpy.random.default_rng([seed, 2, e])``, batches of
+``--batch-size``, sorted within a batch), so the two differ only by floating-point rounding
+and by speed. After every epoch the test accuracy is measured (not timed); a contender stops
+at the first epoch that reaches ``--target``, after ``--max-epochs`` (EM: ``--em-max-iter``),
+or once its training time passes ``--time-limit``. The reported time to accuracy is the
+training time (evaluation excluded) summed up to that epoch. All use every core
+(``--threads``).
 
 Outputs: a markdown summary and per-epoch table on stdout; ``--out PATH`` writes PATH.json and
 PATH.md (or the one a .json/.md suffix names).
@@ -44,8 +58,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import compare  # noqa: E402  (benchmarks/compare.py: the PyTorch model of the DRMM)
+import em_mnist  # noqa: E402  (benchmarks/em_mnist.py: the EM options and measurements)
 
-CONTENDERS = ("fastdrmm", "torch")
+CONTENDERS = ("fastdrmm", "torch", "em")
 EVAL_BATCH = 1000
 
 
@@ -109,6 +124,39 @@ def train_torch(args, X, y, X_test, y_test, log):
     return _loop(args, train_epoch, accuracy, "torch", log)
 
 
+def train_em(args, X, y, X_test, y_test, log):
+    """The EM contender: one fit, measured and stopped by its callback after every
+    iteration."""
+    from fastdrmm import DRMM
+
+    em = em_mnist.em_params(args, prefix="em-")
+    model = DRMM(args.preset, 10, algorithm="em", top=args.em_top,
+                 max_iter=args.em_max_iter or args.max_epochs, validation_fraction=0.0,
+                 random_state=args.seed, verbose=int(args.verbose), **em)
+
+    def stop(row):
+        return row["accuracy"] >= args.target or (args.time_limit is not None
+                                                  and row["train_s"] >= args.time_limit)
+
+    tracker = em_mnist.IterationTracker(X_test, y_test, model=model, stop=stop,
+                                        log=lambda m: log(f"time_to_accuracy.py: {m}"))
+    tracker.start()
+    caught = em_mnist.fit_quietly(model, X, y, tracker)
+    rows = tracker.attach_objective(model)
+    epochs = [dict(epoch=r["iteration"], train_s=r["train_s"], accuracy=r["accuracy"],
+                   eval_s=r["eval_s"], objective=r.get("objective"),
+                   objective_after_m_step=r.get("objective_after_m_step")) for r in rows]
+    reached = next((e["epoch"] for e in epochs if e["accuracy"] >= args.target), None)
+    elapsed = epochs[-1]["train_s"]
+    return dict(contender="em", epochs=epochs, reached_epoch=reached,
+                time_to_target_s=None if reached is None else epochs[reached - 1]["train_s"],
+                final_accuracy=epochs[-1]["accuracy"],
+                best_accuracy=max(e["accuracy"] for e in epochs), train_s=elapsed,
+                s_per_epoch=elapsed / len(epochs), top=args.em_top, em_settings=em,
+                objective_rises=em_mnist.objective_rises(model.objective_history_),
+                warnings=caught)
+
+
 def _loop(args, train_epoch, accuracy, name, log):
     """Train epoch by epoch until the target, --max-epochs or --time-limit."""
     epochs, elapsed, reached = [], 0.0, None
@@ -143,14 +191,22 @@ def _f(v, fmt="{:.1f}"):
 
 def markdown(report):
     s = report["settings"]
+    names = [r["contender"] for r in report["results"]]
+    em = next((r for r in report["results"] if r["contender"] == "em"), None)
+    kinds = " and ".join(k for k, on in (("EG", set(names) - {"em"}), ("EM", em)) if on)
     lines = [f"# Time to {100 * s['target']:g} % test accuracy on MNIST: {s['preset']} "
-             f"(top {s['top']}), EG supervised", "",
+             f"(top {s['top']}), {kinds} supervised", "",
              f"train images {s['train_images']}, test images {s['test_images']}, batch "
              f"{s['batch_size']}, Adam rate {s['learning_rate']:g} (constant), weights xent "
              f"{s['xent_weight']:g} / reconstruction {s['reconstruction_weight']:g} / "
              f"non-negativity {s['nonnegativity_weight']:g}, seed {s['seed']}, at most "
              f"{s['max_epochs']} epochs; {report['machine']['threads']} threads, torch "
              f"{report['machine']['torch']}", ""]
+    if em is not None:
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(em["em_settings"].items()))
+        lines[-1:-1] = ["", f"EM: top {em['top']}, at most {s['em_max_iter']} iterations, "
+                        f"settings: {settings or 'DRMM defaults'}; its epochs are EM "
+                        "iterations"]
     head = ["contender", "reached", "epochs", "time to target s", "s/epoch", "final acc %",
             "best acc %"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -159,14 +215,18 @@ def markdown(report):
             r["contender"], "yes" if r["reached_epoch"] else "no", str(len(r["epochs"])),
             _f(r["time_to_target_s"]), _f(r["s_per_epoch"]),
             f"{100 * r['final_accuracy']:.2f}", f"{100 * r['best_accuracy']:.2f}"]) + " |")
-    if len(report["results"]) == 2:
-        a, b = report["results"]
+    # every contender against PyTorch where it ran, else the first against the last
+    results = report["results"]
+    ref = next((r for r in results if r["contender"] == "torch"), results[-1])
+    for a in (results if ref["contender"] == "torch" else results[:1]):
+        if a is ref:
+            continue
+        b = ref
         if a["time_to_target_s"] and b["time_to_target_s"]:
             lines += ["", f"{a['contender']} / {b['contender']} time to target: "
                       f"{a['time_to_target_s'] / b['time_to_target_s']:.2f}x"]
         lines += ["", f"{a['contender']} / {b['contender']} time per epoch: "
                   f"{a['s_per_epoch'] / b['s_per_epoch']:.2f}x"]
-    names = [r["contender"] for r in report["results"]]
     head = ["epoch"] + [f"{n} {col}" for n in names for col in ("acc %", "train s")]
     lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     longest = max(len(r["epochs"]) for r in report["results"])
@@ -191,7 +251,7 @@ def build_parser():
                     help="stop a contender after the epoch in which its training time "
                          "passes this")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
-                    help="comma-separated subset of fastdrmm,torch (run in that order)")
+                    help="comma-separated subset of fastdrmm,torch,em (run in that order)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--xent-weight", type=float, default=1.0)
@@ -208,6 +268,11 @@ def build_parser():
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None, metavar="PATH")
     ap.add_argument("--verbose", "-v", action="store_true")
+    ap.add_argument("--em-top", choices=["average", "full"], default="full",
+                    help="the EM contender's top (default full)")
+    ap.add_argument("--em-max-iter", type=int, default=None,
+                    help="the EM contender's iterations at most (default --max-epochs)")
+    em_mnist.add_em_options(ap, prefix="em-")
     return ap
 
 
@@ -221,6 +286,8 @@ def main(argv=None, out=None):
         raise SystemExit("--target is a fraction in (0, 1]")
     if args.max_epochs < 1:
         raise SystemExit("--max-epochs must be >= 1")
+    if args.em_max_iter is not None and args.em_max_iter < 1:
+        raise SystemExit("--em-max-iter must be >= 1")
 
     import fastdrmm
     from fastdrmm.layers import PRESETS
@@ -256,9 +323,10 @@ def main(argv=None, out=None):
                       reconstruction_weight=args.reconstruction_weight,
                       entropy_weight=args.entropy_weight,
                       nonnegativity_weight=args.nonnegativity_weight, seed=args.seed,
+                      em_top=args.em_top, em_max_iter=args.em_max_iter or args.max_epochs,
                       train_images=int(y.size), test_images=int(y_test.size)),
         results=[])
-    trainers = {"fastdrmm": train_fastdrmm, "torch": train_torch}
+    trainers = {"fastdrmm": train_fastdrmm, "torch": train_torch, "em": train_em}
     for name in names:
         report["results"].append(trainers[name](args, X, y, X_test, y_test, log))
     text = markdown(report)
