@@ -64,8 +64,10 @@ def _unmat(mat, shape):
 class Statistics:
     """The E-step's sums (float64), added batch by batch."""
 
-    def __init__(self, net):
+    def __init__(self, net, features=True):
         self.net = net
+        #: whether the E-step keeps the top features (see below)
+        self.keep_features = bool(features)
         L = net.n_layers
         self.weight = 0.0
         self.B = [None] * L
@@ -91,7 +93,7 @@ class Statistics:
         EM)."""
         out = Statistics(self.net)
         for name, value in vars(self).items():
-            if name in ("net", "features", "feature_classes"):
+            if name in ("net", "keep_features", "features", "feature_classes"):
                 value = list(value) if isinstance(value, list) else value
             elif name == "patches":
                 pass
@@ -104,7 +106,7 @@ class Statistics:
 
     def add(self, other):
         for name, value in vars(self).items():
-            if name == "net":
+            if name in ("net", "keep_features"):
                 continue
             o = getattr(other, name)
             if name in ("features", "feature_classes", "feature_weights"):
@@ -161,7 +163,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
         stats.n_units[l] += float(w.sum()) * on[0, 0].size
         stats.offsets[l] += _offset_counts(net, l, fw.idxs[l], on, w)
     f = np.asarray(fw.f, np.float64)
-    if net.matching == "normalized":
+    if net.matching == "normalized" and stats.keep_features:
         stats.features.append(np.array(fw.f))
         stats.feature_classes.append(classes)
         stats.feature_weights.append(w)
@@ -199,20 +201,24 @@ def _offset_counts(net, l, idx, on, w):
 
 def random_patches(h, layer, k, rng):
     """k patches of h (padded as the layer pads), drawn with probability proportional to
-    their squared norm (uniformly when every patch is zero)."""
+    their squared norm (uniformly when every patch is zero).
+
+    Only the chosen patches are copied: the squared norms come from a window sum of the
+    channel-summed squares (copying every patch of a batch took seconds per layer)."""
     ph, pw = layer.padding
     kh, kw = layer.kernel_size
     hp = np.pad(np.asarray(h, np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    windows = np.lib.stride_tricks.sliding_window_view(hp, (kh, kw), axis=(2, 3))
-    n, c, ho, wo = windows.shape[:4]
-    # patches (n, ho, wo) x (c, kh, kw)
-    patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c, kh, kw)
-    norms = np.einsum("pckl,pckl->p", patches, patches)
+    energy = np.einsum("ncij,ncij->nij", hp, hp)
+    norms = np.lib.stride_tricks.sliding_window_view(energy, (kh, kw), axis=(1, 2)).sum(
+        axis=(-2, -1)).ravel()
+    n, ho, wo = energy.shape[0], energy.shape[1] - kh + 1, energy.shape[2] - kw + 1
     total = norms.sum()
     prob = norms / total if total > 0 else None
-    available = patches.shape[0] if prob is None else int(np.count_nonzero(prob))
-    chosen = rng.choice(patches.shape[0], size=k, replace=available < k, p=prob)
-    return patches[chosen].copy()
+    available = norms.size if prob is None else int(np.count_nonzero(prob))
+    chosen = rng.choice(norms.size, size=k, replace=available < k, p=prob)
+    s, rest = np.divmod(chosen, ho * wo)
+    i, j = np.divmod(rest, wo)
+    return np.stack([hp[a, :, b:b + kh, c:c + kw] for a, b, c in zip(s, i, j)])
 
 
 def _ridge(G, ridge):

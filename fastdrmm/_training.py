@@ -164,11 +164,13 @@ class Training:
 
     # -------------------------------------------------------------------------------- E-step
 
-    def em_statistics(self, params, rows=None, layers=True):
+    def em_statistics(self, params, rows=None, layers=True, features=None):
         """The E-step's statistics of ``params`` on the samples ``rows`` (default: the
-        training samples); ``layers=False``: the top's only."""
+        training samples); ``layers=False``: the top's only. ``features``: keep every
+        sample's top feature, which the shared-covariance top is fitted on (default: when
+        ``layers`` is False)."""
         rows = self.train if rows is None else rows
-        stats = _em.Statistics(self.net)
+        stats = _em.Statistics(self.net, features=not layers if features is None else features)
         bar = progress_bar(-(-rows.size // INFERENCE_BATCH), "E-step", self.verbose)
         try:
             for sl in batches(rows.size, INFERENCE_BATCH):
@@ -361,8 +363,8 @@ class EM(Strategy):
         stats = run.em_statistics(run.params)
         before = _em.objective(run.net, run.params, stats, ridge)
         generative = model.bias == "generative"
-        fitted = _em.m_step(run.net, run.params, stats, ridge, generative,
-                            shrinkage=model.shrinkage)
+        # the top is refitted below, to the features of the new templates
+        fitted = _em.m_step(run.net, run.params, stats, ridge, generative, top=False)
         if model.em_targets == "top-down":
             fitted = _em_topdown.m_step(run, run.params, fitted, stats)
         after = _em.objective(run.net, fitted, stats, ridge)
@@ -383,7 +385,7 @@ class EM(Strategy):
         blended into the running ones (``previous``, None at first) with weight
         (t + 2)^-0.7; sets the run's parameters and returns the blended statistics."""
         model = run.model
-        stats = run.em_statistics(run.params)
+        stats = run.em_statistics(run.params, features=True)
         stats = stats.scaled(1.0 / stats.weight)
         eta = (t + 2.0) ** -0.7
         if previous is not None:
