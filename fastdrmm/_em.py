@@ -190,13 +190,16 @@ def _offset_counts(net, l, idx, on, w):
         return np.array([float(np.einsum("nkij,n->", on, w))])
     wo = net.shapes[l].plane[1]
     hp, wp = net.shapes[l].pooled
-    i, j = np.divmod(idx.astype(np.int64), wo)
-    di = i - (np.arange(hp) * ph)[:, None]
-    dj = j - (np.arange(wp) * pw)[None, :]
-    offset = di * pw + dj
-    weights = on * w[:, None, None, None]
-    return np.bincount(offset.ravel(), weights=weights.ravel().astype(np.float64),
-                       minlength=ph * pw)
+    # the argmax relative to its window's corner is di * wo + dj: count those (one pass
+    # over the units), then read the ph x pw entries
+    corner = (np.arange(hp)[:, None] * (ph * wo) + np.arange(wp)[None, :] * pw).astype(
+        idx.dtype)
+    units = on != 0
+    rel = (idx - corner)[units]
+    weights = np.broadcast_to(w[:, None, None, None], on.shape)[units] * on[units]
+    counts = np.bincount(rel, weights=weights.astype(np.float64),
+                         minlength=(ph - 1) * wo + pw)
+    return counts[(np.arange(ph)[:, None] * wo + np.arange(pw)[None, :]).ravel()]
 
 
 def random_patches(h, layer, k, rng):
