@@ -1,5 +1,6 @@
 """benchmarks/compare.py runs end to end on a tiny shape and writes well-formed tables."""
 
+import importlib.util
 import io
 import json
 from pathlib import Path
