@@ -126,7 +126,9 @@ def refine(net, p, x, idxs, switches, codes, steps, *, blocks="greedy", history=
     * "joint": ``steps`` steps on J itself, every layer's code moving in each;
     * "layerwise": ``steps`` steps on J, step s moving only layer s mod L's code.
 
-    Returns the refined codes [h[1], ..., h[L]] in the codes' dtype and, with ``history``,
+    Whatever ``blocks``, no sample's J ends above its start: where "greedy" would raise it
+    (the layers above losing more than the layers below gain), the sample keeps its starting
+    codes. Returns the refined codes [h[1], ..., h[L]] in the codes' dtype and, with ``history``,
     a float64 array (n_steps, 2, N): every step's objective (J, or the one layer's term for
     "greedy") per sample before and after it."""
     L = net.n_layers
@@ -146,6 +148,9 @@ def refine(net, p, x, idxs, switches, codes, steps, *, blocks="greedy", history=
         raise ValueError(f"blocks must be 'greedy', 'joint' or 'layerwise', got {blocks!r}")
     record = []
     pres = {}
+    if blocks == "greedy" and L > 1:
+        # each phase lowers one layer's term, not J: kept to compare at the end
+        start, J_start = list(hs), _objective(es, w)
     for active, weights in plan:
         key = active + (weights.tobytes(),)
         if key not in pres:
@@ -153,6 +158,12 @@ def refine(net, p, x, idxs, switches, codes, steps, *, blocks="greedy", history=
         J0, J1 = _step(net, p, x, idxs, switches, hs, es, active, weights, pres[key])
         if history:
             record.append((J0, J1))
+    if blocks == "greedy" and L > 1:
+        # a sample whose J the greedy phases raised (the layers above fit worse than they
+        # gained below) keeps its starting codes: J never rises for any sample
+        worse = (_objective(es, w) > J_start)[:, None, None, None]
+        if worse.any():
+            hs = [x] + [np.where(worse, h0, h) for h0, h in zip(start[1:], hs[1:])]
     out = [np.ascontiguousarray(h, dtype=dtype) for h in hs[1:]]
     if history:
         return out, np.array(record).reshape(len(record), 2, x.shape[0])

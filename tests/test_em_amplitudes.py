@@ -68,6 +68,8 @@ def test_no_step_raises_any_samples_objective(n_layers, blocks, rng):
     projected = [X] + [h * a for h, a in zip(fw.hs[1:], switches)]
     start = _amplitudes.rendering_objective(net, p, projected, fw.idxs, switches)
     end = _amplitudes.rendering_objective(net, p, [X] + codes, fw.idxs, switches)
+    # whatever the blocks, no sample ends above where it started
+    assert np.all(end <= start + 1e-12 * np.abs(start))
     if blocks == "greedy":
         # each layer's phase minimises that layer's term, from the codes the phase below
         # left: the bottom-up overshoot is mostly gone (at least half) for every sample
