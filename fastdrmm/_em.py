@@ -86,14 +86,16 @@ class Statistics:
         #: estimators on the samples themselves
         self.features = []
         self.feature_classes = []
-        self.feature_weights = []
+        self.feature_weights = []  # before the confidence threshold
+        self.feature_labeled = []
 
     def scaled(self, factor):
         """A copy with every sum (and every sample's weight) times ``factor`` (stepwise
         EM)."""
         out = Statistics(self.net)
         for name, value in vars(self).items():
-            if name in ("net", "keep_features", "features", "feature_classes"):
+            if name in ("net", "keep_features", "features", "feature_classes",
+                        "feature_labeled"):
                 value = list(value) if isinstance(value, list) else value
             elif name == "patches":
                 pass
@@ -109,7 +111,7 @@ class Statistics:
             if name in ("net", "keep_features"):
                 continue
             o = getattr(other, name)
-            if name in ("features", "feature_classes", "feature_weights"):
+            if name in ("features", "feature_classes", "feature_weights", "feature_labeled"):
                 # the newest TOP_SAMPLES samples (stepwise EM: a sliding window)
                 setattr(self, name, _newest(value + o, TOP_SAMPLES))
             elif name == "patches":
@@ -137,6 +139,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
     classes = np.where(labeled, yidx, np.asarray(fw.scores).argmax(axis=1))
     switches = [fw.switches(l, x.dtype) for l in range(net.n_layers)]
     w = np.where(labeled, 1.0, float(unlabeled_weight))
+    unthresholded = w
     if threshold > 0 and not labeled.all():
         posterior = _posterior_of_best(fw.scores)
         w = np.where(labeled | (posterior >= threshold), w, 0.0)
@@ -166,7 +169,8 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
     if net.matching == "normalized" and stats.keep_features:
         stats.features.append(np.array(fw.f))
         stats.feature_classes.append(classes)
-        stats.feature_weights.append(w)
+        stats.feature_weights.append(unthresholded)
+        stats.feature_labeled.append(labeled)
     stats.class_weight += np.bincount(classes, weights=w, minlength=net.n_classes)
     np.add.at(stats.class_sum, classes, f * w[:, None])
     h_top = fw.hs[-1]
@@ -344,21 +348,39 @@ def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8, *,
     return new
 
 
-def fit_top(net, p, stats, generative_bias=True, variance_floor=1e-8, shrinkage="auto"):
+def fit_top(net, p, stats, generative_bias=True, variance_floor=1e-8, shrinkage="auto",
+            threshold=0.0):
     """The M-step of the top, as a dict of its entries: class templates, top noise
     variance, class prior and the class scores.
 
     An EM model's class scores are those of class-conditional Gaussians with one shared,
     shrunk covariance (:mod:`fastdrmm._top`, fitted on the E-step's top features: entries
     ``class_weights``, ``top_covariance`` and ``beta``); otherwise (with
-    ``generative_bias``) those of the isotropic top (``class_scale``, ``beta``)."""
+    ``generative_bias``) those of the isotropic top (``class_scale``, ``beta``).
+
+    With labeled and unlabeled samples, the unlabeled ones' classes are chosen afresh by the
+    top fitted to the labeled ones (the features are those of the current templates, which
+    the top that chose their classes in the E-step may not have seen), and ``threshold``
+    applies to that top's posteriors."""
     new = {}
     if net.matching == "normalized" and stats.features:
         new.update(_isotropic_top(net, p, stats, False, variance_floor))
-        fitted = _top.fit_gaussian_top(np.concatenate(stats.features),
-                                       np.concatenate(stats.feature_classes),
-                                       np.concatenate(stats.feature_weights),
-                                       net.n_classes, p["mu"], shrinkage)
+        features = np.concatenate(stats.features)
+        classes = np.concatenate(stats.feature_classes)
+        weights = np.concatenate(stats.feature_weights)
+        labeled = np.concatenate(stats.feature_labeled)
+        if labeled.any() and not labeled.all():
+            first = _top.fit_gaussian_top(features[labeled], classes[labeled],
+                                          weights[labeled], net.n_classes, p["mu"], shrinkage)
+            scores = (np.asarray(features[~labeled], np.float64) @ first["class_weights"].T
+                      + first["beta"])
+            classes = classes.copy()
+            classes[~labeled] = scores.argmax(axis=1)
+            if threshold > 0:
+                weights = weights.copy()
+                weights[~labeled] *= _posterior_of_best(scores) >= threshold
+        fitted = _top.fit_gaussian_top(features, classes, weights, net.n_classes, p["mu"],
+                                       shrinkage)
         dtype = np.asarray(p["mu"]).dtype
         new["mu"] = fitted["mu"].astype(dtype)
         new["class_prior"] = fitted["class_prior"]
