@@ -36,6 +36,8 @@ TOP_PARAMS = ("class_weights", "top_covariance")
 
 def _class_covariance(X, w, shrinkage):
     """The shrunk covariance of one class's features X (n, F) with weights w (n,)."""
+    if X.shape[0] == 1:  # scikit-learn warns of one sample; its covariance is 0
+        return np.zeros((X.shape[1], X.shape[1]))
     total = float(w.sum())
     mean = (w @ X) / total
     # rows scaled by sqrt(n w / W): their plain second moment is the weighted covariance
