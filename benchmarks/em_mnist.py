@@ -105,7 +105,7 @@ def add_em_options(ap, prefix=""):
             flag = prefix + flag
         group.add_argument(f"--{flag}", dest=prefix.replace("-", "_") + name,
                            type=parse_value if kind == "value" else kind, default=None,
-                           help=f"DRMM({name}=...)")
+                           metavar=name.upper(), help=f"DRMM({name}=...)")
     group.add_argument(f"--{prefix}param", dest=prefix.replace("-", "_") + "param",
                        type=parse_assignment, action="append", default=[],
                        metavar="NAME=VALUE", help="any other DRMM setting (repeatable)")
