@@ -20,14 +20,19 @@ template gradient by ``||B|| / s2_l`` (the size of its data term), ``dJ/d ln s2_
 ``D_l / 2``, a prior's logit derivative by the weight of its counts. Templates that no unit
 chose are re-seeded from data patches (deliberately not a stationary point: their rows of G
 and B are zero) and are left out. The top's class templates and covariance are not checked
-here (the top is fitted by its own estimator, tested with it).
+here (the top is fitted by its own estimator, tested with it). The class prior is checked
+on labeled statistics only: with labeled and unlabeled samples, ``_em.fit_top`` chooses the
+unlabeled samples' classes afresh (by a top fitted to the labeled ones) and the class prior
+is the frequency of those classes, while the objective's ``-ln pi_c`` counts the classes the
+E-step chose (``stats.class_weight``); where they differ, the class prior is not the
+objective's minimiser (a scaled derivative of 0.1 on a 2-layer problem with refined codes).
 
 Measured with two deliberate M-step bugs (``_em.m_step`` edited in a copy of the package),
 the scaled derivatives over the problems below: the noise variance times 1.05 gives
 ``dJ/d ln s2`` = 0.048 at every layer (the correct step: <= 1.7e-9, the central difference's
 truncation); the ridge tripled in the template solve gives template gradients of 3e-4 to
 1.5e-3 at ridge 1e-3 and 1e-2 to 4e-2 at ridge 0.1 (the correct step: <= 3e-12 by central
-differences, <= 6e-16 analytically). The tolerances sit between, >= 1000x from both sides.
+differences, <= 6e-16 analytically). The tolerances sit between, >= 500x from both sides.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ def _logit_derivatives(net, p, stats, ridge, name, simplex):
     return grads
 
 
-def prior_residuals(net, p, stats, ridge):
+def prior_residuals(net, p, stats, ridge, class_prior=True):
     """name -> the largest |dJ/dz| of that prior over the weight of its counts (per unit
     sample weight, as J)."""
     out = {}
@@ -182,12 +187,13 @@ def prior_residuals(net, p, stats, ridge):
         g = _logit_derivatives(net, p, stats, ridge, f"translation_prior{l}", simplex=True)
         out[f"translation_prior{l}"] = float(np.abs(g).max()) / (
             stats.offsets[l].sum() / stats.weight)
-    g = _logit_derivatives(net, p, stats, ridge, "class_prior", simplex=True)
-    out["class_prior"] = float(np.abs(g).max())
+    if class_prior:
+        g = _logit_derivatives(net, p, stats, ridge, "class_prior", simplex=True)
+        out["class_prior"] = float(np.abs(g).max())
     return out
 
 
-def assert_first_order_conditions(net, p, stats, ridge):
+def assert_first_order_conditions(net, p, stats, ridge, class_prior=True):
     for l, (fd, analytic, scale) in enumerate(template_residuals(net, p, stats, ridge)):
         assert used_templates(stats, l).sum() >= 2, "a problem must use its templates"
         # the objective is the quadratic the analytic gradient describes ...
@@ -199,7 +205,7 @@ def assert_first_order_conditions(net, p, stats, ridge):
         assert np.linalg.norm(analytic) <= TEMPLATE_TOL * scale
     s2 = variance_residuals(net, p, stats, ridge)
     assert np.all(np.abs(s2) <= VARIANCE_TOL), f"dJ/d ln s2 / (D/2) = {s2}"
-    for name, value in prior_residuals(net, p, stats, ridge).items():
+    for name, value in prior_residuals(net, p, stats, ridge, class_prior).items():
         assert value <= PRIOR_TOL, f"{name}: |dJ/dz| / counts = {value:.3g}"
 
 
@@ -219,8 +225,9 @@ def test_m_step_is_stationary_with_weighted_samples_and_refined_codes(amplitude_
     the exactness of the step."""
     layers, shape = PROBLEMS["2 layers"]
     net, p0, stats = e_step_statistics(rng, layers, shape, "full", unlabeled_weight=0.5,
-                                   amplitude_steps=amplitude_steps)
-    assert_first_order_conditions(net, _em.m_step(net, p0, stats, 1e-3), stats, 1e-3)
+                                       amplitude_steps=amplitude_steps)
+    assert_first_order_conditions(net, _em.m_step(net, p0, stats, 1e-3), stats, 1e-3,
+                                  class_prior=False)  # (see the module docstring)
 
 
 @pytest.mark.parametrize("problem", ["1 layer pooled", "3 layers"])
@@ -229,7 +236,8 @@ def test_m_step_is_stationary_at_a_training_run_statistics(problem, rng):
     settings) after one EM iteration."""
     layers, shape = PROBLEMS[problem]
     net, p0, stats = training_statistics(rng, layers, shape, "full")
-    assert_first_order_conditions(net, _em.m_step(net, p0, stats, 1e-3), stats, 1e-3)
+    assert_first_order_conditions(net, _em.m_step(net, p0, stats, 1e-3), stats, 1e-3,
+                                  class_prior=False)  # (see the module docstring)
 
 
 def test_the_conditions_see_a_step_that_is_not_the_optimum(rng):
