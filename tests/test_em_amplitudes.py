@@ -173,13 +173,15 @@ def test_the_e_step_takes_its_statistics_from_the_refined_codes(rng):
         np.testing.assert_allclose(_em._rss(stats, l, p[f"W{l}"]), np.sum(e ** 2), rtol=1e-9)
 
 
-# Whole EM iterations are not monotone yet, with or without refined codes: the bottom-up
-# latents of the next E-step can be worse for a sample than its previous ones, and
-# normalize_templates rescales the codes, which changes J (the layer above's residual is
-# rescaled per channel under one noise variance, and ln s2 moves by ln mean(norm^2)). The
-# refinement is "greedy" (each code renders the layer below), not a descent on J, since J is
-# unbounded below in the codes (h[l] = R h[l+1] exactly, s2 -> 0) and a descent on it
-# collapses the lower layers' fit. See issue #17 item 2.
+# Whole EM iterations are not monotone yet, with or without refined codes: the next
+# E-step's fresh bottom-up latents can be worse for a sample than its previous ones (the
+# main cause; keeping, per sample, the better of the fresh and the previous latents made the
+# rendering + prior part of J monotone in 17 of 18 small runs), and normalize_templates
+# rescales the codes, which changes J for layers >= 2 (the layer above's residual is rescaled
+# per channel under one noise variance, and ln s2 moves by ln mean(norm^2)). The refinement
+# is "greedy" (each code renders the layer below), not a descent on J, since J is unbounded
+# below in the codes (h[l] = R h[l+1] exactly, s2 -> 0) and a descent on it collapses the
+# lower layers' fit. See issue #17 item 2.
 @pytest.mark.xfail(reason="fresh bottom-up latents and normalize_templates can raise J",
                    strict=False)
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
