@@ -27,7 +27,9 @@ __all__ = ["metadata", "save", "load_saved", "model_from_parts", "serial_params"
 
 #: the fitted settings inference reads, with the values each may take (None: an integer)
 _FITTED_SETTINGS = {"algorithm": ("em", "eg"), "top": ("average", "full"), "n_classes": None,
-                    "dtype": tuple(DTYPES)}
+                    "dtype": tuple(DTYPES), "amplitude_steps": None}
+#: the least value of each integer fitted setting
+_FITTED_MINIMUM = {"n_classes": 2, "amplitude_steps": 0}
 #: distributions: each array's entries are probabilities summing to 1
 _DISTRIBUTIONS = ("translation_prior", "class_prior")
 #: arrays of probabilities, one per unit
@@ -75,6 +77,7 @@ def metadata(model, user=None):
         "top": model.top_,
         "n_classes": int(model.classes_.size),
         "dtype": model.dtype_,
+        "amplitude_steps": int(model.amplitude_steps_),
     }}
     if user is not None:
         meta["user"] = user
@@ -166,7 +169,7 @@ def model_from_parts(cls, arrays, meta, fitted):
         if value is None:  # written before the fitted settings were recorded
             fitted[name] = getattr(model, name)
         elif choices is None:
-            fitted[name] = int_value(value, f"fitted.{name}", 2)
+            fitted[name] = int_value(value, f"fitted.{name}", _FITTED_MINIMUM[name])
         else:
             choice_value(value, f"fitted.{name}", choices)
     if fitted.get("layers") is not None:
@@ -180,7 +183,8 @@ def model_from_parts(cls, arrays, meta, fitted):
     model._set_fitted(net, values, n_iter=fitted["n_iter"], history=fitted["history"],
                       objective_history=fitted["objective_history"],
                       validation_score=fitted["validation_score"],
-                      best_iteration=fitted["best_iteration"], converged=fitted["converged"])
+                      best_iteration=fitted["best_iteration"], converged=fitted["converged"],
+                      amplitude_steps=fitted["amplitude_steps"])
     model.user_metadata_ = meta.get("user")
     _check_probe_scores(model)
     return model

@@ -121,6 +121,7 @@ from ._checkpoint import check_checkpoint_path, data_identity, read_checkpoint
 from ._drmm_params import DTYPES, LOSS_WEIGHTS, PARAMETER_CONSTRAINTS, check_host_backend
 from ._inputs import check_images, check_labels, seed_of
 from ._network import LossWeights, network_for, softmax
+from ._amplitudes import refine_codes
 from ._top import draw_features
 from ._progress import batches, serial_blas
 from ._training import (EM, INFERENCE_BATCH, Training, check_input_scale, initial_parameters,
@@ -206,7 +207,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         the identity of the training data); ``fit(..., resume=True)`` continues from it.
         ``fit`` checks that it can be written (not a directory, in an existing writable
         directory) before training.
-    amplitude_steps : int, default 10
+    amplitude_steps : int, default 5
         EM: the projected-gradient steps per E-step that refine the codes, given the
         latents chosen bottom-up, to render the layer below (0: the bottom-up codes).
     em_targets : {"bottom-up", "top-down"}, default "bottom-up"
@@ -233,7 +234,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
     layers_ : tuple of Layer
     input_shape_ : (C, H, W)
     classes_ : ndarray, ``arange(n_classes)``
-    algorithm_, top_, dtype_ : str
+    algorithm_, top_, dtype_ : str; amplitude_steps_ : int
         The settings the model was fitted with that inference reads: predictions depend
         only on the fitted state (``set_params`` changes nothing until the next ``fit``;
         ``partial_fit`` continues the fitted model and refuses a changed structure). Only
@@ -258,7 +259,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
                  unlabeled_weight=1.0,
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
-                 checkpoint=None, top="average", amplitude_steps=10, em_targets="bottom-up",
+                 checkpoint=None, top="average", amplitude_steps=5, em_targets="bottom-up",
                  shrinkage="auto"):
         self.layers = layers
         self.n_classes = n_classes
@@ -473,10 +474,13 @@ class DRMM(ClassifierMixin, BaseEstimator):
                           "or tol", ConvergenceWarning)
 
     def _set_fitted(self, net, params, *, n_iter, history, objective_history,
-                    validation_score, best_iteration, converged):
+                    validation_score, best_iteration, converged, amplitude_steps=None):
         """Record the fitted state. Everything inference reads is recorded here (the network's
-        structure, its matching, top, class count and working dtype), so that changing a
+        structure, its matching, top, class count, working dtype and the E-step's amplitude
+        steps; ``amplitude_steps`` None: the current setting's), so that changing a
         hyper-parameter after fitting changes nothing until the next fit."""
+        self.amplitude_steps_ = int(self.amplitude_steps if amplitude_steps is None
+                                    else amplitude_steps)
         self.parameters_ = params
         self.layers_ = net.layers
         self.input_shape_ = net.input_shape
@@ -554,21 +558,32 @@ class DRMM(ClassifierMixin, BaseEstimator):
         return out
 
     @serial_blas
-    def reconstruct(self, X, y=None):
-        """Render X back top-down from its class and the latents inferred from it.
+    def reconstruct(self, X, y=None, *, source="class"):
+        """Render X back top-down through the latents inferred from it.
 
-        The class is ``y`` where given (-1 entries and ``y=None`` use the predicted class);
-        the switches and argmax positions of every layer are those of the bottom-up pass.
-        Returns an array of X's shape.
+        ``source="class"`` renders the class template ``mu_c`` of the class ``y`` where
+        given (-1 entries and ``y=None`` use the predicted class); ``source="code"`` renders
+        the sample's own top code (an EM model's made coherent by ``amplitude_steps`` steps,
+        as in its E-step; ``y`` is not read). The switches and argmax positions of every
+        layer are those of the bottom-up pass. Returns an array of X's shape.
         """
+        if source not in ("class", "code"):
+            raise ValueError(f"source must be 'class' or 'code', got {source!r}")
         X = self._inputs(X)
         n_classes = self.classes_.size
         yidx = check_labels(y, X.shape[0], n_classes)
         out = np.empty_like(X)
+        p = self.parameters_
         for sl, net, fw in self._bottom_up_batches(X):
+            if source == "code":
+                switches = [fw.switches(l, X.dtype) for l in range(net.n_layers)]
+                steps = self.amplitude_steps_ if self.algorithm_ == "em" else 0
+                top = refine_codes(net, p, fw, switches, steps)[-1]
+                out[sl] = net.render_down(p, top, fw.idxs, switches)[0]
+                continue
             cls = np.where(yidx[sl] >= 0, yidx[sl], np.asarray(fw.scores).argmax(axis=1))
             q = np.eye(n_classes)[cls]
-            rs, _ = net.top_down(self.parameters_, fw, q)
+            rs, _ = net.top_down(p, fw, q)
             out[sl] = rs[0]
         return out
 

@@ -660,6 +660,7 @@ def _outputs(model, X):
     """Everything a fitted model computes from its state."""
     return {"decision_function": model.decision_function(X), "predict": model.predict(X),
             "transform": model.transform(X), "reconstruct": model.reconstruct(X),
+            "reconstruct_code": model.reconstruct(X, source="code"),
             "sample": model.sample(np.arange(3), random_state=0)}
 
 
