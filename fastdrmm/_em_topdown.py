@@ -32,6 +32,13 @@ biases (:func:`fastdrmm._em.generative_bias_of`) are recomputed from the new tem
 noise variances. A template whose rendered code is zero everywhere (no switched-on unit, or
 only codes rendered as zero from above) has no least-squares fit: it keeps the bottom-up
 M-step's template (a re-seeded patch where no unit chose it).
+
+Measured on scikit-learn's digits (70/30 splits, seeds 0-2, 5 iterations, ``top="full"``;
+issue #17), it does not beat the bottom-up targets, which stay the default: held-out
+accuracy 0.983 / 0.983 / 0.983 against 0.989 / 0.987 / 0.978 with one layer (32 3x3, pool
+2), 0.982 / 0.982 / 0.980 against 0.985 / 0.983 / 0.991 with two (+ 64 3x3), at 1.0x and
+1.85x the time per iteration (the hidden layers' targets are refined again in the top
+layer's pass).
 """
 
 from __future__ import annotations
