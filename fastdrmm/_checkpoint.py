@@ -38,6 +38,8 @@ def write_checkpoint(run, path):
     optimizer = run.strategy.optimizer
     if optimizer is not None:
         arrays.update(optimizer.state_arrays())
+    if run.latents is not None:  # the monotone E-step's memory (em_monotone)
+        arrays.update(run.latents.state_arrays())
     state = {
         "seed": run.seed, "epoch": run.epoch, "step": run.step,
         "input_shape": list(run.net.input_shape), "history": run.history,
@@ -94,7 +96,7 @@ def load_checkpoint(cls, arrays, meta, path):
         state = _state_field(meta)
         best = state["has_best"]
         chosen = _best_arrays(arrays) if best else {
-            k: v for k, v in arrays.items() if not k.startswith(("best.", "adam."))}
+            k: v for k, v in arrays.items() if not k.startswith(("best.", "adam.", "latents."))}
         epoch = state["epoch"]
         params = settings_field(meta)
         fitted = {"input_shape": state["input_shape"], "n_iter": epoch,

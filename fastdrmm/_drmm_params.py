@@ -66,6 +66,7 @@ PARAMETER_CONSTRAINTS = {
     "amplitude_steps": [Count(0)],
     "em_targets": [StrOptions({"bottom-up", "top-down"})],
     "shrinkage": [StrOptions({"auto", "oas"}), _FRACTION],
+    "em_monotone": ["boolean"],
 }
 
 #: the settings a resumed run may change (where it runs, how long, how it reports, where it

@@ -125,14 +125,16 @@ class Statistics:
 
 
 def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_steps=0,
-           threshold=0.0):
+           threshold=0.0, choose=None):
     """Infer the latents of batch x and add their statistics to ``stats`` (``layers=False``:
     only those of the top, which is all :func:`fit_top` reads).
 
     ``amplitude_steps``: the codes are refined that many steps towards rendering the layer
     below (:func:`fastdrmm._amplitudes.refine_codes`) before the layers' statistics are
     taken. ``threshold`` > 0: an unlabeled sample whose chosen class has a posterior below it
-    weighs nothing this iteration."""
+    weighs nothing this iteration. ``choose(x, latents) -> latents``: the latents (codes
+    h[1..L], argmax positions, switches) the layers' statistics are taken from, given the
+    fresh ones (the monotone E-step's per-sample choice, :mod:`fastdrmm._latents`)."""
     n = x.shape[0]
     fw = net.bottom_up(p, x)
     labeled = yidx >= 0
@@ -147,11 +149,15 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
     root = np.sqrt(w).astype(x.dtype)[:, None, None, None]
     hs = (_amplitudes.refine_codes(net, p, fw, switches, amplitude_steps)
           if layers and amplitude_steps else fw.hs)
+    idxs = fw.idxs
+    if layers and choose is not None:
+        codes, idxs, switches = choose(x, (list(hs[1:]), list(fw.idxs), switches))
+        hs = [x, *codes]
     for l, layer in enumerate(net.layers if layers else ()):
         target, code = hs[l], hs[l + 1]
         if weighted:  # ||sqrt(w) (T - render(r))||^2 = ||sqrt(w) T - render(sqrt(w) r)||^2
             target, code = target * root, code * root
-        B, _, G = ops.template_stats(target, code, fw.idxs[l], layer.kernel_size,
+        B, _, G = ops.template_stats(target, code, idxs[l], layer.kernel_size,
                                      padding=layer.padding, switches=switches[l], gram=True,
                                      check_idx=False, backend=net.backend)
         B, G = np.asarray(B, np.float64), np.asarray(G, np.float64)
@@ -164,7 +170,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
             stats.patches[l] = random_patches(hs[l], layer, layer.n_templates, rng)
         stats.n_on[l] += np.einsum("nkij,n->k", on, w, dtype=np.float64)
         stats.n_units[l] += float(w.sum()) * on[0, 0].size
-        stats.offsets[l] += _offset_counts(net, l, fw.idxs[l], on, w)
+        stats.offsets[l] += _offset_counts(net, l, idxs[l], on, w)
     f = np.asarray(fw.f, np.float64)
     if net.matching == "normalized" and stats.keep_features:
         stats.features.append(np.array(fw.f))
@@ -267,9 +273,10 @@ def _xlogy_sum(counts, probs):
     return float(np.sum(counts * np.log(np.clip(probs, PROB_FLOOR, None))))
 
 
-def objective(net, p, stats, ridge):
+def objective(net, p, stats, ridge, top=True):
     """The hard-EM objective J (see the module docstring) of parameters p at the latents
-    whose statistics are ``stats``; lower is better."""
+    whose statistics are ``stats``; lower is better. ``top=False``: without the top's and
+    the class prior's terms (the part the monotone E-step never raises)."""
     total = stats.weight
     J = 0.0
     for l, layer in enumerate(net.layers):
@@ -285,6 +292,8 @@ def objective(net, p, stats, ridge):
                           + (stats.n_units[l] - stats.n_on[l])
                           * np.log1p(-pa)))
         J -= _xlogy_sum(stats.offsets[l], np.asarray(p[f"translation_prior{l}"], np.float64))
+    if not top:
+        return J / total
     tau = float(p["top_noise_variance"])
     D_top = float(net.feature_size * net.top_positions)
     J += _top_rss(stats, net, p["mu"]) / (2 * tau) + total * D_top / 2 * (_LOG_2PI
@@ -313,10 +322,12 @@ def _normalised(counts):
 
 
 def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8, *,
-           shrinkage="auto", top=True):
+           shrinkage="auto", top=True, reseed=True):
     """The parameters minimising the objective at these statistics (a new dict; p is not
     changed). Templates of layers whose statistics are empty are kept. ``top=False`` leaves
-    the top's entries (:func:`fit_top`) as they are."""
+    the top's entries (:func:`fit_top`) as they are. ``reseed``: a template no unit chose
+    is re-seeded from a data patch (which the objective's ridge term charges for; the
+    minimiser is 0)."""
     new = dict(p)
     total = stats.weight
     dtype = np.asarray(p["W0"]).dtype
@@ -327,7 +338,7 @@ def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8, *,
         W = np.linalg.solve(G + lam * np.eye(G.shape[0]), _mat(stats.B[l]))
         W = _unmat(W, np.asarray(p[f"W{l}"]).shape)
         unused = stats.n_on[l] <= 0
-        if unused.any() and stats.patches[l] is not None:
+        if reseed and unused.any() and stats.patches[l] is not None:
             # a template no unit chose is re-seeded from a patch of the data (norm^2-weighted)
             W[unused] = stats.patches[l][unused]
         D = float(np.prod(net.shapes[l].input_hw)) * net.shapes[l].channels_in

@@ -20,6 +20,7 @@ from sklearn.base import clone
 from . import _em, _em_topdown, ops
 from ._checkpoint import write_checkpoint
 from ._compiling import CompileClock
+from ._latents import LatentStore, better_latents
 from ._network import eg_loss_and_grads, softmax, trainable_names, translate
 from ._optim import Adam, learning_rate
 from ._progress import announcer, bar_count, batches, progress_bar, say
@@ -51,6 +52,8 @@ class Training:
         self.history = []
         self.objective_history = []
         self.best_params = None
+        #: every training sample's latents, kept between EM iterations (em_monotone)
+        self.latents = None
         self.best_score = None
         self.best_epoch = 0
         self.no_improve = 0
@@ -75,6 +78,9 @@ class Training:
         self.no_improve = int(state["no_improve"])
         self.converged = bool(state["converged"])
         self.best_params = state.get("best_params")
+        self.latents = LatentStore.from_arrays(self.net, self.train.size,
+                                               np.asarray(self.params["W0"]).dtype,
+                                               state.get("arrays", {}))
         self.strategy.restore(self, state)
 
     def save_checkpoint(self):
@@ -164,13 +170,16 @@ class Training:
 
     # -------------------------------------------------------------------------------- E-step
 
-    def em_statistics(self, params, rows=None, layers=True, features=None):
+    def em_statistics(self, params, rows=None, layers=True, features=None, keep=False):
         """The E-step's statistics of ``params`` on the samples ``rows`` (default: the
         training samples); ``layers=False``: the top's only. ``features``: keep every
         sample's top feature, which the shared-covariance top is fitted on (default: when
-        ``layers`` is False)."""
+        ``layers`` is False). ``keep`` (the training samples): each sample takes the better
+        of its fresh and its kept latents, which are then kept (the monotone E-step)."""
         rows = self.train if rows is None else rows
         stats = _em.Statistics(self.net, features=not layers if features is None else features)
+        if keep and self.latents is None:
+            self.latents = LatentStore(self.net, rows.size, np.asarray(params["W0"]).dtype)
         bar = progress_bar(-(-rows.size // INFERENCE_BATCH), "E-step", self.verbose)
         try:
             for sl in batches(rows.size, INFERENCE_BATCH):
@@ -178,13 +187,28 @@ class Training:
                 _em.e_step(self.net, params, self.X[chunk], self.yidx[chunk],
                            float(self.model.unlabeled_weight), stats, layers,
                            amplitude_steps=int(self.model.amplitude_steps),
-                           threshold=float(self.model.confidence_threshold))
+                           threshold=float(self.model.confidence_threshold),
+                           choose=self._chooser(params, sl) if keep else None)
                 bar.update(1)
         finally:
             bar.close()
         if not stats.weight > 0:
             raise ValueError("unlabeled_weight=0 and no labeled samples: nothing to fit")
         return stats
+
+    def _chooser(self, params, positions):
+        """The monotone E-step's choice for the training samples at ``positions``."""
+        positions = np.arange(positions.start, positions.stop)
+        steps = int(self.model.amplitude_steps)
+
+        def choose(x, fresh):
+            previous = self.latents.get(positions)
+            chosen = fresh if previous is None else better_latents(
+                self.net, params, x, fresh, previous, steps)[0]
+            self.latents.put(positions, chosen)
+            return chosen
+
+        return choose
 
     def fit_top(self, params, stats):
         """The top's entries fitted to ``stats`` (see :func:`fastdrmm._em.fit_top`)."""
@@ -374,15 +398,21 @@ class EM(Strategy):
     def epoch(self, run):
         model = run.model
         ridge = float(model.ridge)
-        stats = run.em_statistics(run.params)
+        monotone = bool(model.em_monotone)
+        stats = run.em_statistics(run.params, keep=monotone)
         before = _em.objective(run.net, run.params, stats, ridge)
+        layers_before = _em.objective(run.net, run.params, stats, ridge, top=False)
         generative = model.bias == "generative"
         # the top is refitted below, to the features of the new templates
-        fitted = _em.m_step(run.net, run.params, stats, ridge, generative, top=False)
+        fitted = _em.m_step(run.net, run.params, stats, ridge, generative, top=False,
+                            reseed=not monotone)
         if model.em_targets == "top-down":
             fitted = _em_topdown.m_step(run, run.params, fitted, stats)
         after = _em.objective(run.net, fitted, stats, ridge)
-        run.params = _em.normalize_templates(run.net, fitted, generative)
+        layers_after = _em.objective(run.net, fitted, stats, ridge, top=False)
+        # the monotone E-step compares latents in the units of the kept codes: no rescaling
+        run.params = fitted if monotone else _em.normalize_templates(run.net, fitted,
+                                                                     generative)
         # the M-step moved the codes the class templates were fitted to: refit the top to
         # the new codes so that validation and the next E-step's class choices read
         # consistent parameters
@@ -391,7 +421,8 @@ class EM(Strategy):
                 model.tol):
             run.converged = True
         run.objective_history.append((before, after))
-        return {"objective": before, "objective_after_m_step": after}
+        return {"objective": before, "objective_after_m_step": after,
+                "layer_objective": layers_before, "layer_objective_after_m_step": layers_after}
 
     @staticmethod
     def stepwise(run, previous, t):

@@ -218,6 +218,11 @@ class DRMM(ClassifierMixin, BaseEstimator):
     shrinkage : "auto", "oas" or float in [0, 1], default "auto"
         EM: the shrinkage of the top's shared covariance: Ledoit-Wolf (on standardized
         features), Oracle-Approximating Shrinkage, or fixed.
+    em_monotone : bool, default False
+        EM: keep every training sample's latents between iterations and let each sample
+        take the better of its fresh and its previous ones (:mod:`fastdrmm._latents`), with
+        the templates neither rescaled nor re-seeded: then no iteration raises the
+        objective (the layers' and priors' terms). Costs the memory of every sample's codes.
     top : {"average", "full"}, default "average"
         How the class templates meet the top code: "average" (global average pooling, as in
         the paper's Conv-Small: a template of K_L numbers rendered on every top position) or
@@ -260,7 +265,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
                  validation_fraction=0.1, n_iter_no_change=None, tol=1e-4, init="auto",
                  dtype="float32", backend="auto", random_state=None, verbose=0,
                  checkpoint=None, top="average", amplitude_steps=5, em_targets="bottom-up",
-                 shrinkage="auto"):
+                 shrinkage="auto", em_monotone=False):
         self.layers = layers
         self.n_classes = n_classes
         self.algorithm = algorithm
@@ -294,6 +299,7 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self.amplitude_steps = amplitude_steps
         self.em_targets = em_targets
         self.shrinkage = shrinkage
+        self.em_monotone = em_monotone
 
 
     # ---------------------------------------------------------------------------------------
