@@ -88,8 +88,8 @@ def _residuals(net, p, hs, idxs, switches):
 
 
 def _objective(es, w):
-    """J per sample (float64) from the residuals."""
-    return sum(w[l] * 0.5 * _per_sample_dot(e, e) for l, e in enumerate(es))
+    """J per sample (float64) from the residuals (a term of weight 0 is not computed)."""
+    return sum(w[l] * 0.5 * _per_sample_dot(e, e) for l, e in enumerate(es) if w[l])
 
 
 def rendering_objective(net, p, hs, idxs, switches):
@@ -187,7 +187,7 @@ def _step(net, p, x, idxs, switches, hs, es, active, w, pre):
         d *= pre[l]
         d *= switches[l]
         # units held at 0 whose gradient pushes them below: the bound is active
-        d[(hs[l + 1] <= 0) & (d < 0)] = 0
+        np.copyto(d, 0, where=(hs[l + 1] <= 0) & (d < 0))
         ds[l] = d
     # e_l(t) = e_l - t q_l with q_l = R_l d[l] - d[l-1]
     qs = []
@@ -214,7 +214,8 @@ def _step(net, p, x, idxs, switches, hs, es, active, w, pre):
         d, h = ds[l], hs[l + 1]
         neg = d < 0
         if neg.any():
-            ratio = np.where(neg, h / np.where(neg, -d, 1), np.inf)
+            ratio = np.full(h.shape, np.inf, h.dtype)
+            np.divide(h, -d, out=ratio, where=neg)
             t_bound = np.minimum(t_bound, ratio.reshape(n, -1).min(axis=1))
     t_clip = np.minimum(t_star, t_bound)
     J_clip = J - t_clip * slope + 0.5 * t_clip ** 2 * curvature
@@ -224,7 +225,12 @@ def _step(net, p, x, idxs, switches, hs, es, active, w, pre):
         # the projected full step (its residuals need a render per layer)
         proj = [hs[l + 1] if ds[l] is None else
                 np.maximum(hs[l + 1] + _col(t_star, dtype) * ds[l], 0) for l in range(L)]
-        es_proj = _residuals(net, p, [x] + proj, idxs, switches)
+        # only the residuals of the moved codes' own layers and of the layers they are
+        # targets of change (a render each; the others are kept)
+        full = [x] + proj
+        es_proj = list(es)
+        for k in sorted({k for l in active for k in (l, l + 1) if k < L}):
+            es_proj[k] = full[k] - _render(net, p, k, full[k + 1], idxs, switches)
         # a sample keeps the projected point where it is no worse than the clipped one
         # (whose residual is e - t q exactly and whose J is never above the current one)
         take = (_objective(es_proj, w) <= J_clip) & blocked
