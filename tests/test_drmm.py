@@ -679,7 +679,7 @@ OTHER_SETTINGS = {
     "confidence_threshold": 0.9, "weight_decay": 0.1, "ridge": 0.5, "bias": "fixed",
     "unlabeled_weight": 0.2, "validation_fraction": 0.3, "n_iter_no_change": 2, "tol": 0.5,
     "init": "patches", "random_state": 99, "verbose": 1, "checkpoint": "elsewhere.ckpt",
-    "amplitude_steps": 3, "em_targets": "top-down", "shrinkage": 0.5,
+    "amplitude_steps": 3, "em_targets": "top-down", "shrinkage": 0.5, "em_monotone": True,
 }
 FLIPPED = {"algorithm": {"eg": "em", "em": "eg"}, "dtype": {"float32": "float64",
                                                             "float64": "float32"},
