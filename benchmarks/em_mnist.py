@@ -127,9 +127,10 @@ def pixel_variance(X):
     return float(np.var(np.asarray(X, np.float64)))
 
 
-def reconstruction_mse(model, X, y=None):
-    """Mean squared error per pixel of ``model.reconstruct(X, y)`` against X."""
-    R = np.asarray(model.reconstruct(X, y), np.float64)
+def reconstruction_mse(model, X, y=None, source="class"):
+    """Mean squared error per pixel of ``model.reconstruct(X, y, source=source)`` against X
+    ("class": rendered from the class template; "code": from the sample's own top code)."""
+    R = np.asarray(model.reconstruct(X, y, source=source), np.float64)
     return float(np.mean((R - np.asarray(X, np.float64)) ** 2))
 
 
@@ -161,17 +162,20 @@ class IterationTracker:
         row = dict(iteration=int(record["epoch"]), train_s=train_s,
                    epoch_s=record.get("time"), accuracy=float(snapshot.score(self.X_test,
                                                                              self.y_test)))
-        for key in ("objective", "objective_after_m_step", "compile_time"):
+        for key in ("objective", "objective_after_m_step", "layer_objective",
+                    "layer_objective_after_m_step", "compile_time"):
             if key in record:
                 row[key] = float(record[key])
         if self.X_recon is not None:
             row["recon_mse"] = reconstruction_mse(snapshot, self.X_recon, self.y_recon)
+            row["recon_code_mse"] = reconstruction_mse(snapshot, self.X_recon, source="code")
         row["eval_s"] = time.perf_counter() - tic
         self.rows.append(row)
         if self.log is not None:
             self.log(f"{self.name} iteration {row['iteration']}: test accuracy "
                      f"{row['accuracy']:.4f}, {train_s:.1f} s of training"
-                     + (f", reconstruction MSE {row['recon_mse']:.4g}" if "recon_mse" in row
+                     + (f", reconstruction MSE {row['recon_mse']:.4g} (class), "
+                        f"{row['recon_code_mse']:.4g} (own code)" if "recon_mse" in row
                         else ""))
         if self.stop is not None and self.model is not None and self.stop(row):
             self.model.max_iter = row["iteration"]
@@ -234,14 +238,15 @@ def markdown(report):
              f"{report['pixel_variance']:.4g}), at most {s['max_iter']} iterations; EM "
              f"settings: {em}; {report['machine']['cpu_count']} CPUs", ""]
     head = ["iteration", "test error %", "train s (total)", "iteration s", "objective",
-            "objective after M-step", "recon MSE / pixel"]
+            "objective after M-step", "recon MSE / pixel (class)",
+            "recon MSE / pixel (own code)"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             str(r["iteration"]), f"{100 * (1 - r['accuracy']):.2f}", f"{r['train_s']:.1f}",
             "—" if r.get("epoch_s") is None else f"{r['epoch_s']:.1f}",
             fmt_g(r.get("objective"), 6), fmt_g(r.get("objective_after_m_step"), 6),
-            fmt_g(r.get("recon_mse"))]) + " |")
+            fmt_g(r.get("recon_mse")), fmt_g(r.get("recon_code_mse"))]) + " |")
     m, e = report["objective_rises"]
     lines += ["", f"fitted model (after the final refit of the priors): test error "
               f"{100 * (1 - report['final_accuracy']):.2f} %; objective rises: {m} M-step(s), "
