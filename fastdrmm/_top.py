@@ -28,7 +28,8 @@ import scipy.linalg
 from sklearn.covariance import empirical_covariance, ledoit_wolf, oas, shrunk_covariance
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["fit_gaussian_top", "shared_covariance", "draw_features", "TOP_PARAMS"]
+__all__ = ["fit_gaussian_top", "shared_covariance", "draw_features", "in_code_units",
+           "TOP_PARAMS"]
 
 #: the parameters of this top (besides mu, beta and class_prior, which every top has)
 TOP_PARAMS = ("class_weights", "top_covariance")
@@ -122,3 +123,20 @@ def draw_features(p, classes, rng):
     factor = covariance_factor(p["top_covariance"])
     z = rng.standard_normal((len(classes), mu.shape[1]))
     return mu[classes] + z @ factor.T
+
+
+def in_code_units(p, scale):
+    """The top's Gaussian moved to the units of the codes that render the layers below:
+    ``mu`` times ``scale`` per feature and ``top_covariance`` times ``scale scale^T``.
+
+    The bottom-up feature f, which the class scores read, overshoots the coherent top code
+    r that renders the layer below (:mod:`fastdrmm._amplitudes`) by a factor per feature,
+    r ~ scale * f. The class weights and biases stay those of f; the class templates that
+    ``reconstruct`` renders and the Gaussian ``sample`` draws from become those of r. (The
+    shared-covariance scores are unchanged by a per-feature scale, so nothing else moves.)"""
+    out = dict(p)
+    scale = np.asarray(scale, np.float64)
+    out["mu"] = (np.asarray(p["mu"], np.float64) * scale[None, :]).astype(
+        np.asarray(p["mu"]).dtype)
+    out["top_covariance"] = np.asarray(p["top_covariance"], np.float64) * np.outer(scale, scale)
+    return out

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from sklearn.base import clone
 
-from . import _em, _em_topdown, ops
+from . import _em, _em_topdown, _top, ops
 from ._checkpoint import write_checkpoint
 from ._compiling import CompileClock
 from ._latents import LatentStore, better_latents
@@ -417,6 +417,8 @@ class EM(Strategy):
         # the new codes so that validation and the next E-step's class choices read
         # consistent parameters
         run.params = run.refit_top(run.params)
+        if "top_covariance" in run.params:
+            run.params = _top.in_code_units(run.params, _em.coherent_scale(stats))
         if run.objective_history and abs(before - run.objective_history[-1][0]) < float(
                 model.tol):
             run.converged = True
