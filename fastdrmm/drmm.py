@@ -37,7 +37,11 @@ sample: the class score ``<Sigma^-1 mu_c, f> - 1/2 mu_c^T Sigma^-1 mu_c + ln pi_
 ``class_weights`` and ``beta``) is the class log-posterior up to a constant and linear in f,
 so inference stays the network's forward pass. (The isotropic top it replaces, one noise
 variance for every entry of f, threw away the correlated within-class variation that the
-nuisances leave in the top code.)
+nuisances leave in the top code.) The bottom-up feature overshoots the coherent top code
+that renders the layers below by a factor per feature; ``mu`` and ``top_covariance`` are
+stored in the coherent code's units (scaled by the E-step's least-squares factor), so that
+``reconstruct`` renders class templates and ``sample`` draws top codes at the data's scale,
+while ``class_weights`` and ``beta`` read the bottom-up feature.
 
 E-step: bottom-up inference records every latent (switches, argmax positions, the codes
 h[l]); labeled samples take their label, unlabeled ones the best-scoring class (weighing
