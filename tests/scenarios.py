@@ -196,3 +196,14 @@ def layer_of(rng, case):
     for value in case["specials"]:
         x[rng.integers(n), rng.integers(c), rng.integers(h), rng.integers(w)] = value
     return x, templates, bias
+
+
+def labeled_images(rng, shape, n=24, n_classes=3, unlabeled=0.0):
+    """n random non-negative images of ``shape`` and labels in [0, n_classes), every class
+    present (the first n_classes samples), a fraction ``unlabeled`` of the rest marked -1."""
+    X = rng.random((n, *shape))
+    y = rng.integers(0, n_classes, n)
+    y[:n_classes] = np.arange(n_classes)
+    if unlabeled:
+        y[n_classes:][rng.random(n - n_classes) < unlabeled] = -1
+    return X, y

@@ -38,6 +38,7 @@ differences, <= 6e-16 analytically). The tolerances sit between, >= 500x from bo
 from __future__ import annotations
 
 import warnings
+from scenarios import labeled_images
 
 import numpy as np
 import pytest
@@ -64,12 +65,7 @@ PROBLEMS = {
 
 
 def images(rng, shape, n=24, n_classes=3, unlabeled=0.0):
-    X = rng.random((n, *shape))
-    y = rng.integers(0, n_classes, n)
-    y[:n_classes] = np.arange(n_classes)
-    if unlabeled:
-        y[n_classes:][rng.random(n - n_classes) < unlabeled] = -1
-    return X, y
+    return labeled_images(rng, shape, n, n_classes, unlabeled)
 
 
 def e_step_statistics(rng, layers, shape, top, unlabeled_weight=1.0, amplitude_steps=0):

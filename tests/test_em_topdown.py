@@ -17,6 +17,7 @@ from fastdrmm import DRMM, Layer, ops
 from fastdrmm import _amplitudes, _em, _em_topdown
 from fastdrmm._network import LossWeights, network_for, one_hot
 from fastdrmm._training import Training, initial_parameters
+from scenarios import labeled_images
 
 #: a gradient over ||B|| below this counts as zero (measured: the exact solve <= 1e-15; a code
 #: rendered through the previous upper templates instead of the new ones 2e-2 to 2e-1;
@@ -25,12 +26,7 @@ GRADIENT_TOL = 1e-9
 
 
 def images(rng, shape, n=20, n_classes=3, unlabeled=0.0):
-    X = rng.random((n, *shape))
-    y = rng.integers(0, n_classes, n)
-    y[:n_classes] = np.arange(n_classes)
-    if unlabeled:
-        y[n_classes:][rng.random(n - n_classes) < unlabeled] = -1
-    return X, y
+    return labeled_images(rng, shape, n, n_classes, unlabeled)
 
 
 def bottom_up_m_step(rng, layers, shape, top, unlabeled=0.0, unlabeled_weight=1.0,
