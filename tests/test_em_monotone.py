@@ -1,5 +1,5 @@
 """The monotone E-step (em_monotone=True, fastdrmm/_latents.py): the per-sample choice is the
-better of two, its memory survives a checkpoint, and a resumed run ends bit-identical."""
+better of two, its memory survives a checkpoint, and a resumed EM run ends bit-identical."""
 
 import warnings
 
@@ -21,9 +21,9 @@ def _data(rng, n=30):
 
 
 def _settings(**kw):
+    kw.setdefault("em_monotone", True)
     return dict(layers=SMALL, n_classes=3, algorithm="em", dtype="float64",
-                validation_fraction=0, random_state=0, amplitude_steps=3, em_monotone=True,
-                tol=0, **kw)
+                validation_fraction=0, random_state=0, amplitude_steps=3, tol=0, **kw)
 
 
 def _fit(X, y, **kw):
@@ -74,9 +74,14 @@ def test_the_sample_objective_is_the_objectives_per_sample_part(rng):
     np.testing.assert_allclose(J1 - J0, n1 - n0, rtol=1e-9)
 
 
-def test_a_resumed_monotone_run_ends_bit_identical(rng, tmp_path, monkeypatch):
+@pytest.mark.parametrize("monotone", [True, False])
+def test_a_resumed_em_run_ends_bit_identical(monotone, rng, tmp_path, monkeypatch):
+    """EM's new state (the shared-covariance top, and the monotone E-step's memory) goes
+    through the checkpoint: the resumed run is the uninterrupted one."""
     X, y = _data(rng)
-    whole = _fit(X, y, max_iter=3)
+    y[rng.random(y.size) < 0.3] = -1
+    y[:3] = np.arange(3)
+    whole = _fit(X, y, max_iter=3, em_monotone=monotone)
     ckpt = tmp_path / "run.ckpt"
     original = _training.EM.epoch
     calls = []
@@ -89,14 +94,19 @@ def test_a_resumed_monotone_run_ends_bit_identical(rng, tmp_path, monkeypatch):
 
     monkeypatch.setattr(_training.EM, "epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _fit(X, y, max_iter=3, checkpoint=ckpt)
+        _fit(X, y, max_iter=3, checkpoint=ckpt, em_monotone=monotone)
     monkeypatch.setattr(_training.EM, "epoch", original)
     arrays, _ = fastdrmm.io.load_arrays(ckpt)
-    assert arrays["latents.filled"].all()  # the memory is in the checkpoint
+    assert "class_weights" in arrays and "top_covariance" in arrays
+    if monotone:
+        assert arrays["latents.filled"].all()  # the memory is in the checkpoint
+    else:
+        assert "latents.filled" not in arrays
     assert fastdrmm.load(ckpt).n_iter_ == 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        resumed = DRMM(**_settings(max_iter=3, checkpoint=ckpt)).fit(X, y, resume=True)
+        resumed = DRMM(**_settings(max_iter=3, checkpoint=ckpt, em_monotone=monotone)).fit(
+            X, y, resume=True)
     for name, value in whole.parameters_.items():
         np.testing.assert_array_equal(resumed.parameters_[name], value, err_msg=name)
     assert [r["layer_objective"] for r in resumed.history_] == [
