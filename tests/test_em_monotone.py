@@ -45,7 +45,6 @@ def test_each_sample_takes_the_latents_with_the_lower_objective(rng):
     J_fresh = _latents.sample_objective(net, p, X, fresh)
     J_prev = _latents.sample_objective(net, p, X, previous)
     np.testing.assert_array_equal(kept, J_prev < J_fresh)
-    assert 0 < kept.sum() < kept.size or kept.all() or not kept.any()
     J_chosen = _latents.sample_objective(net, p, X, chosen)
     np.testing.assert_allclose(J_chosen, np.minimum(J_fresh, J_prev), rtol=1e-12)
 
