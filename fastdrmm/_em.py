@@ -79,10 +79,6 @@ class Statistics:
         self.class_weight = np.zeros(net.n_classes)
         self.class_sum = np.zeros((net.n_classes, net.feature_size))
         self.top_sq = 0.0
-        #: per top feature, sum w f_bottom_up * f_coherent and sum w f_bottom_up^2: the
-        #: scale that takes the bottom-up top feature to the refined code's
-        self.top_cross = np.zeros(net.feature_size)
-        self.top_bu_sq = np.zeros(net.feature_size)
         #: candidate patches per layer (from the first batch) to re-seed unused templates
         self.patches = [None] * L
         #: the bottom-up top features, their classes and weights, batch by batch: the
@@ -176,10 +172,6 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
         stats.n_units[l] += float(w.sum()) * on[0, 0].size
         stats.offsets[l] += _offset_counts(net, l, idxs[l], on, w)
     f = np.asarray(fw.f, np.float64)
-    if layers:
-        coherent = np.asarray(net.top_feature(hs[-1]), np.float64)
-        stats.top_cross += np.einsum("nf,nf,n->f", f, coherent, w)
-        stats.top_bu_sq += np.einsum("nf,nf,n->f", f, f, w)
     if net.matching == "normalized" and stats.keep_features:
         stats.features.append(np.array(fw.f))
         stats.feature_classes.append(classes)
@@ -484,10 +476,3 @@ def normalize_templates(net, p, generative_bias=True):
         new["beta"] = (-net.top_positions * np.sum(mu * mu, axis=1) / (2 * tau)
                        + np.log(np.asarray(p["class_prior"], np.float64))).astype(dtype)
     return new
-
-
-def coherent_scale(stats):
-    """Per top feature, the least-squares factor from the bottom-up feature to the refined
-    (coherent) code's, from the E-step's sums (1 where a feature was never on)."""
-    ok = stats.top_bu_sq > 0
-    return np.where(ok, stats.top_cross / np.where(ok, stats.top_bu_sq, 1.0), 1.0)

@@ -19,6 +19,7 @@ from sklearn.base import clone
 
 from . import _em, _em_topdown, _top, ops
 from ._checkpoint import write_checkpoint
+from ._amplitudes import refine_codes
 from ._compiling import CompileClock
 from ._latents import LatentStore, better_latents
 from ._network import eg_loss_and_grads, softmax, trainable_names, translate
@@ -209,6 +210,23 @@ class Training:
             return chosen
 
         return choose
+
+    def coherent_scale(self, params):
+        """Per top feature, the least-squares factor from the bottom-up feature to the
+        coherent code's (refined ``amplitude_steps`` steps) under ``params``, on up to
+        INFERENCE_BATCH training samples (seeded); 1 where a feature is never on."""
+        steps = int(self.model.amplitude_steps)
+        if not steps:
+            return np.ones(self.net.feature_size)
+        rng = np.random.default_rng([self.seed, 4, self.epoch])
+        rows = np.sort(rng.permutation(self.train)[:INFERENCE_BATCH])
+        fw = self.net.bottom_up(params, self.X[rows])
+        switches = [fw.switches(l, self.X.dtype) for l in range(self.net.n_layers)]
+        coherent = self.net.top_feature(refine_codes(self.net, params, fw, switches, steps)[-1])
+        f, r = np.asarray(fw.f, np.float64), np.asarray(coherent, np.float64)
+        cross, square = np.einsum("nf,nf->f", f, r), np.einsum("nf,nf->f", f, f)
+        ok = square > 0
+        return np.where(ok, cross / np.where(ok, square, 1.0), 1.0)
 
     def fit_top(self, params, stats):
         """The top's entries fitted to ``stats`` (see :func:`fastdrmm._em.fit_top`)."""
@@ -418,7 +436,7 @@ class EM(Strategy):
         # consistent parameters
         run.params = run.refit_top(run.params)
         if "top_covariance" in run.params:
-            run.params = _top.in_code_units(run.params, _em.coherent_scale(stats))
+            run.params = _top.in_code_units(run.params, run.coherent_scale(run.params))
         if run.objective_history and abs(before - run.objective_history[-1][0]) < float(
                 model.tol):
             run.converged = True
