@@ -8,6 +8,7 @@ break a bar), else plain ``print`` and no bar. Without ``verbose`` both are sile
 from __future__ import annotations
 
 import functools
+import os
 
 from threadpoolctl import threadpool_limits
 
@@ -78,3 +79,9 @@ def serial_blas(method):
         with threadpool_limits(limits=1, user_api="blas"):
             return method(*args, **kwargs)
     return wrapper
+
+
+def parallel_blas():
+    """A context in which NumPy's BLAS uses every core again (inside :func:`serial_blas`):
+    for a large product that no Numba kernel runs beside, e.g. the top's covariances."""
+    return threadpool_limits(limits=os.cpu_count() or 1, user_api="blas")

@@ -28,6 +28,8 @@ import scipy.linalg
 from sklearn.covariance import empirical_covariance, ledoit_wolf, oas, shrunk_covariance
 from sklearn.preprocessing import StandardScaler
 
+from ._progress import parallel_blas
+
 __all__ = ["fit_gaussian_top", "shared_covariance", "draw_features", "in_code_units",
            "TOP_PARAMS"]
 
@@ -86,6 +88,11 @@ def fit_gaussian_top(features, classes, weights, n_classes, mu, shrinkage="auto"
     """The closed-form fit of the top: the entries ``mu`` (class means; a class without
     samples keeps its row of the given ``mu``), ``class_prior``, ``top_covariance``,
     ``class_weights`` and ``beta`` (float64)."""
+    with parallel_blas():  # F x F products with nothing else running (F = 4,608 on MNIST)
+        return _fit(features, classes, weights, n_classes, mu, shrinkage)
+
+
+def _fit(features, classes, weights, n_classes, mu, shrinkage):
     features = np.asarray(features, np.float64)
     weights = np.asarray(weights, np.float64)
     class_weight = np.bincount(classes, weights=weights, minlength=n_classes)
