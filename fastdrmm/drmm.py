@@ -222,7 +222,10 @@ class DRMM(ClassifierMixin, BaseEstimator):
         EM: each layer's templates fitted to render the layer below's (refined) code
         ("bottom-up"), or, as in the paper, to render it from the top-down rendering of
         the chosen class through the recorded latents ("top-down", top layer first: one
-        pass over the data per layer).
+        pass over the data per layer; ``fit`` only, ``partial_fit`` fits bottom-up; the
+        "after" entries of ``objective_history_`` are then the bottom-up objective at
+        the top-down templates and may exceed "before"). Bottom-up measured better on
+        digits (held-out 0.985-0.991 against 0.980-0.983, 2 layers).
     shrinkage : "auto", "oas" or float in [0, 1], default "auto"
         EM: the shrinkage of the top's shared covariance: Ledoit-Wolf (on standardized
         features), Oracle-Approximating Shrinkage, or fixed.
@@ -348,9 +351,12 @@ class DRMM(ClassifierMixin, BaseEstimator):
         so the network is the same; the shared-covariance top becomes EG's linear class
         scores (``mu`` := the class weights ``Sigma^-1 mu_c``, ``class_scale`` 1, the same
         ``beta``): the EG run starts from exactly the EM model's predictions."""
+        # em_monotone=False: its iterations end at unit-norm templates (a monotone run does
+        # not rescale them), and a starting point needs no monotone guarantee
         em = clone(self).set_params(algorithm="em", init="patches",
                                     max_iter=EM_START_ITERATIONS, validation_fraction=0.0,
-                                    n_iter_no_change=None, checkpoint=None, random_state=seed)
+                                    n_iter_no_change=None, checkpoint=None, random_state=seed,
+                                    em_monotone=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             em.fit(X, yidx)
