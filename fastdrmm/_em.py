@@ -87,6 +87,7 @@ class Statistics:
         self.features = []
         self.feature_classes = []
         self.feature_weights = []  # before the confidence threshold
+        self.feature_kept = []  # after it (the E-step's own posteriors)
         self.feature_labeled = []
 
     def scaled(self, factor):
@@ -95,7 +96,7 @@ class Statistics:
         out = Statistics(self.net)
         for name, value in vars(self).items():
             if name in ("net", "keep_features", "features", "feature_classes",
-                        "feature_labeled"):
+                        "feature_labeled", "feature_kept"):
                 value = list(value) if isinstance(value, list) else value
             elif name == "patches":
                 pass
@@ -111,7 +112,8 @@ class Statistics:
             if name in ("net", "keep_features"):
                 continue
             o = getattr(other, name)
-            if name in ("features", "feature_classes", "feature_weights", "feature_labeled"):
+            if name in ("features", "feature_classes", "feature_weights", "feature_labeled",
+                        "feature_kept"):
                 # the newest TOP_SAMPLES samples (stepwise EM: a sliding window)
                 setattr(self, name, _newest(value + o, TOP_SAMPLES))
             elif name == "patches":
@@ -176,6 +178,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
         stats.features.append(np.array(fw.f))
         stats.feature_classes.append(classes)
         stats.feature_weights.append(unthresholded)
+        stats.feature_kept.append(w > 0)
         stats.feature_labeled.append(labeled)
     stats.class_weight += np.bincount(classes, weights=w, minlength=net.n_classes)
     np.add.at(stats.class_sum, classes, f * w[:, None])
@@ -294,9 +297,10 @@ def objective(net, p, stats, ridge, top=True):
         J -= _xlogy_sum(stats.offsets[l], np.asarray(p[f"translation_prior{l}"], np.float64))
     if not top:
         return J / total
-    if "class_weights" not in p:
-        # the isotropic top (the shared-covariance top is scikit-learn's shrunk estimate,
-        # not a minimiser of this objective, and its means are in the coherent codes' units)
+    if net.matching != "normalized":
+        # the isotropic top; an EM model's shared-covariance top is scikit-learn's shrunk
+        # estimate, not a minimiser of this objective (and its means are in the coherent
+        # codes' units), so its term is left out at every iteration alike
         tau = float(p["top_noise_variance"])
         D_top = float(net.feature_size * net.top_positions)
         J += _top_rss(stats, net, p["mu"]) / (2 * tau) + total * D_top / 2 * (_LOG_2PI
@@ -325,7 +329,7 @@ def _normalised(counts):
 
 
 def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8, *,
-           shrinkage="auto", top=True, reseed=True):
+           shrinkage="auto", top=True, reseed=True, threshold=0.0):
     """The parameters minimising the objective at these statistics (a new dict; p is not
     changed). Templates of layers whose statistics are empty are kept. ``top=False`` leaves
     the top's entries (:func:`fit_top`) as they are. ``reseed``: a template no unit chose
@@ -358,7 +362,8 @@ def m_step(net, p, stats, ridge, generative_bias=True, variance_floor=1e-8, *,
             new[f"b{l}"] = generative_bias_of(W, s2_all[l], pa).astype(dtype)
     new["noise_variance"] = s2_all
     if top:
-        new.update(fit_top(net, p, stats, generative_bias, variance_floor, shrinkage))
+        new.update(fit_top(net, p, stats, generative_bias, variance_floor, shrinkage,
+                           threshold))
     return new
 
 
@@ -393,6 +398,8 @@ def fit_top(net, p, stats, generative_bias=True, variance_floor=1e-8, shrinkage=
             if threshold > 0:
                 weights = weights.copy()
                 weights[~labeled] *= _posterior_of_best(scores) >= threshold
+        elif threshold > 0:  # no labels to re-choose with: the E-step's own posteriors
+            weights = weights * np.concatenate(stats.feature_kept)
         fitted = _top.fit_gaussian_top(features, classes, weights, net.n_classes, p["mu"],
                                        shrinkage)
         dtype = np.asarray(p["mu"]).dtype

@@ -124,10 +124,12 @@ def covariance_factor(cov):
     return vecs * np.sqrt(np.clip(vals, 0, None))[None, :]
 
 
-def draw_features(p, classes, rng):
-    """Top features f ~ N(mu_c, Sigma) of the given classes (len(classes), F), float64."""
+def draw_features(p, classes, rng, factor=None):
+    """Top features f ~ N(mu_c, Sigma) of the given classes (len(classes), F), float64
+    (``factor``: :func:`covariance_factor` of Sigma, when already computed)."""
     mu = np.asarray(p["mu"], np.float64)
-    factor = covariance_factor(p["top_covariance"])
+    if factor is None:
+        factor = covariance_factor(p["top_covariance"])
     z = rng.standard_normal((len(classes), mu.shape[1]))
     return mu[classes] + z @ factor.T
 
@@ -143,7 +145,10 @@ def in_code_units(p, scale):
     shared-covariance scores are unchanged by a per-feature scale, so nothing else moves.)"""
     out = dict(p)
     scale = np.asarray(scale, np.float64)
-    out["mu"] = (np.asarray(p["mu"], np.float64) * scale[None, :]).astype(
+    # a class without samples kept its (already scaled) template: not scaled again
+    seen = np.asarray(p["class_prior"], np.float64) > 1e-11
+    mu = np.asarray(p["mu"], np.float64)
+    out["mu"] = np.where(seen[:, None], mu * scale[None, :], mu).astype(
         np.asarray(p["mu"]).dtype)
     out["top_covariance"] = np.asarray(p["top_covariance"], np.float64) * np.outer(scale, scale)
     return out

@@ -18,8 +18,8 @@ import numpy as np
 from sklearn.base import clone
 
 from . import _em, _em_topdown, _top, ops
-from ._checkpoint import write_checkpoint
 from ._amplitudes import refine_codes
+from ._checkpoint import write_checkpoint
 from ._compiling import CompileClock
 from ._latents import LatentStore, better_latents
 from ._network import eg_loss_and_grads, softmax, trainable_names, translate
@@ -181,19 +181,26 @@ class Training:
         stats = _em.Statistics(self.net, features=not layers if features is None else features)
         if keep and self.latents is None:
             self.latents = LatentStore(self.net, rows.size, np.asarray(params["W0"]).dtype)
+        # the amplitude steps and the threshold are EM's (EG's priors refit reads neither)
+        em = self.net.matching == "normalized"
+        steps = int(self.model.amplitude_steps) if em else 0
+        threshold = float(self.model.confidence_threshold) if em else 0.0
         bar = progress_bar(-(-rows.size // INFERENCE_BATCH), "E-step", self.verbose)
         try:
             for sl in batches(rows.size, INFERENCE_BATCH):
                 chunk = rows[sl]
                 _em.e_step(self.net, params, self.X[chunk], self.yidx[chunk],
                            float(self.model.unlabeled_weight), stats, layers,
-                           amplitude_steps=int(self.model.amplitude_steps),
-                           threshold=float(self.model.confidence_threshold),
+                           amplitude_steps=steps, threshold=threshold,
                            choose=self._chooser(params, sl) if keep else None)
                 bar.update(1)
         finally:
             bar.close()
         if not stats.weight > 0:
+            if threshold > 0:
+                raise ValueError(f"confidence_threshold={threshold:g} left no sample with any "
+                                 "weight (no labeled sample, no unlabeled one that sure): "
+                                 "nothing to fit; lower it")
             raise ValueError("unlabeled_weight=0 and no labeled samples: nothing to fit")
         return stats
 
@@ -253,8 +260,11 @@ class Training:
         if only_top:  # the top's statistics only: no Gram matrices
             out.update(self.fit_top(params, stats))
             return out
+        # an EM model's top was fitted to every training sample after its last iteration;
+        # the isotropic top (EG) is refitted here with the priors
         fitted = _em.m_step(self.net, params, stats, float(self.model.ridge), top,
-                            top=top, shrinkage=self.model.shrinkage)
+                            top=top or self.net.matching != "normalized",
+                            shrinkage=self.model.shrinkage)
         for name in fitted:
             if name.startswith(("switch_prior", "translation_prior")) or name in (
                     "class_prior", "top_noise_variance"):
@@ -458,7 +468,10 @@ class EM(Strategy):
         generative = model.bias == "generative"
         run.params = _em.normalize_templates(run.net, _em.m_step(
             run.net, run.params, stats, float(model.ridge), generative,
-            shrinkage=model.shrinkage), generative)
+            shrinkage=model.shrinkage, threshold=float(model.confidence_threshold)),
+            generative)
+        if "top_covariance" in run.params:  # the top in the coherent codes' units, as fit's
+            run.params = _top.in_code_units(run.params, run.coherent_scale(run.params))
         return stats
 
 

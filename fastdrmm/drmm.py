@@ -130,7 +130,7 @@ from ._drmm_params import DTYPES, LOSS_WEIGHTS, PARAMETER_CONSTRAINTS, check_hos
 from ._inputs import check_images, check_labels, seed_of
 from ._network import LossWeights, network_for, softmax
 from ._amplitudes import refine_codes
-from ._top import draw_features
+from ._top import covariance_factor, draw_features
 from ._progress import batches, serial_blas
 from ._training import (EM, INFERENCE_BATCH, Training, check_input_scale, initial_parameters,
                         validation_split)
@@ -234,6 +234,8 @@ class DRMM(ClassifierMixin, BaseEstimator):
         take the better of its fresh and its previous ones (:mod:`fastdrmm._latents`), with
         the templates neither rescaled nor re-seeded: then no iteration raises the
         objective (the layers' and priors' terms). Costs the memory of every sample's codes.
+        ``fit`` only (``partial_fit`` is stepwise EM over changing batches); not with
+        ``em_targets="top-down"``, whose M-step does not minimise that objective.
     top : {"average", "full"}, default "average"
         How the class templates meet the top code: "average" (global average pooling, as in
         the paper's Conv-Small: a template of K_L numbers rendered on every top position) or
@@ -245,8 +247,11 @@ class DRMM(ClassifierMixin, BaseEstimator):
     parameters_ : dict of arrays
         W0.., b0.. (layer templates and biases), mu, beta, class_scale (top), and the
         generative noise_variance, switch_prior{l}, translation_prior{l}, class_prior,
-        top_noise_variance; an EM model also class_weights (Sigma^-1 mu_c) and
-        top_covariance (Sigma).
+        top_noise_variance; an EM model also class_weights and top_covariance. An EM
+        model's class_weights and beta read the bottom-up feature f (``Sigma_f^-1 mu_f``
+        of f's class means and shared covariance); its mu and top_covariance are those of
+        the coherent top code, ``scale * mu_f`` and ``scale scale^T * Sigma_f`` with the
+        per-feature factor ``scale`` from f to that code.
     layers_ : tuple of Layer
     input_shape_ : (C, H, W)
     classes_ : ndarray, ``arange(n_classes)``
@@ -396,6 +401,9 @@ class DRMM(ClassifierMixin, BaseEstimator):
         self
         """
         layers, weights = self._check_params()
+        if self.algorithm == "em" and self.em_monotone and self.em_targets == "top-down":
+            raise ValueError("em_monotone=True needs em_targets='bottom-up': the top-down "
+                             "M-step does not minimise the objective it keeps from rising")
         X = check_images(X, dtype=self._np_dtype)
         yidx = check_labels(y, X.shape[0], self.n_classes)
         if not isinstance(resume, (bool, np.bool_)):
@@ -627,10 +635,11 @@ class DRMM(ClassifierMixin, BaseEstimator):
         rng = np.random.default_rng(seed_of(random_state))
         p, dtype = self.parameters_, DTYPES[self.dtype_]
         out = np.empty((cls.size, *self.input_shape_), dtype)
+        factor = covariance_factor(p["top_covariance"]) if "top_covariance" in p else None
         for sl in batches(cls.size, INFERENCE_BATCH):
             idxs, switches = net.draw_latents(p, sl.stop - sl.start, rng, dtype)
-            if "top_covariance" in p:  # the shared-covariance top: f ~ N(mu_c, Sigma)
-                top = net.top_plane_of(draw_features(p, cls[sl], rng), dtype)
+            if factor is not None:  # the shared-covariance top: f ~ N(mu_c, Sigma)
+                top = net.top_plane_of(draw_features(p, cls[sl], rng, factor), dtype)
             else:
                 top = net.top_code(p, np.eye(n_classes)[cls[sl]], dtype)
             out[sl] = net.render_down(p, top, idxs, switches)[0]

@@ -110,3 +110,9 @@ def test_a_resumed_em_run_ends_bit_identical(monotone, rng, tmp_path, monkeypatc
         np.testing.assert_array_equal(resumed.parameters_[name], value, err_msg=name)
     assert [r["layer_objective"] for r in resumed.history_] == [
         r["layer_objective"] for r in whole.history_]
+
+
+def test_monotone_em_refuses_the_top_down_m_step(rng):
+    X, y = _data(rng)
+    with pytest.raises(ValueError, match="em_monotone=True needs em_targets='bottom-up'"):
+        DRMM(**_settings(max_iter=1, em_targets="top-down")).fit(X, y)

@@ -251,3 +251,30 @@ def test_a_two_layer_em_model_classifies_digits():
                      algorithm="em", max_iter=2, top="full", validation_fraction=0,
                      random_state=0).fit(X[train], y[train])
     assert model.score(X[test], y[test]) >= 0.95
+
+
+def test_partial_fit_keeps_the_top_in_the_codes_units():
+    """Stepwise EM ends, like fit, with the class templates in the coherent codes' units:
+    its class-template reconstructions stay below the pixel variance."""
+    X, y = _digits()
+    Xtr, ytr, Xte = X[:600], y[:600], X[1200:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = DRMM([Layer(16, 3, padding=1, pool=2)], 10, algorithm="em", max_iter=2,
+                     top="full", validation_fraction=0, random_state=0).fit(Xtr, ytr)
+    before = np.mean((model.reconstruct(Xte) - Xte) ** 2)
+    assert before < np.var(Xte)
+    model.partial_fit(Xtr[:300], ytr[:300])
+    assert np.mean((model.reconstruct(Xte) - Xte) ** 2) < np.var(Xte)
+
+
+def test_eg_priors_are_refitted_without_em_settings(rng):
+    """EG's final refit of the priors reads the class frequencies, and no EM-only setting
+    (amplitude_steps, the confidence threshold) changes an EG model."""
+    X, y = _digits()
+    X, y = X[:200], np.where(np.arange(200) < 150, 0, 1)
+    fits = [DRMM([Layer(4, 3, padding=1, pool=2)], 2, max_iter=1, validation_fraction=0,
+                 random_state=0, amplitude_steps=steps).fit(X, y) for steps in (0, 5)]
+    np.testing.assert_allclose(fits[0].parameters_["class_prior"], [0.75, 0.25], rtol=1e-9)
+    for name, value in fits[0].parameters_.items():
+        np.testing.assert_array_equal(fits[1].parameters_[name], value, err_msg=name)
