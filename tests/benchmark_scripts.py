@@ -17,3 +17,17 @@ def load_script(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def md_table(text, head):
+    """The rows (lists of cells) of the markdown table whose header row starts with ``head``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    width = lines[start].count("|") - 1
+    assert lines[start + 1] == "|" + " --- |" * width
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from benchmark_scripts import BENCHMARKS, load_script
+from benchmark_scripts import BENCHMARKS, load_script, md_table
 
 
 def mnist_dir():
@@ -38,20 +38,6 @@ def mnist_present():
     if not MNIST.is_dir():
         pytest.skip(f"no MNIST at {MNIST}")
     return str(MNIST)
-
-
-def md_table(text, head):
-    """The rows (lists of cells) of the markdown table whose header row starts with ``head``."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(head))
-    width = lines[start].count("|") - 1
-    assert lines[start + 1] == "|" + " --- |" * width
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("| "):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from benchmark_scripts import BENCHMARKS, load_script
+from benchmark_scripts import BENCHMARKS, load_script, md_table
 
 SCRIPT = BENCHMARKS / "reproduce_mnist.py"
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -31,15 +31,7 @@ def mnist():
 
 
 def table_rows(text):
-    lines = text.splitlines()
-    start = lines.index(HEAD)
-    assert lines[start + 1] == "|" + " --- |" * 10
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("| "):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
+    return md_table(text, HEAD)  # HEAD has the table's ten columns
 
 
 def test_tiny_run_prints_the_table(reproduce, mnist, tmp_path):
