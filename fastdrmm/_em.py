@@ -30,12 +30,16 @@ import numpy as np
 
 from . import _amplitudes, _top, ops
 from ._elementwise import sum_squares
+from ._network import softmax
 
 _LOG_2PI = float(np.log(2 * np.pi))
 #: probabilities are kept in [PROB_FLOOR, 1 - PROB_FLOOR] so that every log is finite
 PROB_FLOOR = 1e-12
 #: the most samples stepwise EM (partial_fit) keeps for the shared-covariance top
 TOP_SAMPLES = 20000
+#: the Statistics entries that are per-sample lists (batch by batch), not sums
+_PER_SAMPLE = ("features", "feature_classes", "feature_weights", "feature_kept",
+               "feature_labeled")
 
 
 def _newest(batches, limit):
@@ -95,8 +99,7 @@ class Statistics:
         EM)."""
         out = Statistics(self.net)
         for name, value in vars(self).items():
-            if name in ("net", "keep_features", "features", "feature_classes",
-                        "feature_labeled", "feature_kept"):
+            if name in ("net", "keep_features", *_PER_SAMPLE) and name != "feature_weights":
                 value = list(value) if isinstance(value, list) else value
             elif name == "patches":
                 pass
@@ -112,8 +115,7 @@ class Statistics:
             if name in ("net", "keep_features"):
                 continue
             o = getattr(other, name)
-            if name in ("features", "feature_classes", "feature_weights", "feature_labeled",
-                        "feature_kept"):
+            if name in _PER_SAMPLE:
                 # the newest TOP_SAMPLES samples (stepwise EM: a sliding window)
                 setattr(self, name, _newest(value + o, TOP_SAMPLES))
             elif name == "patches":
@@ -190,9 +192,7 @@ def e_step(net, p, x, yidx, unlabeled_weight, stats, layers=True, *, amplitude_s
 
 def _posterior_of_best(scores):
     """The softmax probability of each row's best class."""
-    s = np.asarray(scores, np.float64)
-    t = np.exp(s - s.max(axis=1, keepdims=True))
-    return 1.0 / t.sum(axis=1)
+    return softmax(np.asarray(scores, np.float64)).max(axis=1)
 
 
 def _offset_counts(net, l, idx, on, w):
