@@ -45,13 +45,13 @@ add the T products in some order, one rounding each, so the classical bound hold
 3x3)) pair each input value with the transformed weights of *other* taps; their error is
 bounded by ``(C + 12) * u * sum_c sum_{a,b} K(a, b) |x_c,a| |w_c,b|`` (K: the transforms'
 coupling, at most 4 per pair), which exceeds the classical bound wherever a large input sits on
-a tiny or zero weight. They screen every 2x2 tile against the contract (``winograd.screen``)
-and compute the flagged ones directly, so their contract is the classical one with the
+a tiny or zero weight. They screen every output against the contract (``winograd.screen``)
+and compute the flagged ones by the classical sum, so their contract is the classical one with the
 ``WINOGRAD`` constant: the screen's estimate is a priori (it cannot see the rounding errors
 cancel), and a larger constant lets it pass ordinary data with a margin.
 
 The cpu backend's automatic choice takes the Winograd kernels only where ``winograd.AUTO`` is
-set (off: with the screen they no longer pay, see there), so by default every op meets the
+set (off: with the screen they do not pay yet, see there), so by default every op meets the
 ``DIRECT`` constant; the table keeps the constants that hold whichever algorithm an op takes
 (the one a cpu op is given by ``algorithm=`` included).
 """

@@ -169,11 +169,74 @@ def test_render_and_stats_meet_their_contracts(algorithm, kind, dtype, monkeypat
 
 
 def test_the_screen_passes_ordinary_inputs():
-    # He templates on standard-normal and on ReLU-sparse inputs: no tile is flagged, so the
-    # Winograd results stay bit for bit what they were
+    # He templates on standard-normal and on ReLU-sparse inputs: no output is flagged, so the
+    # Winograd results stay bit for bit the kernel's
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((32, 32, 3, 3)) * np.sqrt(2 / 288)).astype(np.float32)
     b = np.zeros(32, np.float32)
     for x in (rng.standard_normal((8, 32, 12, 12)),
               np.maximum(rng.standard_normal((8, 32, 12, 12)) - 0.5, 0)):
-        assert not winograd.screen(x.astype(np.float32), w, b, (1, 1)).any()
+        assert winograd.screen(x.astype(np.float32), w, b, (1, 1), (12, 12)) is None
+
+
+def test_the_screen_is_per_output_not_per_tile():
+    # an input only on the even rows and columns of a strong channel: the odd outputs of each
+    # 2x2 tile see an empty field next to a full one; a per-tile screen flagged them
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32)
+    w[:, 1:] = np.where(np.abs(w[:, 1:]) < 0.05, 0.05, w[:, 1:])   # strong channels 1..15
+    w[:, 0, 1, 1] = 0                                             # channel 0: weak
+    x = np.zeros((2, 16, 10, 10), np.float32)
+    x[:, 1:, ::4, ::4] = rng.random((2, 15, 3, 3)) * 10
+    x[:, 0, 5, 5] = 1e6       # on the zero weight of the outputs centred there
+    flags = winograd.screen(x, w, np.zeros(16, np.float32), (1, 1), (10, 10))
+    assert flags is not None
+    assert flags[:, :, 5, 5].all()
+    assert flags.mean() < 0.2
+
+
+def test_outputs_the_screen_flags_are_recomputed_exactly():
+    # integer inputs and templates, a huge input on a zero weight: the flagged outputs come
+    # from the classical sum, exact on these integers
+    rng = np.random.default_rng(5)
+    x = rng.integers(-3, 4, (3, 16, 9, 9)).astype(np.float32)
+    w = rng.integers(-2, 3, (16, 16, 3, 3)).astype(np.float32)
+    w[:, 3, 1, 1] = 0
+    x[:, 3, 2::3, 2::3] = 2.0 ** 40
+    b = np.zeros(16, np.float32)
+    assert winograd.screen(x, w, b, (1, 1), (9, 9)) is not None
+    for pool, leak in ((1, 0.0), (2, 0.0), (2, 0.5), (2, -0.5), (3, 0.0)):
+        geometry = _geometry(x, w, (1, 1), (pool, pool), (pool, pool))
+        h, idx = matching.match_switch_pool(x, w, b, geometry, leak, algorithm="winograd")
+        ref_h, ref_idx = matching.match_switch_pool(x, w, b, geometry, leak,
+                                                    algorithm="direct")
+        np.testing.assert_array_equal(h, ref_h)
+        np.testing.assert_array_equal(idx, ref_idx)
+
+
+def test_flagged_units_and_rendered_pixels_are_recomputed_exactly(monkeypatch):
+    # the same integers through match_at and render: a huge input (a huge code) on a zero
+    # weight flags outputs of both; what they return is the classical sum's, exact here
+    rng = np.random.default_rng(7)
+    x = rng.integers(-3, 4, (2, 16, 8, 8)).astype(np.float32)
+    w = rng.integers(-2, 3, (16, 16, 3, 3)).astype(np.float32)
+    w[:, 3, 1, 1] = 0
+    w[3, :, 1, 1] = 0
+    x[:, 3, 1::3, 1::3] = 2.0 ** 40
+    zero = np.zeros(16, np.float32)
+    assert winograd.screen(x, w, zero, (1, 1), (8, 8)) is not None
+    idx = rng.integers(0, 64, (2, 16, 4, 4)).astype(np.int32)
+    sw = (rng.random((2, 16, 4, 4)) < 0.7).astype(np.float32)
+    units = units_geometry((8, 8), (3, 3), (1, 1), idx.shape[2:])
+    got = matching.match_at(x, w, idx, units, sw, algorithm="winograd")
+    want = matching.match_at(x, w, idx, units, sw, algorithm="units")
+    np.testing.assert_array_equal(got, want)
+    code = rng.integers(0, 4, (2, 16, 8, 8)).astype(np.float32)
+    code[:, 3, 2::3, 2::3] = 2.0 ** 40
+    cidx = np.broadcast_to(np.arange(64, dtype=np.int32).reshape(8, 8), code.shape).copy()
+    out = {}
+    for algorithm in ("winograd", "gemm"):
+        force(monkeypatch, "render", algorithm)
+        out[algorithm] = ops.render(code, cidx, w, (8, 8), padding=1, backend="cpu")
+        monkeypatch.undo()
+    np.testing.assert_array_equal(out["winograd"], out["gemm"])

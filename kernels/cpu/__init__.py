@@ -42,7 +42,7 @@ SIMD micro-kernels), ``_vector`` (their IR helpers), ``_partition`` (work partit
 
 Accuracy: every output is within the contract of ``kernels.contracts`` (a sum of T products
 off by at most c * T * (u * (|bias| + sum |a||b|) + eta); c = 2 for the direct kernels, 256
-for the ops a Winograd kernel may take). The Winograd kernels screen each 2x2 tile (matching,
+for the ops a Winograd kernel may take). The Winograd kernels screen each output (matching,
 match_at, render) or check the result (template_stats' B) against it and compute what fails
 directly.
 """

@@ -32,11 +32,11 @@ kernel; so is one whose transforms overflow. Non-finite templates or bias never 
 Accuracy: the transforms pair each input with the weights of other taps, so z's error is
 bounded by (C + 12) u sum_c sum_{a,b} K(a, b) |x_c,a| |w_kc,b| rather than by the classical
 u * sum |w||x| (a large input on a small or zero weight breaks the latter). Every call runs
-``screen``, an a-priori check of each 2x2 tile against the contract of ``kernels.contracts``
-(c = 256): matching recomputes directly the pooling windows that touch a flagged tile,
-match_at the units read there, render redoes flagged samples. Where nothing is flagged
-(standard-normal or ReLU inputs; ~1 % of the tiles of MNIST's second layer are) the results
-are the kernel's own, bit for bit.
+``screen`` (``screen_code`` for render), an a-priori check of each output against the
+contract of ``kernels.contracts`` (c = 256): matching recomputes by the classical sum the
+pooling windows that hold a flagged output, match_at the units read there, render the flagged
+outputs. Where nothing is flagged (standard-normal or ReLU inputs; 0-0.08 % of the outputs of
+conv-small's layers 2-4 on MNIST are) the results are the kernel's own, bit for bit.
 
 The same kernel renders (``render``): the transposed correlation of the unpooled code is a
 correlation with the flipped, transposed templates, and the code is unpooled (times the
@@ -79,7 +79,8 @@ from ._partition import PARALLEL, chunk_bounds, num_chunks, vector_empty, vector
 from ._tiles import pool_group
 from ._units import unpool
 from ._vector import lanes
-from .winograd_screen import direct_units, direct_windows, screen
+from .winograd_screen import (channel_last_templates, recompute_units, recompute_windows,
+                              samples_to_redo, screen, screen_code, window_flags)
 from .winograd_transforms import (code_in, input_in, output_transform, transform_blocks,
                                   transformed_templates)
 
@@ -90,12 +91,13 @@ _MIN_CHANNELS = 16   # below this the transforms cost as much as the products th
 _MAX_TILES = 48      # tiles per group: M stays small (16 x 48 x 64 floats = 192 KiB)
 _MATCH_AT_SHARE = 0.05  # match_at: the least share of the plane's units worth a whole plane
 #: Whether the ops' automatic choice (the modules' ``plan_*``) may take these kernels
-#: (``algorithm="winograd"`` always can). Off: with a sound accuracy screen the Winograd kernels
-#: no longer pay. On MNIST's layer-2 input the screen flags ~20 % of the (sample, template,
-#: tile) triples and the screened matching took 70-97 ms against 13-15 ms for the direct
-#: kernel (N = 128, 32 -> 64 channels, 16x16); on data it never flags, the screen's 5 ms ate
-#: the 5 ms that Winograd saves (8 vs 13 ms). A screen folded into the transform pass (a few
-#: per cent) with a tighter per-output room is what would bring them back.
+#: (``algorithm="winograd"`` always can). Off: with the sound accuracy screen they do not pay
+#: yet. The per-output screen flags almost nothing on real layers (0-0.08 % of the outputs of
+#: conv-small's layers 2-4 on MNIST, against ~20 % of the tiles for the per-tile screen it
+#: replaced), but its own pass costs ~60 ms of a conv-small EG step (N = 128: ~208 ms
+#: screened against ~175 ms by the direct kernels and ~146 ms unchecked
+#: (benchmarks/NOTES.md). Folding the field sums into the kernel's transform pass is what
+#: would bring them back.
 AUTO = False
 
 
@@ -461,18 +463,20 @@ def match_switch_pool(x, templates, bias, geometry, leak, samples_per_item=None)
 
     Returns ``(h, idx, redo)``: ``redo`` flags the samples (int8, 1 = redo) whose z had a
     non-finite value; the caller recomputes those with an exact kernel. The pooling windows
-    that touch a tile the accuracy screen flags (``screen``) are recomputed here, directly.
-    ``samples_per_item`` forces the samples whose tiles share the product calls (None: the
-    plan's; any number gives the same bits).
+    with an output the accuracy screen flags (``screen``) are recomputed here by the
+    classical sum. ``samples_per_item`` forces the samples whose tiles share the product
+    calls (None: the plan's; any number gives the same bits).
     """
     h, idx, redo = _correlate(x, templates, bias, geometry, leak, True,
                               samples_per_item=samples_per_item)
-    flags = screen(x, templates, bias, geometry.padding)
-    need = flags.any(axis=(1, 2))
-    if need.any():
+    flags = screen(x, templates, bias, geometry.padding, geometry.plane)
+    if flags is not None:
         (ph, pw), (poolh, poolw), (sh, sw) = geometry.padding, geometry.pool, geometry.stride
-        direct_windows(x, templates, bias, ph, pw, geometry.plane[1], poolh, poolw, sh, sw,
-                       x.dtype.type(leak), flags, need, redo, h, idx)
+        windows = np.empty(h.shape, np.uint8)
+        window_flags(flags, poolh, poolw, sh, sw, windows)
+        recompute_windows(x, channel_last_templates(templates), bias, ph, pw, poolh, poolw,
+                          sh, sw, geometry.plane[1], x.dtype.type(leak), windows,
+                          samples_to_redo(windows, redo), h, idx, True)
     return h, idx, redo
 
 
@@ -490,24 +494,27 @@ def match_at_applies(n, templates, plane, units_on):
 
 def match_at(x, templates, idx, geometry, switches):
     """``matching.match_at`` by the Winograd kernel: the whole plane of every sample (no bias,
-    no switch), read at ``idx`` times the switches (exactly 0 where a switch is 0).
+    no switch), read at ``idx`` times the switches (exactly 0 where a switch is 0). The
+    units whose output the accuracy screen flags are recomputed here by the classical sum.
 
     Returns ``(z, redo)``: ``redo`` flags the samples with a non-finite value anywhere on
     their plane; the caller recomputes those with the unit-by-unit kernel.
     """
-    k = templates.shape[0]
+    n, k = x.shape[0], templates.shape[0]
     zero = np.zeros(k, dtype=x.dtype)
     plane = geometry._replace(pooled=geometry.plane)  # pool and stride 1: the whole plane
     z, _, redo = _correlate(x, templates, zero, plane, 1.0, False, gather_idx=idx,
                             gather_sw=switches)
-    flags = screen(x, templates, zero, geometry.padding)
-    need = flags.any(axis=(1, 2))
-    if need.any():
-        use_sw = switches is not None
-        sw = switches if use_sw else np.zeros((1, 1, 1, 1), x.dtype)
+    flags = screen(x, templates, zero, geometry.padding, geometry.plane) if z.size else None
+    if flags is not None:
         ph, pw = geometry.padding
-        direct_units(x, templates, ph, pw, geometry.plane[1], idx, sw, use_sw, flags, need,
-                     redo, zero, z)
+        use_sw = switches is not None
+        idf = idx.reshape(n, k, -1)
+        units = np.take_along_axis(flags.reshape(n, k, -1), idf.astype(np.intp), axis=2)
+        sw = switches.reshape(n, k, -1) if use_sw else np.zeros((1, 1, 1), x.dtype)
+        recompute_units(x, channel_last_templates(templates), ph, pw, geometry.plane[1], idf,
+                        sw, use_sw, units, samples_to_redo(units, redo), zero,
+                        z.reshape(n, k, -1))
     return z, redo
 
 
@@ -537,8 +544,17 @@ def render(code, idx, templates, geometry, switches):
                           geometry.input)
     r, _, redo = _correlate(code, flipped, zero, transposed, 1.0, False, code_idx=idx,
                             code_sw=switches)
-    # the accuracy screen on the unpooled code: a flagged sample is re-rendered (by the
-    # caller) with the other kernels
-    unpooled = unpool(code, idx, geometry.plane, switches)
-    redo |= screen(unpooled, flipped, zero, inner).any(axis=(1, 2, 3)).astype(np.int8)
+    # the accuracy screen on the unpooled code; the outputs it flags are recomputed from
+    # the unpooled code of their samples
+    flags = screen_code(code, idx, switches, geometry.plane, flipped, inner, geometry.input)
+    if flags is not None:
+        samples = np.flatnonzero(flags.any(axis=(1, 2, 3)) & (redo == 0))
+        part = r[samples]
+        unpooled = unpool(code[samples], idx[samples], geometry.plane,
+                          None if switches is None else switches[samples])
+        recompute_windows(unpooled, channel_last_templates(flipped), zero, inner[0],
+                          inner[1], 1, 1, 1, 1, geometry.input[1], code.dtype.type(1),
+                          flags[samples], np.ones(samples.size, np.uint8), part,
+                          np.zeros((1, 1, 1, 1), np.int32), False)
+        r[samples] = part
     return r, redo
