@@ -505,7 +505,8 @@ def match_at(x, templates, idx, geometry, switches):
     plane = geometry._replace(pooled=geometry.plane)  # pool and stride 1: the whole plane
     z, _, redo = _correlate(x, templates, zero, plane, 1.0, False, gather_idx=idx,
                             gather_sw=switches)
-    flags = screen(x, templates, zero, geometry.padding, geometry.plane) if z.size else None
+    flags = (screen(x, templates, zero, geometry.padding, geometry.plane, extra=1) if z.size
+             else None)
     if flags is not None:
         ph, pw = geometry.padding
         use_sw = switches is not None
@@ -546,7 +547,10 @@ def render(code, idx, templates, geometry, switches):
                             code_sw=switches)
     # the accuracy screen on the unpooled code; the outputs it flags are recomputed from
     # the unpooled code of their samples
-    flags = screen_code(code, idx, switches, geometry.plane, flipped, inner, geometry.input)
+    collisions = (-(-geometry.pool[0] // geometry.stride[0])
+                  * -(-geometry.pool[1] // geometry.stride[1]))
+    flags = screen_code(code, idx, switches, geometry.plane, flipped, inner, geometry.input,
+                        collisions)
     if flags is not None:
         samples = np.flatnonzero(flags.any(axis=(1, 2, 3)) & (redo == 0))
         part = r[samples]

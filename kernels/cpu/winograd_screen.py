@@ -20,7 +20,10 @@ smallest |w_kc|). So o meets it where
     room_k(o) = sum_c coef_kc F1_c(o) + (c T - (C + 12)(1 + 2**-9)) |bias_k| >= 0,
     coef_kc   = c T wmin_kc - 4 (C + 12)(1 + 2**-9) W1_kc.
 
-coef is negative only for a "weak" pair, a template whose channel has a tiny or zero weight
+(Where the caller rounds more, ``extra`` roundings of u |x| each, e.g. render's products
+with the switches and colliding units, or u |z| after, match_at's product with the switch,
+the second term of coef grows by ``extra`` W1_kc: their error is at most u sum |w||x| <=
+u sum_c W1_kc F1_c(o) each.) coef is negative only for a "weak" pair, a template whose channel has a tiny or zero weight
 (~9 % of the pairs of He templates): a large input there is the transform's failure. The
 screen is per output, not per 2x2 tile: a tile's outputs see different fields, and at the
 edge of a digit pairing one output's empty field with another's full one flagged ~20 % of
@@ -34,10 +37,10 @@ strong ones, ~19 % of all) exactly:
 
 with F1(o) = sum_c F1_c(o): ~a fifth of a (C x K) product per output, where Winograd's are 4;
 an output this bound flags is checked again with every channel's own coef.
-The sums run in float64 over F1 in x's dtype, whose rounding (at most 9 u relative) is
-covered by asking room >= (2 E + 64) u max_c |coef_kc| F1(o) (E exceptions at most; an
-infinite F1 flags). Flagged outputs are recomputed by the
-classical sum (``recompute_windows``, ``recompute_units``), vectorised over the channels of a
+F1 and the sums are in x's dtype; their rounding (F1: 9 u relative; the sums' terms are at
+most 3 max |coef| F1) is covered by asking room >= (4 E + 64) u max_c |coef_kc| F1(o) (E
+exceptions at most; an infinite F1 flags). Flagged outputs are recomputed by the classical
+sum (``recompute_windows``, ``recompute_units``), vectorised over the channels of a
 channel-last copy of the sample.
 """
 
@@ -56,31 +59,36 @@ _ERROR_MARGIN = 1.0 + 2.0 ** -9    # second-order terms
 _EXCEPTION_QUANTILE = 0.1          # m_k: this quantile of template k's positive coefs
 
 
-def screen(x, templates, bias, padding, plane, c=None):
+def screen(x, templates, bias, padding, plane, c=None, extra=0):
     """Flags (uint8, (N, K, Ho, Wo)) of the outputs z of the 3x3 correlation of x (N, C, H,
     W) with ``templates`` at ``padding`` (output ``plane`` (Ho, Wo)) that the Winograd kernel
     may not compute within the accuracy contract (constant ``c``, default ``WINOGRAD``), or
     None where it flags none. A non-finite input flags its outputs (the kernel's own check
-    redoes those samples anyway)."""
+    redoes those samples anyway). ``extra``: roundings of u |x| each that the caller adds to
+    every input, or u |z| to the output (match_at's product with the switch: 1)."""
     dummy = np.zeros((1, 1, 1), x.dtype)
     return _screen(x, dummy, np.zeros((1, 1, 1), np.int32), dummy, False, False, x.shape[2:],
-                   templates, bias, padding, plane, c)
+                   templates, bias, padding, plane, c, extra)
 
 
-def screen_code(code, idx, switches, code_plane, templates, padding, plane, c=None):
+def screen_code(code, idx, switches, code_plane, templates, padding, plane, collisions,
+                c=None):
     """``screen`` of the correlation of the code (N, K, Hp, Wp) unpooled at ``idx`` onto the
     ``code_plane`` (times ``switches`` if given) with ``templates`` (no bias): sum |code sw|
-    at each position, as the contract's sum of absolute products counts colliding units."""
+    at each position, as the contract's sum of absolute products counts colliding units. The
+    kernel rounds each product with a switch and each of at most ``collisions`` additions
+    of units in one position before the transforms: ``extra`` = collisions + 1."""
     n, k = code.shape[:2]
     use_sw = switches is not None
     sw = switches.reshape(n, k, -1) if use_sw else np.zeros((1, 1, 1), code.dtype)
     return _screen(np.zeros((n, k, 1, 1), code.dtype), code.reshape(n, k, -1),
                    idx.reshape(n, k, -1), sw, True, use_sw, code_plane, templates,
-                   np.zeros(templates.shape[0], code.dtype), padding, plane, c)
+                   np.zeros(templates.shape[0], code.dtype), padding, plane, c,
+                   collisions + 1)
 
 
 def _screen(x, code, cidx, csw, from_code, use_sw, in_plane, templates, bias, padding, plane,
-            c):
+            c, extra):
     c = WINOGRAD if c is None else c
     n, ch = x.shape[:2]
     k = templates.shape[0]
@@ -90,7 +98,8 @@ def _screen(x, code, cidx, csw, from_code, use_sw, in_plane, templates, bias, pa
     u = float(np.finfo(x.dtype).eps) / 2
     ct = c * (9 * ch + 1)
     aw = np.abs(templates.astype(np.float64)).reshape(k, ch, 9)
-    coef = ct * aw.min(axis=2) - 4 * (ch + 12) * _ERROR_MARGIN * aw.sum(axis=2)
+    # (the extra roundings: u |x| each, times at most W1 per field position: S <= W1 F1)
+    coef = ct * aw.min(axis=2) - (4 * (ch + 12) + extra) * _ERROR_MARGIN * aw.sum(axis=2)
     bterm = (ct - (ch + 12) * _ERROR_MARGIN) * np.abs(bias.astype(np.float64))
     # m_k: the quantile of template k's positive coefs (0 where it has none)
     npos = (coef > 0).sum(axis=1)
